@@ -1,0 +1,15 @@
+"""fastvit_kernels: Triton kernels for Vision Transformer training and inference.
+
+``FastViT`` is a drop-in for timm's ``VisionTransformer`` (same constructor arguments and state_dict keys) whose
+patch embedding, attention and LayerNorm + GELU-MLP run on this package's Triton kernels; ``fastvit_kernels.ops``
+holds the differentiable ops; ``fastvit_kernels.reference`` the eager PyTorch spec. Importing this package
+neither imports triton nor queries a GPU.
+"""
+
+__version__ = "0.1.0"
+
+from . import ops, reference  # noqa: E402
+from .configs import MODEL_CONFIGS  # noqa: E402
+from .model import FastViT, create_model  # noqa: E402
+
+__all__ = ["FastViT", "create_model", "MODEL_CONFIGS", "ops", "reference"]

@@ -1,0 +1,75 @@
+"""Input checks shared by the public ops: each raises before any kernel launches, naming the argument and the
+expected and actual shape / dtype / device (STYLE.md item 5)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t, shape: Sequence[int | None] | None = None, what: str | None = None) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``t`` is a floating tensor of ``shape`` (None = any size).
+
+    Args:
+        name: the argument's name, used in the message.
+        t: the value to check.
+        shape: expected sizes per dim, None for a free dim; None skips the shape check.
+        what: how the expected shape reads in the message, e.g. ``"(B, N, 3*D)"``.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16; got {t.dtype}")
+    if shape is None:
+        return
+    ok = t.dim() == len(shape) and all(s is None or s == a for s, a in zip(shape, t.shape))
+    if not ok:
+        want = what or str(tuple("*" if s is None else s for s in shape))
+        raise ValueError(f"{name} must have shape {want}; got {tuple(t.shape)}")
+
+
+def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless every tensor in ``others`` has ``ref``'s dtype and device.
+
+    Mixed dtypes are an error rather than a silent cast: under ``torch.autocast`` the ops cast for you.
+    """
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+        if t.dtype != ref.dtype:
+            raise ValueError(
+                f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; "
+                "use one dtype for activations and weights (or torch.autocast)"
+            )
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
+    """Cast floating tensors to the autocast dtype when ``torch.autocast`` is active on their device.
+
+    The custom ops are opaque to autocast, so the public wrappers apply its policy themselves (GEMM-like ops
+    run in the low-precision dtype). Returns the tensors unchanged when autocast is off.
+    """
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        return tensors
+    dev = first.device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(
+        t.to(dtype) if (t is not None and t.is_floating_point() and t.dtype != dtype) else t for t in tensors
+    )
+
+
+def check_triton_dtype(name: str, t: torch.Tensor) -> None:
+    """Raise ``TypeError`` for bfloat16 under the Triton interpreter, which mis-handles it (adds bit patterns)."""
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        raise TypeError(
+            f"{name} is bfloat16 on the CPU: the Triton interpreter does not support bfloat16; "
+            "use float32/float16 there, backend='torch', or a GPU"
+        )

@@ -1,0 +1,261 @@
+"""The one GEMM core of the package: C[m, n] = epilogue(sum_k prologue_A(A)[m, k] * prologue_B(B)[k, n]).
+
+Every Linear layer of a ViT block, the patch embedding and all their backward GEMMs are this kernel with
+different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
+
+* operand addressing: each logical index (m, n or k) may be split into three levels,
+  ``t -> (t // D1) * s1 + ((t % D1) // D2) * s2 + (t % D2) * s3``. With D1 = tokens per image this walks a
+  (B, N, D) tensor whose rows are not evenly spaced (e.g. the patch rows of a (B, 1 + N, D) token tensor); with
+  D1 = patches per image and D2 = patches per row it walks image pixels patch by patch, which is how the patch
+  embedding gathers its A operand straight from an NCHW image (im2col without a copy). Unsplit axes compile to
+  ``t * s1``.
+* A / B prologues: LayerNorm ``(v - mean) * rstd * gamma + beta`` from precomputed fp32 row statistics (the
+  normalised activations never reach device memory), or exact GELU (recomputing an activation from its saved
+  pre-activation).
+* epilogue: + bias[n]; * GELU'(aux[m, n]) (backward of GELU); GELU, optionally storing the pre-activation to aux;
+  + residual[m, n] (the residual / position-embedding add; the residual may broadcast over the batch).
+
+Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). v1: one fixed configuration per dtype,
+chosen in ``gemm_config``; autotuning per shape and architecture is the GEMM-core issue's work.
+Accumulation is fp32; fp32 operands use IEEE dots (no TF32) so the CPU interpreter tests can be tight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, gelu_erf, gelu_erf_grad, interpreting
+
+PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU = 0, 1, 2
+
+
+@triton.jit
+def _split_offsets(t, D1, D2, s1, s2, s3, SPLIT: tl.constexpr):
+    """Memory offset (int64) of logical indices t along one axis; see the module docstring."""
+    t = t.to(tl.int64)
+    if SPLIT:
+        return (t // D1) * s1 + ((t % D1) // D2) * s2 + (t % D2) * s3
+    else:
+        return t * s1
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr,  # A: logical (M, K); B: logical (K, N); C: logical (M, N)
+    bias_ptr,  # (N,) epilogue bias
+    res_ptr,  # logical (M, N) residual added last (may have batch stride 0, e.g. pos_embed)
+    aux_ptr,  # (M, N) contiguous: GELU pre-activation, stored (STORE_PREACT) or read (DGELU)
+    mean_ptr, rstd_ptr,  # fp32 LayerNorm row statistics: (M,) for the A prologue, (K,) for the B prologue
+    gamma_ptr, beta_ptr,  # LayerNorm affine: (K,) for the A prologue, (N,) for the B prologue
+    M, N, K,  # logical problem size
+    M_D1, M_D2, N_D1, N_D2, K_D1, K_D2,  # three-level index splits (used when SPLIT_* is set)
+    stride_a_m1, stride_a_m2, stride_a_m3, stride_a_k1, stride_a_k2, stride_a_k3,
+    stride_b_k1, stride_b_k2, stride_b_k3, stride_b_n1, stride_b_n2, stride_b_n3,
+    stride_c_m1, stride_c_m2, stride_c_m3, stride_c_n1, stride_c_n2, stride_c_n3,
+    stride_r_m1, stride_r_m2, stride_r_m3, stride_r_n1, stride_r_n2, stride_r_n3,
+    SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    A_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by m, affine by k), 2 GELU
+    B_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by k, affine by n), 2 GELU
+    HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row-tiles share their B column-tiles in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_row = _split_offsets(offs_m, M_D1, M_D2, stride_a_m1, stride_a_m2, stride_a_m3, SPLIT_M)
+    b_col = _split_offsets(offs_n, N_D1, N_D2, stride_b_n1, stride_b_n2, stride_b_n3, SPLIT_N)
+    if A_PROLOGUE == 1:
+        a_mean = tl.load(mean_ptr + offs_m, mask=mask_m, other=0.0)
+        a_rstd = tl.load(rstd_ptr + offs_m, mask=mask_m, other=0.0)
+    if B_PROLOGUE == 1:
+        b_gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a_col = _split_offsets(offs_k, K_D1, K_D2, stride_a_k1, stride_a_k2, stride_a_k3, SPLIT_K)
+        b_row = _split_offsets(offs_k, K_D1, K_D2, stride_b_k1, stride_b_k2, stride_b_k3, SPLIT_K)
+        a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if A_PROLOGUE == 1:
+            g = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            bt = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            af = (a.to(tl.float32) - a_mean[:, None]) * a_rstd[:, None]
+            a = (af * g[None, :] + bt[None, :]).to(b.dtype)  # padded k columns: gamma = beta = 0 -> 0
+        elif A_PROLOGUE == 2:
+            a = gelu_erf(a.to(tl.float32)).to(b.dtype)
+        if B_PROLOGUE == 1:
+            mu = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+            rs = tl.load(rstd_ptr + offs_k, mask=mask_k, other=0.0)  # padded k rows: rstd = 0 ...
+            bf = (b.to(tl.float32) - mu[:, None]) * rs[:, None]
+            bf = bf * b_gamma[None, :] + b_beta[None, :]
+            b = tl.where(mask_k[:, None], bf, 0.0).to(a.dtype)  # ... but beta != 0, so mask explicitly
+        elif B_PROLOGUE == 2:
+            b = gelu_erf(b.to(tl.float32)).to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # ---- epilogue ----
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if DGELU:
+        pre = tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * gelu_erf_grad(pre)
+    if ACT_GELU:
+        if STORE_PREACT:
+            tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        acc = gelu_erf(acc)
+    if HAS_RESIDUAL:
+        r_row = _split_offsets(offs_m, M_D1, M_D2, stride_r_m1, stride_r_m2, stride_r_m3, SPLIT_M)
+        r_col = _split_offsets(offs_n, N_D1, N_D2, stride_r_n1, stride_r_n2, stride_r_n3, SPLIT_N)
+        acc += tl.load(res_ptr + r_row[:, None] + r_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    c_row = _split_offsets(offs_m, M_D1, M_D2, stride_c_m1, stride_c_m2, stride_c_m3, SPLIT_M)
+    c_col = _split_offsets(offs_n, N_D1, N_D2, stride_c_n1, stride_c_n2, stride_c_n3, SPLIT_N)
+    tl.store(c_ptr + c_row[:, None] + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Operand:
+    """A tensor viewed as a logical matrix: ``rows`` and ``cols`` are (s1, s2, s3) stride triples, in elements,
+    applied to the split index (see module docstring); an unsplit axis uses only s1."""
+
+    tensor: torch.Tensor
+    rows: tuple
+    cols: tuple
+
+    @staticmethod
+    def matrix(t: torch.Tensor) -> "Operand":
+        """A 2-D tensor as it is: (R, C)."""
+        assert t.dim() == 2
+        return Operand(t, (t.stride(0), 0, 0), (t.stride(1), 0, 0))
+
+    @staticmethod
+    def matrix_t(t: torch.Tensor) -> "Operand":
+        """A 2-D tensor transposed: logical (C, R), no copy."""
+        assert t.dim() == 2
+        return Operand(t, (t.stride(1), 0, 0), (t.stride(0), 0, 0))
+
+    def t(self) -> "Operand":
+        """The transposed view of this operand."""
+        return Operand(self.tensor, self.cols, self.rows)
+
+
+@dataclass(frozen=True)
+class LayerNormPrologue:
+    """fp32 row statistics and affine parameters of a LayerNorm applied to an operand as it is loaded."""
+
+    mean: torch.Tensor  # (rows,) fp32
+    rstd: torch.Tensor  # (rows,) fp32
+    weight: torch.Tensor  # (features,)
+    bias: torch.Tensor  # (features,)
+
+
+def gemm_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for one launch (v1: fixed per dtype; the interpreter gets large tiles = fewer Python steps)."""
+    if interpreting():
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+_NULL_STRIDES = ((0, 0, 0), (0, 0, 0))
+
+
+def gemm(
+    a: Operand,
+    b: Operand,
+    c: Operand,
+    M: int,
+    N: int,
+    K: int,
+    *,
+    m_split: tuple | None = None,
+    n_split: tuple | None = None,
+    k_split: tuple | None = None,
+    a_ln: LayerNormPrologue | None = None,
+    b_ln: LayerNormPrologue | None = None,
+    a_gelu: bool = False,
+    b_gelu: bool = False,
+    bias: torch.Tensor | None = None,
+    dgelu_preact: torch.Tensor | None = None,
+    gelu: bool = False,
+    store_preact: torch.Tensor | None = None,
+    residual: Operand | None = None,
+) -> torch.Tensor:
+    """Launch ``C = epilogue(prologue(A) @ prologue(B))``; returns ``c.tensor``.
+
+    Args:
+        a, b, c: the logical (M, K), (K, N), (M, N) operands; c is written.
+        m_split / n_split / k_split: (D1, D2) three-level splits of that index, or None.
+        a_ln / b_ln: LayerNorm prologue on A (stats per row m, affine per k) or B (stats per k, affine per n).
+        a_gelu / b_gelu: exact-GELU prologue on A or B.
+        bias: (N,) added in the epilogue.
+        dgelu_preact: (M, N) contiguous pre-activation; the product is multiplied by GELU'(preact).
+        gelu: apply exact GELU in the epilogue; store_preact: (M, N) contiguous buffer for the pre-activation.
+        residual: logical (M, N) operand added last.
+    """
+    assert not (a_ln is not None and a_gelu) and not (b_ln is not None and b_gelu)
+    assert a_ln is None or b_ln is None
+    if M == 0 or N == 0:
+        return c.tensor
+    ln = a_ln or b_ln
+    aux = dgelu_preact if dgelu_preact is not None else store_preact
+    if aux is not None:
+        assert aux.is_contiguous() and aux.numel() == M * N
+    dummy = c.tensor
+    res_strides = (residual.rows, residual.cols) if residual is not None else _NULL_STRIDES
+    cfg = gemm_config(M, N, K, a.tensor.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _matmul_kernel[grid](
+        a.tensor, b.tensor, c.tensor,
+        bias if bias is not None else dummy,
+        residual.tensor if residual is not None else dummy,
+        aux if aux is not None else dummy,
+        ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
+        ln.weight if ln is not None else dummy, ln.bias if ln is not None else dummy,
+        M, N, K,
+        *(m_split or (1, 1)), *(n_split or (1, 1)), *(k_split or (1, 1)),
+        *a.rows, *a.cols, *b.rows, *b.cols, *c.rows, *c.cols, *res_strides[0], *res_strides[1],
+        SPLIT_M=m_split is not None, SPLIT_N=n_split is not None, SPLIT_K=k_split is not None,
+        A_PROLOGUE=PROLOGUE_LN if a_ln is not None else (PROLOGUE_GELU if a_gelu else PROLOGUE_NONE),
+        B_PROLOGUE=PROLOGUE_LN if b_ln is not None else (PROLOGUE_GELU if b_gelu else PROLOGUE_NONE),
+        HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
+        STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
+        DOT_PRECISION=dot_precision(a.tensor.dtype),
+        **cfg,
+    )
+    return c.tensor
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **fusions) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for x (M, K), weight (N, K) -> (M, N) in x's dtype, with optional fusions
+    (``a_ln``, ``gelu``, ``store_preact``, ``residual`` as in :func:`gemm`)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return gemm(Operand.matrix(x), Operand.matrix_t(weight), Operand.matrix(out), M, N, K, bias=bias, **fusions)

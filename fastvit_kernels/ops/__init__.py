@@ -1,0 +1,14 @@
+"""The public differentiable ops. Each checks its inputs, picks a backend (Triton kernels or the eager
+reference) and, on the Triton path, calls a ``torch.library.custom_op`` (``fastvit::*``) with a fake
+implementation and an autograd formula, so the ops work under ``torch.compile`` and ``torch.library.opcheck``.
+
+* :func:`patch_embed` — fused patch embedding + class token + position add.
+* :func:`attention` — flash-style multi-head attention on the packed qkv tensor.
+* :func:`layernorm_mlp` — ``x + fc2(GELU(fc1(LayerNorm(x))))``.
+"""
+
+from .attention import attention
+from .layernorm_mlp import layernorm_mlp
+from .patch_embed import patch_embed
+
+__all__ = ["attention", "layernorm_mlp", "patch_embed"]

@@ -1,0 +1,158 @@
+"""The public differentiable attention op: ``attention(qkv, num_heads)`` on the packed qkv Linear output.
+
+Input checks -> backend choice -> ``torch.library`` custom ops (``fastvit::attention_fwd`` /
+``fastvit::attention_bwd``, each with a fake for torch.compile, autograd on the forward). The Triton kernels live
+in :mod:`fastvit_kernels.kernels.attention` and are imported lazily, on the first Triton launch, so
+``import fastvit_kernels`` never imports triton. The eager spec is :func:`fastvit_kernels.reference.attention_ref`.
+
+Algorithm: FlashAttention-2 (Dao, 2023); see the kernel file's header for numerics and caveats.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .. import reference
+from .._checks import autocast_inputs, check_tensor, check_triton_dtype
+from ..backend import resolve_backend
+
+MAX_HEAD_DIM = 128  # head_dim must be a multiple of 8 and at most this (BLOCK_D <= 128 keeps the tiles in registers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: qkv (B, N, 3 * D) -> out (B, N, D) in qkv's dtype, lse (B, H, N) fp32 (log2 units)."""
+    from ..kernels.attention import attention_fwd
+
+    return attention_fwd(qkv, num_heads, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, three_d = qkv.shape
+    out = qkv.new_empty((B, N, three_d // 3))
+    lse = qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+def _attention_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                      scale: float) -> torch.Tensor:
+    """Triton backward: d(qkv) (B, N, 3 * D), contiguous, qkv's dtype, same packed layout as qkv."""
+    from ..kernels.attention import attention_bwd
+
+    return attention_bwd(dout, qkv, out, lse, num_heads, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+      scale: float) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    qkv, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads = num_heads
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+    qkv, out, lse = ctx.saved_tensors
+    # Grads may arrive non-contiguous or expanded (stride 0, e.g. from out.sum().backward()); the kernels need a
+    # dense (B, N, D) with column stride 1. lse is non-differentiable: grad_lse is ignored.
+    dqkv = _attention_bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale)
+    return dqkv, None, None
+
+
+torch.library.register_autograd("fastvit::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------------------------------
+def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, backend: str | None = None
+              ) -> torch.Tensor:
+    """Multi-head softmax attention on the packed output of a ViT's qkv Linear.
+
+    ``out[b, i, h] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, h]) v[b, j, h]``, no mask, no dropout; the same
+    result as :func:`fastvit_kernels.reference.attention_ref` (timm ``Attention`` between ``qkv`` and ``proj``).
+
+    Args:
+        qkv: (B, N, 3 * H * head_dim), laid out as (B, N, 3, H, head_dim) like timm's qkv Linear output;
+            fp32 | fp16 | bf16 (bf16 not under the CPU Triton interpreter). Any strides; copied only when the last
+            dim is not contiguous. Under ``torch.autocast`` it is cast to the autocast dtype.
+        num_heads: H, a positive int.
+        scale: softmax scale, positive and finite; default ``head_dim ** -0.5``.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | None (see :func:`fastvit_kernels.backend.resolve_backend`).
+
+    Returns:
+        out: (B, N, H * head_dim), qkv's dtype, heads concatenated (head h at columns h * head_dim), ready for the
+        output projection. Differentiable with respect to qkv.
+
+    Raises:
+        TypeError: qkv is not a floating tensor; num_heads is not an int; scale is not a real number; bf16 qkv on
+            the CPU Triton path.
+        ValueError: qkv is not 3-D; N < 1; the last dim is not 3 * D with D divisible by num_heads; num_heads < 1;
+            head_dim is not a multiple of 8 or exceeds 128; scale is not positive and finite; a bad backend name.
+        RuntimeError: backend='triton' where Triton cannot run (see resolve_backend).
+
+    Algorithm (Triton path): FlashAttention-2 (T. Dao, 2023): tiled online softmax in fp32 with exp2, log-sum-exp
+    saved for a recompute backward; deterministic (no atomics). See :mod:`fastvit_kernels.kernels.attention`.
+    """
+    check_tensor("qkv", qkv)
+    (qkv,) = autocast_inputs(qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be a 3-D tensor (B, N, 3*D); got {qkv.dim()}-D with shape {tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral):
+        raise TypeError(f"num_heads must be an int; got {type(num_heads).__name__} {num_heads!r}")
+    num_heads = int(num_heads)
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive; got {num_heads}")
+    B, N, three_d = qkv.shape
+    if N < 1:
+        raise ValueError(f"qkv must have at least one token (N >= 1); got shape {tuple(qkv.shape)}")
+    if three_d % 3 or (three_d // 3) % num_heads:
+        raise ValueError(
+            f"qkv must be (B, N, 3*D) with D divisible by num_heads={num_heads}; got {tuple(qkv.shape)}"
+        )
+    head_dim = three_d // 3 // num_heads
+    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim = D / num_heads must be a multiple of 8 in [8, {MAX_HEAD_DIM}]; got head_dim={head_dim} "
+            f"(qkv {tuple(qkv.shape)}, num_heads={num_heads})"
+        )
+    if scale is None:
+        scale = head_dim**-0.5
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number or None; got {type(scale).__name__} {scale!r}")
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be positive and finite; got {scale}")
+
+    if resolve_backend(qkv.device, backend) == "torch":
+        return reference.attention_ref(qkv, num_heads, scale)
+    check_triton_dtype("qkv", qkv)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out, _lse = _attention_fwd_op(qkv, num_heads, scale)
+    return out
+
+
+def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
+    """Forward FLOPs of attention: ``4 * B * H * N^2 * head_dim``.
+
+    Two matmuls per head, ``S = Q K^T`` and ``O = P V``, each ``2 * N * N * head_dim`` FLOPs (multiply + add);
+    softmax and scaling are not counted (the usual convention, as in FlashAttention's benchmarks). The backward
+    is conventionally counted as 2.5x this (five such matmuls: S recompute, dV, dP, dQ, dK).
+    """
+    return 4 * B * H * N * N * head_dim

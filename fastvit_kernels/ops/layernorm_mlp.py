@@ -1,0 +1,185 @@
+"""The MLP half of a pre-norm ViT block as one differentiable op: ``x + fc2(GELU(fc1(LayerNorm(x))))``.
+
+Forward (three launches): fp32 row statistics -> fc1 GEMM with the LayerNorm applied in its A-operand prologue
+(normalised activations never stored) and bias + exact GELU in its epilogue, which also stores the
+pre-activation -> fc2 GEMM with bias and the residual add in its epilogue.
+
+Backward: fc2 weight grad from a GEMM that recomputes GELU(pre-activation) in its B prologue; fc2 dgrad with the
+GELU' multiply in its epilogue; fc1 weight grad from a GEMM that recomputes LayerNorm(x) in its B prologue;
+fc1 dgrad; LayerNorm backward with the residual gradient added; bias / gamma / beta grads reduced
+deterministically in fp32. Saved for backward: x, the pre-activation (B, N, D_hidden) and the fp32 row stats.
+
+References: Vaswani et al. 2017 (transformer MLP), Hendrycks & Gimpel 2016 (GELU), Ba et al. 2016 (LayerNorm);
+fusion plan from DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._checks import autocast_inputs, check_same, check_tensor, check_triton_dtype
+from ..backend import resolve_backend
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops (2-D tokens: M = B * N rows)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::layernorm_mlp_fwd", mutates_args=())
+def _layernorm_mlp_fwd(
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+    eps: float, add_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.layernorm import row_stats
+    from ..kernels.matmul import LayerNormPrologue, Operand, linear
+
+    mean, rstd = row_stats(x, eps)
+    preact = torch.empty((x.shape[0], fc1_weight.shape[0]), device=x.device, dtype=x.dtype)
+    act = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), gelu=True,
+                 store_preact=preact)
+    out = linear(act, fc2_weight, fc2_bias, residual=Operand.matrix(x) if add_residual else None)
+    return out, preact, mean, rstd
+
+
+@_layernorm_mlp_fwd.register_fake
+def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual):
+    M = x.shape[0]
+    stats = x.new_empty((M,), dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty((M, fc1_weight.shape[0])), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
+def _layernorm_mlp_bwd(
+    dout: torch.Tensor, x: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
+    add_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.layernorm import layernorm_bwd
+    from ..kernels.matmul import LayerNormPrologue, Operand, gemm
+    from ..kernels.reduce import column_sum
+
+    M, D = x.shape
+    Dh = fc1_weight.shape[0]
+    wdt = fc1_weight.dtype
+    # fc2: dW2 = dY^T @ GELU(preact) (GELU recomputed on load), db2 = sum_m dY
+    dw2 = torch.empty((D, Dh), device=x.device, dtype=wdt)
+    gemm(Operand.matrix_t(dout), Operand.matrix(preact), Operand.matrix(dw2), D, Dh, M, b_gelu=True)
+    db2 = column_sum(dout, wdt)
+    # dH = (dY @ W2) * GELU'(preact)
+    dh = torch.empty((M, Dh), device=x.device, dtype=x.dtype)
+    gemm(Operand.matrix(dout), Operand.matrix(fc2_weight), Operand.matrix(dh), M, Dh, D, dgelu_preact=preact)
+    # fc1: dW1 = dH^T @ LayerNorm(x) (normalisation recomputed on load), db1 = sum_m dH
+    dw1 = torch.empty((Dh, D), device=x.device, dtype=wdt)
+    gemm(Operand.matrix_t(dh), Operand.matrix(x), Operand.matrix(dw1), Dh, D, M,
+         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
+    db1 = column_sum(dh, wdt)
+    # d LayerNorm(x) = dH @ W1, then LayerNorm backward (+ dY through the residual)
+    dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    gemm(Operand.matrix(dh), Operand.matrix(fc1_weight), Operand.matrix(dln), M, D, Dh)
+    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dout if add_residual else None)
+    return dx, dgamma, dbeta, dw1, db1, dw2, db2
+
+
+@_layernorm_mlp_bwd.register_fake
+def _(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight, add_residual):
+    Dh = fc1_weight.shape[0]
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
+            torch.empty_like(fc1_weight), fc1_weight.new_empty((Dh,)), torch.empty_like(fc2_weight),
+            fc2_weight.new_empty((fc2_weight.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual = inputs
+    _, preact, mean, rstd = output
+    ctx.save_for_backward(x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight)
+    ctx.add_residual = add_residual
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+
+
+def _backward(ctx, dout, _dpreact, _dmean, _drstd):
+    x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight = ctx.saved_tensors
+    dx, dgamma, dbeta, dw1, db1, dw2, db2 = _layernorm_mlp_bwd(
+        dout.contiguous(), x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight, ctx.add_residual
+    )
+    return (dx, dgamma, dbeta, dw1, db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None,
+            None, None)
+
+
+_layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public op
+# ----------------------------------------------------------------------------------------------------------------
+def layernorm_mlp(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    add_residual: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``x + fc2(GELU(fc1(LayerNorm(x))))``: the MLP half of a pre-norm ViT block, fused (see module docstring).
+
+    Args:
+        x: (B, N, D) (any leading dims), fp32 | fp16 | bf16 (bf16 on GPU only).
+        norm_weight, norm_bias: (D,) LayerNorm gamma and beta.
+        fc1_weight: (D_hidden, D); fc1_bias: (D_hidden,) or None.
+        fc2_weight: (D, D_hidden); fc2_bias: (D,) or None.
+        eps: LayerNorm epsilon (> 0; timm's ViT uses 1e-6).
+        add_residual: False returns only the branch ``fc2(GELU(fc1(LayerNorm(x))))`` (for stochastic depth).
+        backend: "auto" | "triton" | "torch" (see :mod:`fastvit_kernels.backend`).
+
+    Returns:
+        (B, N, D) in x's dtype. Under ``torch.autocast`` inputs are cast to the autocast dtype first.
+        LayerNorm statistics and all accumulations are fp32; GELU is the exact erf form.
+
+    Raises:
+        TypeError: a non-floating input; bf16 on the CPU interpreter.
+        ValueError: shapes that do not chain (names the argument, expected and actual shape), mixed dtypes or
+            devices, eps <= 0.
+        RuntimeError: backend="triton" where Triton cannot run.
+    """
+    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_inputs(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+    )
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, N, D) (at least 2-D); got {tuple(x.shape)}")
+    D = x.shape[-1]
+    check_tensor("fc1_weight", fc1_weight, (None, D), f"(D_hidden, D={D})")
+    Dh = fc1_weight.shape[0]
+    check_tensor("norm_weight", norm_weight, (D,), f"(D={D},)")
+    check_tensor("norm_bias", norm_bias, (D,), f"(D={D},)")
+    if fc1_bias is not None:
+        check_tensor("fc1_bias", fc1_bias, (Dh,), f"(D_hidden={Dh},)")
+    check_tensor("fc2_weight", fc2_weight, (D, Dh), f"(D={D}, D_hidden={Dh})")
+    if fc2_bias is not None:
+        check_tensor("fc2_bias", fc2_bias, (D,), f"(D={D},)")
+    check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+               fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0; got {eps}")
+    if resolve_backend(x.device, backend) == "torch":
+        return reference.layernorm_mlp_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                           eps, add_residual)
+    check_triton_dtype("x", x)
+    x2d = x.reshape(-1, D)
+    if x2d.stride(-1) != 1 or x2d.stride(0) != D:
+        x2d = x2d.contiguous()
+    out = _layernorm_mlp_fwd(x2d, norm_weight, norm_bias, fc1_weight.contiguous(), fc1_bias,
+                             fc2_weight.contiguous(), fc2_bias, float(eps), bool(add_residual))[0]
+    return out.view(x.shape)
+
+
+def layernorm_mlp_flops(M: int, D: int, D_hidden: int) -> int:
+    """Forward FLOPs of the two GEMMs for M tokens (2 per multiply-add): 4 * M * D * D_hidden."""
+    return 4 * M * D * D_hidden

@@ -1,0 +1,252 @@
+"""fastvit_kernels.ops.attention: the Triton path (interpreter on the CPU) against the eager reference.
+
+Forward and d(qkv) are held to a float64 run of ``reference.attention_ref``; fp16 uses the flash-attention 2x rule
+(tests/helpers.py) with ``ref_lowp`` = the same reference run in fp16 by PyTorch (CPU fp16 matmul, softmax and
+their autograd work in torch 2.x, and at these sizes they are fast). Shapes cover sequence tails (N = 1, 2, 17, 50,
+197), full tiles (N = 16, 32, 64: the EVEN_N path), non-power-of-two head dims (40 ... 96) and the packed layout with
+H > 1, without the full cross product so the file runs in well under a minute under the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastvit_kernels.ops.attention import attention, attention_flops
+from fastvit_kernels.reference import attention_ref
+from tests.helpers import TOLERANCES, assert_close_to_ref
+
+F32, F16 = torch.float32, torch.float16
+
+
+def _triton_run(qkv: torch.Tensor, num_heads: int, dout: torch.Tensor | None, scale=None):
+    """Forward (and backward with ``dout``, or out.sum() when dout is None) through the Triton path."""
+    x = qkv.detach().clone().requires_grad_()
+    out = attention(x, num_heads, scale, backend="triton")
+    if dout is None:
+        out.sum().backward()
+    else:
+        out.backward(dout)
+    return out.detach(), x.grad
+
+
+def _ref_run(qkv: torch.Tensor, num_heads: int, dout: torch.Tensor | None, scale=None, dtype=torch.float64):
+    """The reference's forward and d(qkv) in ``dtype`` on the same inputs."""
+    x = qkv.detach().to(dtype).requires_grad_()
+    out = attention_ref(x, num_heads, scale)
+    if dout is None:
+        out.sum().backward()
+    else:
+        out.backward(dout.to(dtype))
+    return out.detach(), x.grad
+
+
+def _check_against_ref(qkv, num_heads, dout=None, scale=None):
+    out, dqkv = _triton_run(qkv, num_heads, dout, scale)
+    assert out.dtype == qkv.dtype and dqkv.dtype == qkv.dtype
+    ref_out, ref_dqkv = _ref_run(qkv, num_heads, dout, scale)
+    low_out = low_dqkv = None
+    if qkv.dtype != F32:
+        low_out, low_dqkv = _ref_run(qkv, num_heads, dout, scale, dtype=qkv.dtype)
+    assert_close_to_ref(out, ref_out, low_out, name="out")
+    assert_close_to_ref(dqkv, ref_dqkv, low_dqkv, name="dqkv")
+    return out, dqkv
+
+
+# (B, N, H, head_dim, dtype): every N in {1, 2, 17, 50, 197}, head_dim 32/48/64/80, B 1 and 2, H 1 and 2 appear
+# with both dtypes; N = 16 / 32 / 64 are whole tiles (EVEN_N specialisation).
+CASES = [
+    (1, 1, 1, 64, F32),
+    (2, 2, 2, 80, F32),
+    (1, 17, 2, 48, F32),
+    (2, 50, 1, 80, F32),
+    (1, 197, 2, 64, F32),
+    (2, 64, 2, 80, F32),
+    (1, 32, 1, 32, F32),
+    (2, 1, 2, 80, F16),
+    (1, 2, 1, 64, F16),
+    (2, 17, 1, 32, F16),
+    (1, 50, 2, 64, F16),
+    (1, 197, 1, 80, F16),
+    (1, 16, 2, 48, F16),
+]
+
+
+@pytest.mark.parametrize("B,N,H,head_dim,dtype", CASES, ids=[f"B{c[0]}-N{c[1]}-H{c[2]}-hd{c[3]}-{str(c[4])[6:]}"
+                                                             for c in CASES])
+def test_forward_backward_match_reference(device, B, N, H, head_dim, dtype):
+    qkv = torch.randn(B, N, 3 * H * head_dim, device=device, dtype=dtype)
+    dout = torch.randn(B, N, H * head_dim, device=device, dtype=dtype)
+    _check_against_ref(qkv, H, dout)
+
+
+@pytest.mark.parametrize("head_dim", [32, 40, 48, 64, 72, 80, 88, 96, 128])
+def test_every_supported_head_dim(device, head_dim):
+    qkv = torch.randn(1, 17, 3 * 2 * head_dim, device=device, dtype=F32)
+    dout = torch.randn(1, 17, 2 * head_dim, device=device, dtype=F32)
+    _check_against_ref(qkv, 2, dout)
+
+
+def test_lse_is_log2_sum_exp(device):
+    """The saved statistic: lse[b, h, i] = logsumexp_j(scale * q_i . k_j) * log2(e), fp32, (B, H, N)."""
+    B, N, H, hd, scale = 2, 17, 2, 80, 0.2
+    qkv = torch.randn(B, N, 3 * H * hd, device=device)
+    out, lse = torch.ops.fastvit.attention_fwd(qkv, H, scale)
+    q, k, _ = qkv.double().reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = torch.logsumexp(scale * q @ k.transpose(-2, -1), dim=-1) / math.log(2.0)
+    assert lse.shape == (B, H, N) and lse.dtype == F32
+    torch.testing.assert_close(lse.double(), ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out, attention_ref(qkv, H, scale), **TOLERANCES[F32])
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_expanded_output_grad(device, dtype):
+    """out.sum().backward() delivers an expanded (stride 0) grad; the op must make it dense."""
+    qkv = torch.randn(2, 17, 3 * 2 * 64, device=device, dtype=dtype)
+    _check_against_ref(qkv, 2, dout=None)
+
+
+def test_transposed_output_grad(device):
+    B, N, H, hd = 2, 17, 2, 48
+    qkv = torch.randn(B, N, 3 * H * hd, device=device)
+    dout = torch.randn(B, H * hd, N, device=device).transpose(1, 2)  # (B, N, D) with column stride N
+    assert dout.stride(-1) != 1
+    _check_against_ref(qkv, H, dout)
+
+
+def test_strided_qkv_inputs(device):
+    """A qkv with a padded row stride (used as is) and one with a non-unit column stride (copied)."""
+    B, N, H, hd = 2, 17, 2, 40
+    D = H * hd
+    dout = torch.randn(B, N, D, device=device)
+    wide = torch.randn(B, N, 3 * D + 24, device=device)[:, :, 5:5 + 3 * D]  # stride(1) = 3 * D + 24
+    assert wide.stride(-1) == 1 and not wide.is_contiguous()
+    _check_against_ref(wide, H, dout)
+    transposed = torch.randn(B, 3 * D, N, device=device).transpose(1, 2)
+    assert transposed.stride(-1) != 1
+    _check_against_ref(transposed, H, dout)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_bit_identical_repeats(device, dtype):
+    qkv = torch.randn(2, 50, 3 * 2 * 80, device=device, dtype=dtype)
+    dout = torch.randn(2, 50, 2 * 80, device=device, dtype=dtype)
+    out1, dqkv1 = _triton_run(qkv, 2, dout)
+    out2, dqkv2 = _triton_run(qkv, 2, dout)
+    assert torch.equal(out1, out2)
+    assert torch.equal(dqkv1, dqkv2)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter warns on any inf / NaN formed in numpy
+@pytest.mark.parametrize("head_dim,negative", [(64, False), (80, False), (64, True)])
+def test_large_magnitude_fp32(device, head_dim, negative):
+    """|x| ~ 30: scores reach ~1e3-1e4, the softmax is nearly one-hot, and fp32 itself loses ~1e-4 relative.
+
+    ``negative``: q > 0 and k < 0, so every score is about -1e4 (log-sum-exp far below 0); with N = 50 the
+    padded keys of the last tile would give exp2(0 - lse) = inf in the backward unless they are masked.
+
+    Outputs and grads must stay finite; their error against float64 is held to 4x PyTorch's own fp32 error on the
+    same inputs (plus the fp32 atol): near-ties between huge scores make both implementations' errors erratic,
+    and FlashAttention's recompute P = exp2(s - lse) adds one rounding of |lse| ~ 1e4 that the eager softmax
+    does not have, so the 2x factor of the low-precision rule is too tight by a seed-dependent margin.
+    """
+    B, N, H = 2, 50, 2
+    qkv = 30.0 * torch.randn(B, N, 3 * H * head_dim, device=device)
+    if negative:
+        D = H * head_dim
+        qkv[..., :D].abs_()
+        qkv[..., D:2 * D] = -qkv[..., D:2 * D].abs()
+    dout = torch.randn(B, N, H * head_dim, device=device)
+    out, dqkv = _triton_run(qkv, H, dout)
+    ref_out, ref_dqkv = _ref_run(qkv, H, dout)
+    f32_out, f32_dqkv = _ref_run(qkv, H, dout, dtype=F32)
+    for name, a, r, t in (("out", out, ref_out, f32_out), ("dqkv", dqkv, ref_dqkv, f32_dqkv)):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err = (a.double() - r).abs().max().item()
+        base = (t.double() - r).abs().max().item()
+        bound = 4.0 * base + TOLERANCES[F32]["atol"] * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (torch fp32 error {base:.3e})"
+
+
+@pytest.mark.parametrize("scale", [0.3, 1])
+def test_custom_scale(device, scale):
+    qkv = torch.randn(2, 17, 3 * 2 * 64, device=device)
+    dout = torch.randn(2, 17, 2 * 64, device=device)
+    out, _ = _check_against_ref(qkv, 2, dout, scale=scale)
+    default = attention(qkv, 2, backend="triton")
+    assert not torch.allclose(out, default), "scale had no effect"
+
+
+def test_opcheck_custom_ops(device):
+    qkv = torch.randn(1, 5, 3 * 32, device=device)
+    torch.library.opcheck(torch.ops.fastvit.attention_fwd.default, (qkv, 1, 0.3))
+    out, lse = torch.ops.fastvit.attention_fwd(qkv, 1, 0.3)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fastvit.attention_bwd.default, (dout, qkv, out, lse, 1, 0.3))
+
+
+def test_autocast_casts_to_fp16(device):
+    qkv = torch.randn(1, 17, 3 * 64, device=device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=F16):
+        out = attention(qkv, 1, backend="triton")
+    assert out.dtype == F16
+    assert torch.equal(out, attention(qkv.half(), 1, backend="triton"))
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_torch_backend_is_the_reference(device, dtype):
+    qkv = torch.randn(2, 17, 3 * 2 * 48, device=device, dtype=dtype)
+    assert torch.equal(attention(qkv, 2, backend="torch"), attention_ref(qkv, 2))
+    assert torch.equal(attention(qkv, 2, 0.7, backend="torch"), attention_ref(qkv, 2, 0.7))
+
+
+BAD_INPUTS = [
+    # (qkv shape, dtype, num_heads, scale, error, message fragment)
+    ((2, 17, 3, 64), F32, 1, None, ValueError, "3-D"),
+    ((17, 192), F32, 1, None, ValueError, "3-D"),
+    ((1, 5, 100), F32, 1, None, ValueError, "D divisible by num_heads=1"),
+    ((1, 5, 300), F32, 3, None, ValueError, "D divisible by num_heads=3; got (1, 5, 300)"),
+    ((1, 5, 390), F32, 1, None, ValueError, "head_dim=130"),
+    ((1, 5, 216), F32, 2, None, ValueError, "head_dim=36"),
+    ((1, 0, 192), F32, 1, None, ValueError, "N >= 1"),
+    ((1, 5, 192), F32, 0, None, ValueError, "num_heads must be positive"),
+    ((1, 5, 192), F32, 2.0, None, TypeError, "num_heads must be an int"),
+    ((1, 5, 192), F32, 1, -0.5, ValueError, "scale must be positive"),
+    ((1, 5, 192), F32, 1, 0.0, ValueError, "scale must be positive"),
+    ((1, 5, 192), F32, 1, float("nan"), ValueError, "scale must be positive"),
+    ((1, 5, 192), F32, 1, float("inf"), ValueError, "scale must be positive"),
+    ((1, 5, 192), F32, 1, "0.1", TypeError, "scale must be a real number"),
+    ((1, 5, 192), torch.int32, 1, None, TypeError, "float32, float16 or bfloat16"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,num_heads,scale,error,match", BAD_INPUTS)
+def test_bad_inputs_raise_before_launch(device, monkeypatch, shape, dtype, num_heads, scale, error, match):
+    from fastvit_kernels.kernels import attention as kernels
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the input checks")
+
+    monkeypatch.setattr(kernels, "attention_fwd", launched)
+    qkv = torch.ones(shape, device=device, dtype=dtype)
+    with pytest.raises(error, match=match.replace("(", r"\(").replace(")", r"\)")):
+        attention(qkv, num_heads, scale, backend="triton")
+
+
+def test_not_a_tensor_raises():
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        attention([[1.0]], 1, backend="triton")
+
+
+def test_bf16_on_cpu_triton_raises():
+    qkv = torch.randn(1, 5, 192, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        attention(qkv, 1, backend="triton")
+
+
+def test_attention_flops():
+    # ViT-B/16 at 224: B=2, N=197, H=12, head_dim=64; QK^T and PV are each 2 * N * N * head_dim per (b, h).
+    assert attention_flops(2, 197, 12, 64) == 2 * 12 * 2 * (2 * 197 * 197 * 64)
+    assert attention_flops(1, 1, 1, 8) == 32
