@@ -40,3 +40,40 @@ def assert_close_to_ref(actual: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: 
     assert err <= bound, (
         f"{name}: max error {err:.3e} > {factor} x torch's {actual.dtype} error {base:.3e} + atol (bound {bound:.3e})"
     )
+
+
+def fwd_bwd(fn, inputs: list, grad_out: torch.Tensor | None = None, dtype: torch.dtype | None = None, **kwargs):
+    """Run ``fn(*inputs, **kwargs)`` on fresh leaf copies of ``inputs`` (cast to ``dtype``; None entries pass
+    through), backpropagate ``grad_out`` (cast to the output dtype; default: the output's sum) and return
+    (output, [grad of each input or None])."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_(t.is_floating_point())
+              for t in inputs]
+    out = fn(*leaves, **kwargs)
+    if grad_out is None:
+        out.sum().backward()
+    else:
+        out.backward(grad_out.to(out.dtype))
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def assert_fwd_bwd_match(fn, ref_fn, inputs: list, dtype: torch.dtype, names: list[str], grad_out=None, **kwargs):
+    """Hold ``fn`` in ``dtype`` to ``ref_fn`` in fp32 (output and every input gradient), using the 2x rule with
+    ``ref_fn`` run in ``dtype`` as PyTorch's own low-precision error. ``kwargs`` go to both functions.
+    Returns the kernel's output."""
+    if grad_out is None:
+        with torch.no_grad():
+            grad_out = torch.randn_like(ref_fn(*[None if t is None else t.float() for t in inputs], **kwargs))
+    out, grads = fwd_bwd(fn, inputs, grad_out, dtype, **kwargs)
+    cpu_inputs = [None if t is None else t.cpu() for t in inputs]
+    ref, ref_grads = fwd_bwd(ref_fn, cpu_inputs, grad_out.cpu(), torch.float32, **kwargs)
+    lowp, lowp_grads = (None, [None] * len(inputs))
+    if dtype != torch.float32:
+        lowp, lowp_grads = fwd_bwd(ref_fn, cpu_inputs, grad_out.cpu(), dtype, **kwargs)
+    assert_close_to_ref(out.cpu(), ref, lowp, name="output")
+    for name, g, rg, lg in zip(names, grads, ref_grads, lowp_grads):
+        if rg is None:
+            assert g is None, f"grad of {name} should be None"
+            continue
+        assert g is not None, f"no gradient for {name}"
+        assert_close_to_ref(g.cpu(), rg, lg, name=f"grad {name}")
+    return out

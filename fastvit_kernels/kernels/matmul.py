@@ -140,24 +140,25 @@ def _matmul_kernel(
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Operand:
-    """A tensor viewed as a logical matrix: ``rows`` and ``cols`` are (s1, s2, s3) stride triples, in elements,
-    applied to the split index (see module docstring); an unsplit axis uses only s1."""
+    """A tensor viewed as a logical matrix. ``rows`` / ``cols`` give each axis's strides in elements: an int for a
+    plain axis (the launcher expands it to (D1 * s, D2 * s, s) when that index is split, so plain and split
+    operands can share an index), or an (s1, s2, s3) triple for an axis walked through the three-level split."""
 
     tensor: torch.Tensor
-    rows: tuple
-    cols: tuple
+    rows: int | tuple
+    cols: int | tuple
 
     @staticmethod
     def matrix(t: torch.Tensor) -> "Operand":
         """A 2-D tensor as it is: (R, C)."""
         assert t.dim() == 2
-        return Operand(t, (t.stride(0), 0, 0), (t.stride(1), 0, 0))
+        return Operand(t, t.stride(0), t.stride(1))
 
     @staticmethod
     def matrix_t(t: torch.Tensor) -> "Operand":
         """A 2-D tensor transposed: logical (C, R), no copy."""
         assert t.dim() == 2
-        return Operand(t, (t.stride(1), 0, 0), (t.stride(0), 0, 0))
+        return Operand(t, t.stride(1), t.stride(0))
 
     def t(self) -> "Operand":
         """The transposed view of this operand."""
@@ -183,7 +184,14 @@ def gemm_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-_NULL_STRIDES = ((0, 0, 0), (0, 0, 0))
+def _axis(strides: int | tuple, split: tuple | None) -> tuple:
+    """(s1, s2, s3) for the kernel from an Operand axis and the index's split (see ``Operand``)."""
+    if isinstance(strides, tuple):
+        assert split is not None, "a three-level stride triple needs a split index"
+        return strides
+    if split is None:
+        return (strides, 0, 0)
+    return (split[0] * strides, split[1] * strides, strides)
 
 
 def gemm(
@@ -228,7 +236,11 @@ def gemm(
     if aux is not None:
         assert aux.is_contiguous() and aux.numel() == M * N
     dummy = c.tensor
-    res_strides = (residual.rows, residual.cols) if residual is not None else _NULL_STRIDES
+    def axes(op: Operand | None, row_split, col_split) -> tuple:
+        if op is None:
+            return (0,) * 6
+        return (*_axis(op.rows, row_split), *_axis(op.cols, col_split))
+
     cfg = gemm_config(M, N, K, a.tensor.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _matmul_kernel[grid](
@@ -240,7 +252,8 @@ def gemm(
         ln.weight if ln is not None else dummy, ln.bias if ln is not None else dummy,
         M, N, K,
         *(m_split or (1, 1)), *(n_split or (1, 1)), *(k_split or (1, 1)),
-        *a.rows, *a.cols, *b.rows, *b.cols, *c.rows, *c.cols, *res_strides[0], *res_strides[1],
+        *axes(a, m_split, k_split), *axes(b, k_split, n_split), *axes(c, m_split, n_split),
+        *axes(residual, m_split, n_split),
         SPLIT_M=m_split is not None, SPLIT_N=n_split is not None, SPLIT_K=k_split is not None,
         A_PROLOGUE=PROLOGUE_LN if a_ln is not None else (PROLOGUE_GELU if a_gelu else PROLOGUE_NONE),
         B_PROLOGUE=PROLOGUE_LN if b_ln is not None else (PROLOGUE_GELU if b_gelu else PROLOGUE_NONE),

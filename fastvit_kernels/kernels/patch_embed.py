@@ -65,12 +65,12 @@ def patch_embed_fwd(images, weight, bias, pos_embed, cls_token) -> torch.Tensor:
     pos = pos_embed[:, prefix:]
     gemm(
         _image_operand(images, P),
-        Operand(weight, _weight_features(weight), (weight.stride(0), 0, 0)),
-        Operand(patches_out, _token_rows(patches_out, gw), (out.stride(2), 0, 0)),
+        Operand(weight, _weight_features(weight), weight.stride(0)),
+        Operand(patches_out, _token_rows(patches_out, gw), out.stride(2)),
         B * Np, D, C * P * P,
         m_split=(Np, gw), k_split=(P * P, P),
         bias=bias,
-        residual=Operand(pos, (0, gw * pos.stride(1), pos.stride(1)), (pos.stride(2), 0, 0)),
+        residual=Operand(pos, (0, gw * pos.stride(1), pos.stride(1)), pos.stride(2)),
     )
     if cls_token is not None:
         _class_row_kernel[(B,)](out, cls_token, pos_embed, D, out.stride(0), BLOCK_D=triton.next_power_of_2(D))
@@ -92,9 +92,9 @@ def patch_embed_bwd(dout, images, weight, num_prefix: int, needs_images_grad: bo
     dpatch = dout[:, num_prefix:]
     dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     gemm(
-        Operand(dpatch, (dout.stride(2), 0, 0), _token_rows(dpatch, gw)),
+        Operand(dpatch, dout.stride(2), _token_rows(dpatch, gw)),
         _image_operand(images, P),
-        Operand(dweight, (dweight.stride(0), 0, 0), _weight_features(dweight)),
+        Operand(dweight, dweight.stride(0), _weight_features(dweight)),
         D, C * P * P, B * Np,
         n_split=(P * P, P), k_split=(Np, gw),
     )
@@ -102,8 +102,8 @@ def patch_embed_bwd(dout, images, weight, num_prefix: int, needs_images_grad: bo
     if needs_images_grad:
         dimages = torch.empty_like(images)  # every pixel lies in exactly one patch: fully written
         gemm(
-            Operand(dpatch, _token_rows(dpatch, gw), (dout.stride(2), 0, 0)),
-            Operand(weight, (weight.stride(0), 0, 0), _weight_features(weight)),
+            Operand(dpatch, _token_rows(dpatch, gw), dout.stride(2)),
+            Operand(weight, weight.stride(0), _weight_features(weight)),
             _image_operand(dimages, P),
             B * Np, C * P * P, D,
             m_split=(Np, gw), n_split=(P * P, P),

@@ -71,6 +71,7 @@ CASES = [
     (1, 50, 2, 64, F16),
     (1, 197, 1, 80, F16),
     (1, 16, 2, 48, F16),
+    (2, 32, 1, 80, F16),
 ]
 
 
@@ -185,6 +186,19 @@ def test_opcheck_custom_ops(device):
     out, lse = torch.ops.fastvit.attention_fwd(qkv, 1, 0.3)
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.fastvit.attention_bwd.default, (dout, qkv, out, lse, 1, 0.3))
+
+
+def test_torch_compile_fullgraph(device):
+    """The op traces as one graph (custom op + fake + autograd); aot_eager needs no C++/CUDA compiler here."""
+    qkv = torch.randn(2, 17, 3 * 2 * 48, device=device)
+    dout = torch.randn(2, 17, 2 * 48, device=device)
+    x = qkv.clone().requires_grad_()
+    compiled = torch.compile(lambda t: attention(t, 2, backend="triton"), fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward(dout)
+    ref_out, ref_dqkv = _triton_run(qkv, 2, dout)
+    assert torch.equal(out.detach(), ref_out)
+    assert torch.equal(x.grad, ref_dqkv)
 
 
 def test_autocast_casts_to_fp16(device):

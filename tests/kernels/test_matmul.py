@@ -1,0 +1,130 @@
+"""The GEMM core alone, every flag it offers, against an eager fp32 spec of the same computation."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close_to_ref
+
+M, N, K = 70, 40, 50  # ragged against every tile size
+
+
+def _ln(v, mean, rstd, gamma, beta):
+    """LayerNorm of a loaded operand tile: statistics per row, affine per column (A: rows m; B: rows k)."""
+    return (v - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+
+
+def _gelu_grad(x):
+    return 0.5 * (1 + torch.erf(x / 2**0.5)) + x * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+
+
+EPILOGUES = ["none", "bias", "gelu_store", "dgelu", "bias_gelu_residual"]
+PROLOGUES = list(itertools.product(["none", "ln", "gelu"], ["none", "ln", "gelu"]))
+PROLOGUES.remove(("ln", "ln"))  # one LayerNorm prologue per GEMM
+
+
+# fp32: every epilogue with every prologue pair; fp16: two epilogues per pair (the flags' math is dtype-independent)
+CASES = [(torch.float32, e) for e in EPILOGUES] + [(torch.float16, e) for e in ("none", "bias_gelu_residual")]
+
+
+@pytest.mark.parametrize("a_pro,b_pro", PROLOGUES)
+@pytest.mark.parametrize("dtype,epilogue", CASES)
+def test_flag_combinations(a_pro, b_pro, epilogue, dtype, device):
+    from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
+
+    a = torch.randn(M, K, device=device)
+    b = torch.randn(K, N, device=device) / K**0.5
+    bias = torch.randn(N, device=device)
+    res = torch.randn(M, N, device=device)
+    pre_in = torch.randn(M, N, device=device)
+    a_stats = (torch.randn(M, device=device), torch.rand(M, device=device) + 0.5)
+    b_stats = (torch.randn(K, device=device), torch.rand(K, device=device) + 0.5)
+    a_aff = (torch.randn(K, device=device), torch.randn(K, device=device))
+    b_aff = (torch.randn(N, device=device), torch.randn(N, device=device))
+
+    # eager spec in fp32 (operands rounded to dtype first, like the kernel's loads)
+    def q(t):
+        return t.to(dtype).float()
+
+    ra, rb = q(a), q(b)
+    if a_pro == "ln":
+        ra = _ln(ra, *a_stats, q(a_aff[0]), q(a_aff[1]))
+    elif a_pro == "gelu":
+        ra = F.gelu(ra)
+    if b_pro == "ln":
+        rb = _ln(rb, *b_stats, q(b_aff[0]), q(b_aff[1]))
+    elif b_pro == "gelu":
+        rb = F.gelu(rb)
+    ref = ra @ rb
+    ref_pre = None
+    if epilogue in ("bias", "bias_gelu_residual"):
+        ref = ref + q(bias)
+    if epilogue == "dgelu":
+        ref = ref * _gelu_grad(q(pre_in))
+    if epilogue in ("gelu_store", "bias_gelu_residual"):
+        ref_pre = ref
+        ref = F.gelu(ref)
+    if epilogue == "bias_gelu_residual":
+        ref = ref + q(res)
+
+    c = torch.empty(M, N, device=device, dtype=dtype)
+    pre = torch.empty(M, N, device=device, dtype=dtype) if ref_pre is not None else None
+    kw = {}
+    if a_pro == "ln":
+        kw["a_ln"] = LayerNormPrologue(*a_stats, a_aff[0].to(dtype), a_aff[1].to(dtype))
+    if b_pro == "ln":
+        kw["b_ln"] = LayerNormPrologue(*b_stats, b_aff[0].to(dtype), b_aff[1].to(dtype))
+    gemm(Operand.matrix(a.to(dtype)), Operand.matrix(b.to(dtype)), Operand.matrix(c), M, N, K,
+         a_gelu=a_pro == "gelu", b_gelu=b_pro == "gelu",
+         bias=bias.to(dtype) if epilogue in ("bias", "bias_gelu_residual") else None,
+         dgelu_preact=pre_in.to(dtype) if epilogue == "dgelu" else None,
+         gelu=ref_pre is not None, store_preact=pre,
+         residual=Operand.matrix(res.to(dtype)) if epilogue == "bias_gelu_residual" else None, **kw)
+    # low precision: the kernel casts prologue outputs to fp16 before the dot; allow fp16 rounding of the inputs
+    # of a K=50 dot (rtol ~ 2^-10 * sqrt(K)) instead of the 2x rule (there is no PyTorch op for this fusion)
+    if dtype == torch.float32:
+        assert_close_to_ref(c, ref, name="C")
+        if pre is not None:
+            assert_close_to_ref(pre, ref_pre, name="pre-activation")
+    else:
+        scale = ref.abs().max().item()
+        assert (c.float() - ref).abs().max().item() <= 1e-2 * scale
+        if pre is not None:
+            assert (pre.float() - ref_pre).abs().max().item() <= 1e-2 * ref_pre.abs().max().item()
+
+
+def test_three_level_splits_gather_and_scatter(device):
+    """Split indices walk a strided 5-D layout on every operand: a (B, Hp, Wp) x (C, P, P) im2col gather."""
+    from fastvit_kernels.kernels.matmul import Operand, gemm
+
+    B, C, gh, gw, P, D = 2, 3, 3, 2, 4, 24
+    images = torch.randn(B, C, gh * P, gw * P, device=device)
+    w = torch.randn(D, C, P, P, device=device)
+    patches = images.unfold(2, P, P).unfold(3, P, P)  # (B, C, gh, gw, P, P)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(B * gh * gw, C * P * P)
+    ref = patches @ w.reshape(D, -1).t()
+    sB, sC, sH, sW = images.stride()
+    out = torch.empty(B * gh * gw, D, device=device)
+    gemm(Operand(images, (sB, P * sH, P * sW), (sC, sH, sW)), Operand(w, (P * P, P, 1), C * P * P),
+         Operand.matrix(out), B * gh * gw, D, C * P * P, m_split=(gh * gw, gw), k_split=(P * P, P))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # scatter back through a split C operand: every pixel written once
+    back = torch.zeros_like(images)
+    eye = torch.eye(C * P * P, device=device)
+    gemm(Operand.matrix(patches.contiguous()), Operand.matrix(eye), Operand(back, (sB, P * sH, P * sW), (sC, sH, sW)),
+         B * gh * gw, C * P * P, C * P * P, m_split=(gh * gw, gw), n_split=(P * P, P))
+    torch.testing.assert_close(back, images, atol=1e-6, rtol=0)
+
+
+def test_row_stats_and_column_sum(device):
+    from fastvit_kernels.kernels.layernorm import row_stats
+    from fastvit_kernels.kernels.reduce import column_sum
+
+    x = torch.randn(197, 80, device=device) * 3 + 1
+    mean, rstd = row_stats(x, 1e-6)
+    torch.testing.assert_close(mean, x.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd, (x.var(1, unbiased=False) + 1e-6).rsqrt(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(column_sum(x), x.sum(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(column_sum(x[:1]), x[0], atol=0, rtol=0)
