@@ -54,7 +54,7 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
     The custom ops are opaque to autocast, so the public wrappers apply its policy themselves (GEMM-like ops
     run in the low-precision dtype). Returns the tensors unchanged when autocast is off.
     """
-    first = next((t for t in tensors if t is not None), None)
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None:
         return tensors
     dev = first.device.type
@@ -62,7 +62,8 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
         return tensors
     dtype = torch.get_autocast_dtype(dev)
     return tuple(
-        t.to(dtype) if (t is not None and t.is_floating_point() and t.dtype != dtype) else t for t in tensors
+        t.to(dtype) if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype) else t
+        for t in tensors
     )
 
 

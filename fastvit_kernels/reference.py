@@ -320,7 +320,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = nn.Identity()
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth, as timm
         self.blocks = nn.Sequential(*[
             block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], fused_attn)
             for i in range(depth)

@@ -57,10 +57,12 @@ def _attention_config(N: int, head_dim: int, dtype: torch.dtype) -> dict:
         dict with BLOCK_M (query rows per tile), BLOCK_N (key rows per tile), BLOCK_D (head_dim padded to a power of
         two), num_warps, num_stages.
 
-    Chosen from ahead-of-time sm_90 builds at ViT-B/L/H shapes (ptxas register and spill counts), no timings yet:
-    fp16/bf16 tiles of 64 use wgmma without spills (dK/dV kernel: 205-220 registers). IEEE fp32 dots run on the
-    FMA units and their operand tiles live in registers, so fp32 takes smaller tiles: 64 x 64 spilled up to 40 KB
-    per thread at head_dim 128; 32 x 32 (8 warps, 1 stage) and, for BLOCK_D = 128, 16 x 16 (4 warps) do not spill.
+    Chosen from ahead-of-time sm_90 / sm_80 builds at ViT-B/L/H shapes with Triton 3.6 and 3.9 (ptxas register
+    and spill counts), no timings yet: fp16/bf16 64 x 64 tiles use wgmma / mma.sync; with 4 warps the dK/dV kernel
+    hit 255 registers and spilled a little (Triton 3.6, sm_90); 8 warps remove that except 12 bytes left at
+    BLOCK_D = 128 with Triton 3.6 on sm_90 (none with 3.9). IEEE fp32 dots run on the FMA units with their operand
+    tiles in registers, so fp32 takes smaller tiles: 64 x 64 spilled up to 40 KB per thread at head_dim 128;
+    32 x 32 (8 warps, 1 stage) and, for BLOCK_D = 128, 16 x 16 (4 warps) do not spill.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     # 16 is tl.dot's minimum tile edge; small N takes small tiles (less masked work; fewer interpreter steps).
@@ -69,7 +71,7 @@ def _attention_config(N: int, head_dim: int, dtype: torch.dtype) -> dict:
         if block_d <= 64:
             return dict(BLOCK_M=min(block, 32), BLOCK_N=min(block, 32), BLOCK_D=block_d, num_warps=8, num_stages=1)
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8 if block == 64 else 4, num_stages=2)
 
 
 @triton.jit

@@ -1,0 +1,158 @@
+"""FastViT: timm's parameter names and shapes, constructor errors, and the Triton path against the reference
+model (logits and every parameter gradient)."""
+
+import warnings
+
+import pytest
+import torch
+
+from fastvit_kernels import FastViT, create_model
+from fastvit_kernels.configs import get_config
+from fastvit_kernels.reference import VisionTransformer
+from helpers import assert_close_to_ref
+
+BLOCK_KEYS = {
+    "norm1.weight": "D", "norm1.bias": "D", "attn.qkv.weight": "3D,D", "attn.qkv.bias": "3D",
+    "attn.proj.weight": "D,D", "attn.proj.bias": "D", "norm2.weight": "D", "norm2.bias": "D",
+    "mlp.fc1.weight": "4D,D", "mlp.fc1.bias": "4D", "mlp.fc2.weight": "D,4D", "mlp.fc2.bias": "D",
+}
+
+
+@pytest.mark.parametrize("name,D,depth,P,N", [
+    ("vit_base_patch16_224", 768, 12, 16, 196),
+    ("vit_large_patch16_224", 1024, 24, 16, 196),
+    ("vit_huge_patch14_224", 1280, 32, 14, 256),
+])
+def test_timm_state_dict_keys_and_shapes(name, D, depth, P, N):
+    with torch.device("meta"):
+        model = create_model(name)
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    dims = {"D": D, "3D": 3 * D, "4D": 4 * D}
+    expected = {
+        "cls_token": (1, 1, D), "pos_embed": (1, 1 + N, D), "patch_embed.proj.weight": (D, 3, P, P),
+        "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,), "head.weight": (1000, D),
+        "head.bias": (1000,),
+    }
+    for i in range(depth):
+        for k, shape in BLOCK_KEYS.items():
+            expected[f"blocks.{i}.{k}"] = tuple(dims[s] for s in shape.split(","))
+    assert sd == expected
+    if name == "vit_huge_patch14_224":
+        assert model.blocks[0].attn.head_dim == 80
+
+
+def test_loads_reference_state_dict_strictly():
+    cfg = get_config("vit_digits")
+    ref = VisionTransformer(**cfg)
+    model = FastViT(**cfg)
+    model.load_state_dict(ref.state_dict(), strict=True)
+
+
+def _compare_with_reference(cfg, dtype, device, train=False, seed=0):
+    torch.manual_seed(seed)
+    ref = VisionTransformer(**cfg)
+    model = FastViT(**cfg, backend="triton").to(device)
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+    g = torch.randn(2, cfg["num_classes"])
+
+    def run(m, dt, dev):
+        m = m.to(device=dev, dtype=dt).train(train)
+        m.zero_grad()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            out = m(x.to(dev, dt))
+        out.backward(g.to(dev, dt))
+        return out.detach().cpu(), {k: p.grad.cpu() for k, p in m.named_parameters()}
+
+    out, grads = run(model, dtype, device)
+    ref_out, ref_grads = run(ref, torch.float32, "cpu")
+    lowp_out, lowp_grads = (None, {}) if dtype == torch.float32 else run(ref, dtype, "cpu")
+    assert_close_to_ref(out, ref_out, lowp_out, name="logits")
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        assert_close_to_ref(grads[k], ref_grads[k], lowp_grads.get(k), name=f"grad {k}", factor=3.0)
+
+
+@pytest.mark.parametrize("name", ["vit_digits", "vit_test_hd80"])
+def test_triton_path_matches_reference_fp32(name, device):
+    _compare_with_reference(get_config(name), torch.float32, device)
+
+
+def test_triton_path_matches_reference_fp16(device):
+    _compare_with_reference(get_config("vit_test_hd80"), torch.float16, device)
+
+
+def test_avg_pool_no_class_token_and_drop_path(device):
+    cfg = get_config("vit_digits")
+    cfg.update(depth=2, class_token=False, global_pool="avg", drop_path_rate=0.5)
+    # training mode: stochastic depth draws the same per-sample masks in both models (same RNG order)
+    _compare_with_reference(cfg, torch.float32, device, train=True)
+
+
+def test_bad_images_raise_before_launch():
+    model = create_model("vit_digits", backend="torch")
+    with pytest.raises(ValueError, match=r"images must be \(B, C=1, H, W\); got \(2, 3, 8, 8\)"):
+        model(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="images must be 8x8 .*got 8x10"):
+        model(torch.randn(2, 1, 8, 10))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(embed_dim=100, num_heads=3), ValueError, "embed_dim=100 must be divisible by num_heads=3"),
+    (dict(img_size=9), ValueError, "must be a multiple of patch_size"),
+    (dict(init_values=1e-5), NotImplementedError, "init_values=1e-05 is not supported"),
+    (dict(qk_norm=True), NotImplementedError, "qk_norm=True is not supported"),
+    (dict(no_such_arg=1), TypeError, "unexpected keyword argument 'no_such_arg'"),
+    (dict(global_pool="max"), ValueError, "global_pool must be"),
+    (dict(class_token=False), ValueError, "global_pool='token' needs class_token=True"),
+])
+def test_constructor_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        create_model("vit_digits", **kwargs)
+
+
+def test_create_model_errors():
+    with pytest.raises(KeyError, match="unknown model 'vit_nope'"):
+        create_model("vit_nope")
+    with pytest.raises(ValueError, match="pretrained=True is not supported"):
+        create_model("vit_digits", pretrained=True)
+
+
+def test_attention_dropout_falls_back_visibly(device):
+    model = create_model("vit_digits", depth=1, attn_drop_rate=0.1, backend="triton").to(device).train()
+    with pytest.warns(UserWarning, match="attn_drop_rate > 0 is not implemented by the fused ops"):
+        model(torch.randn(2, 1, 8, 8, device=device))
+    model.eval()  # no dropout in eval: the fused path runs, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 1, 8, 8, device=device))
+
+
+def test_matches_timm_when_installed():
+    timm = pytest.importorskip("timm", reason="timm is optional; the reference model mirrors its code path")
+    cfg = get_config("vit_test_hd80")
+    t = timm.models.vision_transformer.VisionTransformer(**cfg).eval()
+    model = FastViT(**cfg, backend="torch").eval()
+    model.load_state_dict(t.state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(x), t(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    """The ops are registered custom ops: Dynamo traces the whole model without graph breaks (fullgraph=True)
+    and AOTAutograd differentiates through their registered backward. ``aot_eager`` keeps the test fast on CPU;
+    the graph capture is the same one inductor would get."""
+    torch.manual_seed(0)
+    model = create_model("vit_digits", depth=1, backend="triton").to(device)
+    x = torch.randn(2, 1, 8, 8, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    ref = model(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
