@@ -1,53 +1,56 @@
-"""End-to-end inference forward: FastViT against the eager reference ViT (timm's computation, SDPA attention).
+"""End-to-end inference forward: FastViT against the eager reference ViT (timm's computation) with SDPA attention,
+with naive softmax attention, and torch.compile of the SDPA one.
 
-CPU (no GPU): ``vit_digits`` at batch 256 — FastViT takes its CPU path (the reference ops), so this measures the
-package's dispatch overhead against plain eager, labelled "CPU smoke". GPU: ViT-B/16 at 224 px in bf16, batch 64,
-where FastViT runs its Triton kernels. Each result's ``extra_info`` carries images/s.
-Run: ``pytest benchmarks/ --benchmark-only``.
+CPU (no GPU): ``vit_digits`` at batch 64 in fp32, labelled "CPU smoke" -- FastViT takes its CPU path (the
+reference ops), so this measures the package's dispatch overhead against plain eager, not the kernels.
+GPU: ViT-B/16, ViT-L/16 and ViT-H/14 at 224 px, bf16 autocast and pure bf16, batch per model from
+``bench_utils.E2E_BATCH``. Each result's ``extra_info`` carries images/s, TFLOP/s and MFU from the exact FLOP
+count (2 per multiply-add, attention matmuls included; ViT-B/16: 35.1 GFLOP per image).
+Run: ``pytest benchmarks/ --benchmark-only`` (add ``--benchmark-json results.json``, then
+``python -m fastvit_kernels.bench report results.json``).
 """
+
+import contextlib
 
 import pytest
 import torch
 
-from bench_utils import DEVICE, HAS_GPU, requires_gpu, synchronize
-from fastvit_kernels import create_model
+from bench_utils import DEVICE, E2E_BATCH, E2E_IMPLS, PRECISIONS, build_model, record, requires_gpu, timed
+from fastvit_kernels.bench.flops import ViTShape, model_flops
 from fastvit_kernels.configs import get_config
-from fastvit_kernels.reference import VisionTransformer
 
 
-def _models(name: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    fast = create_model(name).to(DEVICE, dtype).eval()
-    ref = VisionTransformer(**get_config(name)).to(DEVICE, dtype).eval()
-    ref.load_state_dict(fast.state_dict())
-    return {"fastvit": fast, "eager_sdpa": ref}
-
-
-def _bench(benchmark, model, images):
-    def step():
-        with torch.no_grad():
+def _forward(model, images, autocast: bool):
+    def run():
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
             model(images)
-        synchronize()
-
-    step()  # warm-up (kernel compilation / autotuning excluded from the timed rounds)
-    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["images_per_s"] = images.shape[0] / benchmark.stats["mean"]
-    benchmark.extra_info["device"] = torch.cuda.get_device_name() if HAS_GPU else "cpu"
+    return run
 
 
-@pytest.mark.parametrize("impl", ["fastvit", "eager_sdpa"])
+@pytest.mark.parametrize("impl", ["fastvit", "eager_sdpa", "eager_naive"])
 def test_cpu_smoke_forward(benchmark, impl):
-    benchmark.group = "CPU smoke: vit_digits forward, batch 256, fp32"
+    benchmark.group = "CPU smoke: vit_digits forward, batch 64, fp32"
     cfg = get_config("vit_digits")
-    model = _models("vit_digits", torch.float32)[impl].cpu()
-    images = torch.randn(256, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-    _bench(benchmark, model, images)
+    model = build_model("vit_digits", impl, device="cpu").eval()
+    images = torch.randn(64, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
+    first = timed(benchmark, _forward(model, images, False), rounds=5, warmup_rounds=0)
+    record(benchmark, impl=impl, images=64, dtype=torch.float32, first_call_s=first,
+           flops=model_flops(ViTShape.from_config("vit_digits"), 64, "forward"))
 
 
 @requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "eager_sdpa"])
-def test_vit_base_forward_bf16(benchmark, impl):
-    benchmark.group = "ViT-B/16 224px forward, batch 64, bf16"
-    model = _models("vit_base_patch16_224", torch.bfloat16)[impl]
-    images = torch.randn(64, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16)
-    _bench(benchmark, model, images)
+@pytest.mark.parametrize("impl", E2E_IMPLS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", list(E2E_BATCH))
+def test_e2e_forward(benchmark, name, precision, impl):
+    batch = E2E_BATCH[name]
+    benchmark.group = f"{name} forward, batch {batch}, {precision}"
+    autocast = precision == "bf16_autocast"
+    model = build_model(name, impl, torch.float32 if autocast else torch.bfloat16).eval()
+    cfg = get_config(name)
+    images = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], device=DEVICE,
+                         dtype=torch.float32 if autocast else torch.bfloat16)
+    first = timed(benchmark, _forward(model, images, autocast), rounds=10)
+    record(benchmark, impl=impl, images=batch, dtype=torch.bfloat16, first_call_s=first,
+           flops=model_flops(ViTShape.from_config(name), batch, "forward"))

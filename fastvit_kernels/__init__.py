@@ -11,5 +11,7 @@ __version__ = "0.1.0"
 from . import ops, reference  # noqa: E402
 from .configs import MODEL_CONFIGS  # noqa: E402
 from .model import FastViT, create_model  # noqa: E402
+from .reference import resample_abs_pos_embed, resample_state_dict  # noqa: E402
 
-__all__ = ["FastViT", "create_model", "MODEL_CONFIGS", "ops", "reference"]
+__all__ = ["FastViT", "create_model", "MODEL_CONFIGS", "ops", "reference", "resample_abs_pos_embed",
+           "resample_state_dict"]

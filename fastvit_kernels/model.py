@@ -28,6 +28,7 @@ class Block(reference.Block):
 
     Input and output: (B, N, D). Options the Triton path does not implement (attention or MLP dropout > 0 while
     training) run this block's eager reference instead, with a one-time warning: never silently different.
+    LayerScale and qk_norm run as eager ops around the fused ones (v1).
     """
 
     backend: str | None = None  # set by FastViT
@@ -46,6 +47,10 @@ class Block(reference.Block):
             branch = attn(self.norm1(x))
         else:
             qkv = F.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)  # (B, N, 3 * D)
+            if not isinstance(attn.q_norm, nn.Identity):  # qk_norm: LayerNorm q and k over head_dim (eager)
+                B, N, _ = qkv.shape
+                q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
+                qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(B, N, -1)
             o = ops.attention(qkv, attn.num_heads, attn.scale, backend=self.backend)  # (B, N, D)
             branch = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
         x = x + self.drop_path1(self.ls1(branch))
@@ -55,8 +60,10 @@ class Block(reference.Block):
             return x + self.drop_path2(self.ls2(mlp(self.norm2(x))))
         args = (self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
                 self.norm2.eps)
-        if self.training and self.drop_path2.drop_prob > 0:
-            return x + self.drop_path2(ops.layernorm_mlp(x, *args, add_residual=False, backend=self.backend))
+        if (self.training and self.drop_path2.drop_prob > 0) or not isinstance(self.ls2, nn.Identity):
+            # stochastic depth / LayerScale act on the branch: the op returns it without the residual add
+            branch = ops.layernorm_mlp(x, *args, add_residual=False, backend=self.backend)
+            return x + self.drop_path2(self.ls2(branch))
         return ops.layernorm_mlp(x, *args, backend=self.backend)
 
 
@@ -66,10 +73,14 @@ class FastViT(reference.VisionTransformer):
 
     Args: timm's (see :class:`fastvit_kernels.reference.VisionTransformer`: img_size, patch_size, in_chans,
         num_classes, global_pool, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, class_token, fc_norm,
-        final_norm, drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate), plus
+        final_norm, drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, reg_tokens,
+        no_embed_class, dynamic_img_size, dynamic_img_pad), plus
         ``backend``: "auto" | "triton" | "torch" | None (None: ``FASTVIT_BACKEND`` or "auto").
+        ``set_input_size(img_size=...)`` resamples pos_embed as timm; a checkpoint trained at another resolution
+        loads through :func:`fastvit_kernels.reference.resample_state_dict`.
 
-    Input: images (B, in_chans, H, W) with (H, W) == img_size, fp32 | fp16 | bf16 (under autocast any float).
+    Input: images (B, in_chans, H, W) with (H, W) == img_size (any size with dynamic_img_size), fp32 | fp16 | bf16
+    (any of them whatever the weights' dtype: converted as the patch embedding loads them).
     Output: logits (B, num_classes) (pooled features (B, D) when num_classes == 0).
 
     Raises:
@@ -85,6 +96,57 @@ class FastViT(reference.VisionTransformer):
         super().__init__(*args, block_fn=Block, **kwargs)
         self.backend = backend
 
+    @classmethod
+    def from_timm(cls, model: nn.Module, backend: str | None = None) -> "FastViT":
+        """Build a FastViT with the architecture of a timm ``VisionTransformer`` and load its weights
+        (``strict=True``); the result is on the source model's device and dtype.
+
+        Args:
+            model: a timm ``VisionTransformer`` (or this package's reference model, which has its attributes).
+            backend: as the constructor.
+
+        Raises:
+            NotImplementedError: the model uses something FastViT does not implement (attention pooling 'map',
+                pre-norm, an MLP norm, no projection bias, ...).
+        """
+        blk = model.blocks[0]
+        attn, pe = blk.attn, model.patch_embed
+        problems = []
+        if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg", ""):
+            problems.append(f"global_pool={model.global_pool!r}")
+        if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
+            problems.append("pre_norm=True")
+        if not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
+            problems.append("scale_mlp_norm=True")
+        if getattr(attn, "proj", None) is None or attn.proj.bias is None:
+            problems.append("proj_bias=False")
+        if not hasattr(attn, "qkv"):
+            problems.append(f"attention layer {type(attn).__name__} without a packed qkv Linear")
+        if problems:
+            raise NotImplementedError(f"FastViT.from_timm: not supported: {', '.join(problems)}")
+        dp = getattr(model.blocks[-1], "drop_path1", None)
+        kwargs = dict(
+            img_size=tuple(pe.img_size), patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
+            num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+            depth=len(model.blocks), num_heads=attn.num_heads,
+            mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, qkv_bias=attn.qkv.bias is not None,
+            class_token=model.cls_token is not None, fc_norm=not isinstance(model.fc_norm, nn.Identity),
+            final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+            reg_tokens=getattr(model, "num_reg_tokens", 0), no_embed_class=getattr(model, "no_embed_class", False),
+            dynamic_img_size=getattr(model, "dynamic_img_size", False),
+            dynamic_img_pad=getattr(pe, "dynamic_img_pad", False),
+            init_values=1e-5 if hasattr(blk.ls1, "gamma") else None,  # the value comes with the weights
+            qk_norm=not isinstance(attn.q_norm, nn.Identity),
+            drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p, proj_drop_rate=attn.proj_drop.p,
+            attn_drop_rate=attn.attn_drop.p, drop_path_rate=getattr(dp, "drop_prob", 0.0) or 0.0,
+        )
+        ref = model.pos_embed
+        with torch.device("meta"):
+            fast = cls(**kwargs, backend=backend)
+        fast = fast.to_empty(device=ref.device).to(ref.dtype)
+        fast.load_state_dict(model.state_dict(), strict=True)
+        return fast.train(model.training)
+
     @property
     def backend(self) -> str | None:
         """The backend every op of this model is asked for ("auto" | "triton" | "torch" | None)."""
@@ -97,10 +159,19 @@ class FastViT(reference.VisionTransformer):
             blk.backend = value
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> tokens (B, prefix + N, D) with one fused patch-embed + position-add kernel."""
-        self.patch_embed.check_input(images)
-        proj = self.patch_embed.proj
-        x = ops.patch_embed(images, proj.weight, proj.bias, self.pos_embed, self.cls_token, backend=self.backend)
+        """images (B, C, H, W) -> tokens (B, prefix + N, D) with one fused patch-embed + position-add kernel
+        (class / register tokens and timm's token layouts in the same op; with dynamic_img_size the position
+        embedding is first resampled to the images' patch grid, as timm)."""
+        pe = self.patch_embed
+        pe.check_input(images)
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            grid = pe.dynamic_feat_size(tuple(images.shape[-2:]))
+            pos_embed = reference.resample_abs_pos_embed(
+                pos_embed, grid, pe.grid_size, 0 if self.no_embed_class else self.num_prefix_tokens)
+        x = ops.patch_embed(images, pe.proj.weight, pe.proj.bias, pos_embed, self.cls_token, reg_token=self.reg_token,
+                            no_embed_class=self.no_embed_class, dynamic_img_pad=pe.dynamic_img_pad,
+                            backend=self.backend)
         return self.pos_drop(x)
 
 

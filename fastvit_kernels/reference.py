@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 LN_EPS = 1e-6
 
@@ -31,23 +32,52 @@ def patch_embed_ref(
     bias: torch.Tensor | None,
     pos_embed: torch.Tensor,
     cls_token: torch.Tensor | None = None,
+    *,
+    reg_token: torch.Tensor | None = None,
+    no_embed_class: bool = False,
+    mean=None,
+    std=None,
+    dynamic_img_pad: bool = False,
 ) -> torch.Tensor:
-    """Patch embedding + class token + position add, as timm does it (Conv2d, flatten, transpose, cat, add).
+    """Patch embedding + class / register tokens + position add, as timm does it (normalise, pad, Conv2d,
+    flatten, transpose, cat, add; timm ``PatchEmbed`` and ``VisionTransformer._pos_embed``).
 
     Args:
-        images: (B, C, H, W); H and W multiples of P.
+        images: (B, C, H, W), uint8 or float; converted to weight's dtype (uint8: divided by 255 first).
         weight: (D, C, P, P) Conv2d weight. bias: (D,) or None.
-        pos_embed: (1, 1 + N, D) with a class token, (1, N, D) without; N = (H / P) * (W / P).
-        cls_token: (1, 1, D) or None.
+        pos_embed: (1, prefix + N, D), or (1, N, D) when ``no_embed_class``; N = ceil(H / P) * ceil(W / P),
+            prefix = class token (0 / 1) + K register tokens.
+        cls_token: (1, 1, D) or None. reg_token: (1, K, D) or None.
+        no_embed_class: add pos_embed to the patch tokens only, then prepend class / register tokens (DeiT-3);
+            otherwise prepend, then add pos_embed to every row.
+        mean, std: per-channel normalisation ``(x - mean) / std`` on the image in [0, 1] units (uint8: x / 255),
+            computed in fp32; C numbers or (C,) tensors; None = none.
+        dynamic_img_pad: zero-pad the right / bottom to a multiple of P (after the normalisation), as timm.
 
     Returns:
-        tokens: (B, 1 + N, D) (or (B, N, D) without class token), dtype of ``images``.
+        tokens: (B, prefix + N, D) in weight's dtype.
     """
     P = weight.shape[-1]
-    x = F.conv2d(images, weight, bias, stride=P)  # (B, D, H/P, W/P)
+    x = images
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    if mean is not None or std is not None:
+        C = x.shape[1]
+        m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float32, device=x.device).expand(C)
+        s = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32, device=x.device).expand(C)
+        x = (x.float() - m.view(1, C, 1, 1)) / s.view(1, C, 1, 1)
+    x = x.to(weight.dtype)
+    if dynamic_img_pad:
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, (P - W % P) % P, 0, (P - H % P) % P))
+    x = F.conv2d(x, weight, bias, stride=P)  # (B, D, H/P, W/P)
     x = x.flatten(2).transpose(1, 2)  # (B, N, D)
-    if cls_token is not None:
-        x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    prefix = [t.expand(x.shape[0], -1, -1) for t in (cls_token, reg_token) if t is not None]
+    if no_embed_class:
+        x = x + pos_embed
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+    if prefix:
+        x = torch.cat(prefix + [x], dim=1)
     return x + pos_embed
 
 
@@ -124,50 +154,86 @@ class DropPath(nn.Module):
 class PatchEmbed(nn.Module):
     """Image to patch tokens with a stride-P Conv2d (timm ``PatchEmbed``; parameter ``proj``).
 
-    Input (B, C, H, W); output (B, N, D), N = (H / P) * (W / P).
+    Input (B, C, H, W); output (B, N, D) with ``flatten=True``, else (B, gh, gw, D) (timm's ``output_fmt='NHWC'``,
+    used with ``dynamic_img_size``); gh, gw = ``dynamic_feat_size((H, W))``, N = gh * gw.
+
+    ``strict_img_size``: (H, W) must equal ``img_size``; otherwise H and W must be multiples of P, unless
+    ``dynamic_img_pad``, which zero-pads the right / bottom to a multiple of P (timm ``PatchEmbed``).
 
     Raises:
-        ValueError: channels differ from ``in_chans`` or H / W is not a multiple of P.
+        ValueError: non-square patch; img_size not a multiple of patch_size (without dynamic_img_pad); from
+            ``check_input``: wrong channel count or image size.
     """
 
-    def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+    def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 bias: bool = True, strict_img_size: bool = True, dynamic_img_pad: bool = False,
+                 flatten: bool = True):
         super().__init__()
-        self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
         if self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"patch_size must be square; got {self.patch_size}")
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict_img_size = strict_img_size
+        self.dynamic_img_pad = dynamic_img_pad
+        self.flatten = flatten
         self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self._init_img_size(img_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def _init_img_size(self, img_size) -> None:
+        img_size = _pair(img_size)
+        if not self.dynamic_img_pad:
+            for s, p in zip(img_size, self.patch_size):
+                if s % p:
+                    raise ValueError(f"img_size {img_size} must be a multiple of patch_size {self.patch_size} "
+                                     "(or pass dynamic_img_pad=True)")
+        self.img_size = img_size
+        self.grid_size = (img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1])  # floor, as timm
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def set_input_size(self, img_size: int | tuple | None = None) -> None:
+        """Change the nominal input resolution (img_size, grid_size, num_patches); the weights are unchanged."""
+        if img_size is not None:
+            self._init_img_size(img_size)
+
+    def dynamic_feat_size(self, img_size: tuple) -> tuple:
+        """Patch grid (gh, gw) of an (H, W) image: ceil(H / P) with dynamic_img_pad, else floor, as timm."""
+        P = self.patch_size[0]
+        if self.dynamic_img_pad:
+            return -(-img_size[0] // P), -(-img_size[1] // P)
+        return img_size[0] // P, img_size[1] // P
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless ``x`` is (B, in_chans, img_size[0], img_size[1])."""
+        """Raise ValueError unless ``x`` is (B, in_chans, H, W) with (H, W) == img_size (strict_img_size), or H and
+        W multiples of P (unless dynamic_img_pad)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"images must be (B, C={self.in_chans}, H, W); got {tuple(x.shape)}")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"images must be {self.img_size[0]}x{self.img_size[1]} (img_size); got "
-                f"{x.shape[-2]}x{x.shape[-1]}"
-            )
+        H, W = x.shape[-2:]
+        if self.strict_img_size:
+            if (H, W) != self.img_size:
+                raise ValueError(f"images must be {self.img_size[0]}x{self.img_size[1]} (img_size); got {H}x{W} "
+                                 "(dynamic_img_size=True accepts any size)")
+        elif not self.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1]):
+            raise ValueError(f"image height and width must be multiples of the patch size {self.patch_size[0]}; "
+                             f"got {H}x{W} (dynamic_img_pad=True pads them)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        if self.dynamic_img_pad:
+            P = self.patch_size[0]
+            x = F.pad(x, (0, (P - x.shape[-1] % P) % P, 0, (P - x.shape[-2] % P) % P))
+        x = self.proj(x)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2) if self.flatten else x.permute(0, 2, 3, 1)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention (timm ``Attention``; parameters ``qkv``, ``proj``).
 
     Input and output (B, N, D). ``fused_attn=True`` uses ``F.scaled_dot_product_attention`` (timm's default),
-    False the explicit softmax(q k^T * scale) v.
+    False the explicit softmax(q k^T * scale) v. ``qk_norm`` adds LayerNorms ``q_norm`` / ``k_norm`` over head_dim.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, fused_attn: bool = True):
+                 proj_drop: float = 0.0, fused_attn: bool = True, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
@@ -176,8 +242,9 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = nn.Identity()
-        self.k_norm = nn.Identity()
+        # qk_norm (Dehghani et al. 2023, ViT-22B): LayerNorm over head_dim on q and k
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -213,22 +280,36 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
+class LayerScale(nn.Module):
+    """Per-channel residual-branch scale ``x * gamma`` (Touvron et al. 2021, CaiT; timm ``LayerScale``, parameter
+    ``gamma`` (D,) initialised to ``init_values``). Input and output (..., D)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block``): z' = MSA(LN(z)) + z; z = MLP(LN(z')) + z'.
 
-    Input and output (B, N, D).
+    Input and output (B, N, D). ``init_values`` adds LayerScale (``ls1.gamma``, ``ls2.gamma``); ``qk_norm`` adds
+    ``attn.q_norm`` / ``attn.k_norm``.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, fused_attn: bool = True):
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, fused_attn: bool = True,
+                 init_values: float | None = None, qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn)
-        self.ls1 = nn.Identity()
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
-        self.ls2 = nn.Identity()
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,8 +321,8 @@ class Block(nn.Module):
 # Constructor arguments of timm's VisionTransformer that this package does not implement (yet), with the value
 # that means "off". Any other value raises: never silently different from timm.
 _UNSUPPORTED_DEFAULTS = {
-    "init_values": None, "qk_norm": False, "proj_bias": True, "no_embed_class": False, "reg_tokens": 0,
-    "pre_norm": False, "dynamic_img_size": False, "dynamic_img_pad": False, "patch_drop_rate": 0.0,
+    "proj_bias": True,
+    "pre_norm": False, "patch_drop_rate": 0.0,
     "embed_layer": None, "norm_layer": None, "act_layer": None, "mlp_layer": None, "weight_init": "",
     "fix_init": False, "attn_layer": None, "pos_embed": "learn", "embed_norm_layer": None,
     "scale_attn_norm": False, "scale_mlp_norm": False, "ls_init_values": None,
@@ -255,14 +336,21 @@ class VisionTransformer(nn.Module):
         embed_dim (D), depth, num_heads (H), mlp_ratio, qkv_bias, class_token, fc_norm (None = timm's rule:
         LayerNorm after pooling for 'avg'), final_norm, drop_rate (head dropout), pos_drop_rate,
         proj_drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth, as timm),
-        block_fn (the block class), fused_attn (SDPA vs explicit softmax).
+        block_fn (the block class), fused_attn (SDPA vs explicit softmax); the token layout and resolution
+        options (timm's): reg_tokens (K register tokens, parameter ``reg_token`` (1, K, D)), no_embed_class
+        (pos_embed (1, N, D) on the patch tokens only; else (1, prefix + N, D) on every token, registers
+        included), dynamic_img_size (any (H, W) at forward time, pos_embed resampled on the fly with
+        :func:`resample_abs_pos_embed`), dynamic_img_pad (zero-pad H, W to multiples of P, right / bottom).
+        ``num_prefix_tokens`` = class token (0 / 1) + K.
 
-    Input: images (B, in_chans, img_size, img_size), float. Output: logits (B, num_classes)
-    (pooled features (B, D) when num_classes == 0).
+    Input: images (B, in_chans, H, W), float; (H, W) == img_size unless dynamic_img_size. Output: logits
+    (B, num_classes) (pooled features (B, D) when num_classes == 0).
 
     Raises:
-        ValueError: embed_dim not divisible by num_heads; img_size not a multiple of patch_size; a bad
-            global_pool; class_token=False with global_pool='token'.
+        ValueError: embed_dim not divisible by num_heads; img_size not a multiple of patch_size (without
+            dynamic_img_pad, or with it but without dynamic_img_size: the padded grid would not match pos_embed,
+            where timm fails at forward time); a bad global_pool; class_token=False with global_pool='token';
+            reg_tokens < 0.
         NotImplementedError: a timm option this package does not implement, set to a non-default value.
     """
 
@@ -288,6 +376,12 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         block_fn: Callable[..., nn.Module] = Block,
         fused_attn: bool = True,
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        init_values: float | None = None,
+        qk_norm: bool = False,
         **unsupported,
     ):
         super().__init__()
@@ -309,20 +403,34 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0; got {reg_tokens}")
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
         self.has_class_token = class_token
-        self.no_embed_class = False
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        # dynamic_img_size: any input size (timm: strict_img_size=False, output_fmt='NHWC' so _pos_embed sees the grid)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size,
+                                      dynamic_img_pad=dynamic_img_pad, flatten=not dynamic_img_size)
+        if dynamic_img_pad and not dynamic_img_size and self.patch_embed.img_size != tuple(
+                g * p for g, p in zip(self.patch_embed.grid_size, self.patch_embed.patch_size)):
+            raise ValueError(f"img_size {self.patch_embed.img_size} is not a multiple of patch_size "
+                             f"{self.patch_embed.patch_size}: the padded patch grid would not match pos_embed; "
+                             "use dynamic_img_size=True with dynamic_img_pad=True")
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = nn.Identity()
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth, as timm
         self.blocks = nn.Sequential(*[
-            block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], fused_attn)
+            block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], fused_attn,
+                     init_values, qk_norm)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if final_norm and not use_fc_norm else nn.Identity()
@@ -333,34 +441,164 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """timm's default ('') init: trunc-normal(0.02) pos_embed and Linear weights, zero Linear biases,
-        cls_token N(0, 1e-6); Conv2d and LayerNorm keep PyTorch's defaults."""
+        cls_token and reg_token N(0, 1e-6); Conv2d and LayerNorm keep PyTorch's defaults."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (``torch.utils.checkpoint``, non-reentrant), as timm."""
+        self.grad_checkpointing = enable
+
     def no_weight_decay(self) -> set:
         """Parameter names excluded from weight decay, as timm."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
+    def set_input_size(self, img_size: int | tuple | None = None, patch_size: int | tuple | None = None) -> None:
+        """Change the input resolution, resampling pos_embed to the new patch grid (timm ``set_input_size``:
+        bicubic, antialias, prefix tokens kept). The result is a new ``pos_embed`` Parameter.
+
+        Raises:
+            NotImplementedError: a new patch_size (timm resamples the patch-embedding kernel; not implemented).
+            ValueError: img_size not a multiple of the patch size (without dynamic_img_pad).
+        """
+        if patch_size is not None and _pair(patch_size) != self.patch_embed.patch_size:
+            raise NotImplementedError("set_input_size(patch_size=...) is not supported by fastvit_kernels")
+        prev_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size)
+        num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        if self.patch_embed.grid_size != prev_grid or self.pos_embed.shape[1] != self.patch_embed.num_patches + num_prefix:
+            with torch.no_grad():
+                new = resample_abs_pos_embed(self.pos_embed, self.patch_embed.grid_size, prev_grid, num_prefix)
+            self.pos_embed = nn.Parameter(new)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        """Prefix tokens and position embedding, as timm's ``_pos_embed``. x: patch tokens (B, N, D), or
+        (B, gh, gw, D) with dynamic_img_size (pos_embed resampled from grid_size to (gh, gw))."""
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            B, gh, gw, D = x.shape
+            pos_embed = resample_abs_pos_embed(self.pos_embed, (gh, gw), self.patch_embed.grid_size,
+                                               0 if self.no_embed_class else self.num_prefix_tokens)
+            x = x.reshape(B, gh * gw, D)
+        if self.no_embed_class:  # DeiT-3 / big_vision: add to the patches, then prepend class / register tokens
+            x = x + pos_embed
+            if prefix:
+                x = torch.cat(prefix + [x], dim=1)
+        else:  # original ViT: prepend, then add (class and register tokens get a position embedding too)
+            if prefix:
+                x = torch.cat(prefix + [x], dim=1)
+            x = x + pos_embed
+        return self.pos_drop(x)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> tokens (B, prefix + N, D): patch embedding, class token, position add."""
+        """images (B, C, H, W) -> tokens (B, prefix + N, D): patch embedding, class / register tokens, position
+        add."""
         return self._pos_embed(self.patch_embed(images))
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
         x = self.norm_pre(self.embed(images))
-        x = self.blocks(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:  # non-reentrant: works with torch.compile and the custom ops' autograd
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | list | tuple | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs for dense / feature-pyramid use, with timm's signature and semantics.
+
+        Args:
+            images: (B, C, H, W).
+            indices: the last ``n`` blocks when an int (default: all), or a list of block indices (negative ok).
+            return_prefix_tokens: also return each intermediate's prefix (class / register) tokens.
+            norm: apply the final norm to each intermediate.
+            stop_early: stop running blocks after the last requested one (only with intermediates_only).
+            output_fmt: 'NCHW' -> (B, D, gh, gw) or 'NLC' -> (B, N, D) patch tokens.
+            intermediates_only: return only the list of intermediates.
+
+        Returns:
+            list of intermediates (or of (intermediate, prefix (B, prefix, D)) pairs); unless intermediates_only,
+            ``(final normalised tokens (B, prefix + N, D), intermediates)``.
+
+        Raises:
+            ValueError: a bad output_fmt or an index outside [-depth, depth).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices} must be in [1, depth={depth}] as a count of last blocks")
+            take = list(range(depth - indices, depth))
+        else:
+            take = []
+            for i in indices:
+                if not -depth <= i < depth:
+                    raise ValueError(f"block index {i} out of range for depth {depth}")
+                take.append(i % depth)
+        B, _, H, W = images.shape
+        gh, gw = self.patch_embed.dynamic_feat_size((H, W))
+        x = self.norm_pre(self.embed(images))
+        last = max(take) if (stop_early and intermediates_only) else depth - 1
+        intermediates = []
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            x = blk(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
+                if output_fmt == "NCHW":
+                    y = y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append((y, prefix) if return_prefix_tokens else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter-name groups for layer-wise learning-rate decay, as timm (stem, blocks, final norm)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^reg_token",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def get_classifier(self) -> nn.Module:
+        """The classification head (``head``)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh Linear(D, num_classes) (Identity for 0); optionally change global_pool.
+
+        Raises:
+            ValueError: a bad global_pool (as the constructor).
+        """
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"global_pool must be 'token', 'avg' or ''; got {global_pool!r}")
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token' needs class_token=True")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        dev = self.pos_embed.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=dev, dtype=self.pos_embed.dtype) \
+            if num_classes > 0 else nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens (B, prefix + N, D) -> logits (B, num_classes), or pooled features (B, D) if pre_logits."""
@@ -377,3 +615,84 @@ class VisionTransformer(nn.Module):
 
 def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resolution: resampling the absolute position embedding (timm ``resample_abs_pos_embed``, checkpoint_filter_fn)
+# ----------------------------------------------------------------------------------------------------------------
+def resample_abs_pos_embed(
+    posemb: torch.Tensor,
+    new_size: int | tuple,
+    old_size: int | tuple | None = None,
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resample a ViT's absolute position embedding to a new patch grid, keeping the prefix tokens' rows.
+
+    The algorithm of timm's ``timm.layers.pos_embed.resample_abs_pos_embed``: split off the first
+    ``num_prefix_tokens`` rows (class / register tokens), view the rest as an image (1, D, gh, gw) in fp32,
+    ``F.interpolate`` it to ``new_size`` (bicubic with antialias by default, align_corners=False), flatten it back
+    row-major and re-attach the prefix rows. Differentiable (used on the fly by ``dynamic_img_size`` models).
+
+    Args:
+        posemb: (1, num_prefix_tokens + gh * gw, D), any float dtype (kept).
+        new_size: (new_gh, new_gw) or an int for a square grid.
+        old_size: (gh, gw); None assumes a square grid (as timm).
+        num_prefix_tokens: leading rows that are not on the grid (0 for ``no_embed_class`` models).
+        interpolation, antialias: ``F.interpolate`` mode and antialias flag (timm's defaults).
+
+    Returns:
+        (1, num_prefix_tokens + new_gh * new_gw, D) in posemb's dtype; ``posemb`` itself when the grids are equal
+        (timm also returns it unchanged when the token count already matches a square new grid).
+
+    Raises:
+        ValueError: posemb is not (1, T, D); its token count does not match old_size (or is not a square when
+            old_size is None).
+    """
+    if posemb.dim() != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"posemb must be (1, T, D); got {tuple(posemb.shape)}")
+    n_grid = posemb.shape[1] - num_prefix_tokens
+    if old_size is None:
+        side = math.isqrt(max(n_grid, 0))
+        if side * side != n_grid:
+            raise ValueError(f"posemb has {n_grid} grid tokens (after {num_prefix_tokens} prefix tokens), not a "
+                             "square number: pass old_size=(gh, gw)")
+        old_size = (side, side)
+    old_size, new_size = _pair(old_size), _pair(new_size)
+    if old_size[0] * old_size[1] != n_grid:
+        raise ValueError(f"posemb has {n_grid} grid tokens but old_size={old_size} has {old_size[0] * old_size[1]}")
+    if old_size == new_size:
+        return posemb
+    D = posemb.shape[-1]
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    grid = grid.float().reshape(1, old_size[0], old_size[1], D).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+    grid = F.interpolate(grid, size=new_size, mode=interpolation, antialias=antialias, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_size[0] * new_size[1], D).to(posemb.dtype)
+    return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
+
+
+def resample_state_dict(state_dict: dict, model: nn.Module, old_grid_size: int | tuple | None = None) -> dict:
+    """A copy of ``state_dict`` whose ``pos_embed`` is resampled to ``model``'s patch grid, so a checkpoint trained
+    at another resolution loads with ``model.load_state_dict(..., strict=True)`` (the resampling step of timm's
+    ``checkpoint_filter_fn``: bicubic, antialias, prefix tokens kept; none for ``no_embed_class`` models).
+
+    Args:
+        state_dict: timm / fastvit_kernels ViT state_dict (tensors are not copied, except the new pos_embed).
+        model: the target VisionTransformer / FastViT (its ``patch_embed.grid_size``, ``num_prefix_tokens``,
+            ``no_embed_class``).
+        old_grid_size: the checkpoint's patch grid (gh, gw); None assumes a square grid.
+
+    Raises:
+        ValueError: from :func:`resample_abs_pos_embed` (token count that does not fit the grid).
+    """
+    out = dict(state_dict)
+    v = out.get("pos_embed")
+    if v is None or getattr(model, "pos_embed", None) is None:
+        return out
+    new_grid = tuple(model.patch_embed.grid_size)
+    if tuple(v.shape) != tuple(model.pos_embed.shape) or (old_grid_size is not None and _pair(old_grid_size) != new_grid):
+        num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        with torch.no_grad():
+            out["pos_embed"] = resample_abs_pos_embed(v, new_grid, old_grid_size, num_prefix)
+    return out

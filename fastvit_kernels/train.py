@@ -4,21 +4,30 @@ With no arguments it trains the small ``vit_digits`` model on scikit-learn's bun
 data, nothing downloaded) with AdamW and a warmup + cosine schedule, shows per-step loss and images/s, and prints
 the held-out accuracy. ``--backend triton`` on a CPU needs ``TRITON_INTERPRET=1`` (slow: the kernels are
 interpreted); on a GPU the default already runs the Triton kernels.
+
+Distributed, on PyTorch's own engine: ``torchrun --nproc_per_node N -m fastvit_kernels.train --distributed ddp``
+(DistributedDataParallel) or ``--distributed fsdp`` (FSDP2: ``fully_shard`` per block then the root; with
+``--amp bf16`` a bf16 ``MixedPrecisionPolicy`` with fp32 gradient reduction). ``--batch-size`` is the global
+batch, split evenly over the ranks; NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from .backend import resolve_backend
+from .bench.meter import ThroughputMeter
 from .configs import MODEL_CONFIGS, get_config
-from .data import load_digits_split, synthetic_split
+from .data import ImageFolder, load_digits_split, synthetic_split
 from .model import create_model
 
 
@@ -26,18 +35,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastvit_kernels.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_digits", choices=sorted(MODEL_CONFIGS))
-    p.add_argument("--data", default="digits", choices=["digits", "synthetic"])
+    p.add_argument("--data", nargs="+", default=["digits"], metavar="KIND [PATH]",
+                   help="'digits', 'synthetic', or 'imagefolder PATH' (class-per-folder images; PATH/train and "
+                        "PATH/val when present, else a 10%% held-out split)")
     p.add_argument("--img-size", type=int, default=None, help="image side (default: the model's img_size)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (split over distributed ranks)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--opt", default="adamw", choices=["adamw", "sgd"], help="optimizer (sgd: momentum 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--drop-path-rate", type=float, default=0.0)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="torch.autocast dtype")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision dtype")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--distributed", default="none", choices=["none", "ddp", "fsdp"])
+    p.add_argument("--workers", type=int, default=None, help="data-loader worker processes (imagefolder: 4)")
+    p.add_argument("--checkpoint-dir", default=None, help="save model + optimizer here at the end of the run")
+    p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="log plain lines instead of a progress bar")
     args = p.parse_args(argv)
@@ -45,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive; got {v}")
+    kind = args.data[0]
+    if kind not in ("digits", "synthetic", "imagefolder"):
+        p.error(f"--data must be digits, synthetic or 'imagefolder PATH'; got {kind!r}")
+    if (kind == "imagefolder") != (len(args.data) == 2) or len(args.data) > 2:
+        p.error(f"--data {' '.join(args.data)}: only imagefolder takes (exactly) one PATH")
     return args
 
 
@@ -59,61 +81,181 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_datasets(args, cfg: dict, img_size: int):
+    """(train dataset, held-out dataset, num_classes, in_chans) for ``--data``."""
+    kind = args.data[0]
+    in_chans, num_classes = cfg.get("in_chans", 3), cfg.get("num_classes", 1000)
+    if kind == "digits":
+        xtr, ytr, xte, yte = load_digits_split(img_size, in_chans, seed=args.seed)
+        return TensorDataset(xtr, ytr), TensorDataset(xte, yte), 10, in_chans
+    if kind == "synthetic":
+        xtr, ytr, xte, yte = synthetic_split(num_classes, img_size, in_chans, seed=args.seed)
+        return TensorDataset(xtr, ytr), TensorDataset(xte, yte), num_classes, in_chans
+    root = args.data[1]
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        train = ImageFolder(os.path.join(root, "train"), img_size, train=True, seed=args.seed)
+        held = ImageFolder(os.path.join(root, "val"), img_size, train=False)
+    else:
+        full_train = ImageFolder(root, img_size, train=True, seed=args.seed)
+        full_eval = ImageFolder(root, img_size, train=False)
+        perm = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_held = max(1, len(perm) // 10)
+        train = torch.utils.data.Subset(full_train, perm[n_held:])
+        held = torch.utils.data.Subset(full_eval, perm[:n_held])
+        train.classes = full_train.classes
+    classes = train.classes if hasattr(train, "classes") else train.dataset.classes
+    return train, held, len(classes), 3
+
+
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, device, amp_dtype) -> float:
-    """Top-1 accuracy of ``model`` on (x, y), in [0, 1]."""
+def evaluate(model, loader, device, amp_dtype) -> float:
+    """Top-1 accuracy of ``model`` over ``loader``, in [0, 1]."""
     model.eval()
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        xb = x[i:i + batch_size].to(device)
+    correct = total = 0
+    for xb, yb in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(xb)
-        correct += (logits.argmax(-1).cpu() == y[i:i + batch_size]).sum().item()
+            logits = model(xb.to(device))
+        correct += (logits.argmax(-1).cpu() == yb).sum().item()
+        total += len(yb)
     model.train()
-    return correct / len(y)
+    return correct / max(total, 1)
+
+
+def _setup_distributed(args):
+    """(rank, world_size, device) — initialises the process group under torchrun when --distributed is set."""
+    if args.distributed == "none":
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        return 0, 1, torch.device(dev)
+    if "RANK" not in os.environ:
+        raise RuntimeError(f"--distributed {args.distributed} needs torchrun (RANK / WORLD_SIZE are not set)")
+    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def _wrap_distributed(model, args, device):
+    if args.distributed == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.distributed == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.amp == "bf16" \
+            else MixedPrecisionPolicy()
+        for blk in model.blocks:
+            fully_shard(blk, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model
+
+
+def save_checkpoint(path: str, model, opt, step: int, args) -> None:
+    """Model + optimizer + step: ``torch.distributed.checkpoint`` (sharded) under FSDP, one torch.save file
+    (rank 0) otherwise."""
+    os.makedirs(path, exist_ok=True)
+    if args.distributed == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd, "step": step}, checkpoint_id=path)
+    elif not dist.is_initialized() or dist.get_rank() == 0:
+        inner = model.module if hasattr(model, "module") else model
+        torch.save({"model": inner.state_dict(), "optim": opt.state_dict(), "step": step},
+                   os.path.join(path, "checkpoint.pt"))
+
+
+def load_checkpoint(path: str, model, opt, args) -> int:
+    """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
+    if args.distributed == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd, "step": 0}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return int(state["step"])
+    ckpt = torch.load(os.path.join(path, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    (model.module if hasattr(model, "module") else model).load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optim"])
+    return int(ckpt["step"])
 
 
 def main(argv=None) -> float:
     """Run the job; returns the held-out accuracy."""
     args = parse_args(argv)
+    rank, world, device = _setup_distributed(args)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     torch.manual_seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cfg = get_config(args.model)
     img_size = args.img_size or cfg["img_size"]
-    in_chans, num_classes = cfg.get("in_chans", 3), cfg.get("num_classes", 1000)
-    if args.data == "digits":
-        num_classes = 10
-        x_train, y_train, x_test, y_test = load_digits_split(img_size, in_chans, seed=args.seed)
-    else:
-        x_train, y_train, x_test, y_test = synthetic_split(num_classes, img_size, in_chans, seed=args.seed)
-    model = create_model(args.model, img_size=img_size, num_classes=num_classes,
+    train_set, held_set, num_classes, in_chans = build_datasets(args, cfg, img_size)
+    model = create_model(args.model, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
                          drop_path_rate=args.drop_path_rate, backend=args.backend).to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     backend = resolve_backend(device, args.backend)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
+    fsdp_bf16 = args.distributed == "fsdp" and amp_dtype == torch.bfloat16  # the MixedPrecisionPolicy casts
+    model = _wrap_distributed(model, args, device)
+    workers = args.workers if args.workers is not None else (4 if args.data[0] == "imagefolder" else 0)
+    # one sampler type for every mode: rank r takes perm[r::world], so the union of the ranks' batches at each
+    # step is the single-process batch for the same seed
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=False)
+    if isinstance(train_set, TensorDataset):  # in-memory tensors: one gather per batch, no per-sample collate
+        loader = DataLoader(train_set, batch_size=None, sampler=BatchSampler(sampler, args.batch_size // world,
+                                                                             drop_last=False))
+    else:
+        loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=workers,
+                            pin_memory=device.type == "cuda", drop_last=False)
+    held_loader = DataLoader(held_set, batch_size=256, num_workers=workers)
+    steps_per_epoch = len(loader)
     total = args.steps or args.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    raw_model = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 shards in place
+    groups = param_groups(raw_model, args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999)) if args.opt == "adamw" else \
+        torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     warm = min(args.warmup_steps, max(total // 10, 1))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model}: {n_params / 1e6:.2f} M parameters, {img_size}px, backend {backend} on {device}; "
-          f"data {args.data}: {len(y_train)} train / {len(y_test)} held-out images; {total} steps")
+    # images/s, TFLOP/s and MFU per device from the exact model FLOPs (fastvit_kernels.bench); step 1 excluded
+    meter = ThroughputMeter.for_model(raw_model, kind="train", device=device, warmup_steps=1 if total > 1 else 0,
+                                      dtype=amp_dtype or next(raw_model.parameters()).dtype)
+    step = 0
+    if args.resume:
+        step = load_checkpoint(args.resume, model, opt, args)
+        for _ in range(step):
+            sched.step()
+    log = rank == 0
+    if log:
+        n_params = sum(p.numel() for p in model.parameters()) * (world if args.distributed == "fsdp" else 1)
+        print(f"model {args.model}: ~{n_params / 1e6:.2f} M parameters, {img_size}px, backend {backend} on {device}"
+              f"{f', {args.distributed} x {world}' if world > 1 else ''}; data {args.data[0]}: {len(train_set)} "
+              f"train / {len(held_set)} held-out images; {total} steps")
 
-    g = torch.Generator().manual_seed(args.seed)
-    step, t_start, images_seen = 0, time.perf_counter(), 0
-    bar = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True)
+    t_start, images_seen = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=step, disable=args.no_progress or not log, unit="step", dynamic_ncols=True)
+    epoch = step // max(steps_per_epoch, 1)
     while step < total:
-        perm = torch.randperm(len(y_train), generator=g)
-        for i in range(0, len(perm), args.batch_size):
+        sampler.set_epoch(epoch)
+        if hasattr(train_set, "epoch"):
+            train_set.epoch = epoch
+        for i, (xb, yb) in enumerate(loader):
             if step >= total:
                 break
-            idx = perm[i:i + args.batch_size]
-            xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
+            if epoch * steps_per_epoch + i < step:  # resumed mid-epoch: skip the batches already seen
+                continue
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and not fsdp_bf16):
                 loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -124,19 +266,30 @@ def main(argv=None) -> float:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             step += 1
-            images_seen += len(idx)
-            ips = len(idx) / dt
+            images_seen += len(xb) * world
+            ips = len(xb) * world / dt
+            mfu = meter.update(len(xb), dt).mfu
+            if not log:
+                continue
             if args.no_progress:
                 if step % 25 == 0 or step == total:
-                    print(f"step {step}/{total}  loss {loss.item():.4f}  {ips:.0f} images/s")
+                    print(f"step {step}/{total}  loss {loss.item():.4f}  {ips:.0f} images/s"
+                          + (f"  MFU {mfu:.1%}" if mfu is not None else ""))
             else:
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}")
                 bar.update(1)
+        epoch += 1
     bar.close()
     elapsed = time.perf_counter() - t_start
-    acc = evaluate(model, x_test, y_test, 256, device, amp_dtype)
-    print(f"trained {total} steps in {elapsed:.1f} s ({images_seen / elapsed:.0f} images/s overall)")
-    print(f"held-out accuracy: {acc:.4f}")
+    if args.checkpoint_dir:
+        save_checkpoint(args.checkpoint_dir, model, opt, step, args)
+    acc = evaluate(model, held_loader, device, None if fsdp_bf16 else amp_dtype)
+    if log:
+        print(f"trained {step} steps in {elapsed:.1f} s ({images_seen / max(elapsed, 1e-9):.0f} images/s overall)")
+        print(f"throughput per device, steps after the first: {meter.total.line()}")
+        print(f"held-out accuracy: {acc:.4f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return acc
 
 

@@ -62,7 +62,9 @@ def _attention_config(N: int, head_dim: int, dtype: torch.dtype) -> dict:
     hit 255 registers and spilled a little (Triton 3.6, sm_90); 8 warps remove that except 12 bytes left at
     BLOCK_D = 128 with Triton 3.6 on sm_90 (none with 3.9). IEEE fp32 dots run on the FMA units with their operand
     tiles in registers, so fp32 takes smaller tiles: 64 x 64 spilled up to 40 KB per thread at head_dim 128;
-    32 x 32 (8 warps, 1 stage) and, for BLOCK_D = 128, 16 x 16 (4 warps) do not spill.
+    32 x 32 (8 warps, 1 stage) and, for BLOCK_D = 128, 16 x 16 do not spill with 8 warps (with 4 warps the AOT
+    check, ``python -m fastvit_kernels.aot check``, found 16 B of spills at head_dim 80 with Triton 3.9: dK/dV on
+    sm_80, and the forward on sm_90 with 1 stage).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     # 16 is tl.dot's minimum tile edge; small N takes small tiles (less masked work; fewer interpreter steps).
@@ -70,7 +72,7 @@ def _attention_config(N: int, head_dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         if block_d <= 64:
             return dict(BLOCK_M=min(block, 32), BLOCK_N=min(block, 32), BLOCK_D=block_d, num_warps=8, num_stages=1)
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=2)
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8 if block == 64 else 4, num_stages=2)
 
 

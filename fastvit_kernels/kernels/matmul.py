@@ -11,7 +11,12 @@ different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
   ``t * s1``.
 * A / B prologues: LayerNorm ``(v - mean) * rstd * gamma + beta`` from precomputed fp32 row statistics (the
   normalised activations never reach device memory), or exact GELU (recomputing an activation from its saved
-  pre-activation).
+  pre-activation), or a dtype conversion to the other operand's dtype (cast on load: e.g. fp32 or uint8 images
+  against fp16 weights), or a per-channel affine ``v * scale[c] + shift[c]`` in fp32 then that conversion, with
+  channel ``c = feature // D1`` of the operand's split feature index (uint8 pixels -> ``(v / 255 - mean) / std``).
+* image bounds: on the operand (A, B or C) whose rows are patch tokens split (image, patch row, patch col) and
+  whose columns are pixels split (channel, pixel row, pixel col), pixels outside an H x W image read as 0 after
+  the prologue (A, B) or are not written (C): zero padding on the right / bottom without a padded copy.
 * epilogue: + bias[n]; * GELU'(aux[m, n]) (backward of GELU); GELU, optionally storing the pre-activation to aux;
   + residual[m, n] (the residual / position-embedding add; the residual may broadcast over the batch).
 
@@ -30,7 +35,8 @@ import triton.language as tl
 
 from ._common import dot_precision, gelu_erf, gelu_erf_grad, interpreting
 
-PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU = 0, 1, 2
+PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU, PROLOGUE_CAST, PROLOGUE_AFFINE = 0, 1, 2, 3, 4
+IMAGE_BOUNDS_OPERAND = {None: 0, "a": 1, "b": 2, "c": 3}
 
 
 @triton.jit
@@ -44,24 +50,36 @@ def _split_offsets(t, D1, D2, s1, s2, s3, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _image_mask(tok, pix, T_D1, T_D2, P_D1, P_D2, img_h, img_w):
+    """(len(tok), len(pix)) mask: pixel ``pix`` of patch token ``tok`` lies inside the img_h x img_w image.
+    Tokens split (image, patch row, patch col) by (T_D1, T_D2); pixels (channel, row, col) by (P_D1, P_D2 = P)."""
+    h = ((tok % T_D1) // T_D2)[:, None] * P_D2 + ((pix % P_D1) // P_D2)[None, :]
+    w = (tok % T_D2)[:, None] * P_D2 + (pix % P_D2)[None, :]
+    return (h < img_h) & (w < img_w)
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr,  # A: logical (M, K); B: logical (K, N); C: logical (M, N)
     bias_ptr,  # (N,) epilogue bias
     res_ptr,  # logical (M, N) residual added last (may have batch stride 0, e.g. pos_embed)
     aux_ptr,  # (M, N) contiguous: GELU pre-activation, stored (STORE_PREACT) or read (DGELU)
     mean_ptr, rstd_ptr,  # fp32 LayerNorm row statistics: (M,) for the A prologue, (K,) for the B prologue
-    gamma_ptr, beta_ptr,  # LayerNorm affine: (K,) for the A prologue, (N,) for the B prologue
+    gamma_ptr, beta_ptr,  # LayerNorm affine: (K,) for the A prologue, (N,) for the B prologue;
+    #                       channel affine (scale, shift): (channels,) fp32
     M, N, K,  # logical problem size
+    img_h, img_w,  # image height / width in pixels (IMG_BOUNDS)
     M_D1, M_D2, N_D1, N_D2, K_D1, K_D2,  # three-level index splits (used when SPLIT_* is set)
     stride_a_m1, stride_a_m2, stride_a_m3, stride_a_k1, stride_a_k2, stride_a_k3,
     stride_b_k1, stride_b_k2, stride_b_k3, stride_b_n1, stride_b_n2, stride_b_n3,
     stride_c_m1, stride_c_m2, stride_c_m3, stride_c_n1, stride_c_n2, stride_c_n3,
     stride_r_m1, stride_r_m2, stride_r_m3, stride_r_n1, stride_r_n2, stride_r_n3,
     SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    A_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by m, affine by k), 2 GELU
-    B_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by k, affine by n), 2 GELU
+    A_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by m, affine by k), 2 GELU, 3 cast, 4 channel affine (k)
+    B_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by k, affine by n), 2 GELU, 3 cast, 4 channel affine (n)
     HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    IMG_BOUNDS: tl.constexpr,  # 0 none; image-bounds mask on 1 A (m x k), 2 B (k x n), 3 C (m x n)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -88,6 +106,9 @@ def _matmul_kernel(
     if B_PROLOGUE == 1:
         b_gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         b_beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    elif B_PROLOGUE == 4:
+        b_scale = tl.load(gamma_ptr + offs_n // N_D1, mask=mask_n, other=0.0).to(tl.float32)
+        b_shift = tl.load(beta_ptr + offs_n // N_D1, mask=mask_n, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -95,8 +116,14 @@ def _matmul_kernel(
         mask_k = offs_k < K
         a_col = _split_offsets(offs_k, K_D1, K_D2, stride_a_k1, stride_a_k2, stride_a_k3, SPLIT_K)
         b_row = _split_offsets(offs_k, K_D1, K_D2, stride_b_k1, stride_b_k2, stride_b_k3, SPLIT_K)
-        a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        if IMG_BOUNDS == 1:
+            a_mask = a_mask & _image_mask(offs_m, offs_k, M_D1, M_D2, K_D1, K_D2, img_h, img_w)
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        if IMG_BOUNDS == 2:
+            b_mask = b_mask & _image_mask(offs_k, offs_n, K_D1, K_D2, N_D1, N_D2, img_h, img_w)
+        a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=b_mask, other=0.0)
         if A_PROLOGUE == 1:
             g = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             bt = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -104,6 +131,13 @@ def _matmul_kernel(
             a = (af * g[None, :] + bt[None, :]).to(b.dtype)  # padded k columns: gamma = beta = 0 -> 0
         elif A_PROLOGUE == 2:
             a = gelu_erf(a.to(tl.float32)).to(b.dtype)
+        elif A_PROLOGUE == 3:
+            a = a.to(b.dtype)
+        elif A_PROLOGUE == 4:
+            a_scale = tl.load(gamma_ptr + offs_k // K_D1, mask=mask_k, other=0.0).to(tl.float32)
+            a_shift = tl.load(beta_ptr + offs_k // K_D1, mask=mask_k, other=0.0).to(tl.float32)
+            af = a.to(tl.float32) * a_scale[None, :] + a_shift[None, :]
+            a = tl.where(a_mask, af, 0.0).to(b.dtype)  # padding (masked pixels) is 0 after normalisation
         if B_PROLOGUE == 1:
             mu = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
             rs = tl.load(rstd_ptr + offs_k, mask=mask_k, other=0.0)  # padded k rows: rstd = 0 ...
@@ -112,10 +146,17 @@ def _matmul_kernel(
             b = tl.where(mask_k[:, None], bf, 0.0).to(a.dtype)  # ... but beta != 0, so mask explicitly
         elif B_PROLOGUE == 2:
             b = gelu_erf(b.to(tl.float32)).to(a.dtype)
+        elif B_PROLOGUE == 3:
+            b = b.to(a.dtype)
+        elif B_PROLOGUE == 4:
+            bf = b.to(tl.float32) * b_scale[None, :] + b_shift[None, :]
+            b = tl.where(b_mask, bf, 0.0).to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # ---- epilogue ----
     mask = mask_m[:, None] & mask_n[None, :]
+    if IMG_BOUNDS == 3:
+        mask = mask & _image_mask(offs_m, offs_n, M_D1, M_D2, N_D1, N_D2, img_h, img_w)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -175,13 +216,44 @@ class LayerNormPrologue:
     bias: torch.Tensor  # (features,)
 
 
-def gemm_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for one launch (v1: fixed per dtype; the interpreter gets large tiles = fewer Python steps)."""
+@dataclass(frozen=True)
+class ChannelAffine:
+    """Per-channel ``v * scale[c] + shift[c]`` (fp32) applied to an operand as it is loaded, then converted to the
+    other operand's dtype; channel ``c = feature // D1`` of the split feature index (k for A, n for B)."""
+
+    scale: torch.Tensor  # (channels,) fp32
+    shift: torch.Tensor  # (channels,) fp32
+
+
+@dataclass(frozen=True)
+class ImageBounds:
+    """Pixels outside a height x width image, on the operand ("a", "b" or "c") whose rows are split patch tokens
+    and whose columns are split pixels: read as 0 after the prologue (A, B) or not written (C)."""
+
+    operand: str
+    height: int
+    width: int
+
+
+def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, split: bool = False) -> dict:
+    """Tile sizes for one launch (v1: fixed per dtype; the interpreter gets large tiles = fewer Python steps).
+    ``split``: an index is split (the patch-embed GEMMs: operand addresses from the three-level index split).
+
+    Checked by ``python -m fastvit_kernels.aot check`` (sm_80 / sm_90 builds, Triton 3.9; no timings), which found
+    register spills with the earlier tiles and none with these:
+    * fp32 (IEEE dots on the FMA units, operand tiles in registers): 4 warps spilled 300-2600 B per thread with a
+      B-operand prologue (LayerNorm / GELU) or a split index -> 8 warps, 2 stages.
+    * split: the per-element int64 divisions of the split offsets are subroutine calls that keep registers live;
+      128 x 128 (fp16 / bf16) spilled 24-784 B per thread -> 128 x 64; fp32 64 x 64 x 32 spilled up to 1.4 KB
+      with uint8 / converted images -> BLOCK_K 16, 1 stage.
+    """
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+        if split:
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64 if split else 128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _axis(strides: int | tuple, split: tuple | None) -> tuple:
@@ -192,6 +264,17 @@ def _axis(strides: int | tuple, split: tuple | None) -> tuple:
     if split is None:
         return (strides, 0, 0)
     return (split[0] * strides, split[1] * strides, strides)
+
+
+def _prologue(ln, gelu: bool, cast: bool, affine) -> int:
+    """The A_PROLOGUE / B_PROLOGUE constexpr for one operand's flags."""
+    if ln is not None:
+        return PROLOGUE_LN
+    if gelu:
+        return PROLOGUE_GELU
+    if affine is not None:
+        return PROLOGUE_AFFINE
+    return PROLOGUE_CAST if cast else PROLOGUE_NONE
 
 
 def gemm(
@@ -214,6 +297,11 @@ def gemm(
     gelu: bool = False,
     store_preact: torch.Tensor | None = None,
     residual: Operand | None = None,
+    a_cast: bool = False,
+    b_cast: bool = False,
+    a_affine: ChannelAffine | None = None,
+    b_affine: ChannelAffine | None = None,
+    image_bounds: ImageBounds | None = None,
 ) -> torch.Tensor:
     """Launch ``C = epilogue(prologue(A) @ prologue(B))``; returns ``c.tensor``.
 
@@ -226,12 +314,30 @@ def gemm(
         dgelu_preact: (M, N) contiguous pre-activation; the product is multiplied by GELU'(preact).
         gelu: apply exact GELU in the epilogue; store_preact: (M, N) contiguous buffer for the pre-activation.
         residual: logical (M, N) operand added last.
+        a_cast / b_cast: convert A (B) to the other operand's dtype on load (the dot runs in that dtype).
+        a_affine / b_affine: per-channel affine in fp32 on A (channel k // K_D1) or B (channel n // N_D1), then
+            that conversion. At most one operand is converted, and the other then has no prologue.
+        image_bounds: zero padding of an image operand (see ``ImageBounds``); needs the token / pixel splits.
     """
     assert not (a_ln is not None and a_gelu) and not (b_ln is not None and b_gelu)
     assert a_ln is None or b_ln is None
+    a_conv = a_cast or a_affine is not None
+    b_conv = b_cast or b_affine is not None
+    assert not (a_conv and b_conv), "convert at most one operand"
+    assert not (a_cast and a_affine is not None) and not (b_cast and b_affine is not None)
+    assert not (a_conv and (b_ln is not None or b_gelu)) and not (b_conv and (a_ln is not None or a_gelu))
+    assert a_conv or b_conv or a.tensor.dtype == b.tensor.dtype, "mixed operand dtypes need a_cast / b_cast"
+    assert a_affine is None or k_split is not None
+    assert b_affine is None or n_split is not None
+    if image_bounds is not None:
+        assert image_bounds.operand in ("a", "b", "c")
+        need = {"a": (m_split, k_split), "b": (k_split, n_split), "c": (m_split, n_split)}[image_bounds.operand]
+        assert all(s is not None for s in need), "image bounds need the token and pixel splits"
+    compute_dtype = b.tensor.dtype if a_conv else a.tensor.dtype  # the dtype of the dot's operands
     if M == 0 or N == 0:
         return c.tensor
     ln = a_ln or b_ln
+    affine = a_affine or b_affine
     aux = dgelu_preact if dgelu_preact is not None else store_preact
     if aux is not None:
         assert aux.is_contiguous() and aux.numel() == M * N
@@ -241,7 +347,7 @@ def gemm(
             return (0,) * 6
         return (*_axis(op.rows, row_split), *_axis(op.cols, col_split))
 
-    cfg = gemm_config(M, N, K, a.tensor.dtype)
+    cfg = gemm_config(M, N, K, compute_dtype, split=(m_split, n_split, k_split) != (None, None, None))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _matmul_kernel[grid](
         a.tensor, b.tensor, c.tensor,
@@ -249,17 +355,20 @@ def gemm(
         residual.tensor if residual is not None else dummy,
         aux if aux is not None else dummy,
         ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
-        ln.weight if ln is not None else dummy, ln.bias if ln is not None else dummy,
+        ln.weight if ln is not None else (affine.scale if affine is not None else dummy),
+        ln.bias if ln is not None else (affine.shift if affine is not None else dummy),
         M, N, K,
+        image_bounds.height if image_bounds is not None else 0, image_bounds.width if image_bounds is not None else 0,
         *(m_split or (1, 1)), *(n_split or (1, 1)), *(k_split or (1, 1)),
         *axes(a, m_split, k_split), *axes(b, k_split, n_split), *axes(c, m_split, n_split),
         *axes(residual, m_split, n_split),
         SPLIT_M=m_split is not None, SPLIT_N=n_split is not None, SPLIT_K=k_split is not None,
-        A_PROLOGUE=PROLOGUE_LN if a_ln is not None else (PROLOGUE_GELU if a_gelu else PROLOGUE_NONE),
-        B_PROLOGUE=PROLOGUE_LN if b_ln is not None else (PROLOGUE_GELU if b_gelu else PROLOGUE_NONE),
+        A_PROLOGUE=_prologue(a_ln, a_gelu, a_cast, a_affine),
+        B_PROLOGUE=_prologue(b_ln, b_gelu, b_cast, b_affine),
         HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
         STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
-        DOT_PRECISION=dot_precision(a.tensor.dtype),
+        IMG_BOUNDS=IMAGE_BOUNDS_OPERAND[image_bounds.operand if image_bounds is not None else None],
+        DOT_PRECISION=dot_precision(compute_dtype),
         **cfg,
     )
     return c.tensor

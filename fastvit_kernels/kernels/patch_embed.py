@@ -1,13 +1,25 @@
-"""Patch embedding on the GEMM core: tokens[b, prefix + p] = patches(images)[b, p] @ W^T + bias + pos_embed[prefix + p].
+"""Patch embedding on the GEMM core: tokens[b, prefix + p] = patches(images)[b, p] @ W^T + bias (+ pos_embed).
+
+Token layout (timm ``VisionTransformer._pos_embed``): rows ``[cls?; reg_1..reg_K; patch_1..patch_N]``, prefix =
+class token (0 or 1) + K register tokens. Default: pos_embed (1, prefix + N, D) is added to every row (class and
+register rows included). ``no_embed_class`` (DeiT-3, big_vision): pos_embed (1, N, D) is added to the patch rows
+only; the prefix rows are the bare tokens.
 
 The A operand is gathered straight from the image through the GEMM's three-level index split (token m ->
 (image, patch row, patch column); feature k -> (channel, pixel row, pixel column)), so NCHW and channels_last
-images both work through their strides, with no unfold copy. Bias and the position embedding (a residual
-operand with batch stride 0) are added in the epilogue, which writes rows ``prefix + p`` of the token tensor; a
-small kernel writes the class row ``cls_token + pos_embed[0]``. Backward reuses the same addressing: the weight
-gradient is a GEMM over all B * N tokens that re-gathers the patches, the image gradient a GEMM whose C operand
-scatters into the image, and bias / pos_embed / cls_token gradients are deterministic column sums.
-(Algorithm: ViT patch embedding, Dosovitskiy et al. 2021; im2col-in-the-load as in implicit-GEMM convolution.)
+images both work through their strides, with no unfold copy. The load converts the pixels to the weights' dtype
+(images may be uint8, fp32, fp16 or bf16), optionally applying the per-channel normalisation
+``v * scale[c] + shift[c]`` in fp32 first (uint8: scale = 1 / (255 std), shift = -mean / std). Images whose size
+is not a multiple of P are zero-padded on the right / bottom inside the load (pixels outside the image read as 0
+after normalisation, as timm's ``F.pad`` after the data loader's normalisation). Bias and the position embedding
+(a residual operand with batch stride 0) are added in the epilogue, which writes rows ``prefix + p``; a small
+kernel writes the prefix rows.
+
+Backward reuses the same addressing: the weight gradient is a GEMM over all B * N tokens that re-gathers (and
+re-normalises) the patches, the image gradient a GEMM whose C operand scatters into the image (only the pixels
+inside it), and bias / pos_embed / class / register gradients come from one deterministic column sum over the
+batch. (Algorithm: ViT patch embedding, Dosovitskiy et al. 2021; im2col-in-the-load as in implicit-GEMM
+convolution.)
 """
 
 from __future__ import annotations
@@ -16,23 +28,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul import Operand, gemm
+from .matmul import ChannelAffine, ImageBounds, Operand, gemm
 from .reduce import column_sum
 
 
 @triton.jit
-def _class_row_kernel(
-    out_ptr,  # (B, 1 + N, D) tokens; row 0 of each image is written
-    cls_ptr,  # (D,) class token
-    pos_ptr,  # (D,) position embedding of the class token
-    D, stride_out_b,
+def _prefix_rows_kernel(
+    out_ptr,  # (B, prefix + N, D) tokens; rows 0 .. prefix - 1 of each image are written
+    cls_ptr,  # (D,) class token (read when NUM_CLS == 1)
+    reg_ptr,  # (K, D) contiguous register tokens (read for rows NUM_CLS ..)
+    pos_ptr,  # (prefix, D) rows of pos_embed for the prefix tokens (read when ADD_POS), row stride stride_pos_n
+    D, stride_out_b, stride_out_n, stride_pos_n,
+    NUM_CLS: tl.constexpr,  # 0 or 1
+    ADD_POS: tl.constexpr,  # False for no_embed_class
     BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    v = tl.load(cls_ptr + cols, mask=mask, other=0.0).to(tl.float32) + tl.load(pos_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * stride_out_b + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
+    if j < NUM_CLS:
+        src = cls_ptr + cols
+    else:
+        src = reg_ptr + (j - NUM_CLS) * D + cols
+    v = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    if ADD_POS:
+        v += tl.load(pos_ptr + j * stride_pos_n + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_out_b + j * stride_out_n + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _image_operand(images: torch.Tensor, P: int) -> Operand:
@@ -52,17 +74,38 @@ def _weight_features(weight: torch.Tensor) -> tuple:
     return (weight.stride(1), weight.stride(2), weight.stride(3))
 
 
-def patch_embed_fwd(images, weight, bias, pos_embed, cls_token) -> torch.Tensor:
-    """Launcher. images (B, C, H, W); weight (D, C, P, P); bias (D,) | None; pos_embed (1, prefix + N, D);
-    cls_token (1, 1, D) | None. Returns tokens (B, prefix + N, D) in images' dtype."""
+def grid_size(H: int, W: int, P: int) -> tuple[int, int]:
+    """Patch grid (rows, cols) of an H x W image at patch P, zero padding the right / bottom: ceil(H / P)."""
+    return -(-H // P), -(-W // P)
+
+
+def _load_flags(images, weight, norm, operand: str) -> dict:
+    """gemm() keywords that convert the image operand ("a" or "b") on load: channel affine or plain cast."""
+    if norm is not None:
+        return {f"{operand}_affine": ChannelAffine(norm[0], norm[1])}
+    return {f"{operand}_cast": images.dtype != weight.dtype}
+
+
+def _bounds(images, P: int, operand: str) -> ImageBounds | None:
+    H, W = images.shape[-2:]
+    return ImageBounds(operand, H, W) if (H % P or W % P) else None
+
+
+def patch_embed_fwd(images, weight, bias, pos_embed, cls_token, reg_token, norm, no_embed_class: bool) -> torch.Tensor:
+    """Launcher. images (B, C, H, W) uint8 | float; weight (D, C, P, P); bias (D,) | None; pos_embed
+    (1, [prefix +] N, D); cls_token (1, 1, D) | None; reg_token (1, K, D) | None; norm (2, C) fp32 rows
+    (scale, shift) | None. Returns tokens (B, prefix + N, D) in weight's dtype (checked by the caller)."""
     B, C, H, W = images.shape
     D, _, P, _ = weight.shape
-    gh, gw = H // P, W // P
+    gh, gw = grid_size(H, W, P)
     Np = gh * gw
-    prefix = 0 if cls_token is None else 1
-    out = torch.empty((B, prefix + Np, D), device=images.device, dtype=images.dtype)
+    n_cls = 0 if cls_token is None else 1
+    n_reg = 0 if reg_token is None else reg_token.shape[1]
+    prefix = n_cls + n_reg
+    pos_prefix = 0 if no_embed_class else prefix
+    out = torch.empty((B, prefix + Np, D), device=images.device, dtype=weight.dtype)
     patches_out = out[:, prefix:]
-    pos = pos_embed[:, prefix:]
+    pos = pos_embed[:, pos_prefix:]
     gemm(
         _image_operand(images, P),
         Operand(weight, _weight_features(weight), weight.stride(0)),
@@ -71,41 +114,62 @@ def patch_embed_fwd(images, weight, bias, pos_embed, cls_token) -> torch.Tensor:
         m_split=(Np, gw), k_split=(P * P, P),
         bias=bias,
         residual=Operand(pos, (0, gw * pos.stride(1), pos.stride(1)), pos.stride(2)),
+        image_bounds=_bounds(images, P, "a"),
+        **_load_flags(images, weight, norm, "a"),
     )
-    if cls_token is not None:
-        _class_row_kernel[(B,)](out, cls_token, pos_embed, D, out.stride(0), BLOCK_D=triton.next_power_of_2(D))
+    if prefix:
+        reg = reg_token[0].contiguous() if reg_token is not None else weight  # dummy when unused
+        cls = cls_token if cls_token is not None else weight
+        _prefix_rows_kernel[(B, prefix)](
+            out, cls, reg, pos_embed, D, out.stride(0), out.stride(1), pos_embed.stride(1),
+            NUM_CLS=n_cls, ADD_POS=not no_embed_class, BLOCK_D=triton.next_power_of_2(D),
+        )
     return out
 
 
-def patch_embed_bwd(dout, images, weight, num_prefix: int, needs_images_grad: bool):
-    """Launcher. dout (B, prefix + N, D) contiguous. Returns (dimages | empty, dweight, dbias, dpos_embed, dcls | empty):
-    dimages (B, C, H, W) like images, dweight (D, C, P, P), dbias (D,), dpos_embed (1, prefix + N, D),
-    dcls (1, 1, D)."""
+def patch_embed_bwd(dout, images, weight, norm, num_cls: int, num_reg: int, no_embed_class: bool,
+                    needs_weight_grad: bool, needs_images_grad: bool):
+    """Launcher. dout (B, prefix + N, D) contiguous, in weight's dtype. Returns
+    (dimages | empty, dweight | empty, dbias, dpos_embed, dcls | empty, dreg | empty): dimages (B, C, H, W) like images,
+    dweight (D, C, P, P), dbias (D,), dpos_embed like pos_embed, dcls (1, 1, D), dreg (1, K, D)."""
     B, C, H, W = images.shape
     D, _, P, _ = weight.shape
-    gw = W // P
-    Np = (H // P) * gw
+    gh, gw = grid_size(H, W, P)
+    Np = gh * gw
+    prefix = num_cls + num_reg
     rows = dout.shape[1]
-    dpos = column_sum(dout.view(B, rows * D), weight.dtype).view(1, rows, D)
-    dbias = column_sum(dpos[0, num_prefix:], weight.dtype)
-    dcls = dpos[:, :1].clone() if num_prefix else dout.new_empty(0)
-    dpatch = dout[:, num_prefix:]
-    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    gemm(
-        Operand(dpatch, dout.stride(2), _token_rows(dpatch, gw)),
-        _image_operand(images, P),
-        Operand(dweight, dweight.stride(0), _weight_features(dweight)),
-        D, C * P * P, B * Np,
-        n_split=(P * P, P), k_split=(Np, gw),
-    )
+    wdt = weight.dtype
+    # one deterministic fp32 sum over the batch serves pos_embed, bias, class and register gradients
+    rows_sum = column_sum(dout.view(B, rows * D), torch.float32).view(rows, D)
+    dpos = rows_sum[prefix:] if no_embed_class else rows_sum
+    dpos = dpos.to(wdt, copy=True).unsqueeze(0)
+    dbias = column_sum(rows_sum[prefix:], wdt)
+    dcls = rows_sum[:num_cls].to(wdt, copy=True).view(1, 1, D) if num_cls else dout.new_empty(0)
+    dreg = rows_sum[num_cls:prefix].to(wdt, copy=True).view(1, num_reg, D) if num_reg else dout.new_empty(0)
+    dpatch = dout[:, prefix:]
+    dweight = dout.new_empty(0)
+    if needs_weight_grad:
+        dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        gemm(
+            Operand(dpatch, dout.stride(2), _token_rows(dpatch, gw)),
+            _image_operand(images, P),
+            Operand(dweight, dweight.stride(0), _weight_features(dweight)),
+            D, C * P * P, B * Np,
+            n_split=(P * P, P), k_split=(Np, gw),
+            image_bounds=_bounds(images, P, "b"),
+            **_load_flags(images, weight, norm, "b"),
+        )
     dimages = dout.new_empty(0)
     if needs_images_grad:
+        # d(x * scale[c] + shift[c]) / dx = scale[c]: fold the scale into the (small) weight instead of the image
+        w = weight if norm is None else (weight.float() * norm[0].view(1, C, 1, 1)).to(wdt)
         dimages = torch.empty_like(images)  # every pixel lies in exactly one patch: fully written
         gemm(
             Operand(dpatch, _token_rows(dpatch, gw), dout.stride(2)),
-            Operand(weight, weight.stride(0), _weight_features(weight)),
+            Operand(w, w.stride(0), _weight_features(w)),
             _image_operand(dimages, P),
             B * Np, C * P * P, D,
             m_split=(Np, gw), n_split=(P * P, P),
+            image_bounds=_bounds(images, P, "c"),
         )
-    return dimages, dweight, dbias, dpos, dcls
+    return dimages, dweight, dbias, dpos, dcls, dreg

@@ -12,3 +12,9 @@ from .layernorm_mlp import layernorm_mlp
 from .patch_embed import patch_embed
 
 __all__ = ["attention", "layernorm_mlp", "patch_embed"]
+
+# FLOP formulas of the fastvit:: custom ops for torch.utils.flop_counter (registered when that module loads:
+# it imports triton, so it is not imported here)
+from ..bench.flops import install_flop_formulas as _install_flop_formulas  # noqa: E402
+
+_install_flop_formulas()

@@ -63,9 +63,12 @@ def _attention_setup_context(ctx, inputs, output) -> None:
     ctx.num_heads = num_heads
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient tensor for the unused lse output
 
 
-def _attention_backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+def _attention_backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+    if grad_out is None:
+        return None, None, None
     qkv, out, lse = ctx.saved_tensors
     # Grads may arrive non-contiguous or expanded (stride 0, e.g. from out.sum().backward()); the kernels need a
     # dense (B, N, D) with column stride 1. lse is non-differentiable: grad_lse is ignored.
@@ -136,7 +139,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, 
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a real number or None; got {type(scale).__name__} {scale!r}")
         scale = float(scale)
-        if not (math.isfinite(scale) and scale > 0):
+        if not 0 < scale < math.inf:  # also false for NaN; no math.isfinite: Dynamo may pass a SymFloat
             raise ValueError(f"scale must be positive and finite; got {scale}")
 
     if resolve_backend(qkv.device, backend) == "torch":

@@ -95,11 +95,15 @@ def _setup_context(ctx, inputs, output):
     x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual = inputs
     _, preact, mean, rstd = output
     ctx.save_for_backward(x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight)
+    ctx.mark_non_differentiable(preact, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient tensors for the saved-only outputs
     ctx.add_residual = add_residual
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
 
 def _backward(ctx, dout, _dpreact, _dmean, _drstd):
+    if dout is None:
+        return (None,) * 9
     x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight = ctx.saved_tensors
     dx, dgamma, dbeta, dw1, db1, dw2, db2 = _layernorm_mlp_bwd(
         dout.contiguous(), x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight, ctx.add_residual

@@ -1,0 +1,622 @@
+"""Ahead-of-time compile checks: every Triton kernel of the package, built for sm_80 / sm_90 on a machine without a GPU.
+
+Command::
+
+    python -m fastvit_kernels.aot check --arch sm_80 --arch sm_90 [--json] [--model NAME ...] [--dtype bf16 ...]
+
+How it works (no GPU, no CUDA driver):
+
+1. **Trace.** The public ops (``patch_embed``, ``attention``, ``layernorm_mlp``) run forward and, for training,
+   autograd backward, on CPU tensors that are allocated but never read (``torch.empty``), at the shapes ViT-B/16,
+   ViT-L/16 and ViT-H/14 use. Every ``*_kernel`` object of :mod:`fastvit_kernels.kernels` is swapped for a recorder
+   while they run, so the launchers choose tiles exactly as they would on a GPU (``gemm_config``,
+   ``_attention_config``, ``_rows_per_program``, the column-sum block choice, every constexpr flag) and the recorder
+   keeps the launch arguments instead of launching. The configurations checked are therefore the ones the
+   launchers use, not a copied list; an autotuned kernel (``triton.autotune``) is expanded into every candidate.
+2. **Specialise.** The arguments are bound with Triton's own binder for the target (the code path of
+   ``JITFunction.run``: 16-byte pointer alignment, integers divisible by 16, integers equal to 1 as constants), so
+   each compiled variant is the one a real launch at that shape would compile.
+3. **Compile** with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` to a cubin.
+4. **Inspect** the cubin with the ``cuobjdump`` bundled in Triton: registers per thread and stack-frame bytes
+   (``--dump-resource-usage``; a Triton kernel has no local arrays, so stack bytes are register spills), the
+   tensor-core instructions in the SASS (``-sass``: HMMA = mma.sync, HGMMA = sm_90 warpgroup MMA). Shared memory is
+   Triton's dynamic shared memory (``metadata.shared``) plus the cubin's static shared memory. Theoretical occupancy
+   is computed from registers, shared memory and warps with the per-SM limits of the CUDA programming guide
+   (table "Technical Specifications per Compute Capability"); it is a static calculation, not a measurement.
+
+What it cannot tell: speed. Nothing runs; a kernel that builds without spills and with tensor-core instructions can
+still be slow (bad tiles, memory-bound, low occupancy) or wrong (correctness is the interpreter tests' job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# --------------------------------------------------------------------------------------------------------------
+# targets and what is checked
+# --------------------------------------------------------------------------------------------------------------
+ARCHS = {"sm_80": 80, "sm_90": 90}
+
+# Per-SM / per-block limits (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"): 64K
+# 32-bit registers, 64 resident warps and 32 resident blocks per SM on both; shared memory per SM 164 KB (8.0) and
+# 228 KB (9.0), at most 163 KB and 227 KB per block; the runtime reserves 1 KB of shared memory per block.
+ARCH_LIMITS = {
+    80: dict(regs_per_sm=65536, max_warps=64, max_blocks=32, smem_per_sm=164 * 1024, smem_per_block=163 * 1024,
+             reserved_smem=1024),
+    90: dict(regs_per_sm=65536, max_warps=64, max_blocks=32, smem_per_sm=228 * 1024, smem_per_block=227 * 1024,
+             reserved_smem=1024),
+}
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256 (occupancy calculator, sm_50 .. sm_90)
+SMEM_ALLOC_UNIT = 128  # shared memory allocation granularity in bytes (sm_80, sm_90)
+
+MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
+SHORT_MODEL = {"vit_base_patch16_224": "B/16", "vit_large_patch16_224": "L/16", "vit_huge_patch14_224": "H/14"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("train", "infer")
+DEFAULT_BATCHES = (64,)  # per-GPU batch; the batch only changes whether B * N is a multiple of 16
+
+# Kernels whose fp16 / bf16 builds must use tensor cores (the GEMM core and the attention kernels with tl.dot).
+TENSOR_CORE_KERNELS = ("_matmul_kernel", "_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
+                       "_attention_bwd_dq_kernel")
+_CONFIG_NAMES = ("GROUP_M", "ROWS")  # constexprs that are tile configuration (with BLOCK*), not specialisation
+_OPTION_SHORT = {"num_warps": "w", "num_stages": "s", "num_ctas": "ctas", "maxnreg": "maxnreg"}
+
+
+def _triton_bin(tool: str) -> str:
+    """Path of a CUDA tool bundled in Triton's NVIDIA backend (``cuobjdump``, ``ptxas``), or '' if missing."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else ""
+
+
+def missing_tools() -> list[str]:
+    """Names of the tools the check needs that are not available (``triton``, ``cuobjdump``, ``ptxas``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return ["triton"]
+    return [t for t in ("cuobjdump", "ptxas") if not _triton_bin(t)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# static analysis of one cubin
+# --------------------------------------------------------------------------------------------------------------
+def parse_resource_usage(text: str) -> dict:
+    """Registers, stack, shared and local bytes of the one function in ``cuobjdump --dump-resource-usage`` output.
+
+    Returns: dict with int keys ``REG``, ``STACK``, ``SHARED``, ``LOCAL`` (bytes except REG, per thread except
+    SHARED). Raises ValueError when no function line is found."""
+    m = re.search(r"Function [^\n:]+:\s*\n\s*(REG:.*)", text)
+    if not m:
+        raise ValueError(f"no function resource line in cuobjdump output: {text[:300]!r}")
+    fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", m.group(1)))
+    return {k: int(fields.get(k, 0)) for k in ("REG", "STACK", "SHARED", "LOCAL")}
+
+
+def tensor_core_ops(sass: str) -> dict[str, int]:
+    """Count tensor-core instructions by opcode family in SASS text: HMMA (mma.sync, sm_70+), HGMMA (warpgroup
+    MMA, sm_90), and any other ``*MMA`` family (IMMA, DMMA, QGMMA, ...). Returns {family: count}."""
+    counts: dict[str, int] = {}
+    # an instruction line: /*0a40*/  [@P0 ]OPCODE.MODIFIERS operands ;  (HFMA2.MMA is an FMA, not a tensor-core op)
+    for op in re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", sass, re.MULTILINE):
+        if op.endswith("MMA"):
+            counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def occupancy(regs: int, smem: int, num_warps: int, arch: int) -> float:
+    """Theoretical occupancy (resident warps / max warps per SM) of a kernel, from static resource usage.
+
+    Args:
+        regs: registers per thread; smem: shared memory per block in bytes (dynamic + static);
+        num_warps: warps per block; arch: 80 or 90 (see ``ARCH_LIMITS``).
+
+    Returns: a fraction in [0, 1]; 0 when one block does not fit. Same model as NVIDIA's occupancy calculator:
+    blocks per SM = min(by registers, by shared memory, by warps, 32)."""
+    lim = ARCH_LIMITS[arch]
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = (lim["regs_per_sm"] // regs_per_warp) // num_warps
+    smem_block = math.ceil((smem + lim["reserved_smem"]) / SMEM_ALLOC_UNIT) * SMEM_ALLOC_UNIT
+    by_smem = lim["smem_per_sm"] // smem_block if smem <= lim["smem_per_block"] else 0
+    blocks = min(by_regs, by_smem, lim["max_warps"] // num_warps, lim["max_blocks"])
+    return blocks * num_warps / lim["max_warps"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# trace: record the launches the ops make
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One kernel variant to compile for one target (picklable: sent to worker processes)."""
+
+    module: str  # e.g. "fastvit_kernels.kernels.matmul"
+    name: str  # kernel name, e.g. "_matmul_kernel"
+    arch: int  # 80 | 90
+    signature: dict  # argument name -> Triton type ("*bf16", "i32", "constexpr", ...)
+    constexprs: dict  # (arg index,) -> value
+    attrs: dict  # (arg index,) -> [["tt.divisibility", 16]]
+    options: dict  # launch options (num_warps, num_stages, ...)
+    spec: str = ""  # readable specialisation (dtypes + non-config constexprs)
+    config: str = ""  # readable tile configuration (BLOCK_*, GROUP_M, ROWS, warps, stages)
+    uses: list = field(default_factory=list)  # "model dtype mode: ops/file.py:line" for each launch site
+
+    def key(self) -> tuple:
+        """Identity of the compiled binary: two launches with equal keys compile to the same cubin."""
+        return (self.module, self.name, self.arch, repr(self.signature), repr(sorted(self.constexprs.items())),
+                repr(sorted(self.attrs.items())), repr(sorted(self.options.items())))
+
+
+def _kernel_modules() -> list:
+    """The modules of :mod:`fastvit_kernels.kernels` (imported; they define the kernels)."""
+    from . import kernels
+
+    return [importlib.import_module(f"{kernels.__name__}.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
+
+
+def _launchable(obj) -> bool:
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(obj, (JITFunction, Autotuner))
+
+
+def package_kernels() -> dict[str, object]:
+    """Every launched kernel of the package: {"module:name": JITFunction | Autotuner} for the module-level names
+    ending in ``_kernel`` (the naming rule of STYLE.md; helpers called inside kernels are not launched).
+
+    Raises RuntimeError if the kernels were defined under the Triton interpreter (TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    out = {}
+    for mod in _kernel_modules():
+        for name, obj in vars(mod).items():
+            if not name.endswith("_kernel"):
+                continue
+            if isinstance(obj, InterpretedFunction) or isinstance(getattr(obj, "fn", None), InterpretedFunction):
+                raise RuntimeError(
+                    "the kernels were defined under the Triton interpreter (TRITON_INTERPRET=1); run the AOT check "
+                    "in a process without it: python -m fastvit_kernels.aot check")
+            if _launchable(obj):
+                out[f"{mod.__name__}:{name}"] = obj
+    return out
+
+
+def _call_site() -> str:
+    """``ops/<file>.py:<line>`` of the innermost op frame on the stack (else the launcher's), for the report."""
+    frame = sys._getframe(2)
+    fallback = ""
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/fastvit_kernels/ops/" in path:
+            return f"ops/{os.path.basename(path)}:{frame.f_lineno}"
+        if not fallback and "/fastvit_kernels/kernels/" in path:
+            fallback = f"kernels/{os.path.basename(path)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return fallback
+
+
+def _enum_name(module, param: str, value) -> str:
+    """Readable value of an int constexpr that has named module constants (``A_PROLOGUE=1`` -> ``A_PROLOGUE=LN``
+    via ``PROLOGUE_LN = 1`` in the kernel's module)."""
+    prefix = param.split("_")[-1] + "_"
+    if isinstance(value, int) and not isinstance(value, bool):
+        for k, v in vars(module).items():
+            if k.startswith(prefix) and v == value and isinstance(v, int):
+                return f"{param}={k[len(prefix):]}"
+    return f"{param}={value}"
+
+
+def _describe(module, fn, signature: dict, constexprs: dict, options: dict) -> tuple[str, str]:
+    """(specialisation, configuration) strings of one bound launch of kernel ``fn``."""
+    names = list(signature)
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    dtypes = []
+    for t in signature.values():
+        if t.startswith("*") and t[1:] not in dtypes:
+            dtypes.append(t[1:])
+    spec, cfg = ["/".join(dtypes)], []
+    for (idx,), value in sorted(constexprs.items()):
+        name = names[idx]
+        if name.startswith("BLOCK") or name in _CONFIG_NAMES:
+            cfg.append(f"{name[6:] if name.startswith('BLOCK_') else name}={value}")
+        elif value is True:
+            spec.append(name)
+        elif value is False or value is None:
+            continue
+        elif name not in declared:
+            continue  # an int argument equal to 1 that Triton folded into the binary (a unit stride)
+        else:
+            spec.append(_enum_name(module, name, value))
+    cfg += [f"{_OPTION_SHORT[k]}{v}" for k, v in sorted(options.items())
+            if k in _OPTION_SHORT and v is not None and not (k == "num_ctas" and v == 1)]
+    return " ".join(spec), " ".join(cfg)
+
+
+class _Recorder:
+    """Stands in for a kernel while the ops are traced: ``kernel[grid](*args, **kwargs)`` binds the arguments for
+    every target with Triton's binder and stores a :class:`Job` per target instead of launching."""
+
+    def __init__(self, kernel, module, archs: list[int], jobs: dict, label: list):
+        self.kernel, self.module, self.archs, self.jobs, self.label = kernel, module, archs, jobs, label
+        self.launched = 0
+        self._binders: dict = {}  # (kernel id, arch) -> (backend, binder)
+
+    def __getitem__(self, grid):
+        return self._record
+
+    def _variants(self, args, kwargs):
+        """(JITFunction, kwargs) per autotune candidate (pruned as the autotuner prunes), or the launch itself."""
+        from triton.runtime.autotuner import Autotuner
+
+        k = self.kernel
+        if not isinstance(k, Autotuner):
+            return [(k, kwargs)]
+        configs = k.configs
+        if getattr(k, "early_config_prune", None):
+            configs = k.early_config_prune(configs, dict(zip(k.arg_names, args)), **kwargs)
+        if not hasattr(k.fn, "params"):
+            raise TypeError(f"{k.fn!r}: only triton.autotune over a plain @triton.jit kernel is supported")
+        return [(k.fn, {**kwargs, **c.all_kwargs()}) for c in configs]
+
+    def _record(self, *args, **kwargs):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        self.launched += 1
+        site = _call_site()
+        for fn, kw in self._variants(args, kwargs):
+            param_names = {p.name for p in fn.params}
+            for arch in self.archs:
+                # Triton's binder for this target: the same specialisation JITFunction.run computes before compiling
+                if (id(fn), arch) not in self._binders:
+                    backend = make_backend(GPUTarget("cuda", arch, 32))
+                    self._binders[id(fn), arch] = backend, create_function_from_signature(fn.signature, fn.params,
+                                                                                          backend)
+                backend, binder = self._binders[id(fn), arch]
+                bound, specialization, opts = binder(*args, **kw)
+                _, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, opts)
+                options = {k: v for k, v in kw.items() if k not in param_names}
+                spec, cfg = _describe(self.module, fn, signature, constexprs, options)
+                job = Job(self.module.__name__, fn.__name__, arch, signature, constexprs, attrs, options, spec, cfg)
+                job = self.jobs.setdefault(job.key(), job)
+                use = f"{' '.join(self.label)}: {site}"
+                if use not in job.uses:
+                    job.uses.append(use)
+
+
+@contextmanager
+def _recording(archs: list[int], jobs: dict, label: list):
+    """Swap every package kernel for a :class:`_Recorder`, and let the public ops take the Triton path on CPU
+    tensors (their backend choice and CPU-bfloat16 guard exist for the interpreter, which is not used here).
+    Yields {kernel id: recorder}; restores everything on exit."""
+    from . import ops as ops_pkg
+
+    recorders, saved = {}, []
+    try:
+        for kid, kernel in package_kernels().items():
+            mod_name, name = kid.split(":")
+            mod = sys.modules[mod_name]
+            recorders[kid] = _Recorder(kernel, mod, archs, jobs, label)
+            saved.append((mod, name, kernel))
+            setattr(mod, name, recorders[kid])
+        for info in pkgutil.iter_modules(ops_pkg.__path__):
+            mod = importlib.import_module(f"{ops_pkg.__name__}.{info.name}")
+            for name, repl in (("resolve_backend", lambda device, backend=None: "triton"),
+                               ("check_triton_dtype", lambda name, t: None)):
+                if hasattr(mod, name):
+                    saved.append((mod, name, getattr(mod, name)))
+                    setattr(mod, name, repl)
+        yield recorders
+    finally:
+        for mod, name, obj in reversed(saved):
+            setattr(mod, name, obj)
+
+
+def _vit_shapes(model: str) -> dict:
+    """Sizes of a named ViT: B-independent dims D, H, head_dim, P, C, img, num_patches, N (with class token),
+    hidden (MLP width)."""
+    from .configs import get_config
+
+    cfg = get_config(model)
+    D, P, img = cfg["embed_dim"], cfg["patch_size"], cfg["img_size"]
+    npatch = (img // P) ** 2
+    return dict(D=D, H=cfg["num_heads"], head_dim=D // cfg["num_heads"], P=P, C=cfg.get("in_chans", 3), img=img,
+                num_patches=npatch, N=npatch + 1, hidden=int(D * cfg.get("mlp_ratio", 4.0)))
+
+
+def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list[tuple[str, object]]:
+    """The op calls of one ViT step: [(label, thunk)], each thunk running one public op (and, for ``mode="train"``,
+    its autograd backward) on uninitialised CPU tensors of the model's shapes. Add a line here when the model
+    starts using a new op; ``check`` reports any package kernel that no workload launches."""
+    from . import ops
+
+    s = _vit_shapes(model)
+    B, D, N, hidden = batch, s["D"], s["N"], s["hidden"]
+    train = mode == "train"
+
+    def t(*shape, grad=train, dt=dtype):
+        return torch.empty(*shape, dtype=dt).requires_grad_(grad)
+
+    def run(fn, *inputs, **kw):
+        def thunk():
+            with torch.set_grad_enabled(train):
+                out = fn(*inputs, **kw)
+                if train:
+                    torch.autograd.backward(out, torch.empty_like(out))
+        return thunk
+
+    patch_w = (t(D, s["C"], s["P"], s["P"]), t(D), t(1, N, D), t(1, 1, D))
+    mlp_w = (t(D), t(D), t(hidden, D), t(hidden), t(D, hidden), t(D))
+    img = (B, s["C"], s["img"], s["img"])
+    work = [
+        ("patch_embed", run(ops.patch_embed, t(*img, grad=False), *patch_w)),
+        # images as a data loader delivers them: fp32 (converted on load, e.g. under autocast) and uint8 with
+        # ImageNet mean / std (normalised on load)
+        ("patch_embed(fp32 images)", run(ops.patch_embed, t(*img, grad=False, dt=torch.float32), *patch_w)),
+        ("patch_embed(uint8 images, mean/std)", run(ops.patch_embed, t(*img, grad=False, dt=torch.uint8), *patch_w,
+                                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))),
+        ("attention", run(ops.attention, t(B, N, 3 * D), s["H"])),
+        ("layernorm_mlp", run(ops.layernorm_mlp, t(B, N, D), *mlp_w)),
+    ]
+    if train:
+        work += [
+            # stochastic depth > 0: the MLP branch without the fused residual
+            ("layernorm_mlp(add_residual=False)", run(ops.layernorm_mlp, t(B, N, D), *mlp_w, add_residual=False)),
+            # images that require grad (not in ViT training, but a path the op offers)
+            ("patch_embed(images grad)", run(ops.patch_embed, t(*img), *patch_w)),
+        ]
+    return work
+
+
+def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, batches=DEFAULT_BATCHES
+          ) -> tuple[list[Job], list[str]]:
+    """Record every kernel launch of the workloads. Returns (unique jobs in first-launch order, ids of package
+    kernels that no workload launched)."""
+    jobs: dict = {}
+    label: list = []
+    with _recording(archs, jobs, label) as recorders:
+        for model in models:
+            for dt in dtypes:
+                for batch in batches:
+                    for mode in modes:
+                        for what, thunk in vit_workloads(model, DTYPES[dt], batch, mode):
+                            label[:] = [SHORT_MODEL.get(model, model), dt, f"B={batch}", mode, what]
+                            thunk()
+        never = [kid for kid, r in recorders.items() if r.launched == 0]
+    return list(jobs.values()), never
+
+
+# --------------------------------------------------------------------------------------------------------------
+# compile and inspect
+# --------------------------------------------------------------------------------------------------------------
+def _quiet_triton() -> None:
+    # Triton 3.9 warns once per process that its FP-fusion default will change; the default (fusion on) is what a
+    # launch compiles today, so the build here is unchanged by silencing it.
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+
+
+def compile_job(job: Job) -> dict:
+    """Compile one job for its target and inspect the cubin. Returns the job's fields plus ``constants``
+    (constexpr values by argument name), ``regs``, ``stack``, ``smem`` (bytes per block), ``occupancy``, ``tensor_cores`` ({opcode family: count}), ``seconds`` and ``error``
+    (None, or the compiler's message: a compile failure is a result, not an exception)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    _quiet_triton()
+    row = asdict(job)
+    names = list(job.signature)
+    row["constants"] = {names[path[0]]: v for path, v in job.constexprs.items()}  # by name, for readers of the JSON
+    row.update(regs=None, stack=None, smem=None, occupancy=None, tensor_cores={}, error=None)
+    start = time.perf_counter()
+    try:
+        kernel = getattr(importlib.import_module(job.module), job.name)
+        kernel = getattr(kernel, "fn", kernel) if not hasattr(kernel, "params") else kernel  # autotuned: inner fn
+        target = GPUTarget("cuda", job.arch, 32)
+        options = make_backend(target).parse_options(dict(job.options))
+        src = ASTSource(kernel, job.signature, job.constexprs, job.attrs)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, f"{job.name}.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            tool = _triton_bin("cuobjdump")
+            usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True)
+            sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True)
+        res = parse_resource_usage(usage.stdout)
+        smem = int(compiled.metadata.shared) + res["SHARED"]
+        warps = options.num_warps * getattr(options, "num_ctas", 1)
+        row.update(regs=res["REG"], stack=res["STACK"] + res["LOCAL"], smem=smem,
+                   occupancy=occupancy(res["REG"], smem, warps, job.arch), tensor_cores=tensor_core_ops(sass.stdout))
+    except Exception as e:  # noqa: BLE001 - every compile failure is reported in the table
+        msg = str(e).strip().splitlines()
+        row["error"] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:500]
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def compile_all(jobs: list[Job], num_procs: int, progress: bool = False) -> list[dict]:
+    """Compile every job, in ``num_procs`` spawned processes (1: in this process). Returns rows in job order.
+    ``progress``: a running count on stderr when it is a terminal."""
+    show = progress and sys.stderr.isatty()
+    rows: list[dict] = []
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        if show:
+            print(f"\r[{len(rows)}/{len(jobs)}] compiled", end="", file=sys.stderr, flush=True)
+
+    if num_procs <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            done(compile_job(j))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # no fork after torch / triton threads started
+        with ProcessPoolExecutor(num_procs, mp_context=ctx, initializer=_quiet_triton) as pool:
+            for row in pool.map(compile_job, jobs):
+                done(row)
+    if show:
+        print(file=sys.stderr)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# verdict and report
+# --------------------------------------------------------------------------------------------------------------
+def problems(row: dict) -> list[str]:
+    """What is wrong with one compiled variant (empty list: it passes): a compile failure, spill / stack bytes,
+    shared memory over the per-block limit, or (fp16 / bf16 GEMM-core and attention kernels) no tensor-core
+    instructions; on sm_90 those kernels must use warpgroup MMA (HGMMA)."""
+    if row["error"]:
+        return [f"compile failed: {row['error']}"]
+    out = []
+    if row["stack"]:
+        out.append(f"{row['stack']} stack (spill) bytes")
+    if row["smem"] > ARCH_LIMITS[row["arch"]]["smem_per_block"]:
+        out.append(f"shared memory {row['smem']} B > {ARCH_LIMITS[row['arch']]['smem_per_block']} B")
+    low_precision = any(t in ("*fp16", "*bf16") for t in row["signature"].values())
+    if row["name"] in TENSOR_CORE_KERNELS and low_precision:
+        tc = row["tensor_cores"]
+        if row["arch"] >= 90 and not tc.get("HGMMA"):
+            out.append("no HGMMA (warpgroup MMA) on sm_90" + ("; HMMA only" if tc.get("HMMA") else ""))
+        elif not (tc.get("HMMA") or tc.get("HGMMA")):
+            out.append("no tensor-core instructions")
+    return out
+
+
+def _models_of(uses: list[str]) -> str:
+    seen = []
+    for u in uses:
+        m = u.split(" ", 1)[0]
+        if m not in seen:
+            seen.append(m)
+    return ",".join(seen)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table, one line per compiled variant (sorted by target, kernel, specialisation)."""
+    head = ("arch", "kernel", "specialisation", "config", "regs", "stack", "smem KB", "occ", "tensor cores",
+            "models", "verdict")
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["arch"], r["module"], r["name"], r["spec"], r["config"])):
+        tc = " ".join(f"{k}x{v}" for k, v in sorted(r["tensor_cores"].items())) or "-"
+        bad = problems(r)
+        ok = "ok" if not bad else "FAIL: " + "; ".join(bad)
+        if r["error"]:
+            vals = ("-", "-", "-", "-", "-")
+        else:
+            vals = (str(r["regs"]), str(r["stack"]), f"{r['smem'] / 1024:.1f}", f"{r['occupancy']:.0%}", tc)
+        lines.append((f"sm_{r['arch']}", r["name"].strip("_"), r["spec"], r["config"], *vals, _models_of(r["uses"]),
+                      ok))
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def check(archs=("sm_80", "sm_90"), models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES,
+          batches=DEFAULT_BATCHES, num_procs: int | None = None, progress: bool = False) -> dict:
+    """Trace, compile and inspect; see the module docstring.
+
+    Args:
+        archs: target names from ``ARCHS`` ("sm_80", "sm_90"); models: names from ``configs.MODEL_CONFIGS``;
+        dtypes: keys of ``DTYPES``; modes: "train" (forward + backward) and / or "infer" (forward);
+        batches: batch sizes to trace; num_procs: compile processes (default: CPU count).
+
+    Returns:
+        {"rows": [one dict per compiled variant, see :func:`compile_job`, plus "problems"], "not_traced": [kernel
+        ids no workload launched], "failures": number of rows with problems, "seconds": wall time}.
+
+    Raises:
+        ValueError: an unknown arch, model, dtype or mode; a batch size < 1. RuntimeError: kernels defined under
+            the interpreter.
+    """
+    from .configs import MODEL_CONFIGS
+
+    for name, values, known in (("arch", archs, ARCHS), ("model", models, MODEL_CONFIGS), ("dtype", dtypes, DTYPES),
+                                ("mode", modes, MODES)):
+        bad = [v for v in values if v not in known]
+        if bad:
+            raise ValueError(f"unknown {name} {bad}; expected any of {list(known)}")
+    if any(b < 1 for b in batches):
+        raise ValueError(f"batch sizes must be >= 1; got {list(batches)}")
+    _quiet_triton()
+    start = time.perf_counter()
+    jobs, never = trace([ARCHS[a] for a in archs], models, dtypes, modes, batches)
+    rows = compile_all(jobs, num_procs or os.cpu_count() or 1, progress)
+    for r in rows:
+        r["problems"] = problems(r)
+    return dict(rows=rows, not_traced=never, failures=sum(bool(r["problems"]) for r in rows),
+                seconds=round(time.perf_counter() - start, 1))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {(",".join(map(str, k)) if isinstance(k, tuple) else k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0: every variant passes; 1: a failure or an untraced
+    kernel; 2: the tools are missing or a bad argument)."""
+    parser = argparse.ArgumentParser(prog="python -m fastvit_kernels.aot", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="compile every kernel variant the ViT configs use and inspect the cubins")
+    p.add_argument("--arch", action="append", choices=list(ARCHS), help="target (repeatable; default both)")
+    p.add_argument("--model", action="append", help=f"model config name (repeatable; default {', '.join(MODELS)})")
+    p.add_argument("--dtype", action="append", choices=list(DTYPES), help="activation dtype (default bf16 fp16 fp32)")
+    p.add_argument("--mode", action="append", choices=list(MODES), help="train and / or infer (default both)")
+    p.add_argument("--batch", action="append", type=int, help=f"batch size (repeatable; default {' '.join(map(str, DEFAULT_BATCHES))})")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPU count)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+
+    missing = missing_tools()
+    if missing:
+        print(f"AOT check unavailable: missing {', '.join(missing)} (Triton's bundled CUDA tools)", file=sys.stderr)
+        return 2
+    try:
+        result = check(args.arch or list(ARCHS), args.model or MODELS, args.dtype or ["bf16", "fp16", "fp32"],
+                       args.mode or MODES, args.batch or DEFAULT_BATCHES, args.jobs, progress=not args.json)
+    except ValueError as e:  # a bad --model / --batch value
+        parser.error(str(e))
+    import triton
+
+    result["triton"] = triton.__version__
+    if args.json:
+        print(json.dumps(_jsonable(result), indent=1))
+    else:
+        print(format_table(result["rows"]))
+        print(f"\n{len(result['rows'])} variants, {result['failures']} failing, triton {triton.__version__}, "
+              f"{result['seconds']} s")
+        if result["not_traced"]:
+            print(f"kernels no workload launches (add them to vit_workloads): {result['not_traced']}")
+    return 1 if result["failures"] or result["not_traced"] else 0
+
+
+if __name__ == "__main__":
+    if os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
+        print("note: TRITON_INTERPRET ignored (the AOT check compiles for real targets)", file=sys.stderr)
+    from fastvit_kernels.aot import main as _main  # the package module, so worker processes can unpickle jobs
+
+    sys.exit(_main())

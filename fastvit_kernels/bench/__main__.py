@@ -1,0 +1,162 @@
+"""``python -m fastvit_kernels.bench {model,profile,report}``.
+
+* ``model``: the cost model's comparison (FastViT vs eager PyTorch) of one training step or inference forward:
+  kernel launches, device-memory bytes, FLOPs, roofline time for a device -- MODELLED, runs anywhere.
+* ``profile``: a measured training step broken down by op class (time share, TFLOP/s or GB/s, MFU). On a GPU
+  it runs the requested model and batch; on a CPU a small configuration, labelled "CPU".
+* ``report``: pytest-benchmark ``--benchmark-json`` output -> markdown table (stdout and a .md file) and a bar
+  chart (.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ..configs import MODEL_CONFIGS
+from .devices import DEVICES, dtype_name, resolve_peak
+
+
+def _add_peak_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the peak dense TFLOP/s")
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="override the memory bandwidth (GB/s)")
+
+
+def _positive(name: str):
+    def conv(v: str) -> int:
+        n = int(v)
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1; got {n}")
+        return n
+    return conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the three subcommands."""
+    p = argparse.ArgumentParser(prog="python -m fastvit_kernels.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("model", help="cost-model comparison FastViT vs eager (modelled; runs anywhere)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_CONFIGS))
+    m.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="the one dtype of the step")
+    m.add_argument("--device", default="h100-sxm",
+                   help=f"roofline peaks: one of {sorted(DEVICES)} or a GPU name")
+    m.add_argument("--mode", default="train", choices=["train", "forward"])
+    m.add_argument("--launch-us", type=float, default=0.0, help="fixed cost per launch added to the roofline (us)")
+    m.add_argument("--launches", choices=["fastvit", "eager"], default=None,
+                   help="also print every modelled launch of that path")
+    _add_peak_flags(m)
+
+    pr = sub.add_parser("profile", help="measured training step by op class (GPU; small config on a CPU)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_CONFIGS))
+    pr.add_argument("--batch-size", type=_positive("--batch-size"), default=256)
+    pr.add_argument("--impl", default="fastvit", choices=["fastvit", "eager"],
+                    help="FastViT, or the eager reference VisionTransformer (SDPA attention)")
+    pr.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                    help="parameter and activation dtype (default bf16 on a GPU, fp32 on a CPU)")
+    pr.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cuda', 'cpu', ...")
+    pr.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="FastViT's backend")
+    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--iters", type=_positive("--iters"), default=5)
+    pr.add_argument("--cpu-model", default="vit_micro_patch4_32", choices=sorted(MODEL_CONFIGS),
+                    help="the config run instead on a CPU")
+    pr.add_argument("--cpu-batch-size", type=_positive("--cpu-batch-size"), default=8)
+    pr.add_argument("--cpu-full", action="store_true", help="on a CPU, run --model / --batch-size as given")
+    pr.add_argument("--seed", type=int, default=0)
+    _add_peak_flags(pr)
+
+    r = sub.add_parser("report", help="pytest-benchmark JSON -> markdown table + bar chart")
+    r.add_argument("json", help="the file written by pytest --benchmark-json")
+    r.add_argument("--md", default=None, help="markdown output (default: JSON path with .md)")
+    r.add_argument("--png", default=None, help="bar chart output (default: JSON path with .png)")
+    r.add_argument("--no-chart", action="store_true", help="skip the chart (no matplotlib needed)")
+    return p
+
+
+def _cmd_model(args) -> int:
+    from . import cost_model
+    from .flops import ViTShape
+
+    shape = ViTShape.from_config(args.model)
+    peak = resolve_peak(args.device, args.dtype, args.peak_tflops, args.bandwidth_gbs)
+    res = {path: cost_model.step_cost(shape, args.batch_size, args.dtype, path, args.mode, peak,
+                                      launch_overhead_s=args.launch_us * 1e-6)
+           for path in cost_model.PATHS}
+    print(f"{args.model}: {shape.tokens} tokens, D={shape.embed_dim}, depth {shape.depth}, "
+          f"{shape.num_heads} heads of {shape.head_dim}")
+    print(cost_model.comparison_table(res["fastvit"], res["eager"], peak))
+    if args.launches:
+        print()
+        print(cost_model.launch_table(cost_model.step_launches(shape, args.batch_size, args.dtype, args.launches,
+                                                               args.mode)))
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from .. import create_model, reference
+    from ..configs import get_config
+    from .profile import param_groups, profile_step
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    on_cpu = device.type == "cpu"
+    name, batch = args.model, args.batch_size
+    if on_cpu and not args.cpu_full:
+        name, batch = args.cpu_model, args.cpu_batch_size
+    dt = args.dtype or ("fp32" if on_cpu else "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+    torch.manual_seed(args.seed)
+    if args.impl == "fastvit":
+        model = create_model(name, backend=args.backend)
+    else:
+        model = reference.VisionTransformer(**get_config(name), fused_attn=True)
+    model = model.to(device=device, dtype=dtype).train()
+    cfg = get_config(name)
+    images = torch.randn(batch, cfg.get("in_chans", 3), cfg["img_size"], cfg["img_size"], device=device, dtype=dtype)
+    labels = torch.randint(0, cfg.get("num_classes", 1000), (batch,), device=device)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    peak = resolve_peak(device, dtype, args.peak_tflops, args.bandwidth_gbs)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    label = f"{args.impl} {name}, batch {batch}, {dt}, training step on {where}"
+    if on_cpu:
+        label = (f"CPU: {label}" + ("" if args.cpu_full else f" (small config instead of {args.model} batch "
+                                                               f"{args.batch_size}; use a GPU for real numbers)")
+                 + "; times PyTorch's CPU kernels" + (" / the Triton interpreter" if os.environ.get(
+                     "TRITON_INTERPRET") == "1" and args.impl == "fastvit" else ""))
+    result = profile_step(model, images, labels, opt, peak=peak, path=args.impl, warmup=args.warmup,
+                          iters=args.iters, label=label)
+    print(result.format())
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import bar_chart, load_benchmarks, markdown
+
+    benches = load_benchmarks(args.json)
+    base = os.path.splitext(args.json)[0]
+    md = markdown(benches)
+    md_path = args.md or base + ".md"
+    with open(md_path, "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {md_path}")
+    if not args.no_chart:
+        print(f"wrote {bar_chart(benches, args.png or base + '.png')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run a subcommand; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dtype", None):
+        dtype_name(args.dtype)
+    return {"model": _cmd_model, "profile": _cmd_profile, "report": _cmd_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

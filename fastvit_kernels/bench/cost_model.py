@@ -1,0 +1,542 @@
+"""A cost model of one ViT training step (or inference forward) that runs anywhere, CPU included: the GPU kernel
+launches, the bytes each reads and writes in device memory, and the FLOPs each executes -- for FastViT's path
+and for the eager PyTorch path as a GPU dispatches it -- plus a roofline time estimate. Everything here is
+MODELLED, not measured: no GPU was involved in any number this module prints.
+
+Plans (lists of :class:`Launch`, in execution order):
+
+* ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it today (v1): the fused
+  ``fastvit::patch_embed_*``, ``fastvit::attention_*`` and ``fastvit::layernorm_mlp_*`` custom ops, with one
+  launch per Triton kernel their launchers in ``kernels/`` issue (GEMM core, row stats, LayerNorm backward,
+  column sums, attention forward / preprocess / dK dV / dQ, class row), and the parts ``model.py`` still runs
+  through aten: norm1 LayerNorm, the qkv and proj Linears (cuBLAS), the attention residual add, the head and
+  the loss (the ops' non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``).
+* ``"eager"``: the reference ``VisionTransformer`` (timm's computation, ``fused_attn=True``) as PyTorch
+  dispatches it on a GPU: cuDNN convolution + bias add, cat and position add, cuBLAS GEMMs with the bias in
+  the epilogue (addmm), LayerNorm forward (1 kernel) and backward (dx + dgamma/dbeta kernels), GELU and its
+  backward, residual adds and autograd's gradient-accumulation adds, bias gradients as reductions,
+  ``F.scaled_dot_product_attention`` as ONE FlashAttention-2 forward kernel (backward: dO.O pre-pass, the
+  dQ dK dV kernel, dQ conversion), and the permute copies its backward needs (``stack`` of dq/dk/dv, then a
+  copy to the packed qkv layout).
+* Both: cross-entropy loss, and ``torch.optim.AdamW`` in its default foreach form with timm's two parameter
+  groups (weight decay on matrices only), launches counted with ``multi_tensor_apply``'s chunking rule
+  (65536 elements per block, at most 320 blocks and 110 / 64 / 48 tensors per launch for 1 / 2 / 3 lists).
+
+Bytes are the compulsory traffic of each launch: every tensor it reads counted once, every tensor it writes
+counted once (tiles re-read by other thread blocks are assumed to hit L2). Executed FLOPs count matmuls only,
+recomputation included (FlashAttention re-forms P in its backward: 5 matmul-equivalents; this package's
+backward kernels: 7), so they exceed the model FLOPs of :mod:`fastvit_kernels.bench.flops` used for MFU.
+
+Roofline time: per launch ``max(flops / peak FLOP/s, bytes / bandwidth)`` (+ an optional fixed cost per launch,
+0 by default), summed over the launches.
+
+Assumptions: one dtype everywhere ("pure" bf16 / fp16 / fp32 -- autocast's cast kernels are not modelled),
+no dropout or drop-path, a class token with 'token' pooling, ``zero_grad(set_to_none=True)``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .devices import Peak, dtype_name
+from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, model_flops
+
+PATHS = ("fastvit", "eager")
+MODES = ("train", "forward")
+_ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+F32 = 4  # bytes of fp32 statistics (LayerNorm mean / rstd, log-sum-exp) and fp32 scratch
+I64 = 8  # bytes of an int64 class label
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One GPU kernel launch of the plan.
+
+    Fields: ``kernel`` (what runs, e.g. "cuBLAS GEMM" or "_matmul_kernel"); ``dispatch`` (the op PyTorch
+    dispatches that issues it, named like ``str(func.overloadpacket)``: "aten.addmm", "fastvit.attention_fwd");
+    ``call`` (index of that dispatched call: launches of one call share it); ``op_class`` (one of
+    :data:`~fastvit_kernels.bench.flops.OP_CLASSES`); ``phase`` ("forward" | "backward" | "optimizer");
+    ``flops`` (executed matmul FLOPs); ``bytes_read`` / ``bytes_written`` (device memory, bytes);
+    ``triton`` (True for this package's Triton kernels); ``note``.
+    """
+
+    kernel: str
+    dispatch: str
+    call: int
+    op_class: str
+    phase: str
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    triton: bool = False
+    note: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    def roofline_s(self, peak: Peak, launch_overhead_s: float = 0.0) -> float:
+        """max(flops / peak FLOP/s, bytes / bandwidth) + launch_overhead_s, in seconds.
+
+        Raises:
+            ValueError: the peak FLOP/s or bandwidth is unknown (None).
+        """
+        if peak.flops_per_s is None or peak.bytes_per_s is None:
+            raise ValueError(f"a roofline needs a peak FLOP/s and a bandwidth; got {peak}")
+        return max(self.flops / peak.flops_per_s, self.bytes / peak.bytes_per_s) + launch_overhead_s
+
+
+class _Builder:
+    """Collects launches call by call; ``cls`` and ``phase`` are the current op class and phase."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+        self.n_calls = 0
+        self.cls = "other"
+        self.phase = "forward"
+
+    def call(self, dispatch: str, *kernels: tuple) -> None:
+        """One dispatched op; each kernel is (name, flops, bytes_read, bytes_written[, triton[, note]])."""
+        for k in kernels:
+            name, flops, r, w = k[:4]
+            triton = k[4] if len(k) > 4 else False
+            note = k[5] if len(k) > 5 else ""
+            self.launches.append(Launch(name, dispatch, self.n_calls, self.cls, self.phase, int(flops), int(r),
+                                        int(w), triton, note))
+        self.n_calls += 1
+
+    # ---- aten pieces shared by both paths (e: element size in bytes) ----
+    def layer_norm(self, M: int, D: int, e: int) -> None:
+        self.call("aten.native_layer_norm", ("LayerNorm fwd", 0, M * D * e + 2 * D * e, M * D * e + 2 * M * F32))
+
+    def layer_norm_bwd(self, M: int, D: int, e: int) -> None:
+        self.call("aten.native_layer_norm_backward",
+                  ("LayerNorm bwd dx", 0, 2 * M * D * e + D * e + 2 * M * F32, M * D * e),
+                  ("LayerNorm bwd dgamma/dbeta", 0, 2 * M * D * e + 2 * M * F32, 2 * D * e))
+
+    def addmm(self, M: int, K: int, N: int, e: int, a_bytes: int | None = None) -> None:
+        a = M * K * e if a_bytes is None else a_bytes
+        self.call("aten.addmm", ("cuBLAS GEMM (+bias epilogue)", 2 * M * K * N, a + K * N * e + N * e, M * N * e))
+
+    def linear_bwd(self, M: int, K: int, N: int, e: int) -> None:
+        """Backward of ``y (M, N) = x (M, K) @ W^T + b``: dgrad, wgrad, bias-gradient reduction (aten order)."""
+        self.call("aten.mm", ("cuBLAS GEMM dgrad", 2 * M * N * K, M * N * e + N * K * e, M * K * e))
+        self.call("aten.mm", ("cuBLAS GEMM wgrad", 2 * M * N * K, M * N * e + M * K * e, N * K * e))
+        self.call("aten.sum", ("bias-grad reduction", 0, M * N * e, N * e))
+
+    def add(self, n: int, e: int, note: str = "") -> None:
+        self.call("aten.add", ("elementwise add", 0, 2 * n * e, n * e, False, note))
+
+    def zeros(self, n: int, e: int, note: str) -> None:
+        self.call("aten.zeros", ("fill", 0, 0, n * e, False, note))
+
+
+def vit_parameters(shape: ViTShape) -> list[tuple[str, tuple]]:
+    """(name, shape) of every parameter of the reference VisionTransformer / FastViT, in ``named_parameters()``
+    order (timm's names). Supports the configurations the cost model does (class token, 'token' pooling)."""
+    D, Dh, C, P = shape.embed_dim, shape.hidden, shape.in_chans, shape.patch_size
+    params = [("cls_token", (1, 1, D)), ("pos_embed", (1, shape.tokens, D)),
+              ("patch_embed.proj.weight", (D, C, P, P)), ("patch_embed.proj.bias", (D,))]
+    for i in range(shape.depth):
+        b = f"blocks.{i}."
+        params += [(b + "norm1.weight", (D,)), (b + "norm1.bias", (D,)), (b + "attn.qkv.weight", (3 * D, D))]
+        if shape.qkv_bias:
+            params.append((b + "attn.qkv.bias", (3 * D,)))
+        params += [(b + "attn.proj.weight", (D, D)), (b + "attn.proj.bias", (D,)),
+                   (b + "norm2.weight", (D,)), (b + "norm2.bias", (D,)),
+                   (b + "mlp.fc1.weight", (Dh, D)), (b + "mlp.fc1.bias", (Dh,)),
+                   (b + "mlp.fc2.weight", (D, Dh)), (b + "mlp.fc2.bias", (D,))]
+    params += [("norm.weight", (D,)), ("norm.bias", (D,))]
+    if shape.num_classes:
+        params += [("head.weight", (shape.num_classes, D)), ("head.bias", (shape.num_classes,))]
+    return params
+
+
+_CHUNK = 65536  # elements per block in multi_tensor_apply
+_MAX_BLOCKS = 320
+_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+_MAX_TENSORS_SCALARLIST = {1: 96, 2: 64, 3: 48, 4: 36, 5: 30}
+
+
+def multi_tensor_launches(numels: list[int], depth: int, scalar_list: bool = False) -> int:
+    """Kernel launches of one ``torch._foreach_*`` op over tensors of ``numels`` elements with ``depth`` tensor
+    lists, following ``multi_tensor_apply`` (ATen/native/cuda/MultiTensorApply.cuh): a launch whenever 320
+    blocks of 65536 elements, or the per-launch tensor limit (110 / 64 / 48 for depth 1 / 2 / 3; 96 at depth 1
+    for scalar-list ops) is reached, and one for the rest. Empty tensors are skipped."""
+    limit = (_MAX_TENSORS_SCALARLIST if scalar_list else _MAX_TENSORS)[depth]
+    sizes = [n for n in numels if n > 0]
+    launches = n_tensors = n_blocks = 0
+    for i, n in enumerate(sizes):
+        n_tensors += 1
+        chunks = -(-n // _CHUNK)
+        for c in range(chunks):
+            n_blocks += 1
+            last_chunk = c == chunks - 1
+            if (n_tensors == limit and last_chunk) or n_blocks == _MAX_BLOCKS or (last_chunk and i == len(sizes) - 1):
+                launches += 1
+                n_blocks = 0
+                n_tensors = 0 if last_chunk else 1
+    return launches
+
+
+# (foreach op, depth, scalar-list variant, lists read, lists written) of torch's multi-tensor AdamW step,
+# decoupled weight decay, not capturable, no amsgrad (torch/optim/adam.py, _multi_tensor_adam); lists are
+# p (params), g (grads), m (exp_avg), v (exp_avg_sq), s (the sqrt(v) temporary)
+_ADAMW_FOREACH = (
+    ("_foreach_mul_ (weight decay)", 1, False, "p", "p"),
+    ("_foreach_lerp_", 2, False, "mg", "m"),
+    ("_foreach_mul_", 1, False, "v", "v"),
+    ("_foreach_addcmul_", 3, False, "vg", "v"),
+    ("_foreach_sqrt", 2, False, "v", "s"),
+    ("_foreach_div_", 1, True, "s", "s"),
+    ("_foreach_add_", 1, False, "s", "s"),
+    ("_foreach_addcdiv_", 3, True, "pms", "p"),
+)
+
+
+def _adamw(b: _Builder, shape: ViTShape, e: int, weight_decay: float) -> None:
+    decay, no_decay = [], []
+    for name, shp in vit_parameters(shape):
+        n = 1
+        for s in shp:
+            n *= s
+        (decay if len(shp) > 1 and name not in ("pos_embed", "cls_token") else no_decay).append(n)
+    b.cls, b.phase = "optimizer", "optimizer"
+    for numels, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        total = sum(numels)
+        for op, depth, scalar_list, reads, writes in _ADAMW_FOREACH:
+            if op.endswith("(weight decay)") and wd == 0:
+                continue
+            dispatch = "aten." + op.split(" ")[0]
+            n_launch = multi_tensor_launches(numels, depth, scalar_list)
+            # spread the op's bytes evenly over its launches (the launches are of similar size)
+            r, w = len(reads) * total * e, len(writes) * total * e
+            b.call(dispatch, *[("multi_tensor_apply " + op.split(" ")[0], 0, r / n_launch, w / n_launch)
+                               for _ in range(n_launch)])
+
+
+def _check(shape: ViTShape, batch_size: int, path: str, mode: str) -> None:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if not shape.class_token or shape.global_pool != "token" or shape.num_classes < 1:
+        raise ValueError("the cost model covers ViTs with a class token, global_pool='token' and a head "
+                         f"(num_classes >= 1); got class_token={shape.class_token}, "
+                         f"global_pool={shape.global_pool!r}, num_classes={shape.num_classes}")
+    if not shape.qkv_bias:
+        raise ValueError("the cost model assumes qkv_bias=True (timm's default)")
+
+
+def _head_fwd(b: _Builder, s: ViTShape, B: int, e: int, loss: bool) -> None:
+    D, nc, M = s.embed_dim, s.num_classes, B * s.tokens
+    b.cls = "head"
+    b.layer_norm(M, D, e)  # final norm over all tokens, then x[:, 0] (a view)
+    b.addmm(B, D, nc, e)
+    if loss:
+        b.call("aten._log_softmax", ("log_softmax", 0, B * nc * e, B * nc * e))
+        b.call("aten.nll_loss_forward", ("nll_loss", 0, B * e + B * I64, 2 * e))
+
+
+def _head_bwd(b: _Builder, s: ViTShape, B: int, e: int) -> None:
+    D, nc, M = s.embed_dim, s.num_classes, B * s.tokens
+    b.cls, b.phase = "head", "backward"
+    b.call("aten.ones_like", ("fill (loss seed)", 0, 0, e))
+    b.call("aten.nll_loss_backward", ("fill", 0, 0, B * nc * e), ("nll_loss bwd", 0, B * I64 + e, B * e))
+    b.call("aten._log_softmax_backward_data", ("log_softmax bwd", 0, 2 * B * nc * e, B * nc * e))
+    b.linear_bwd(B, D, nc, e)
+    b.call("aten.select_backward", ("fill", 0, 0, M * D * e), ("copy", 0, B * D * e, B * D * e))
+    b.layer_norm_bwd(M, D, e)
+
+
+def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
+    D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
+    M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
+    att = 4 * B * N * N * D  # forward attention FLOPs (two matmuls)
+    lse = B * H * N * F32
+    # ---- forward ----
+    b.cls = "patch_embed"
+    b.call("aten.convolution",
+           ("cuDNN convolution", 2 * B * Np * D * CPP, img * e + D * CPP * e, B * Np * D * e),
+           ("bias add (in place)", 0, B * Np * D * e + D * e, B * Np * D * e))
+    b.call("aten.cat", ("cat [cls; patches]", 0, (B * Np * D + D) * e, M * D * e))
+    b.add(M * D, e, "+ pos_embed (broadcast read counted as full size)")
+    for _ in range(L):
+        b.cls = "ln_qkv"
+        b.layer_norm(M, D, e)
+        b.addmm(M, D, 3 * D, e)
+        b.cls = "attention"
+        b.call("aten._scaled_dot_product_flash_attention",
+               ("FlashAttention-2 fwd", att, 3 * M * D * e, M * D * e + lse))
+        b.cls = "proj"
+        b.addmm(M, D, D, e)
+        b.add(M * D, e, "residual")
+        b.cls = "mlp"
+        b.layer_norm(M, D, e)
+        b.addmm(M, D, Dh, e)
+        b.call("aten.gelu", ("GELU", 0, M * Dh * e, M * Dh * e))
+        b.addmm(M, Dh, D, e)
+        b.add(M * D, e, "residual")
+    _head_fwd(b, s, B, e, loss=train)
+    if not train:
+        return
+    # ---- backward ----
+    _head_bwd(b, s, B, e)
+    for _ in range(L):
+        b.cls = "mlp"
+        b.linear_bwd(M, Dh, D, e)  # fc2
+        b.call("aten.gelu_backward", ("GELU bwd", 0, 2 * M * Dh * e, M * Dh * e))
+        b.linear_bwd(M, D, Dh, e)  # fc1
+        b.layer_norm_bwd(M, D, e)
+        b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
+        b.cls = "proj"
+        b.linear_bwd(M, D, D, e)
+        b.cls = "attention"
+        b.call("aten._scaled_dot_product_flash_attention_backward",
+               ("FlashAttention-2 bwd dO.O (+ clears fp32 dQ accumulator)", 0, 2 * M * D * e, lse + M * D * F32),
+               ("FlashAttention-2 bwd dQ dK dV", 10 * B * N * N * D, 4 * M * D * e + 2 * lse,
+                2 * M * D * e + M * D * F32),
+               ("FlashAttention-2 bwd convert dQ", 0, M * D * F32, M * D * e))
+        b.call("aten.stack", ("stack dq, dk, dv (permute copy)", 0, 3 * M * D * e, 3 * M * D * e))
+        b.call("aten.clone", ("copy to packed (B, N, 3D) (permute copy)", 0, 3 * M * D * e, 3 * M * D * e))
+        b.cls = "ln_qkv"
+        b.linear_bwd(M, D, 3 * D, e)
+        b.layer_norm_bwd(M, D, e)
+        b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
+    b.cls = "patch_embed"
+    b.call("aten.sum", ("pos_embed grad (sum over batch)", 0, M * D * e, N * D * e))
+    b.call("aten.sum", ("cls_token grad (sum over batch)", 0, B * D * e, D * e))
+    b.call("aten.convolution_backward",
+           ("copy grad to contiguous", 0, B * Np * D * e, B * Np * D * e),
+           ("cuDNN wgrad", 2 * B * Np * D * CPP, B * Np * D * e + img * e, D * CPP * e),
+           ("bias-grad reduction", 0, B * Np * D * e, D * e))
+
+
+def _ln_bwd_programs(M: int, D: int) -> int:
+    """Programs of kernels/layernorm.py's backward (it writes one fp32 dgamma and dbeta row per program)."""
+    block_d = 1 << max(D - 1, 0).bit_length()
+    rows = max(1, min(16, 4096 // block_d))
+    return -(-M // rows)
+
+
+def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
+    D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
+    M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
+    att = 4 * B * N * N * D
+    lse = B * H * N * F32
+    T = True  # Triton launch
+    # ---- forward ----
+    b.cls = "patch_embed"
+    b.call("fastvit.patch_embed_fwd",
+           ("_matmul_kernel", 2 * B * Np * D * CPP, img * e + D * CPP * e + D * e + Np * D * e, B * Np * D * e, T,
+            "pixels gathered in the A load; bias + pos_embed epilogue"),
+           ("_prefix_rows_kernel", 0, 2 * D * e, B * D * e, T, "class row: cls_token + pos_embed[0]"))
+    for _ in range(L):
+        b.cls = "ln_qkv"
+        b.layer_norm(M, D, e)
+        b.addmm(M, D, 3 * D, e)
+        b.cls = "attention"
+        b.call("fastvit.attention_fwd", ("_attention_fwd_kernel", att, 3 * M * D * e, M * D * e + lse, T))
+        b.cls = "proj"
+        b.addmm(M, D, D, e)
+        b.add(M * D, e, "residual")
+        b.cls = "mlp"
+        b.call("fastvit.layernorm_mlp_fwd",
+               ("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T),
+               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + 2 * M * F32 + 2 * D * e + Dh * D * e + Dh * e,
+                2 * M * Dh * e, T, "LayerNorm prologue; bias + GELU epilogue, stores the pre-activation"),
+               ("_matmul_kernel", 2 * M * Dh * D, M * Dh * e + D * Dh * e + D * e + M * D * e, M * D * e, T,
+                "bias + residual epilogue"))
+    _head_fwd(b, s, B, e, loss=train)
+    if not train:
+        return
+    # ---- backward ----
+    _head_bwd(b, s, B, e)
+    P = _ln_bwd_programs(M, D)
+    for _ in range(L):
+        b.cls = "mlp"
+        b.call("fastvit.layernorm_mlp_bwd",
+               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + M * Dh * e, D * Dh * e, T, "dW2; GELU recomputed"),
+               ("_column_sum_kernel", 0, M * D * e, D * e, T, "db2"),
+               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + D * Dh * e + M * Dh * e, M * Dh * e, T,
+                "dH; GELU' epilogue"),
+               ("_matmul_kernel", 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e, Dh * D * e, T,
+                "dW1; LayerNorm recomputed"),
+               ("_column_sum_kernel", 0, M * Dh * e, Dh * e, T, "db1"),
+               ("_matmul_kernel", 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)"),
+               ("_layernorm_bwd_kernel", 0, 3 * M * D * e + D * e + 2 * M * F32, M * D * e + 2 * P * D * F32, T,
+                "dx + residual grad; fp32 dgamma/dbeta partials"),
+               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dgamma"),
+               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dbeta"))
+        b.cls = "proj"
+        b.linear_bwd(M, D, D, e)
+        b.cls = "attention"
+        b.call("fastvit.attention_bwd",
+               ("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T),
+               ("_attention_bwd_dkdv_kernel", 8 * B * N * N * D, 4 * M * D * e + 2 * lse, 2 * M * D * e, T),
+               ("_attention_bwd_dq_kernel", 6 * B * N * N * D, 4 * M * D * e + 2 * lse, M * D * e, T))
+        b.cls = "ln_qkv"
+        b.linear_bwd(M, D, 3 * D, e)
+        b.layer_norm_bwd(M, D, e)
+        b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
+    b.cls = "patch_embed"
+    b.call("fastvit.patch_embed_bwd",
+           ("_column_sum_kernel", 0, M * D * e, N * D * F32, T, "fp32 sum over the batch (pos/bias/cls grads)"),
+           ("copy", 0, N * D * F32, N * D * e, False, "pos_embed grad to the weight dtype"),
+           ("_column_sum_kernel", 0, Np * D * F32, D * e, T, "bias grad"),
+           ("copy", 0, D * F32, D * e, False, "cls_token grad to the weight dtype"),
+           ("_matmul_kernel", 2 * B * Np * D * CPP, B * Np * D * e + img * e, D * CPP * e, T,
+            "dW; patches re-gathered"))
+
+
+def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit", mode: str = "train",
+                  optimizer: bool = True, weight_decay: float = 0.05) -> list[Launch]:
+    """The modelled launches of one training step (``mode="train"``: forward, cross-entropy, backward, AdamW)
+    or one inference forward (``mode="forward"``: logits only) of ``batch_size`` images.
+
+    Args:
+        shape: the model's sizes (class token, 'token' pooling, a head).
+        batch_size: B >= 1.
+        dtype: "bf16" | "fp16" | "fp32" (or a torch dtype): the one dtype of parameters and activations.
+        path: "fastvit" | "eager" (see the module docstring).
+        mode: "train" | "forward".
+        optimizer: include the AdamW step (train mode only).
+        weight_decay: the decay group's weight decay (0 drops its multiply).
+
+    Returns:
+        launches in execution order.
+
+    Raises:
+        ValueError: an unknown path / mode / dtype, batch_size < 1, or a model outside the covered family.
+    """
+    _check(shape, batch_size, path, mode)
+    e = _ELEM[dtype_name(dtype)]
+    b = _Builder()
+    (_fastvit_plan if path == "fastvit" else _eager_plan)(b, shape, batch_size, e, mode == "train")
+    if mode == "train" and optimizer:
+        _adamw(b, shape, e, weight_decay)
+    return b.launches
+
+
+@dataclass
+class CostSummary:
+    """Totals of a plan: ``launches``, ``bytes`` (read + written), ``bytes_read``, ``bytes_written``,
+    ``flops`` (executed), ``model_flops`` (for MFU), ``roofline_s`` (None without a peak), ``by_class``
+    ({op class: {"launches", "bytes", "flops", "roofline_s"}})."""
+
+    path: str
+    mode: str
+    batch_size: int
+    dtype: str
+    launches: int
+    bytes_read: int
+    bytes_written: int
+    flops: int
+    model_flops: int
+    roofline_s: float | None
+    by_class: dict = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+def summarize(launches: list[Launch], shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit",
+              mode: str = "train", peak: Peak | None = None, launch_overhead_s: float = 0.0) -> CostSummary:
+    """Totals and per-op-class totals of ``launches``; the roofline only when ``peak`` has both rates."""
+    can_roof = peak is not None and peak.flops_per_s is not None and peak.bytes_per_s is not None
+    by_class = {c: dict(launches=0, bytes=0, flops=0, roofline_s=0.0 if can_roof else None)
+                for c in (*OP_CLASSES, "other")}
+    for ln in launches:
+        d = by_class[ln.op_class]
+        d["launches"] += 1
+        d["bytes"] += ln.bytes
+        d["flops"] += ln.flops
+        if can_roof:
+            d["roofline_s"] += ln.roofline_s(peak, launch_overhead_s)
+    return CostSummary(
+        path=path, mode=mode, batch_size=batch_size, dtype=dtype_name(dtype), launches=len(launches),
+        bytes_read=sum(ln.bytes_read for ln in launches), bytes_written=sum(ln.bytes_written for ln in launches),
+        flops=sum(ln.flops for ln in launches),
+        model_flops=model_flops(shape, batch_size, "train" if mode == "train" else "forward"),
+        roofline_s=sum(d["roofline_s"] for d in by_class.values()) if can_roof else None,
+        by_class={c: d for c, d in by_class.items() if d["launches"]},
+    )
+
+
+def step_cost(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit", mode: str = "train",
+              peak: Peak | None = None, optimizer: bool = True, launch_overhead_s: float = 0.0) -> CostSummary:
+    """:func:`step_launches` then :func:`summarize` (same arguments; see there)."""
+    launches = step_launches(shape, batch_size, dtype, path, mode, optimizer)
+    return summarize(launches, shape, batch_size, dtype, path, mode, peak, launch_overhead_s)
+
+
+def dispatch_counts(launches: list[Launch], phases=("forward", "backward")) -> Counter:
+    """How many times each op is dispatched in the given phases (one per call, however many launches it has):
+    what a ``TorchDispatchMode`` trace of the same step should show."""
+    seen = {}
+    for ln in launches:
+        if ln.phase in phases:
+            seen[ln.call] = ln.dispatch
+    return Counter(seen.values())
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _fmt_time(s: float | None) -> str:
+    return "n/a" if s is None else f"{s * 1e3:.3f} ms"
+
+
+def comparison_table(fast: CostSummary, eager: CostSummary, peak: Peak | None = None) -> str:
+    """A markdown table comparing two summaries (totals, then launches / bytes / roofline per op class), with
+    the ratio FastViT / eager, headed "modelled"."""
+    head = (f"MODELLED (cost model, no measurement): {fast.mode} step, batch {fast.batch_size}, {fast.dtype}"
+            + (f"; roofline peaks: {peak.source}" if peak is not None else ""))
+    rows = [head, "", "| quantity | FastViT | eager (SDPA) | FastViT / eager |", "|---|---|---|---|"]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if b else "n/a"
+
+    rows.append(f"| kernel launches | {fast.launches} | {eager.launches} | {ratio(fast.launches, eager.launches)} |")
+    rows.append(f"| device-memory bytes (read + written) | {_fmt_bytes(fast.bytes)} | {_fmt_bytes(eager.bytes)} | "
+                f"{ratio(fast.bytes, eager.bytes)} |")
+    per_img_f, per_img_e = fast.bytes / fast.batch_size, eager.bytes / eager.batch_size
+    rows.append(f"| bytes per image | {_fmt_bytes(per_img_f)} | {_fmt_bytes(per_img_e)} | "
+                f"{ratio(per_img_f, per_img_e)} |")
+    rows.append(f"| executed matmul FLOPs | {fast.flops / 1e12:.3f} T | {eager.flops / 1e12:.3f} T | "
+                f"{ratio(fast.flops, eager.flops)} |")
+    rows.append(f"| model FLOPs (for MFU) | {fast.model_flops / 1e12:.3f} T | {eager.model_flops / 1e12:.3f} T | "
+                f"{ratio(fast.model_flops, eager.model_flops)} |")
+    if fast.roofline_s is not None and eager.roofline_s is not None:
+        rows.append(f"| roofline time | {_fmt_time(fast.roofline_s)} | {_fmt_time(eager.roofline_s)} | "
+                    f"{ratio(fast.roofline_s, eager.roofline_s)} |")
+        if peak is not None and peak.flops_per_s:
+            mf = fast.model_flops / fast.roofline_s / peak.flops_per_s
+            me = eager.model_flops / eager.roofline_s / peak.flops_per_s
+            rows.append(f"| roofline MFU bound | {mf:.1%} | {me:.1%} | |")
+    rows += ["", "| op class | launches FastViT / eager | bytes FastViT / eager | roofline FastViT / eager |",
+             "|---|---|---|---|"]
+    for c in (*OP_CLASSES, "other"):
+        f, g = fast.by_class.get(c), eager.by_class.get(c)
+        if not f and not g:
+            continue
+        f = f or dict(launches=0, bytes=0, roofline_s=None)
+        g = g or dict(launches=0, bytes=0, roofline_s=None)
+        rows.append(f"| {OP_CLASS_LABELS[c]} | {f['launches']} / {g['launches']} | {_fmt_bytes(f['bytes'])} / "
+                    f"{_fmt_bytes(g['bytes'])} | {_fmt_time(f['roofline_s'])} / {_fmt_time(g['roofline_s'])} |")
+    return "\n".join(rows)
+
+
+def launch_table(launches: list[Launch]) -> str:
+    """One markdown row per launch (phase, op class, dispatched op, kernel, FLOPs, bytes read / written)."""
+    rows = ["| # | phase | op class | dispatched op | kernel | GFLOP | MB read | MB written | note |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for i, ln in enumerate(launches):
+        rows.append(f"| {i} | {ln.phase} | {OP_CLASS_LABELS[ln.op_class]} | {ln.dispatch} | {ln.kernel} | "
+                    f"{ln.flops / 1e9:.3f} | {ln.bytes_read / 1e6:.3f} | {ln.bytes_written / 1e6:.3f} | {ln.note} |")
+    return "\n".join(rows)
