@@ -143,3 +143,21 @@ def test_selective_activation_checkpointing_can_name_the_ops(device):
     assert saved_ops <= set(seen)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[k], atol=0, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def test_pure_bf16_model(device):
+    """model.to(torch.bfloat16): the Triton path on a GPU; on a CPU the eager path (the interpreter cannot run
+    bf16), so this holds the bf16 plumbing (ops' dtype checks, autocast-free casts) to the fp32 reference."""
+    torch.manual_seed(0)
+    ref = VisionTransformer(**SMALL)
+    fast = FastViT(**SMALL, backend="triton" if device == "cuda" else "torch")
+    fast.load_state_dict(ref.state_dict())
+    fast = fast.to(device, torch.bfloat16)
+    x = torch.randn(4, 1, 8, 8)
+    out = fast(x.to(device, torch.bfloat16))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in fast.parameters())
+    expected = ref(x)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=5e-2 * max(1.0, expected.abs().max().item()),
+                               rtol=0)
