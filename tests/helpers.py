@@ -77,3 +77,41 @@ def assert_fwd_bwd_match(fn, ref_fn, inputs: list, dtype: torch.dtype, names: li
         assert g is not None, f"no gradient for {name}"
         assert_close_to_ref(g.cpu(), rg, lg, name=f"grad {name}")
     return out
+
+
+def compare_model_with_reference(cfg: dict, device, dtype: torch.dtype = torch.float32, train: bool = False,
+                                 image_hw: tuple | None = None, batch: int = 2, seed: int = 0):
+    """Build the reference ViT from ``cfg``, copy it into a Triton-path FastViT, run both forward + backward on
+    the same images (``image_hw``, default the config's img_size) and hold FastViT in ``dtype`` to the fp32
+    reference: logits (or features) and every parameter gradient, with the 2x rule for low precision. In
+    ``train`` mode both draw the same dropout / stochastic-depth masks (same RNG seed and order).
+    Returns the FastViT model."""
+    from fastvit_kernels import FastViT
+    from fastvit_kernels.reference import VisionTransformer
+
+    torch.manual_seed(seed)
+    ref = VisionTransformer(**cfg)
+    model = FastViT(**cfg, backend="triton").to(device)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    hw = image_hw or (cfg["img_size"], cfg["img_size"])
+    x = torch.randn(batch, cfg["in_chans"], *hw)
+    with torch.no_grad():
+        g = torch.randn_like(ref.eval()(x))  # logits (B, classes), or features when num_classes == 0
+
+    def run(m, dt, dev):
+        m = m.to(device=dev, dtype=dt).train(train)
+        m.zero_grad()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            out = m(x.to(dev, dt))
+        out.backward(g.to(dev, dt))
+        return out.detach().cpu(), {k: p.grad.cpu() for k, p in m.named_parameters()}
+
+    out, grads = run(model, dtype, device)
+    ref_out, ref_grads = run(ref, torch.float32, "cpu")
+    lowp_out, lowp_grads = (None, {}) if dtype == torch.float32 else run(ref, dtype, "cpu")
+    assert_close_to_ref(out, ref_out, lowp_out, name="logits")
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        assert_close_to_ref(grads[k], ref_grads[k], lowp_grads.get(k), name=f"grad {k}", factor=3.0)
+    return model

@@ -9,7 +9,7 @@ import torch
 from fastvit_kernels import FastViT, create_model
 from fastvit_kernels.configs import get_config
 from fastvit_kernels.reference import VisionTransformer
-from helpers import assert_close_to_ref
+from helpers import compare_model_with_reference
 
 BLOCK_KEYS = {
     "norm1.weight": "D", "norm1.bias": "D", "attn.qkv.weight": "3D,D", "attn.qkv.bias": "3D",
@@ -48,47 +48,20 @@ def test_loads_reference_state_dict_strictly():
     model.load_state_dict(ref.state_dict(), strict=True)
 
 
-def _compare_with_reference(cfg, dtype, device, train=False, seed=0):
-    torch.manual_seed(seed)
-    ref = VisionTransformer(**cfg)
-    model = FastViT(**cfg, backend="triton").to(device)
-    model.load_state_dict(ref.state_dict())
-    x = torch.randn(2, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-    with torch.no_grad():
-        g = torch.randn_like(ref.eval()(x))  # logits (B, classes), or features when num_classes == 0
-
-    def run(m, dt, dev):
-        m = m.to(device=dev, dtype=dt).train(train)
-        m.zero_grad()
-        with torch.random.fork_rng():
-            torch.manual_seed(seed + 1)
-            out = m(x.to(dev, dt))
-        out.backward(g.to(dev, dt))
-        return out.detach().cpu(), {k: p.grad.cpu() for k, p in m.named_parameters()}
-
-    out, grads = run(model, dtype, device)
-    ref_out, ref_grads = run(ref, torch.float32, "cpu")
-    lowp_out, lowp_grads = (None, {}) if dtype == torch.float32 else run(ref, dtype, "cpu")
-    assert_close_to_ref(out, ref_out, lowp_out, name="logits")
-    assert grads.keys() == ref_grads.keys()
-    for k in grads:
-        assert_close_to_ref(grads[k], ref_grads[k], lowp_grads.get(k), name=f"grad {k}", factor=3.0)
-
-
 @pytest.mark.parametrize("name", ["vit_digits", "vit_test_hd80"])
 def test_triton_path_matches_reference_fp32(name, device):
-    _compare_with_reference(get_config(name), torch.float32, device)
+    compare_model_with_reference(get_config(name), device, torch.float32)
 
 
 def test_triton_path_matches_reference_fp16(device):
-    _compare_with_reference(get_config("vit_test_hd80"), torch.float16, device)
+    compare_model_with_reference(get_config("vit_test_hd80"), device, torch.float16)
 
 
 def test_avg_pool_no_class_token_and_drop_path(device):
     cfg = get_config("vit_digits")
     cfg.update(depth=2, class_token=False, global_pool="avg", drop_path_rate=0.5)
     # training mode: stochastic depth draws the same per-sample masks in both models (same RNG order)
-    _compare_with_reference(cfg, torch.float32, device, train=True)
+    compare_model_with_reference(cfg, device, torch.float32, train=True)
 
 
 def test_bad_images_raise_before_launch():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastvit_kernels import FastViT, resample_state_dict
 from fastvit_kernels.reference import VisionTransformer, patch_embed_ref, resample_abs_pos_embed
-from helpers import assert_close_to_ref
+from helpers import compare_model_with_reference
 
 # small model: 16 x 16 images, patch 4 -> 4 x 4 grid; one block keeps the interpreter fast
 BASE = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=1, num_heads=2)
@@ -69,33 +69,6 @@ def test_resample_abs_pos_embed_conventions():
 # ------------------------------------------------------------------------------------------------------------
 # FastViT (Triton path) against the reference model
 # ------------------------------------------------------------------------------------------------------------
-def _compare(cfg, image_hw, device, dtype=torch.float32, batch=2):
-    """Build the reference model, copy it into a Triton-path FastViT, run both forward + backward on the same
-    images and hold FastViT (dtype) to the fp32 reference (logits, every parameter gradient)."""
-    torch.manual_seed(0)
-    ref = VisionTransformer(**cfg)
-    model = FastViT(**cfg, backend="triton")
-    model.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(batch, cfg["in_chans"], *image_hw)
-    g = torch.randn(batch, cfg["num_classes"])
-
-    def run(m, dt, dev):
-        m = m.to(device=dev, dtype=dt)
-        m.zero_grad()
-        out = m(x.to(dev, dt))
-        out.backward(g.to(dev, dt))
-        return out.detach().cpu(), {k: p.grad.cpu() for k, p in m.named_parameters()}
-
-    out, grads = run(model, dtype, device)
-    ref_out, ref_grads = run(ref, torch.float32, "cpu")
-    lowp_out, lowp_grads = (None, {}) if dtype == torch.float32 else run(ref, dtype, "cpu")
-    assert_close_to_ref(out, ref_out, lowp_out, name="logits")
-    assert grads.keys() == ref_grads.keys()
-    for k in grads:
-        assert_close_to_ref(grads[k], ref_grads[k], lowp_grads.get(k), name=f"grad {k}", factor=3.0)
-    return model
-
-
 @pytest.mark.parametrize("over,image_hw", [
     (dict(reg_tokens=2), (16, 16)),  # class + 2 registers, pos_embed on all 19 rows
     (dict(reg_tokens=3, no_embed_class=True), (16, 16)),  # registers without position embedding
@@ -104,12 +77,13 @@ def _compare(cfg, image_hw, device, dtype=torch.float32, batch=2):
     (dict(dynamic_img_size=True, dynamic_img_pad=True, no_embed_class=True), (14, 18)),  # padded 4x5 grid
 ])
 def test_fastvit_matches_reference(over, image_hw, device):
-    model = _compare({**BASE, **over}, image_hw, device)
+    model = compare_model_with_reference({**BASE, **over}, device, image_hw=image_hw)
     assert model.num_prefix_tokens == int(over.get("class_token", True)) + over.get("reg_tokens", 0)
 
 
 def test_fastvit_matches_reference_fp16_dynamic(device):
-    _compare({**BASE, "dynamic_img_size": True, "reg_tokens": 2}, (20, 12), device, torch.float16)
+    compare_model_with_reference({**BASE, "dynamic_img_size": True, "reg_tokens": 2}, device, torch.float16,
+                                 image_hw=(20, 12))
 
 
 def test_parameters_follow_timm():

@@ -7,7 +7,7 @@ import torch
 from fastvit_kernels import FastViT, create_model
 from fastvit_kernels.configs import get_config
 from fastvit_kernels.reference import VisionTransformer
-from test_model import _compare_with_reference
+from helpers import compare_model_with_reference
 
 SMALL = dict(get_config("vit_digits"), depth=2)
 
@@ -24,7 +24,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_matches_reference(variant, device):
-    _compare_with_reference({**SMALL, **VARIANTS[variant]}, torch.float32, device)
+    compare_model_with_reference({**SMALL, **VARIANTS[variant]}, device, torch.float32)
 
 
 def test_layerscale_and_qk_norm_parameter_names():
