@@ -1,5 +1,6 @@
 """The built-in data and the imagefolder loader (real photos: scikit-learn's bundled sample images)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def test_imagefolder_eval_transform_is_resize_and_centre_crop(image_root):
     # independent check of sample 7 (flower/1.jpg): shorter side 48 -> int(16 / 0.875) = 18, centre 16x16 crop
     with Image.open(image_root / "flower" / "1.jpg") as im:
         im = im.convert("RGB").resize((24, 18), Image.BILINEAR).crop((4, 1, 20, 17))
-        ref = torch.tensor(list(im.getdata()), dtype=torch.float32).view(16, 16, 3).permute(2, 0, 1) / 255
+        ref = torch.from_numpy(np.asarray(im).copy()).float().permute(2, 0, 1) / 255  # (3, 16, 16)
     ref = (ref - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(x, ref)
 
