@@ -10,7 +10,7 @@ How it works (no GPU, no CUDA driver):
    autograd backward, on CPU tensors that are allocated but never read (``torch.empty``), at the shapes ViT-B/16,
    ViT-L/16 and ViT-H/14 use. Every ``*_kernel`` object of :mod:`fastvit_kernels.kernels` is swapped for a recorder
    while they run, so the launchers choose tiles exactly as they would on a GPU (``gemm_config``,
-   ``_attention_config``, ``_rows_per_program``, the column-sum block choice, every constexpr flag) and the recorder
+   ``attention_configs``, ``_rows_per_program``, the column-sum block choice, every constexpr flag) and the recorder
    keeps the launch arguments instead of launching. The configurations checked are therefore the ones the
    launchers use, not a copied list; an autotuned kernel (``triton.autotune``) is expanded into every candidate.
 2. **Specialise.** The arguments are bound with Triton's own binder for the target (the code path of
@@ -372,7 +372,9 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
         ("patch_embed(fp32 images)", run(ops.patch_embed, t(*img, grad=False, dt=torch.float32), *patch_w)),
         ("patch_embed(uint8 images, mean/std)", run(ops.patch_embed, t(*img, grad=False, dt=torch.uint8), *patch_w,
                                                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))),
+        ("layernorm_linear", run(ops.layernorm_linear, t(B, N, D), t(D), t(D), t(3 * D, D), t(3 * D))),
         ("attention", run(ops.attention, t(B, N, 3 * D), s["H"])),
+        ("linear_residual", run(ops.linear_residual, t(B, N, D), t(D, D), t(D), t(B, N, D))),
         ("layernorm_mlp", run(ops.layernorm_mlp, t(B, N, D), *mlp_w)),
     ]
     if train:

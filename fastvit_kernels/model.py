@@ -2,7 +2,8 @@
 package's ops. It reads like the paper (Dosovitskiy et al. 2021, eqs. 1-4):
 
     z0  = [x_cls; x_p^1 E; ...; x_p^N E] + E_pos          ops.patch_embed (one fused kernel)
-    z'  = MSA(LN(z)) + z                                    norm1 + qkv Linear, ops.attention, proj Linear
+    z'  = MSA(LN(z)) + z                                    ops.layernorm_linear (norm1 + qkv), ops.attention,
+                                                            ops.linear_residual (proj + residual)
     z   = MLP(LN(z')) + z'                                  ops.layernorm_mlp (LN, fc1, GELU, fc2, residual fused)
     y   = head(LN(z_L^0))
 
@@ -46,14 +47,22 @@ class Block(reference.Block):
             self._fallback("attn_drop_rate")
             branch = attn(self.norm1(x))
         else:
-            qkv = F.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)  # (B, N, 3 * D)
+            qkv = ops.layernorm_linear(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                                       self.norm1.eps, backend=self.backend)  # (B, N, 3 * D)
             if not isinstance(attn.q_norm, nn.Identity):  # qk_norm: LayerNorm q and k over head_dim (eager)
                 B, N, _ = qkv.shape
                 q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
                 qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(B, N, -1)
             o = ops.attention(qkv, attn.num_heads, attn.scale, backend=self.backend)  # (B, N, D)
-            branch = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-        x = x + self.drop_path1(self.ls1(branch))
+            branch_ops = self.training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0)
+            if not branch_ops and isinstance(self.ls1, nn.Identity):
+                # proj bias + residual add in the GEMM epilogue
+                x = ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x, backend=self.backend)
+                branch = None
+            else:  # dropout / stochastic depth / LayerScale act on the branch before the residual add
+                branch = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
+        if branch is not None:
+            x = x + self.drop_path1(self.ls1(branch))
         # z = MLP(LN(z')) + z'
         if self.training and mlp.drop1.p > 0:
             self._fallback("proj_drop_rate")

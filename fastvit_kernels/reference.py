@@ -1,6 +1,7 @@
 """Plain eager PyTorch: the spec every kernel is held to, the CPU path, and the baseline of the benchmarks.
 
-* ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``: one function per fused op, same arguments and
+* ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``, ``layernorm_linear_ref``,
+  ``linear_residual_ref``: one function per fused op, same arguments and
   semantics as the op in :mod:`fastvit_kernels.ops`.
 * ``VisionTransformer``: a ViT that follows timm's ``VisionTransformer`` computation step for step (timm 1.0,
   ``timm/models/vision_transformer.py``; Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021):
@@ -126,6 +127,40 @@ def layernorm_mlp_ref(
     h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     y = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
     return x + y if add_residual else y
+
+
+def layernorm_linear_ref(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float = LN_EPS,
+) -> torch.Tensor:
+    """norm1 + qkv of a pre-norm ViT block: ``linear(layernorm(x), weight, bias)``.
+
+    Args:
+        x: (B, N, D). norm_weight, norm_bias: (D,). weight: (N_out, D), bias: (N_out,) or None.
+        eps: LayerNorm epsilon (timm ViT: 1e-6).
+
+    Returns:
+        (B, N, N_out), dtype of ``x``.
+    """
+    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), weight, bias)
+
+
+def linear_residual_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """The attention output projection plus the residual: ``residual + linear(x, weight, bias)``.
+
+    Args:
+        x: (B, N, K). weight: (N_out, K), bias: (N_out,) or None. residual: (B, N, N_out).
+
+    Returns:
+        (B, N, N_out), dtype of ``x``.
+    """
+    return residual + F.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------

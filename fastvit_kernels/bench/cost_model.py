@@ -5,12 +5,13 @@ MODELLED, not measured: no GPU was involved in any number this module prints.
 
 Plans (lists of :class:`Launch`, in execution order):
 
-* ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it today (v1): the fused
-  ``fastvit::patch_embed_*``, ``fastvit::attention_*`` and ``fastvit::layernorm_mlp_*`` custom ops, with one
+* ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it today: the fused
+  ``fastvit::patch_embed_*``, ``fastvit::layernorm_linear_*`` (norm1 + qkv), ``fastvit::attention_*``,
+  ``fastvit::linear_residual_*`` (proj + residual) and ``fastvit::layernorm_mlp_*`` custom ops, with one
   launch per Triton kernel their launchers in ``kernels/`` issue (GEMM core, row stats, LayerNorm backward,
   column sums, attention forward / preprocess / dK dV / dQ, class row), and the parts ``model.py`` still runs
-  through aten: norm1 LayerNorm, the qkv and proj Linears (cuBLAS), the attention residual add, the head and
-  the loss (the ops' non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``).
+  through aten: the gradient-accumulation add of the attention half's input, the head and the loss (the ops'
+  non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``).
 * ``"eager"``: the reference ``VisionTransformer`` (timm's computation, ``fused_attn=True``) as PyTorch
   dispatches it on a GPU: cuDNN convolution + bias add, cat and position add, cuBLAS GEMMs with the bias in
   the epilogue (addmm), LayerNorm forward (1 kernel) and backward (dx + dgamma/dbeta kernels), GELU and its
@@ -336,13 +337,16 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
            ("_prefix_rows_kernel", 0, 2 * D * e, B * D * e, T, "class row: cls_token + pos_embed[0]"))
     for _ in range(L):
         b.cls = "ln_qkv"
-        b.layer_norm(M, D, e)
-        b.addmm(M, D, 3 * D, e)
+        b.call("fastvit.layernorm_linear_fwd",
+               ("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T),
+               ("_matmul_kernel", 2 * M * D * 3 * D, M * D * e + 2 * M * F32 + 2 * D * e + 3 * D * D * e + 3 * D * e,
+                M * 3 * D * e, T, "LayerNorm prologue; bias epilogue"))
         b.cls = "attention"
         b.call("fastvit.attention_fwd", ("_attention_fwd_kernel", att, 3 * M * D * e, M * D * e + lse, T))
         b.cls = "proj"
-        b.addmm(M, D, D, e)
-        b.add(M * D, e, "residual")
+        b.call("fastvit.linear_residual_fwd",
+               ("_matmul_kernel", 2 * M * D * D, M * D * e + D * D * e + D * e + M * D * e, M * D * e, T,
+                "bias + residual epilogue"))
         b.cls = "mlp"
         b.call("fastvit.layernorm_mlp_fwd",
                ("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T),
@@ -372,15 +376,25 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
                ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dgamma"),
                ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dbeta"))
         b.cls = "proj"
-        b.linear_bwd(M, D, D, e)
+        b.call("fastvit.linear_residual_bwd",
+               ("_matmul_kernel", 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"),
+               ("_matmul_kernel", 2 * M * D * D, 2 * M * D * e, D * D * e, T, "dW"),
+               ("_column_sum_kernel", 0, M * D * e, D * e, T, "db (residual grad = dY: no kernel)"))
         b.cls = "attention"
         b.call("fastvit.attention_bwd",
                ("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T),
                ("_attention_bwd_dkdv_kernel", 8 * B * N * N * D, 4 * M * D * e + 2 * lse, 2 * M * D * e, T),
                ("_attention_bwd_dq_kernel", 6 * B * N * N * D, 4 * M * D * e + 2 * lse, M * D * e, T))
         b.cls = "ln_qkv"
-        b.linear_bwd(M, D, 3 * D, e)
-        b.layer_norm_bwd(M, D, e)
+        b.call("fastvit.layernorm_linear_bwd",
+               ("_matmul_kernel", 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                3 * D * D * e, T, "dW; LayerNorm recomputed"),
+               ("_column_sum_kernel", 0, 3 * M * D * e, 3 * D * e, T, "db"),
+               ("_matmul_kernel", 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
+               ("_layernorm_bwd_kernel", 0, 2 * M * D * e + D * e + 2 * M * F32, M * D * e + 2 * P * D * F32, T,
+                "dx; fp32 dgamma/dbeta partials"),
+               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dgamma"),
+               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dbeta"))
         b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
     b.cls = "patch_embed"
     b.call("fastvit.patch_embed_bwd",

@@ -249,10 +249,33 @@ def _layernorm_mlp_bwd_flop(dout, x, preact, mean, rstd, norm_weight, norm_bias,
     return 2 * mlp_flops(M, D, fc1_weight[0])
 
 
+def _layernorm_linear_fwd_flop(x, norm_weight, norm_bias, weight, *args, out_shape=None, **kwargs) -> int:
+    M, D = x
+    return linear_flops(M, D, weight[0])
+
+
+def _layernorm_linear_bwd_flop(dout, x, mean, rstd, norm_weight, norm_bias, weight, *args, out_shape=None,
+                               **kwargs) -> int:
+    M, D = x
+    return 2 * linear_flops(M, D, weight[0])
+
+
+def _linear_residual_fwd_flop(x, weight, *args, out_shape=None, **kwargs) -> int:
+    M, K = x
+    return linear_flops(M, K, weight[0])
+
+
+def _linear_residual_bwd_flop(dout, x, weight, *args, out_shape=None, **kwargs) -> int:
+    M, K = x
+    return 2 * linear_flops(M, K, weight[0])
+
+
 _FORMULAS = {
     "patch_embed_fwd": _patch_embed_fwd_flop, "patch_embed_bwd": _patch_embed_bwd_flop,
     "attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop,
     "layernorm_mlp_fwd": _layernorm_mlp_fwd_flop, "layernorm_mlp_bwd": _layernorm_mlp_bwd_flop,
+    "layernorm_linear_fwd": _layernorm_linear_fwd_flop, "layernorm_linear_bwd": _layernorm_linear_bwd_flop,
+    "linear_residual_fwd": _linear_residual_fwd_flop, "linear_residual_bwd": _linear_residual_bwd_flop,
 }
 
 

@@ -9,8 +9,9 @@ Method:
 2. one instrumented step: a ``TorchDispatchMode`` sees every op PyTorch dispatches (aten ops and the
    ``fastvit::*`` custom ops) and times it (a CUDA event after each op on a GPU; wall clock on the CPU). Each
    op is given an op class: in the forward from the module it runs in (``torch.utils.module_tracker``), the
-   public op it runs under (``fastvit_kernels.ops.patch_embed`` / ``attention`` / ``layernorm_mlp`` are wrapped
-   for the duration of the step) or, for FastViT's inline qkv / proj Linears, its shapes; in the backward from
+   public op it runs under (``fastvit_kernels.ops.patch_embed`` / ``layernorm_linear`` / ``attention`` /
+   ``linear_residual`` / ``layernorm_mlp`` are wrapped for the duration of the step) or, for inline Linears (a
+   block's proj under LayerScale / dropout), its shapes; in the backward from
    the autograd node that runs it (a pre-hook on every node the forward created carries the forward op's class).
 3. each class's share of the instrumented step, applied to the measured step time. The instrumentation adds
    CPU work per op, so the shares of classes made of many small ops are over-stated a little.
@@ -35,7 +36,8 @@ from .devices import Peak
 from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, flops_by_class
 
 _GEMM_OPS = {"aten.addmm", "aten.mm", "aten.sum", "aten.linear", "aten.matmul", "aten.bmm"}
-_PUBLIC_OPS = {"patch_embed": "patch_embed", "attention": "attention", "layernorm_mlp": "mlp"}
+_PUBLIC_OPS = {"patch_embed": "patch_embed", "attention": "attention", "layernorm_mlp": "mlp",
+               "layernorm_linear": "ln_qkv", "linear_residual": "proj"}
 
 
 class _Timer:
@@ -115,6 +117,8 @@ class _OpClassMode(TorchDispatchMode):
         if self.phase == "backward":
             return self.bwd_class or "head"
         if self.scope:
+            # a block whose ops all run inside public ops never reaches _module_class: note the block here
+            self.seen_block = self.seen_block or any(p.split(".")[1:2] == ["blocks"] for p in self.tracker.parents)
             return self.scope[-1]
         return self._module_class(op, args, out)
 
@@ -168,7 +172,7 @@ class _GradFnTagger(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _public_op_scopes(mode: _OpClassMode):
-    """Wrap fastvit_kernels.ops.{patch_embed, attention, layernorm_mlp} (which model.py looks up at call time)
+    """Wrap the public ops of ``_PUBLIC_OPS`` in fastvit_kernels.ops (which model.py looks up at call time)
     so that the ops they dispatch, whatever the backend, take their class; restored on exit."""
     from .. import ops
 

@@ -21,12 +21,24 @@ Numerics:
   use tensor cores. fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``, no TF32), so fp32 results match
   an fp32 reference up to summation order.
 
-Caveats (v1, 2026-11):
-* head_dim that is not a power of two (40, 48, 72, 80, 88, 96) is padded to the next power of two in registers
-  (``BLOCK_D``) with a column mask; e.g. head_dim 80 does the work of 128. A later issue splits the head dim into
-  power-of-two chunks instead.
-* Block sizes are fixed per (N, head_dim) by :func:`_attention_config`, not autotuned yet.
-* The column stride of every tensor must be 1 (the op in ``ops/`` guarantees it).
+Head dim (2026-11): split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
+the binary decomposition of head_dim rounded up to 16, the smallest ``tl.dot`` edge), so at most 8 columns of any
+supported head dim are padding: 80 = 64 + 16, 72 = 64 + 16 (8 masked), 88 = 64 + 32 (8 masked), 40 = 32 + 16
+(8 masked), 48 = 32 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16; 32 / 64 / 128 are one chunk. Every dot over the head dim
+is a sum of per-chunk dots (``S = q0 k0^T + q1 k1^T``), and O, dV, dK, dQ are accumulated per chunk.
+
+Tiles (2026-11): on a GPU every kernel except the delta pre-pass is a ``triton.autotune`` over the candidates of
+:func:`attention_configs`, pruned per call by :func:`keep`, keyed by the sequence-length bucket ``N_BUCKET``
+(next power of two of N), ``N_ALIGN``, ``HEAD_DIM`` and the dtype, so distinct N inside a bucket re-tune or
+recompile only when their alignment class differs (``N_ALIGN``, and Triton's own N % 16 specialisation).
+``EVEN_N`` (no sequence-tail masks) is derived inside the kernels from the constexpr ``N_ALIGN`` (the
+largest power of two <= 256 dividing N), so it is free when N is a multiple of the tiles and costs one compile per
+alignment class, not per N. Under the interpreter (``TRITON_INTERPRET=1``) one fixed small config is used
+(:func:`_interpreter_config`), so CPU tests stay fast. No GPU timing has been taken yet: the candidates were checked
+only statically (``python -m fastvit_kernels.aot check``: builds, no spills, tensor cores; see :func:`keep`).
+
+Caveats: the column stride of every tensor must be 1 (the op in ``ops/`` guarantees it). The autotuned (GPU) launch
+path has only been compiled (AOT check), not run: the tests run the interpreter path.
 """
 
 from __future__ import annotations
@@ -35,50 +47,163 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision
+from ._common import dot_precision, interpreting
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 # Finite "minus infinity" for masked scores: exp2(MASK_VALUE - m) == 0, and never inf - inf = NaN.
 MASK_VALUE: tl.constexpr = tl.constexpr(-1.0e30)
+MAX_BLOCK = 256  # the largest BLOCK_M / BLOCK_N of any candidate (N_ALIGN is capped here)
+# Decided once, when the kernels are defined (as Triton decides between compiling and interpreting).
+AUTOTUNE = not interpreting()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers
+# configuration (host side)
 # ----------------------------------------------------------------------------------------------------------------
-def _attention_config(N: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options for one attention call (fixed in v1; autotuning comes later).
+def head_dim_chunks(head_dim: int) -> tuple[int, int, int]:
+    """Split a head dim into power-of-two column chunks for the kernels' dots.
 
     Args:
-        N: sequence length.
-        head_dim: per-head width.
-        dtype: the input dtype.
+        head_dim: per-head width, 1 .. 128 (the op allows multiples of 8 up to 128).
 
     Returns:
-        dict with BLOCK_M (query rows per tile), BLOCK_N (key rows per tile), BLOCK_D (head_dim padded to a power of
-        two), num_warps, num_stages.
+        (D0, D1, D2): decreasing powers of two >= 16, or 0 for an absent chunk, with D0 + D1 + D2 = head_dim rounded
+        up to a multiple of 16 (the binary decomposition of that), so fewer than 16 columns are padding; e.g.
+        80 -> (64, 16, 0), 88 -> (64, 32, 0), 112 -> (64, 32, 16), 120 -> (128, 0, 0).
 
-    Chosen from ahead-of-time sm_90 / sm_80 builds at ViT-B/L/H shapes with Triton 3.6 and 3.9 (ptxas register
-    and spill counts), no timings yet: fp16/bf16 64 x 64 tiles use wgmma / mma.sync; with 4 warps the dK/dV kernel
-    hit 255 registers and spilled a little (Triton 3.6, sm_90); 8 warps remove that except 12 bytes left at
-    BLOCK_D = 128 with Triton 3.6 on sm_90 (none with 3.9). IEEE fp32 dots run on the FMA units with their operand
-    tiles in registers, so fp32 takes smaller tiles: 64 x 64 spilled up to 40 KB per thread at head_dim 128;
-    32 x 32 (8 warps, 1 stage) and, for BLOCK_D = 128, 16 x 16 do not spill with 8 warps (with 4 warps the AOT
-    check, ``python -m fastvit_kernels.aot check``, found 16 B of spills at head_dim 80 with Triton 3.9: dK/dV on
-    sm_80, and the forward on sm_90 with 1 stage).
+    Raises:
+        ValueError: head_dim outside [1, 128] (more would need a fourth chunk).
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    # 16 is tl.dot's minimum tile edge; small N takes small tiles (less masked work; fewer interpreter steps).
-    block = 16 if N <= 16 else 32 if N <= 32 else 64
+    if not 1 <= head_dim <= 128:
+        raise ValueError(f"head_dim must be in [1, 128]; got {head_dim}")
+    rest = -(-head_dim // 16) * 16
+    chunks = []
+    while rest:
+        chunks.append(1 << (rest.bit_length() - 1))
+        rest -= chunks[-1]
+    assert len(chunks) <= 3, (head_dim, chunks)
+    return tuple(chunks + [0] * (3 - len(chunks)))
+
+
+def n_bucket(N: int) -> int:
+    """Autotune bucket of a sequence length: the next power of two (197 -> 256, 257 -> 512)."""
+    return triton.next_power_of_2(N)
+
+
+def n_align(N: int) -> int:
+    """The largest power of two <= MAX_BLOCK that divides N, or 1 when that is below 16 (the smallest tile).
+
+    A tile of BLOCK rows (a power of two, 16 .. MAX_BLOCK) divides N exactly when ``n_align(N) % BLOCK == 0``, so the
+    kernels derive EVEN_N from this constexpr: 197 and 257 -> 1, 192 -> 64, 256 -> 256."""
+    a = min(N & -N, MAX_BLOCK)
+    return a if a >= 16 else 1
+
+
+def _device_arch(t: torch.Tensor) -> int | None:
+    """Compute capability of a CUDA tensor's device as 80 / 90 / ..., or None off CUDA (the AOT trace)."""
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | None, arch: int | None,
+                      n_bkt: int | None) -> list:
+    """Autotune candidates for one attention kernel at one (head_dim, dtype, GPU arch, N bucket).
+
+    Args:
+        kernel: "fwd" (BLOCK_M query rows per program, BLOCK_N key rows per step), "dkdv" (BLOCK_N key rows per
+            program, BLOCK_M query rows per step) or "dq" (as "fwd").
+        head_dim, dtype, arch (80, 90, ... or None: any), n_bkt (:func:`n_bucket` of N): the call; None in all
+            four gives every candidate of the kernel (the autotuner's full list, pruned per call).
+
+    Returns:
+        list of ``triton.Config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) that pass :func:`keep`; never empty.
+
+    fp16 / bf16: the M side of every dot (fwd / dq: BLOCK_M, dkdv: BLOCK_N) is 64 or 128 rows, so sm_90 uses
+    warpgroup MMA. BLOCK_N = 256 is the one-pass forward tile (a whole head's K and V in one step) for N <= 256
+    (ViT-B/L at 224 px: N = 197); it is listed but pruned by :func:`keep` (it spills). IEEE fp32 dots run on the
+    FMA units with their operand tiles in registers, hence the small fp32 tiles.
+    """
+    low = [] if dtype == torch.float32 else {
+        "fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 1), (64, 256, 8, 2),
+                (128, 256, 8, 1)],
+        "dkdv": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
+        "dq": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2)],
+    }[kernel]
+    fp32 = [(32, 32, 8, 1), (16, 16, 8, 1)] if dtype in (torch.float32, None) else []
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+               for bm, bn, w, s in low + fp32]
+    if dtype is None:
+        return configs
+    kept = [c for c in configs if keep(c, kernel, head_dim, dtype, arch, n_bkt)]
+    assert kept, (kernel, head_dim, dtype, arch, n_bkt)
+    return kept
+
+
+def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None, n_bkt: int) -> bool:
+    """Whether a candidate of :func:`attention_configs` is worth benchmarking for this call (see there for args).
+
+    Pruned, and why (the spill figures are from ``python -m fastvit_kernels.aot check``, Triton 3.9, bf16 at ViT-B/16
+    and ViT-H/14 shapes: static, not timings). The AOT trace cannot know the GPU, so it checks the candidates kept
+    for ``arch=None`` on every target; a tile that spills on one target is therefore dropped everywhere (no
+    candidate is arch-specific yet; ``arch`` is in the signature for when one is):
+    * fp32: one tile per head dim (no tuning): 32 x 32, 8 warps, 1 stage up to a chunked width of 80 (checked at 64
+      and 80: no spills); 16 x 16 above (v1's AOT check found spills with 32 x 32 at head_dim 128). With 2 stages
+      16 x 16 spilled 8 B at head_dim 80 on sm_90, so both use 1 stage.
+    * tiles longer than the sequence bucket (beyond 64 rows): they only add masked work.
+    * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
+      but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
+    * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80.
+    """
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    width = sum(head_dim_chunks(head_dim))
     if dtype == torch.float32:
-        if block_d <= 64:
-            return dict(BLOCK_M=min(block, 32), BLOCK_N=min(block, 32), BLOCK_D=block_d, num_warps=8, num_stages=1)
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8 if block == 64 else 4, num_stages=2)
+        return (bm == 32) == (width <= 80)
+    if max(bm, bn) > max(64, n_bkt):
+        return False
+    if kernel == "fwd" and bn == 256:
+        return False
+    if kernel == "dq" and (bm, bn) == (64, 128):
+        return False
+    return True
 
 
+def _interpreter_config(N: int) -> dict:
+    """The one config under the interpreter: tiles of 16 / 32 / 64 rows by N (fewer Python steps than smaller
+    tiles, little masked work at small N); warps and stages are ignored by the interpreter."""
+    block = 16 if N <= 16 else 32 if N <= 32 else 64
+    return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
+
+
+def _autotuned(kernel: str):
+    """Decorator: ``triton.autotune`` over :func:`attention_configs` on a GPU, the bare kernel under the interpreter.
+
+    Not ``reset_to_zero`` / ``restore_value``: the kernels only write outputs they fully overwrite, so re-running one
+    while benchmarking is harmless."""
+    if not AUTOTUNE:
+        return lambda fn: fn
+
+    def prune(configs, nargs, **kwargs):
+        qkv = nargs["QKV"]
+        return attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
+
+    return triton.autotune(configs=attention_configs(kernel, None, None, None, None),
+                           key=["N_BUCKET", "N_ALIGN", "HEAD_DIM"],  # + the tensors' dtypes (added by Triton)
+                           prune_configs_by={"early_config_prune": prune})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers (device side): a (rows, head_dim) tile as up to three power-of-two column chunks c0 | c1 | c2
+# ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(ptrs, offs_rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile, zero-filling rows >= N and columns >= HEAD_DIM (masks only where needed)."""
+def _load_chunk(base, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                EVEN_N: tl.constexpr):
+    """Load columns [COL, COL + WIDTH) of rows ``offs_rows`` (row stride ``stride_n``, columns contiguous from
+    ``base``), zero-filling rows >= N (unless EVEN_N) and columns >= HEAD_DIM (masks only where needed)."""
+    EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
+    offs_d = COL + tl.arange(0, WIDTH)
+    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]
     if EVEN_N:
         if EVEN_D:
             tile = tl.load(ptrs)
@@ -93,9 +218,13 @@ def _load_tile(ptrs, offs_rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_N: tl.co
 
 
 @triton.jit
-def _store_tile(ptrs, tile, offs_rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr,
-                EVEN_D: tl.constexpr):
-    """Store a (rows, BLOCK_D) tile, skipping rows >= N and columns >= HEAD_DIM."""
+def _store_chunk(base, tile, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 EVEN_N: tl.constexpr):
+    """Store ``tile`` (rows, WIDTH) as columns [COL, COL + WIDTH), skipping rows >= N and columns >= HEAD_DIM."""
+    EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
+    offs_d = COL + tl.arange(0, WIDTH)
+    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]
+    tile = tile.to(base.dtype.element_ty)
     if EVEN_N:
         if EVEN_D:
             tl.store(ptrs, tile)
@@ -106,6 +235,78 @@ def _store_tile(ptrs, tile, offs_rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_N
             tl.store(ptrs, tile, mask=offs_rows[:, None] < N)
         else:
             tl.store(ptrs, tile, mask=(offs_rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _load_chunks(base, offs_rows, stride_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                 D2: tl.constexpr, EVEN_N: tl.constexpr):
+    """(c0, c1, c2): a (rows, head_dim) tile as column chunks of widths D0, D1, D2 (see :func:`_load_chunk`). An
+    absent chunk (width 0) is returned as c0, a placeholder that no caller reads."""
+    c0 = _load_chunk(base, offs_rows, stride_n, N, 0, D0, HEAD_DIM, EVEN_N)
+    c1 = c0
+    c2 = c0
+    if D1 > 0:
+        c1 = _load_chunk(base, offs_rows, stride_n, N, D0, D1, HEAD_DIM, EVEN_N)
+    if D2 > 0:
+        c2 = _load_chunk(base, offs_rows, stride_n, N, D0 + D1, D2, HEAD_DIM, EVEN_N)
+    return c0, c1, c2
+
+
+@triton.jit
+def _store_chunks(base, c0, c1, c2, offs_rows, stride_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                  D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr):
+    """Store the chunks of a (rows, head_dim) tile in base's dtype (see :func:`_store_chunk`)."""
+    _store_chunk(base, c0, offs_rows, stride_n, N, 0, D0, HEAD_DIM, EVEN_N)
+    if D1 > 0:
+        _store_chunk(base, c1, offs_rows, stride_n, N, D0, D1, HEAD_DIM, EVEN_N)
+    if D2 > 0:
+        _store_chunk(base, c2, offs_rows, stride_n, N, D0 + D1, D2, HEAD_DIM, EVEN_N)
+
+
+@triton.jit
+def _zeros_chunks(ROWS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """fp32 zero accumulators (ROWS, D0), (ROWS, D1), (ROWS, D2); an absent chunk is the first (never read)."""
+    a0 = tl.zeros([ROWS, D0], dtype=tl.float32)
+    a1 = a0
+    a2 = a0
+    if D1 > 0:
+        a1 = tl.zeros([ROWS, D1], dtype=tl.float32)
+    if D2 > 0:
+        a2 = tl.zeros([ROWS, D2], dtype=tl.float32)
+    return a0, a1, a2
+
+
+@triton.jit
+def _scale_chunks(a0, a1, a2, factor, D1: tl.constexpr, D2: tl.constexpr):
+    """(a0 * factor, a1 * factor, a2 * factor) for the present chunks (factor broadcasts: a scalar or (rows, 1))."""
+    a0 = a0 * factor
+    if D1 > 0:
+        a1 = a1 * factor
+    if D2 > 0:
+        a2 = a2 * factor
+    return a0, a1, a2
+
+
+@triton.jit
+def _dot_nt(a0, a1, a2, b0, b1, b2, D1: tl.constexpr, D2: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """a @ b^T over the head dim as the sum of the chunks' dots, fp32: (rows_a, rows_b)."""
+    acc = tl.dot(a0, tl.trans(b0), input_precision=INPUT_PRECISION)
+    if D1 > 0:
+        acc = tl.dot(a1, tl.trans(b1), acc, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        acc = tl.dot(a2, tl.trans(b2), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _dot_acc(acc0, acc1, acc2, p, b0, b1, b2, D1: tl.constexpr, D2: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc_c += p @ b_c per chunk: p (rows, K) in the operand dtype, b_c (K, D_c), acc_c (rows, D_c) fp32."""
+    acc0 = tl.dot(p, b0, acc0, input_precision=INPUT_PRECISION)
+    if D1 > 0:
+        acc1 = tl.dot(p, b1, acc1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        acc2 = tl.dot(p, b2, acc2, input_precision=INPUT_PRECISION)
+    return acc0, acc1, acc2
 
 
 @triton.jit
@@ -121,6 +322,7 @@ def _load_row(ptrs, offs_rows, N, EVEN_N: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------------
+@_autotuned("fwd")
 @triton.jit
 def _attention_fwd_kernel(
     QKV,  # (B, N, 3 * D) input: q | k | v, head h of each at column h * HEAD_DIM of its third
@@ -133,14 +335,15 @@ def _attention_fwd_kernel(
     N,  # sequence length
     H,  # number of heads
     D,  # model width H * HEAD_DIM: offset of k (D) and v (2 * D) in a qkv row
+    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
     HEAD_DIM: tl.constexpr,  # per-head width
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (columns >= HEAD_DIM are masked)
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
+    N_ALIGN: tl.constexpr,  # n_align(N): largest power of two <= 256 dividing N (1 if < 16)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
-    EVEN_N: tl.constexpr,  # N is a multiple of BLOCK_M and BLOCK_N: no sequence-tail masks
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
 ):
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)  # no sequence-tail masks
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -148,36 +351,34 @@ def _attention_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    qkv_base = QKV + b * stride_qkv_b + h * HEAD_DIM
-    q_ptrs = qkv_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :]
-    k_ptrs = qkv_base + D + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
-    v_ptrs = qkv_base + 2 * D + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
+    q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
+    k_base = q_base + D
+    v_base = q_base + 2 * D
 
-    q = _load_tile(q_ptrs, offs_m, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
+    q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     m_i = tl.full([BLOCK_M], MASK_VALUE, dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc0, acc1, acc2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
 
     for start_n in range(0, N, BLOCK_N):
         offs_kn = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_qkv_n, offs_kn, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        k0, k1, k2 = _load_chunks(k_base, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        s = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, INPUT_PRECISION) * qk_scale
         if not EVEN_N:
             s = tl.where(offs_kn[None, :] < N, s, MASK_VALUE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs + start_n * stride_qkv_n, offs_kn, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        v0, v1, v2 = _load_chunks(v_base, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        acc0, acc1, acc2 = _scale_chunks(acc0, acc1, acc2, alpha[:, None], D1, D2)
+        acc0, acc1, acc2 = _dot_acc(acc0, acc1, acc2, p.to(v0.dtype), v0, v1, v2, D1, D2, INPUT_PRECISION)
         m_i = m_new
 
     # l_i >= 1 for every row (the row max contributes exp2(0)), so the division and log2 are safe.
-    acc = acc / l_i[:, None]
-    out_ptrs = Out + b * stride_out_b + h * HEAD_DIM + offs_m[:, None] * stride_out_n + offs_d[None, :]
-    _store_tile(out_ptrs, acc.to(Out.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
+    acc0, acc1, acc2 = _scale_chunks(acc0, acc1, acc2, 1.0 / l_i[:, None], D1, D2)
+    out_base = Out + b * stride_out_b + h * HEAD_DIM
+    _store_chunks(out_base, acc0, acc1, acc2, offs_m, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     lse_ptrs = Lse + b * stride_lse_b + h * stride_lse_h + offs_m
     if EVEN_N:
         tl.store(lse_ptrs, m_i + tl.math.log2(l_i))
@@ -196,22 +397,25 @@ def _attention_bwd_preprocess_kernel(
     N,  # sequence length
     H,  # number of heads
     HEAD_DIM: tl.constexpr,  # per-head width
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
+    N_ALIGN: tl.constexpr,  # n_align(N)
     BLOCK_M: tl.constexpr,  # rows per program
-    EVEN_N: tl.constexpr,  # N is a multiple of BLOCK_M
 ):
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_N: tl.constexpr = N_ALIGN % BLOCK_M == 0
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs = Out + b * stride_out_b + h * HEAD_DIM + offs_m[:, None] * stride_out_n + offs_d[None, :]
-    do_ptrs = DOut + b * stride_do_b + h * HEAD_DIM + offs_m[:, None] * stride_do_n + offs_d[None, :]
-    o = _load_tile(o_ptrs, offs_m, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D).to(tl.float32)
-    do = _load_tile(do_ptrs, offs_m, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    o0, o1, o2 = _load_chunks(Out + b * stride_out_b + h * HEAD_DIM, offs_m, stride_out_n, N, HEAD_DIM, D0, D1, D2,
+                              EVEN_N)
+    do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
+                                 D2, EVEN_N)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+    if D2 > 0:
+        delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
     delta_ptrs = Delta + b * stride_delta_b + h * stride_delta_h + offs_m
     if EVEN_N:
         tl.store(delta_ptrs, delta)
@@ -219,6 +423,7 @@ def _attention_bwd_preprocess_kernel(
         tl.store(delta_ptrs, delta, mask=offs_m < N)
 
 
+@_autotuned("dkdv")
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     QKV,  # (B, N, 3 * D) forward input (q | k | v)
@@ -235,14 +440,15 @@ def _attention_bwd_dkdv_kernel(
     N,  # sequence length
     H,  # number of heads
     D,  # model width H * HEAD_DIM
+    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
     HEAD_DIM: tl.constexpr,  # per-head width
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
+    N_ALIGN: tl.constexpr,  # n_align(N)
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows per program
-    EVEN_N: tl.constexpr,  # N is a multiple of BLOCK_M and BLOCK_N
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
 ):
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -250,27 +456,23 @@ def _attention_bwd_dkdv_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    qkv_base = QKV + b * stride_qkv_b + h * HEAD_DIM
-    k = _load_tile(qkv_base + D + offs_n[:, None] * stride_qkv_n + offs_d[None, :],
-                   offs_n, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-    v = _load_tile(qkv_base + 2 * D + offs_n[:, None] * stride_qkv_n + offs_d[None, :],
-                   offs_n, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-    q_ptrs = qkv_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :]
-    do_ptrs = DOut + b * stride_do_b + h * HEAD_DIM + offs_m[:, None] * stride_do_n + offs_d[None, :]
+    q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
+    do_base = DOut + b * stride_do_b + h * HEAD_DIM
+    k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     lse_ptrs = Lse + b * stride_lse_b + h * stride_lse_h + offs_m
     delta_ptrs = Delta + b * stride_lse_b + h * stride_lse_h + offs_m
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
+    dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
     for start_m in range(0, N, BLOCK_M):
         offs_qm = start_m + offs_m
-        q = _load_tile(q_ptrs + start_m * stride_qkv_n, offs_qm, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-        do = _load_tile(do_ptrs + start_m * stride_do_n, offs_qm, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
+        q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         lse = _load_row(lse_ptrs + start_m, offs_qm, N, EVEN_N)
         delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
         # Transposed probabilities P^T (BLOCK_N, BLOCK_M), recomputed from q, k and the saved lse.
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        s_t = _dot_nt(k0, k1, k2, q0, q1, q2, D1, D2, INPUT_PRECISION) * qk_scale
         if not EVEN_N:
             # Padded key rows (offs_n >= N) are never stored, but exp2(0 - lse) there can be inf (see the dq
             # kernel); mask them so no inf / NaN is ever formed.
@@ -278,17 +480,18 @@ def _attention_bwd_dkdv_kernel(
         # Padded query columns (offs_qm >= N) need no mask: q, lse, dO and delta load as 0 there, so p_t is
         # exp2(0) = 1 (finite) and both its dV and its dS terms are multiplied by dO = 0 / (dp_t - delta) = 0.
         p_t = tl.math.exp2(s_t - lse[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dv0, dv1, dv2 = _dot_acc(dv0, dv1, dv2, p_t.to(do0.dtype), do0, do1, do2, D1, D2, INPUT_PRECISION)
+        dp_t = _dot_nt(v0, v1, v2, do0, do1, do2, D1, D2, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        dk0, dk1, dk2 = _dot_acc(dk0, dk1, dk2, ds_t.to(q0.dtype), q0, q1, q2, D1, D2, INPUT_PRECISION)
 
-    dk = dk * sm_scale
-    dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM + offs_n[:, None] * stride_dqkv_n + offs_d[None, :]
-    _store_tile(dqkv_base + D, dk.to(DQKV.dtype.element_ty), offs_n, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-    _store_tile(dqkv_base + 2 * D, dv.to(DQKV.dtype.element_ty), offs_n, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
+    dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
+    dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
+    _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
 
+@_autotuned("dq")
 @triton.jit
 def _attention_bwd_dq_kernel(
     QKV,  # (B, N, 3 * D) forward input (q | k | v)
@@ -305,14 +508,15 @@ def _attention_bwd_dq_kernel(
     N,  # sequence length
     H,  # number of heads
     D,  # model width H * HEAD_DIM
+    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
     HEAD_DIM: tl.constexpr,  # per-head width
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
+    N_ALIGN: tl.constexpr,  # n_align(N)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
-    EVEN_N: tl.constexpr,  # N is a multiple of BLOCK_M and BLOCK_N
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
 ):
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -320,40 +524,42 @@ def _attention_bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    qkv_base = QKV + b * stride_qkv_b + h * HEAD_DIM
-    q = _load_tile(qkv_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :],
-                   offs_m, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-    do = _load_tile(DOut + b * stride_do_b + h * HEAD_DIM + offs_m[:, None] * stride_do_n + offs_d[None, :],
-                    offs_m, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
+    q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
+    q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
+                                 D2, EVEN_N)
     lse = _load_row(Lse + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
     delta = _load_row(Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
-    k_ptrs = qkv_base + D + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
-    v_ptrs = qkv_base + 2 * D + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq0, dq1, dq2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
     for start_n in range(0, N, BLOCK_N):
         offs_kn = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_qkv_n, offs_kn, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-        v = _load_tile(v_ptrs + start_n * stride_qkv_n, offs_kn, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        k0, k1, k2 = _load_chunks(q_base + D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        s = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, INPUT_PRECISION) * qk_scale
         if not EVEN_N:
             # Padded keys load k = v = 0, so s = 0 and exp2(0 - lse) would overflow to inf when every real score
             # is very negative (inf * 0 = NaN in dS @ K). The finite mask value makes their P exactly 0.
             s = tl.where(offs_kn[None, :] < N, s, MASK_VALUE)
         p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        dp = _dot_nt(do0, do1, do2, v0, v1, v2, D1, D2, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        dq0, dq1, dq2 = _dot_acc(dq0, dq1, dq2, ds.to(k0.dtype), k0, k1, k2, D1, D2, INPUT_PRECISION)
 
-    dq = dq * sm_scale
-    dq_ptrs = DQKV + b * stride_dqkv_b + h * HEAD_DIM + offs_m[:, None] * stride_dqkv_n + offs_d[None, :]
-    _store_tile(dq_ptrs, dq.to(DQKV.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_N, EVEN_D)
+    dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
+    _store_chunks(DQKV + b * stride_dqkv_b + h * HEAD_DIM, dq0, dq1, dq2, offs_m, stride_dqkv_n, N, HEAD_DIM, D0, D1,
+                  D2, EVEN_N)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
+def _tiles(N: int) -> dict:
+    """Launch keyword arguments for the autotuned kernels: none on a GPU (the autotuner picks), the fixed
+    interpreter config otherwise."""
+    return {} if AUTOTUNE else _interpreter_config(N)
+
+
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward attention on a packed qkv tensor.
 
@@ -375,18 +581,16 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
         return out, lse
     assert qkv.dim() == 3 and qkv.stride(-1) == 1, (tuple(qkv.shape), qkv.stride())
     assert three_d == 3 * D and D == num_heads * head_dim and N >= 1
-    cfg = _attention_config(N, head_dim, qkv.dtype)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(N, block_m), B * num_heads)
+    d0, d1, d2 = head_dim_chunks(head_dim)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * num_heads)  # noqa: E731
     _attention_fwd_kernel[grid](
         qkv, out, lse, float(scale) * LOG2E,
         qkv.stride(0), qkv.stride(1),
         out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1),
-        N, num_heads, D,
-        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN_N=(N % block_m == 0 and N % block_n == 0), INPUT_PRECISION=dot_precision(qkv.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        N, num_heads, D, n_bucket(N),
+        HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N), INPUT_PRECISION=dot_precision(qkv.dtype),
+        **_tiles(N),
     )
     return out, lse
 
@@ -411,36 +615,34 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     head_dim = D // num_heads
     assert dout.shape == out.shape == (B, N, D) and dout.dtype == out.dtype == qkv.dtype
     assert lse.shape == (B, num_heads, N) and lse.dtype == torch.float32 and lse.stride(-1) == 1
-    cfg = _attention_config(N, head_dim, qkv.dtype)
-    block_m, block_n, block_d = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    even_n = N % block_m == 0 and N % block_n == 0
-    precision = dot_precision(qkv.dtype)
+    d0, d1, d2 = head_dim_chunks(head_dim)
+    chunks = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N))
 
+    # The pre-pass is memory-bound (one multiply-add per element read): one fixed tile, not autotuned.
+    pre_m = 16 if N <= 16 else 32 if N <= 32 else 64
     delta = torch.empty_like(lse)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(N, block_m), B * num_heads)](
+    _attention_bwd_preprocess_kernel[(triton.cdiv(N, pre_m), B * num_heads)](
         out, dout, delta,
         out.stride(0), out.stride(1),
         dout.stride(0), dout.stride(1),
         delta.stride(0), delta.stride(1),
         N, num_heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, EVEN_N=N % block_m == 0,
+        **chunks, BLOCK_M=pre_m,
     )
     assert delta.stride() == lse.stride()  # the bwd kernels share stride_lse_* between Lse and Delta
 
     # Every element of dqkv is written: dq by the dq kernel, dk and dv by the dkdv kernel (all heads, all rows).
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     qk_scale = float(scale) * LOG2E
-    common = (
+    args = (
+        qkv, dout, lse, delta, dqkv, qk_scale, float(scale),
         qkv.stride(0), qkv.stride(1),
         dout.stride(0), dout.stride(1),
         lse.stride(0), lse.stride(1),
         dqkv.stride(0), dqkv.stride(1),
-        N, num_heads, D,
+        N, num_heads, D, n_bucket(N),
     )
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=even_n,
-                INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * num_heads)](
-        qkv, dout, lse, delta, dqkv, qk_scale, float(scale), *common, **meta)
-    _attention_bwd_dq_kernel[(triton.cdiv(N, block_m), B * num_heads)](
-        qkv, dout, lse, delta, dqkv, qk_scale, float(scale), *common, **meta)
+    meta = dict(**chunks, INPUT_PRECISION=dot_precision(qkv.dtype), **_tiles(N))
+    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * num_heads)](*args, **meta)
+    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * num_heads)](*args, **meta)
     return dqkv

@@ -20,13 +20,18 @@ different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
 * epilogue: + bias[n]; * GELU'(aux[m, n]) (backward of GELU); GELU, optionally storing the pre-activation to aux;
   + residual[m, n] (the residual / position-embedding add; the residual may broadcast over the batch).
 
-Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). v1: one fixed configuration per dtype,
-chosen in ``gemm_config``; autotuning per shape and architecture is the GEMM-core issue's work.
+Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). Tile configurations: the candidates of
+``gemm_configs`` (pruned by ``keep``) are autotuned with ``triton.autotune`` on a GPU, keyed on the M bucket, N,
+K, the operand dtypes and every constexpr flag; ``FASTVIT_AUTOTUNE=0`` launches the first candidate instead, and
+the interpreter always runs one fixed configuration (``INTERPRETER_CONFIG``: few, large tiles = few Python steps).
+Every candidate is compiled for sm_80 / sm_90 by ``python -m fastvit_kernels.aot check`` (no spills). Which
+candidate wins is a GPU measurement; none has been made yet (2026-11: no GPU available to this work).
 Accumulation is fp32; fp32 operands use IEEE dots (no TF32) so the CPU interpreter tests can be tight.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +46,21 @@ IMAGE_BOUNDS_OPERAND = {None: 0, "a": 1, "b": 2, "c": 3}
 
 @triton.jit
 def _split_offsets(t, D1, D2, s1, s2, s3, SPLIT: tl.constexpr):
-    """Memory offset (int64) of logical indices t along one axis; see the module docstring."""
-    t = t.to(tl.int64)
+    """Memory offset (int64) of logical indices t (int32) along one axis; see the module docstring.
+
+    The divisions run in int32 (indices and split sizes are < 2**31; int64 division / modulo compile to
+    subroutine calls that keep registers live, which the AOT check saw as spills) and only the three level
+    indices are widened before the stride products, so offsets of large tensors do not overflow. The launcher
+    asserts D2 divides D1, so ``t % D2 == (t % D1) % D2`` comes from the second division's remainder."""
     if SPLIT:
-        return (t // D1) * s1 + ((t % D1) // D2) * s2 + (t % D2) * s3
+        t = t.to(tl.int32)
+        q1 = t // D1
+        r1 = t - q1 * D1
+        q2 = r1 // D2
+        r2 = r1 - q2 * D2
+        return q1.to(tl.int64) * s1 + q2.to(tl.int64) * s2 + r2.to(tl.int64) * s3
     else:
-        return t * s1
+        return t.to(tl.int64) * s1
 
 
 @triton.jit
@@ -58,6 +72,94 @@ def _image_mask(tok, pix, T_D1, T_D2, P_D1, P_D2, img_h, img_w):
     return (h < img_h) & (w < img_w)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# tile configurations (autotune candidates)
+# ----------------------------------------------------------------------------------------------------------------
+INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+
+
+def keep(cfg: triton.Config, dtype: torch.dtype, split: bool) -> bool:
+    """Whether candidate ``cfg`` stays in the autotune set for operands of ``dtype`` (``split``: an index is
+    split, the patch-embed GEMMs). Each prune below says what found the problem.
+
+    * fp32 (IEEE dots on the FMA units, operand tiles in registers): 4 warps spilled 300-2600 B per thread with a
+      B-operand prologue (LayerNorm / GELU) or a split index (AOT check, sm_80 / sm_90, Triton 3.9).
+    * split indices: the earlier 128 x 64 / BLOCK_K 16 special cases were needed while ``_split_offsets`` divided
+      in int64 (subroutine calls, 24-1400 B spills); with int32 divisions the normal tiles build without spills
+      (AOT check, 2026-11). A deeper K step still does not fit: 128 x 128 x 64 with 8 warps spilled 24-264 B per
+      thread in the patch-embed forward (split m / k + bias + residual, 255 registers) on sm_80 and sm_90.
+    """
+    if dtype == torch.float32 and cfg.num_warps < 8:
+        return False
+    if split and cfg.kwargs["BLOCK_K"] >= 64 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] >= 128 * 128:
+        return False
+    return True
+
+
+def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = None) -> list[triton.Config]:
+    """Autotune candidates for the GEMM core, the default candidate first: ``triton.Config`` with BLOCK_M / BLOCK_N /
+    BLOCK_K / GROUP_M, num_warps, num_stages. ``dtype``: the dot's operand dtype (fp16 and bf16 share a list);
+    ``split``: an index is split; ``arch``: compute capability (80, 90, ...) — the lists are the same for sm_80 and
+    sm_90 today (the AOT check builds every candidate for both; the recorder that traces the launches has no
+    device to ask), the argument is there for a target-specific list when measurements call for one.
+
+    The 16-bit list starts from Triton's matmul tutorial (03) tiles: 128 x 128 x 32 with 8 warps and 3 stages
+    (the tile v1 shipped), a deeper K step, and a narrower N tile with 4 warps for launches with few tiles.
+    """
+    del arch  # same candidates on every target (see docstring)
+    if dtype == torch.float32:
+        cands = [(64, 64, 32, 8, 2)]
+    else:
+        cands = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
+    out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
+           for bm, bn, bk, w, st in cands]
+    out = [c for c in out if keep(c, dtype, split)]
+    assert out, f"no GEMM configuration survives keep() for {dtype}, split={split}"
+    return out
+
+
+def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, split: bool = False) -> dict:
+    """The configuration one launch uses without autotuning, as launch keywords: ``INTERPRETER_CONFIG`` under the
+    interpreter, else the first surviving candidate of :func:`gemm_configs`. M, N, K: the problem size (unused
+    today; kept for shape-dependent defaults)."""
+    if interpreting():
+        return dict(INTERPRETER_CONFIG)
+    c = gemm_configs(dtype, split)[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _config_id(c: triton.Config) -> tuple:
+    return (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+
+
+# the union of every dtype's / split's candidates: what the autotuner holds; _prune_configs picks one list per launch
+_ALL_CONFIGS = list({_config_id(c): c for dt in (torch.float32, torch.float16) for sp in (False, True)
+                     for c in gemm_configs(dt, sp)}.values())
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` of the autotuner: the candidates of this launch's dot dtype and split, in
+    :func:`gemm_configs` order (the dot dtype is B's when A is converted on load, else A's)."""
+    a_converted = kwargs.get("A_PROLOGUE") in (PROLOGUE_CAST, PROLOGUE_AFFINE)
+    dtype = named_args["b_ptr" if a_converted else "a_ptr"].dtype
+    split = bool(kwargs.get("SPLIT_M") or kwargs.get("SPLIT_N") or kwargs.get("SPLIT_K"))
+    by_id = {_config_id(c): c for c in configs}
+    return [by_id[_config_id(c)] for c in gemm_configs(dtype, split) if _config_id(c) in by_id]
+
+
+def _autotune_enabled() -> bool:
+    """Autotune on a GPU unless FASTVIT_AUTOTUNE=0 (then the first candidate runs); never under the interpreter."""
+    return not interpreting() and os.environ.get("FASTVIT_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+
+# every constexpr flag of the kernel and the shape; the autotuner adds the tensor arguments' dtypes itself
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_M", "SPLIT_N", "SPLIT_K", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS",
+                 "DGELU", "ACT_GELU", "STORE_PREACT", "HAS_RESIDUAL", "IMG_BOUNDS", "DOT_PRECISION"]
+
+
+# Autotuning reruns the kernel: every launch is idempotent (C and the stored pre-activation are written, never
+# read back; no launch writes an operand it reads), so no reset_to_zero / restore_value is needed.
+@triton.autotune(configs=_ALL_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr,  # A: logical (M, K); B: logical (K, N); C: logical (M, N)
@@ -68,6 +170,7 @@ def _matmul_kernel(
     gamma_ptr, beta_ptr,  # LayerNorm affine: (K,) for the A prologue, (N,) for the B prologue;
     #                       channel affine (scale, shift): (channels,) fp32
     M, N, K,  # logical problem size
+    M_BUCKET,  # next power of two >= M: autotune key only (one tuning per bucket, not per batch size)
     img_h, img_w,  # image height / width in pixels (IMG_BOUNDS)
     M_D1, M_D2, N_D1, N_D2, K_D1, K_D2,  # three-level index splits (used when SPLIT_* is set)
     stride_a_m1, stride_a_m2, stride_a_m3, stride_a_k1, stride_a_k2, stride_a_k3,
@@ -235,27 +338,6 @@ class ImageBounds:
     width: int
 
 
-def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, split: bool = False) -> dict:
-    """Tile sizes for one launch (v1: fixed per dtype; the interpreter gets large tiles = fewer Python steps).
-    ``split``: an index is split (the patch-embed GEMMs: operand addresses from the three-level index split).
-
-    Checked by ``python -m fastvit_kernels.aot check`` (sm_80 / sm_90 builds, Triton 3.9; no timings), which found
-    register spills with the earlier tiles and none with these:
-    * fp32 (IEEE dots on the FMA units, operand tiles in registers): 4 warps spilled 300-2600 B per thread with a
-      B-operand prologue (LayerNorm / GELU) or a split index -> 8 warps, 2 stages.
-    * split: the per-element int64 divisions of the split offsets are subroutine calls that keep registers live;
-      128 x 128 (fp16 / bf16) spilled 24-784 B per thread -> 128 x 64; fp32 64 x 64 x 32 spilled up to 1.4 KB
-      with uint8 / converted images -> BLOCK_K 16, 1 stage.
-    """
-    if interpreting():
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        if split:
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64 if split else 128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-
-
 def _axis(strides: int | tuple, split: tuple | None) -> tuple:
     """(s1, s2, s3) for the kernel from an Operand axis and the index's split (see ``Operand``)."""
     if isinstance(strides, tuple):
@@ -306,7 +388,8 @@ def gemm(
     """Launch ``C = epilogue(prologue(A) @ prologue(B))``; returns ``c.tensor``.
 
     Args:
-        a, b, c: the logical (M, K), (K, N), (M, N) operands; c is written.
+        a, b, c: the logical (M, K), (K, N), (M, N) operands; c is written (and must not alias an operand:
+            autotuning reruns the launch).
         m_split / n_split / k_split: (D1, D2) three-level splits of that index, or None.
         a_ln / b_ln: LayerNorm prologue on A (stats per row m, affine per k) or B (stats per k, affine per n).
         a_gelu / b_gelu: exact-GELU prologue on A or B.
@@ -334,6 +417,8 @@ def gemm(
         need = {"a": (m_split, k_split), "b": (k_split, n_split), "c": (m_split, n_split)}[image_bounds.operand]
         assert all(s is not None for s in need), "image bounds need the token and pixel splits"
     compute_dtype = b.tensor.dtype if a_conv else a.tensor.dtype  # the dtype of the dot's operands
+    for name, sp in (("m_split", m_split), ("n_split", n_split), ("k_split", k_split)):
+        assert sp is None or (sp[1] > 0 and sp[0] % sp[1] == 0), f"{name}: D2 must divide D1; got {sp}"
     if M == 0 or N == 0:
         return c.tensor
     ln = a_ln or b_ln
@@ -347,9 +432,18 @@ def gemm(
             return (0,) * 6
         return (*_axis(op.rows, row_split), *_axis(op.cols, col_split))
 
-    cfg = gemm_config(M, N, K, compute_dtype, split=(m_split, n_split, k_split) != (None, None, None))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _matmul_kernel[grid](
+    if _autotune_enabled():
+        kernel, cfg = _matmul_kernel, {}  # the autotuner picks the tiles (candidates: gemm_configs)
+    else:
+        # the plain @triton.jit kernel with a fixed configuration (the AOT recorder, which stands in for the
+        # autotuner, has no .fn and expands the candidates itself)
+        kernel = getattr(_matmul_kernel, "fn", _matmul_kernel)
+        cfg = gemm_config(M, N, K, compute_dtype, split=(m_split, n_split, k_split) != (None, None, None))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    kernel[grid](
         a.tensor, b.tensor, c.tensor,
         bias if bias is not None else dummy,
         residual.tensor if residual is not None else dummy,
@@ -357,7 +451,7 @@ def gemm(
         ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
         ln.weight if ln is not None else (affine.scale if affine is not None else dummy),
         ln.bias if ln is not None else (affine.shift if affine is not None else dummy),
-        M, N, K,
+        M, N, K, triton.next_power_of_2(M),
         image_bounds.height if image_bounds is not None else 0, image_bounds.width if image_bounds is not None else 0,
         *(m_split or (1, 1)), *(n_split or (1, 1)), *(k_split or (1, 1)),
         *axes(a, m_split, k_split), *axes(b, k_split, n_split), *axes(c, m_split, n_split),

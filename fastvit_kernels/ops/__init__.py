@@ -5,13 +5,15 @@ implementation and an autograd formula, so the ops work under ``torch.compile`` 
 * :func:`patch_embed` — fused patch embedding + class token + position add.
 * :func:`attention` — flash-style multi-head attention on the packed qkv tensor.
 * :func:`layernorm_mlp` — ``x + fc2(GELU(fc1(LayerNorm(x))))``.
+* :func:`layernorm_linear` / :func:`linear_residual` — ``Linear(LayerNorm(x))`` and ``residual + Linear(x)``.
 """
 
 from .attention import attention
 from .layernorm_mlp import layernorm_mlp
+from .linear import layernorm_linear, linear_residual
 from .patch_embed import patch_embed
 
-__all__ = ["attention", "layernorm_mlp", "patch_embed"]
+__all__ = ["attention", "layernorm_linear", "layernorm_mlp", "linear_residual", "patch_embed"]
 
 # FLOP formulas of the fastvit:: custom ops for torch.utils.flop_counter (registered when that module loads:
 # it imports triton, so it is not imported here)

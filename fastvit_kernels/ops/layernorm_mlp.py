@@ -9,6 +9,14 @@ GELU' multiply in its epilogue; fc1 weight grad from a GEMM that recomputes Laye
 fc1 dgrad; LayerNorm backward with the residual gradient added; bias / gamma / beta grads reduced
 deterministically in fp32. Saved for backward: x, the pre-activation (B, N, D_hidden) and the fp32 row stats.
 
+``recompute=True`` saves only x and the row stats (no (B, N, D_hidden) tensor between forward and backward) and
+recomputes the pre-activation in backward with the same fc1 GEMM (LayerNorm prologue + bias, no GELU): one more
+GEMM of M * D * D_hidden multiply-adds per step for 2 * M * D_hidden fewer bytes kept, for memory-bound large
+batches. With one tile configuration per shape (the interpreter, or FASTVIT_AUTOTUNE=0 on a GPU) the recomputed
+pre-activation, and so every gradient, is bit-identical to the default's; with autotuning the two fc1 launches
+(with / without the GELU epilogue) are tuned separately and may sum K in different tiles (rounding-level
+differences).
+
 References: Vaswani et al. 2017 (transformer MLP), Hendrycks & Gimpel 2016 (GELU), Ba et al. 2016 (LayerNorm);
 fusion plan from DESIGN.md.
 """
@@ -31,39 +39,45 @@ from ..backend import resolve_backend
 def _layernorm_mlp_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
-    eps: float, add_residual: bool,
+    eps: float, add_residual: bool, recompute: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (M, D), preact (M, D_hidden), or (0, D_hidden) with ``recompute``, mean (M,), rstd (M,))."""
     from ..kernels.layernorm import row_stats
     from ..kernels.matmul import LayerNormPrologue, Operand, linear
 
     mean, rstd = row_stats(x, eps)
-    preact = torch.empty((x.shape[0], fc1_weight.shape[0]), device=x.device, dtype=x.dtype)
+    preact = torch.empty((0 if recompute else x.shape[0], fc1_weight.shape[0]), device=x.device, dtype=x.dtype)
     act = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), gelu=True,
-                 store_preact=preact)
+                 store_preact=None if recompute else preact)
     out = linear(act, fc2_weight, fc2_bias, residual=Operand.matrix(x) if add_residual else None)
     return out, preact, mean, rstd
 
 
 @_layernorm_mlp_fwd.register_fake
-def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual):
+def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute):
     M = x.shape[0]
     stats = x.new_empty((M,), dtype=torch.float32)
-    return torch.empty_like(x), x.new_empty((M, fc1_weight.shape[0])), stats, torch.empty_like(stats)
+    return (torch.empty_like(x), x.new_empty((0 if recompute else M, fc1_weight.shape[0])), stats,
+            torch.empty_like(stats))
 
 
 @torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
 def _layernorm_mlp_bwd(
     dout: torch.Tensor, x: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
-    add_residual: bool,
+    norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, add_residual: bool, recompute: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dgamma, dbeta, dW1, db1, dW2, db2). ``recompute``: ``preact`` is empty and is recomputed
+    here by the forward's fc1 GEMM without its GELU (fc1_bias is only read then)."""
     from ..kernels.layernorm import layernorm_bwd
-    from ..kernels.matmul import LayerNormPrologue, Operand, gemm
+    from ..kernels.matmul import LayerNormPrologue, Operand, gemm, linear
     from ..kernels.reduce import column_sum
 
     M, D = x.shape
     Dh = fc1_weight.shape[0]
     wdt = fc1_weight.dtype
+    if recompute:  # the same launch as the forward's fc1 GEMM, minus the GELU
+        preact = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
     # fc2: dW2 = dY^T @ GELU(preact) (GELU recomputed on load), db2 = sum_m dY
     dw2 = torch.empty((D, Dh), device=x.device, dtype=wdt)
     gemm(Operand.matrix_t(dout), Operand.matrix(preact), Operand.matrix(dw2), D, Dh, M, b_gelu=True)
@@ -84,7 +98,8 @@ def _layernorm_mlp_bwd(
 
 
 @_layernorm_mlp_bwd.register_fake
-def _(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight, add_residual):
+def _(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, add_residual,
+      recompute):
     Dh = fc1_weight.shape[0]
     return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
             torch.empty_like(fc1_weight), fc1_weight.new_empty((Dh,)), torch.empty_like(fc2_weight),
@@ -92,24 +107,26 @@ def _(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weigh
 
 
 def _setup_context(ctx, inputs, output):
-    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual = inputs
-    _, preact, mean, rstd = output
-    ctx.save_for_backward(x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight)
+    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute = inputs
+    _, preact, mean, rstd = output  # preact is (0, D_hidden) with recompute: nothing large is kept
+    ctx.save_for_backward(x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight)
     ctx.mark_non_differentiable(preact, mean, rstd)
     ctx.set_materialize_grads(False)  # no zero-filled gradient tensors for the saved-only outputs
     ctx.add_residual = add_residual
+    ctx.recompute = recompute
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
 
 def _backward(ctx, dout, _dpreact, _dmean, _drstd):
     if dout is None:
-        return (None,) * 9
-    x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight = ctx.saved_tensors
+        return (None,) * 10
+    x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight = ctx.saved_tensors
     dx, dgamma, dbeta, dw1, db1, dw2, db2 = _layernorm_mlp_bwd(
-        dout.contiguous(), x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight, ctx.add_residual
+        dout.contiguous(), x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+        ctx.add_residual, ctx.recompute,
     )
     return (dx, dgamma, dbeta, dw1, db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None,
-            None, None)
+            None, None, None)
 
 
 _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -129,6 +146,7 @@ def layernorm_mlp(
     eps: float = 1e-6,
     *,
     add_residual: bool = True,
+    recompute: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """``x + fc2(GELU(fc1(LayerNorm(x))))``: the MLP half of a pre-norm ViT block, fused (see module docstring).
@@ -140,6 +158,9 @@ def layernorm_mlp(
         fc2_weight: (D, D_hidden); fc2_bias: (D,) or None.
         eps: LayerNorm epsilon (> 0; timm's ViT uses 1e-6).
         add_residual: False returns only the branch ``fc2(GELU(fc1(LayerNorm(x))))`` (for stochastic depth).
+        recompute: keep only x and the fp32 row stats for backward and recompute the (B, N, D_hidden)
+            pre-activation there (one extra fc1 GEMM; see the module docstring). Same gradients as the default.
+            No effect on the "torch" backend.
         backend: "auto" | "triton" | "torch" (see :mod:`fastvit_kernels.backend`).
 
     Returns:
@@ -180,7 +201,7 @@ def layernorm_mlp(
     if x2d.stride(-1) != 1 or x2d.stride(0) != D:
         x2d = x2d.contiguous()
     out = _layernorm_mlp_fwd(x2d, norm_weight, norm_bias, fc1_weight.contiguous(), fc1_bias,
-                             fc2_weight.contiguous(), fc2_bias, float(eps), bool(add_residual))[0]
+                             fc2_weight.contiguous(), fc2_bias, float(eps), bool(add_residual), bool(recompute))[0]
     return out.view(x.shape)
 
 

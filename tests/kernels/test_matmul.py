@@ -128,3 +128,39 @@ def test_row_stats_and_column_sum(device):
     torch.testing.assert_close(rstd, (x.var(1, unbiased=False) + 1e-6).rsqrt(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(column_sum(x), x.sum(0), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(column_sum(x[:1]), x[0], atol=0, rtol=0)
+
+
+def test_autotune_candidates_and_key():
+    """Candidates: non-empty per dtype / split, pruned by keep(), the default first; the autotuner's early prune
+    hands each launch its own dtype's list; every constexpr flag (not the tile sizes) is in the autotune key;
+    the interpreter runs its one fixed configuration."""
+    import inspect
+
+    import triton
+
+    from fastvit_kernels.kernels import matmul as mm
+
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for split in (False, True):
+            cands = mm.gemm_configs(dt, split)
+            assert cands and all(mm.keep(c, dt, split) for c in cands)
+            assert all(c.num_warps >= 8 for c in cands) or dt != torch.float32  # the fp32 spill prune
+    assert mm.gemm_configs(torch.float16) == mm.gemm_configs(torch.bfloat16)
+    deep_k = triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3)
+    assert mm.keep(deep_k, torch.float16, False) and not mm.keep(deep_k, torch.float16, True)  # split spills
+    a16, a32 = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+    ids = [mm._config_id(c) for c in mm._prune_configs(mm._ALL_CONFIGS, {"a_ptr": a16, "b_ptr": a16}, SPLIT_M=True)]
+    assert ids == [mm._config_id(c) for c in mm.gemm_configs(torch.float16, True)]
+    # A converted on load (fp32 image against fp16 weights): the dot runs in B's dtype
+    ids = [mm._config_id(c) for c in mm._prune_configs(mm._ALL_CONFIGS, {"a_ptr": a32, "b_ptr": a16},
+                                                           A_PROLOGUE=mm.PROLOGUE_CAST)]
+    assert ids == [mm._config_id(c) for c in mm.gemm_configs(torch.float16)]
+    params = inspect.signature(inspect.unwrap(mm._matmul_kernel.fn.fn)).parameters
+    flags = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    tiles = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
+    assert flags - tiles <= set(mm._matmul_kernel.keys), f"constexprs missing from the key: {flags - tiles}"
+    assert {"M_BUCKET", "N", "K"} <= set(mm._matmul_kernel.keys)
+    assert len(flags - tiles) == 12, sorted(flags)  # the constexpr detection itself works
+    if mm.interpreting():
+        assert mm.gemm_config(70, 40, 50, torch.float16) == mm.INTERPRETER_CONFIG
+        assert not mm._autotune_enabled()

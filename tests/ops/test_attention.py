@@ -3,8 +3,10 @@
 Forward and d(qkv) are held to a float64 run of ``reference.attention_ref``; fp16 uses the flash-attention 2x rule
 (tests/helpers.py) with ``ref_lowp`` = the same reference run in fp16 by PyTorch (CPU fp16 matmul, softmax and
 their autograd work in torch 2.x, and at these sizes they are fast). Shapes cover sequence tails (N = 1, 2, 17, 50,
-197), full tiles (N = 16, 32, 64: the EVEN_N path), non-power-of-two head dims (40 ... 96) and the packed layout with
-H > 1, without the full cross product so the file runs in well under a minute under the interpreter.
+197, 257), full tiles (N = 16, 32, 64: the EVEN_N path), every supported head dim (the chunked ones 40, 48, 72, 80,
+88, 96 included) and the packed layout with H > 1, without the full cross product so the file runs in well under a
+minute under the interpreter. The host-side tile logic (head-dim chunks, N alignment, autotune candidates) is tested
+directly.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def _check_against_ref(qkv, num_heads, dout=None, scale=None):
     return out, dqkv
 
 
-# (B, N, H, head_dim, dtype): every N in {1, 2, 17, 50, 197}, head_dim 32/48/64/80, B 1 and 2, H 1 and 2 appear
-# with both dtypes; N = 16 / 32 / 64 are whole tiles (EVEN_N specialisation).
+# (B, N, H, head_dim, dtype): every N in {1, 2, 17, 50, 64, 197, 257}, B 1 and 2, H 1 and 2 appear with both dtypes;
+# every supported head dim appears at least once (fp16: 32 .. 96, all split into chunks except 32 / 64); N = 16 / 32
+# / 64 are whole tiles (the EVEN_N specialisation), 197 and 257 the ViT tails (257 = 4 tiles + 1 row).
 CASES = [
     (1, 1, 1, 64, F32),
     (2, 2, 2, 80, F32),
@@ -65,6 +68,9 @@ CASES = [
     (1, 197, 2, 64, F32),
     (2, 64, 2, 80, F32),
     (1, 32, 1, 32, F32),
+    (1, 257, 1, 88, F32),
+    (1, 197, 1, 72, F32),
+    (1, 64, 1, 128, F32),
     (2, 1, 2, 80, F16),
     (1, 2, 1, 64, F16),
     (2, 17, 1, 32, F16),
@@ -72,6 +78,11 @@ CASES = [
     (1, 197, 1, 80, F16),
     (1, 16, 2, 48, F16),
     (2, 32, 1, 80, F16),
+    (1, 257, 1, 72, F16),
+    (1, 257, 2, 80, F16),
+    (2, 17, 1, 88, F16),
+    (1, 64, 1, 40, F16),
+    (1, 2, 2, 96, F16),
 ]
 
 
@@ -264,3 +275,66 @@ def test_attention_flops():
     # ViT-B/16 at 224: B=2, N=197, H=12, head_dim=64; QK^T and PV are each 2 * N * N * head_dim per (b, h).
     assert attention_flops(2, 197, 12, 64) == 2 * 12 * 2 * (2 * 197 * 197 * 64)
     assert attention_flops(1, 1, 1, 8) == 32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# host-side tile logic of fastvit_kernels.kernels.attention
+# --------------------------------------------------------------------------------------------------------------
+SUPPORTED_HEAD_DIMS = list(range(8, 129, 8))  # what the op accepts: multiples of 8 up to 128
+
+
+def test_head_dim_chunks_examples():
+    from fastvit_kernels.kernels.attention import head_dim_chunks
+
+    expected = {32: (32, 0, 0), 40: (32, 16, 0), 48: (32, 16, 0), 64: (64, 0, 0), 72: (64, 16, 0), 80: (64, 16, 0),
+                88: (64, 32, 0), 96: (64, 32, 0), 112: (64, 32, 16), 120: (128, 0, 0), 128: (128, 0, 0)}
+    assert {hd: head_dim_chunks(hd) for hd in expected} == expected
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        head_dim_chunks(136)
+
+
+@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+def test_head_dim_chunks_pad_less_than_16(head_dim):
+    """Decreasing powers of two >= 16 (0 = absent, only at the end) covering head_dim with < 16 padded columns."""
+    from fastvit_kernels.kernels.attention import head_dim_chunks
+
+    chunks = head_dim_chunks(head_dim)
+    present = [c for c in chunks if c]
+    assert chunks == tuple(present + [0] * (3 - len(present)))
+    assert all(c >= 16 and c & (c - 1) == 0 for c in present)
+    assert present == sorted(present, reverse=True)
+    assert 0 <= sum(present) - head_dim < 16
+
+
+def test_n_align_gives_even_n_exactly():
+    """The kernels' EVEN_N = (N_ALIGN % BLOCK == 0) must equal N % BLOCK == 0 for every tile size and N."""
+    from fastvit_kernels.kernels.attention import MAX_BLOCK, n_align, n_bucket
+
+    for N in range(1, 1100):
+        for block in (16, 32, 64, 128, 256):
+            assert block > MAX_BLOCK or (n_align(N) % block == 0) == (N % block == 0), (N, block)
+    assert [n_bucket(N) for N in (1, 17, 197, 256, 257)] == [1, 32, 256, 256, 512]
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("dtype", [F32, F16, torch.bfloat16])
+def test_attention_configs_pruned(kernel, dtype):
+    """Every call gets >= 1 candidate; each kept one passes keep(); low-precision tiles give the sm_90 warpgroup MMA
+    64-row multiples on the M side of the dots; nothing longer than the sequence bucket (beyond 64) survives; the
+    spilling one-pass forward tile is pruned; the full (un-pruned) list is a superset."""
+    from fastvit_kernels.kernels.attention import attention_configs, keep
+
+    full = attention_configs(kernel, None, None, None, None)
+    assert len(full) > 1  # triton.autotune only tunes with more than one config
+    for head_dim in (32, 40, 64, 72, 80, 88, 96, 128):
+        for bucket in (1, 32, 64, 256, 512, 1024):
+            kept = attention_configs(kernel, head_dim, dtype, None, bucket)
+            assert kept and all(keep(c, kernel, head_dim, dtype, None, bucket) for c in kept)
+            assert {str(c) for c in kept} <= {str(c) for c in full}
+            for c in kept:
+                bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                assert max(bm, bn) <= max(64, bucket)
+                if dtype != F32:
+                    assert (bn if kernel == "dkdv" else bm) % 64 == 0
+                    assert not (kernel == "fwd" and bn == 256)
+    assert len(attention_configs(kernel, 80, F16, None, 512)) > 1  # a real choice at ViT-H/14's N = 257

@@ -1,0 +1,266 @@
+"""The two Linear layers of a pre-norm ViT block's attention half, each fused with its neighbours on the GEMM core:
+
+* :func:`layernorm_linear` -- ``Linear(LayerNorm(x))`` (norm1 + qkv). Forward (two launches): fp32 row statistics,
+  then the GEMM with the LayerNorm applied in its A-operand prologue (the normalised activations never reach
+  device memory) and the bias in its epilogue. Backward: dW from a GEMM that recomputes LayerNorm(x) in its B
+  prologue, db as a deterministic column sum, d LayerNorm(x) = dY @ W, then the LayerNorm backward (dgamma /
+  dbeta reduced deterministically in fp32). Saved for backward: x and the fp32 row statistics.
+* :func:`linear_residual` -- ``residual + Linear(x)`` (proj + the attention residual add). Forward: one GEMM with
+  bias and residual in its epilogue. Backward: dx = dY @ W, dW = dY^T @ x, db as a column sum; the residual's
+  gradient is dY itself (no kernel). Saved for backward: x.
+
+References: Ba et al. 2016 (LayerNorm), Vaswani et al. 2017 (residual pre-norm transformer block); fusion plan
+from DESIGN.md ("norm1 + qkv" and "proj" rows of the GEMM-core table).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._checks import autocast_inputs, check_same, check_tensor, check_triton_dtype
+from ..backend import resolve_backend
+
+
+def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
+    """x (..., D) as a (M, D) matrix with unit column stride and row stride D (copies only when needed)."""
+    x2d = x.reshape(-1, D)
+    if x2d.stride(-1) != 1 or x2d.stride(0) != D:
+        x2d = x2d.contiguous()
+    return x2d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops: LayerNorm + Linear (2-D tokens: M = B * N rows)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
+def _layernorm_linear_fwd(
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.layernorm import row_stats
+    from ..kernels.matmul import LayerNormPrologue, linear
+
+    mean, rstd = row_stats(x, eps)
+    out = linear(x, weight, bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
+    return out, mean, rstd
+
+
+@_layernorm_linear_fwd.register_fake
+def _(x, norm_weight, norm_bias, weight, bias, eps):
+    M = x.shape[0]
+    stats = x.new_empty((M,), dtype=torch.float32)
+    return x.new_empty((M, weight.shape[0])), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
+def _layernorm_linear_bwd(
+    dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.layernorm import layernorm_bwd
+    from ..kernels.matmul import LayerNormPrologue, Operand, gemm
+    from ..kernels.reduce import column_sum
+
+    M, D = x.shape
+    N = weight.shape[0]
+    wdt = weight.dtype
+    # dW = dY^T @ LayerNorm(x) (normalisation recomputed on load), db = sum_m dY
+    dw = torch.empty((N, D), device=x.device, dtype=wdt)
+    gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, D, M,
+         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
+    db = column_sum(dout, wdt) if has_bias else dout.new_empty((0,), dtype=wdt)
+    # d LayerNorm(x) = dY @ W, then the LayerNorm backward
+    dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dln), M, D, N)
+    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd)
+    return dx, dgamma, dbeta, dw, db
+
+
+@_layernorm_linear_bwd.register_fake
+def _(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias):
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
+            torch.empty_like(weight), weight.new_empty((weight.shape[0] if has_bias else 0,)))
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, norm_weight, norm_bias, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient tensors for the saved-only outputs
+    ctx.has_bias = bias is not None
+
+
+def _ln_backward(ctx, dout, _dmean, _drstd):
+    if dout is None:
+        return (None,) * 6
+    x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
+    dx, dgamma, dbeta, dw, db = _layernorm_linear_bwd(dout.contiguous(), x, mean, rstd, norm_weight, norm_bias,
+                                                      weight, ctx.has_bias)
+    return dx, dgamma, dbeta, dw, db if ctx.has_bias else None, None
+
+
+_layernorm_linear_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops: Linear + residual
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::linear_residual_fwd", mutates_args=())
+def _linear_residual_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+) -> torch.Tensor:
+    from ..kernels.matmul import Operand, linear
+
+    return linear(x, weight, bias, residual=Operand.matrix(residual))
+
+
+@_linear_residual_fwd.register_fake
+def _(x, weight, bias, residual):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+def _linear_residual_bwd(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.matmul import Operand, gemm
+    from ..kernels.reduce import column_sum
+
+    M, K = x.shape
+    N = weight.shape[0]
+    wdt = weight.dtype
+    # dx = dY @ W
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+    gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dx), M, K, N)
+    # dW = dY^T @ x, db = sum_m dY
+    dw = torch.empty((N, K), device=x.device, dtype=wdt)
+    gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, K, M)
+    db = column_sum(dout, wdt) if has_bias else dout.new_empty((0,), dtype=wdt)
+    return dx, dw, db
+
+
+@_linear_residual_bwd.register_fake
+def _(dout, x, weight, has_bias):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0] if has_bias else 0,))
+
+
+def _res_setup_context(ctx, inputs, output):
+    x, weight, bias, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _res_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
+    dout = dout.contiguous()
+    dx, dw, db = _linear_residual_bwd(dout, x, weight, ctx.has_bias)
+    return dx, dw, db if ctx.has_bias else None, dout  # d residual = dY
+
+
+_linear_residual_fwd.register_autograd(_res_backward, setup_context=_res_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------------------------------------------
+def layernorm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``F.linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), weight, bias)``: norm1 + qkv of a ViT block,
+    fused (see module docstring).
+
+    Args:
+        x: (B, N, D) (any leading dims), fp32 | fp16 | bf16 (bf16 on GPU only).
+        norm_weight, norm_bias: (D,) LayerNorm gamma and beta.
+        weight: (N_out, D) Linear weight (qkv: N_out = 3 * D); bias: (N_out,) or None.
+        eps: LayerNorm epsilon (> 0; timm's ViT uses 1e-6).
+        backend: "auto" | "triton" | "torch" (see :mod:`fastvit_kernels.backend`).
+
+    Returns:
+        (B, N, N_out) in x's dtype. Under ``torch.autocast`` inputs are cast to the autocast dtype first.
+        LayerNorm statistics and the GEMM accumulation are fp32; gradients are deterministic (no atomics).
+
+    Raises:
+        TypeError: a non-floating input; bf16 on the CPU interpreter.
+        ValueError: shapes that do not chain (names the argument, expected and actual shape), mixed dtypes or
+            devices, eps <= 0.
+        RuntimeError: backend="triton" where Triton cannot run.
+    """
+    x, norm_weight, norm_bias, weight, bias = autocast_inputs(x, norm_weight, norm_bias, weight, bias)
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, N, D) (at least 2-D); got {tuple(x.shape)}")
+    D = x.shape[-1]
+    check_tensor("weight", weight, (None, D), f"(N_out, D={D})")
+    N_out = weight.shape[0]
+    check_tensor("norm_weight", norm_weight, (D,), f"(D={D},)")
+    check_tensor("norm_bias", norm_bias, (D,), f"(D={D},)")
+    if bias is not None:
+        check_tensor("bias", bias, (N_out,), f"(N_out={N_out},)")
+    check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0; got {eps}")
+    if resolve_backend(x.device, backend) == "torch":
+        return reference.layernorm_linear_ref(x, norm_weight, norm_bias, weight, bias, eps)
+    check_triton_dtype("x", x)
+    out = _layernorm_linear_fwd(_rows(x, D), norm_weight, norm_bias, weight.contiguous(), bias, float(eps))[0]
+    return out.view(*x.shape[:-1], N_out)
+
+
+def linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``residual + F.linear(x, weight, bias)``: the attention output projection of a ViT block with its bias and the
+    residual add in the GEMM epilogue (see module docstring).
+
+    Args:
+        x: (B, N, K) (any leading dims; proj: K = D, the attention output), fp32 | fp16 | bf16 (bf16 on GPU only).
+        weight: (N_out, K) Linear weight; bias: (N_out,) or None.
+        residual: (B, N, N_out), the same leading dims as x (the block input z).
+        backend: "auto" | "triton" | "torch" (see :mod:`fastvit_kernels.backend`).
+
+    Returns:
+        (B, N, N_out) in x's dtype. Under ``torch.autocast`` inputs are cast to the autocast dtype first.
+        Accumulation is fp32 (bias and residual added to the fp32 accumulator, one rounding to x's dtype);
+        gradients are deterministic (no atomics).
+
+    Raises:
+        TypeError: a non-floating input; bf16 on the CPU interpreter.
+        ValueError: shapes that do not chain (names the argument, expected and actual shape), mixed dtypes or
+            devices.
+        RuntimeError: backend="triton" where Triton cannot run.
+    """
+    x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, N, K) (at least 2-D); got {tuple(x.shape)}")
+    K = x.shape[-1]
+    check_tensor("weight", weight, (None, K), f"(N_out, K={K})")
+    N_out = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, (N_out,), f"(N_out={N_out},)")
+    out_shape = (*x.shape[:-1], N_out)
+    check_tensor("residual", residual, out_shape, f"{out_shape} (x's leading dims, N_out={N_out})")
+    check_same("x", x, weight=weight, bias=bias, residual=residual)
+    if resolve_backend(x.device, backend) == "torch":
+        return reference.linear_residual_ref(x, weight, bias, residual)
+    check_triton_dtype("x", x)
+    out = _linear_residual_fwd(_rows(x, K), weight.contiguous(), bias, _rows(residual, N_out))
+    return out.view(out_shape)
+
