@@ -115,3 +115,18 @@ def compare_model_with_reference(cfg: dict, device, dtype: torch.dtype = torch.f
     for k in grads:
         assert_close_to_ref(grads[k], ref_grads[k], lowp_grads.get(k), name=f"grad {k}", factor=3.0)
     return model
+
+
+def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """``torch.compile(model, fullgraph=True)`` (aot_eager: Dynamo capture + AOTAutograd through the custom ops'
+    registered backward, fast on CPU) gives the eager output and every parameter gradient (sum loss)."""
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    ref = model(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -9,7 +9,7 @@ import torch
 from fastvit_kernels import FastViT, create_model
 from fastvit_kernels.configs import get_config
 from fastvit_kernels.reference import VisionTransformer
-from helpers import compare_model_with_reference
+from helpers import assert_compiled_matches_eager, compare_model_with_reference
 
 BLOCK_KEYS = {
     "norm1.weight": "D", "norm1.bias": "D", "attn.qkv.weight": "3D,D", "attn.qkv.bias": "3D",
@@ -120,16 +120,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
     torch.manual_seed(0)
     model = create_model("vit_digits", depth=1, backend="triton").to(device)
     x = torch.randn(2, 1, 8, 8, device=device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    out.sum().backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    ref = model(x)
-    ref.sum().backward()
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(grads[k], p.grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert_compiled_matches_eager(model, x)
 
 
 def test_grad_checkpointing_gives_the_same_gradients(device):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastvit_kernels import FastViT, resample_state_dict
 from fastvit_kernels.reference import VisionTransformer, patch_embed_ref, resample_abs_pos_embed
-from helpers import compare_model_with_reference
+from helpers import assert_compiled_matches_eager, compare_model_with_reference
 
 # small model: 16 x 16 images, patch 4 -> 4 x 4 grid; one block keeps the interpreter fast
 BASE = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=1, num_heads=2)
@@ -196,16 +196,7 @@ def test_torch_compile_fullgraph_token_layouts_and_uint8(device):
     torch.manual_seed(0)
     model = FastViT(**BASE, reg_tokens=2, no_embed_class=True, dynamic_img_size=True, backend="triton").to(device)
     x = torch.randn(2, 3, 12, 20, device=device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    out.sum().backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    ref = model(x)
-    ref.sum().backward()
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(grads[k], p.grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert_compiled_matches_eager(model, x)
 
     u8 = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8, device=device)
     pe = model.patch_embed.proj
