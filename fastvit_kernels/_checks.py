@@ -74,3 +74,21 @@ def check_triton_dtype(name: str, t: torch.Tensor) -> None:
             f"{name} is bfloat16 on the CPU: the Triton interpreter does not support bfloat16; "
             "use float32/float16 there, backend='torch', or a GPU"
         )
+
+
+def check_layernorm_input(x, norm_weight, norm_bias, eps: float) -> int:
+    """Checks shared by the LayerNorm-prologue ops: x (B, N, D) (at least 2-D, floating), norm_weight and
+    norm_bias (D,), eps > 0. Returns D.
+
+    Raises:
+        TypeError / ValueError: as :func:`check_tensor`; eps <= 0.
+    """
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, N, D) (at least 2-D); got {tuple(x.shape)}")
+    D = x.shape[-1]
+    check_tensor("norm_weight", norm_weight, (D,), f"(D={D},)")
+    check_tensor("norm_bias", norm_bias, (D,), f"(D={D},)")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0; got {eps}")
+    return D

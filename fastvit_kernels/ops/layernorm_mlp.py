@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import autocast_inputs, check_same, check_tensor, check_triton_dtype
+from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
 from ..backend import resolve_backend
 
 
@@ -176,14 +176,9 @@ def layernorm_mlp(
     x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_inputs(
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     )
-    check_tensor("x", x)
-    if x.dim() < 2:
-        raise ValueError(f"x must be (B, N, D) (at least 2-D); got {tuple(x.shape)}")
-    D = x.shape[-1]
+    D = check_layernorm_input(x, norm_weight, norm_bias, eps)
     check_tensor("fc1_weight", fc1_weight, (None, D), f"(D_hidden, D={D})")
     Dh = fc1_weight.shape[0]
-    check_tensor("norm_weight", norm_weight, (D,), f"(D={D},)")
-    check_tensor("norm_bias", norm_bias, (D,), f"(D={D},)")
     if fc1_bias is not None:
         check_tensor("fc1_bias", fc1_bias, (Dh,), f"(D_hidden={Dh},)")
     check_tensor("fc2_weight", fc2_weight, (D, Dh), f"(D={D}, D_hidden={Dh})")
@@ -191,8 +186,6 @@ def layernorm_mlp(
         check_tensor("fc2_bias", fc2_bias, (D,), f"(D={D},)")
     check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                fc2_weight=fc2_weight, fc2_bias=fc2_bias)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0; got {eps}")
     if resolve_backend(x.device, backend) == "torch":
         return reference.layernorm_mlp_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                            eps, add_residual)

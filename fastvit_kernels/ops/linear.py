@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import autocast_inputs, check_same, check_tensor, check_triton_dtype
+from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
 from ..backend import resolve_backend
 
 
@@ -198,19 +198,12 @@ def layernorm_linear(
         RuntimeError: backend="triton" where Triton cannot run.
     """
     x, norm_weight, norm_bias, weight, bias = autocast_inputs(x, norm_weight, norm_bias, weight, bias)
-    check_tensor("x", x)
-    if x.dim() < 2:
-        raise ValueError(f"x must be (B, N, D) (at least 2-D); got {tuple(x.shape)}")
-    D = x.shape[-1]
+    D = check_layernorm_input(x, norm_weight, norm_bias, eps)
     check_tensor("weight", weight, (None, D), f"(N_out, D={D})")
     N_out = weight.shape[0]
-    check_tensor("norm_weight", norm_weight, (D,), f"(D={D},)")
-    check_tensor("norm_bias", norm_bias, (D,), f"(D={D},)")
     if bias is not None:
         check_tensor("bias", bias, (N_out,), f"(N_out={N_out},)")
     check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0; got {eps}")
     if resolve_backend(x.device, backend) == "torch":
         return reference.layernorm_linear_ref(x, norm_weight, norm_bias, weight, bias, eps)
     check_triton_dtype("x", x)
