@@ -4,7 +4,9 @@ eager PyTorch there, so only the harness is exercised).
 
 Shapes: attention (B, H, N, head_dim) in (256, 12, 197, 64), (128, 16, 197, 64), (64, 16, 257, 80),
 (16, 16, 1025, 80); layernorm_mlp (tokens M = B * N, D, D_hidden) of ViT-B/16 (batch 256), L/16 (128), H/14 (64);
-patch_embed the stems of the same three. ``extra_info``: tokens/s (images/s for patch_embed), TFLOP/s and MFU
+patch_embed the stems of the same three. layernorm_mlp also runs with recompute=True, with every GEMM forced onto
+cuBLAS + fused elementwise kernels (the measured alternative of ``gemm_impl``), and as torch.compile of the eager
+function; ``peak_memory_gb`` per result on a GPU. ``extra_info``: tokens/s (images/s for patch_embed), TFLOP/s and MFU
 from exact FLOP counts (forward + backward: 3x the forward's matmuls; patch_embed 2x: no image gradient).
 """
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 from bench_utils import DEVICE, record, requires_gpu, timed
 from fastvit_kernels import ops, reference
+from fastvit_kernels.backend import use_gemm_impl
 from fastvit_kernels.bench.flops import attention_flops, mlp_flops, patch_embed_flops
 
 ATTENTION_SHAPES = [(256, 12, 197, 64), (128, 16, 197, 64), (64, 16, 257, 80), (16, 16, 1025, 80)]
@@ -68,11 +71,30 @@ def _mlp_inputs(M, D, Dh, dtype, device):
             g(D, Dh, std=Dh ** -0.5), g(D, std=0.1)]
 
 
+_COMPILED_MLP = []
+
+
+def _mlp_fn(impl, backend):
+    """fastvit: the op with the recorded GEMM-path rule (gemm_impl "auto"); fastvit_recompute: recompute=True;
+    fastvit_cublas: every GEMM forced to cuBLAS + fused elementwise kernels; eager: LayerNorm, Linear, GELU,
+    Linear, add; compiled: torch.compile (default mode) of that eager function."""
+    if impl == "compiled":
+        if not _COMPILED_MLP:
+            _COMPILED_MLP.append(torch.compile(reference.layernorm_mlp_ref))
+        return _COMPILED_MLP[0]
+    if impl == "eager":
+        return reference.layernorm_mlp_ref
+    recompute = impl == "fastvit_recompute"
+
+    def fn(*a):
+        with use_gemm_impl("cublas" if impl == "fastvit_cublas" else "auto"):
+            return ops.layernorm_mlp(*a, recompute=recompute, backend=backend)
+    return fn
+
+
 def _bench_mlp(benchmark, shape, impl, backward, dtype, device, backend, rounds, warmup=1):
     M, D, Dh = shape
-    fn = {"fastvit": lambda *a: ops.layernorm_mlp(*a, backend=backend),
-          "eager": reference.layernorm_mlp_ref}[impl]
-    run = _runner(fn, _mlp_inputs(M, D, Dh, dtype, device), backward)
+    run = _runner(_mlp_fn(impl, backend), _mlp_inputs(M, D, Dh, dtype, device), backward)
     first = timed(benchmark, run, rounds=rounds, warmup_rounds=warmup)
     f = mlp_flops(M, D, Dh)
     record(benchmark, impl=impl, tokens=M, dtype=dtype, first_call_s=first, flops=3 * f if backward else f)
@@ -107,7 +129,7 @@ def test_attention(benchmark, shape, which, backward, impl):
 
 
 @requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "eager"])
+@pytest.mark.parametrize("impl", ["fastvit", "fastvit_recompute", "fastvit_cublas", "eager", "compiled"])
 @pytest.mark.parametrize("which, backward", PASSES)
 @pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_layernorm_mlp(benchmark, shape, which, backward, impl):

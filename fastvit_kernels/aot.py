@@ -346,6 +346,7 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
     its autograd backward) on uninitialised CPU tensors of the model's shapes. Add a line here when the model
     starts using a new op; ``check`` reports any package kernel that no workload launches."""
     from . import ops
+    from .backend import use_gemm_impl
 
     s = _vit_shapes(model)
     B, D, N, hidden = batch, s["D"], s["N"], s["hidden"]
@@ -362,6 +363,12 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
                     torch.autograd.backward(out, torch.empty_like(out))
         return thunk
 
+    def on_cublas(thunk):
+        def forced():
+            with use_gemm_impl("cublas"):  # forward and backward: every plain GEMM on cuBLAS + elementwise kernels
+                thunk()
+        return forced
+
     patch_w = (t(D, s["C"], s["P"], s["P"]), t(D), t(1, N, D), t(1, 1, D))
     mlp_w = (t(D), t(D), t(hidden, D), t(hidden), t(D, hidden), t(D))
     img = (B, s["C"], s["img"], s["img"])
@@ -376,6 +383,10 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
         ("attention", run(ops.attention, t(B, N, 3 * D), s["H"])),
         ("linear_residual", run(ops.linear_residual, t(B, N, D), t(D, D), t(D), t(B, N, D))),
         ("layernorm_mlp", run(ops.layernorm_mlp, t(B, N, D), *mlp_w)),
+        # timm's act_layer='gelu_tanh': every GELU / GELU' of the MLP in the tanh form
+        ("layernorm_mlp(tanh GELU)", run(ops.layernorm_mlp, t(B, N, D), *mlp_w, approximate="tanh")),
+        # the cuBLAS + elementwise-kernels path of gemm_impl (one image: torch.mm really runs on these CPU tensors)
+        ("layernorm_mlp(cuBLAS path, 1 image)", on_cublas(run(ops.layernorm_mlp, t(1, N, D), *mlp_w))),
     ]
     if train:
         work += [

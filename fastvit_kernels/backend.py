@@ -8,12 +8,16 @@ Rules (DESIGN.md, "backend.py"):
   kernels run on the CPU. That is how the tests exercise the kernels on machines without a GPU.
 * An explicit choice overrides the rule: the ``backend=`` argument of every op and of :class:`FastViT`, else the
   ``FASTVIT_BACKEND`` environment variable; each is ``"auto"``, ``"triton"`` or ``"torch"``.
+* Inside the Triton backend, each GEMM runs either on the fused Triton GEMM core or as cuBLAS (``torch.matmul``)
+  plus fused elementwise kernels: :func:`gemm_impl` says which (``FASTVIT_GEMM_IMPL`` or :func:`use_gemm_impl`;
+  the per-shape rule lives in :mod:`fastvit_kernels.kernels.gemm_impl`).
 
 Nothing here queries a CUDA device at import time; Triton's availability is checked once and cached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -77,3 +81,46 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
             why = f"device type {device.type!r} is not supported by the Triton kernels (CUDA only)"
         raise RuntimeError(f"{source}='triton' cannot run here: {why}")
     return backend
+
+
+GEMM_IMPLS = ("auto", "triton", "cublas", "measure")
+_gemm_impl_override: str | None = None
+
+
+def gemm_impl() -> str:
+    """How the Triton backend runs each GEMM: the :func:`use_gemm_impl` setting, else ``FASTVIT_GEMM_IMPL``, else
+    "auto".
+
+    * ``"auto"``: per GEMM, the choice recorded in :data:`fastvit_kernels.kernels.gemm_impl.MEASURED_CHOICES` for
+      that GPU, dtype, shape and fusion; the fused Triton GEMM where nothing is recorded.
+    * ``"measure"``: on a GPU, time both paths the first time each (shape, fusion) is seen and keep the faster
+      for the rest of the process (like autotuning; on the CPU interpreter: "auto").
+    * ``"triton"`` / ``"cublas"``: force one path wherever it can run (split-index and converting GEMMs, i.e.
+      the patch embedding, always use the Triton core).
+
+    Raises:
+        ValueError: ``FASTVIT_GEMM_IMPL`` holds another name.
+    """
+    value = _gemm_impl_override or os.environ.get("FASTVIT_GEMM_IMPL", "auto") or "auto"
+    value = value.lower()
+    if value not in GEMM_IMPLS:
+        raise ValueError(f"FASTVIT_GEMM_IMPL must be one of {GEMM_IMPLS}; got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def use_gemm_impl(impl: str):
+    """Context manager forcing :func:`gemm_impl` to ``impl`` (one of ``GEMM_IMPLS``) for the GEMMs launched inside
+    it (process-wide, not per thread).
+
+    Raises:
+        ValueError: ``impl`` is not one of ``GEMM_IMPLS``.
+    """
+    global _gemm_impl_override
+    if impl not in GEMM_IMPLS:
+        raise ValueError(f"impl must be one of {GEMM_IMPLS}; got {impl!r}")
+    old, _gemm_impl_override = _gemm_impl_override, impl
+    try:
+        yield
+    finally:
+        _gemm_impl_override = old

@@ -69,11 +69,12 @@ class Block(reference.Block):
             return x + self.drop_path2(self.ls2(mlp(self.norm2(x))))
         args = (self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
                 self.norm2.eps)
+        approximate = mlp.act.approximate
         if (self.training and self.drop_path2.drop_prob > 0) or not isinstance(self.ls2, nn.Identity):
             # stochastic depth / LayerScale act on the branch: the op returns it without the residual add
-            branch = ops.layernorm_mlp(x, *args, add_residual=False, backend=self.backend)
+            branch = ops.layernorm_mlp(x, *args, add_residual=False, approximate=approximate, backend=self.backend)
             return x + self.drop_path2(self.ls2(branch))
-        return ops.layernorm_mlp(x, *args, backend=self.backend)
+        return ops.layernorm_mlp(x, *args, approximate=approximate, backend=self.backend)
 
 
 class FastViT(reference.VisionTransformer):
@@ -131,6 +132,14 @@ class FastViT(reference.VisionTransformer):
             problems.append("proj_bias=False")
         if not hasattr(attn, "qkv"):
             problems.append(f"attention layer {type(attn).__name__} without a packed qkv Linear")
+        act = getattr(blk.mlp, "act", None)
+        act_layer = "gelu"
+        if isinstance(act, nn.GELU):
+            act_layer = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+        elif type(act).__name__ in ("GELU", "GELUTanh"):  # timm.layers.activations
+            act_layer = "gelu_tanh" if type(act).__name__ == "GELUTanh" else "gelu"
+        else:
+            problems.append(f"MLP activation {type(act).__name__}")
         if problems:
             raise NotImplementedError(f"FastViT.from_timm: not supported: {', '.join(problems)}")
         dp = getattr(model.blocks[-1], "drop_path1", None)
@@ -145,6 +154,7 @@ class FastViT(reference.VisionTransformer):
             dynamic_img_size=getattr(model, "dynamic_img_size", False),
             dynamic_img_pad=getattr(pe, "dynamic_img_pad", False),
             init_values=1e-5 if hasattr(blk.ls1, "gamma") else None,  # the value comes with the weights
+            act_layer=act_layer,
             qk_norm=not isinstance(attn.q_norm, nn.Identity),
             drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p, proj_drop_rate=attn.proj_drop.p,
             attn_drop_rate=attn.attn_drop.p, drop_path_rate=getattr(dp, "drop_prob", 0.0) or 0.0,

@@ -113,19 +113,21 @@ def layernorm_mlp_ref(
     fc2_bias: torch.Tensor | None,
     eps: float = LN_EPS,
     add_residual: bool = True,
+    approximate: str = "none",
 ) -> torch.Tensor:
-    """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(layernorm(x))))`` with exact erf GELU.
+    """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(layernorm(x))))``.
 
     Args:
         x: (B, N, D). norm_weight, norm_bias: (D,). fc1_weight: (D_hidden, D), fc1_bias: (D_hidden,).
         fc2_weight: (D, D_hidden), fc2_bias: (D,). eps: LayerNorm epsilon (timm ViT: 1e-6).
         add_residual: when False, return only the branch ``fc2(gelu(fc1(layernorm(x))))``.
+        approximate: GELU form as ``torch.nn.GELU``: "none" (exact erf, timm's default) or "tanh".
 
     Returns:
         (B, N, D), dtype of ``x``.
     """
     h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-    y = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    y = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
     return x + y if add_residual else y
 
 
@@ -299,13 +301,36 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class Mlp(nn.Module):
-    """fc1 -> GELU (erf) -> dropout -> fc2 -> dropout (timm ``Mlp``; parameters ``fc1``, ``fc2``)."""
+def gelu_approximate(act_layer) -> str:
+    """The GELU form ("none" = exact erf | "tanh") of a timm ``act_layer`` argument: None, "gelu", "gelu_tanh",
+    ``nn.GELU``, ``functools.partial(nn.GELU, approximate="tanh")``, or timm's ``GELU`` / ``GELUTanh`` classes.
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+    Raises:
+        NotImplementedError: any other activation (the fused MLP computes GELU only).
+    """
+    if act_layer is None or act_layer == "gelu":
+        return "none"
+    if act_layer == "gelu_tanh":
+        return "tanh"
+    if callable(act_layer) and not isinstance(act_layer, str):
+        act = act_layer()
+        if isinstance(act, nn.GELU):
+            return act.approximate
+        name = type(act).__name__
+        if name in ("GELU", "GELUTanh"):  # timm.layers.activations: F.gelu / F.gelu(approximate="tanh")
+            return "tanh" if name == "GELUTanh" else "none"
+    raise NotImplementedError(f"act_layer={act_layer!r} is not supported by fastvit_kernels (supported: GELU, exact "
+                              "or tanh: None, 'gelu', 'gelu_tanh', nn.GELU, partial(nn.GELU, approximate='tanh'))")
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm ``Mlp``; parameters ``fc1``, ``fc2``). ``approximate``:
+    the GELU form, "none" (exact erf, timm's default) or "tanh"."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, approximate: str = "none"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate=approximate)
         self.drop1 = nn.Dropout(drop)
         self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features)
@@ -331,19 +356,19 @@ class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block``): z' = MSA(LN(z)) + z; z = MLP(LN(z')) + z'.
 
     Input and output (B, N, D). ``init_values`` adds LayerScale (``ls1.gamma``, ``ls2.gamma``); ``qk_norm`` adds
-    ``attn.q_norm`` / ``attn.k_norm``.
+    ``attn.q_norm`` / ``attn.k_norm``; ``act_layer``: the MLP's GELU (see :func:`gelu_approximate`).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, fused_attn: bool = True,
-                 init_values: float | None = None, qk_norm: bool = False):
+                 init_values: float | None = None, qk_norm: bool = False, act_layer=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, gelu_approximate(act_layer))
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -358,7 +383,7 @@ class Block(nn.Module):
 _UNSUPPORTED_DEFAULTS = {
     "proj_bias": True,
     "pre_norm": False, "patch_drop_rate": 0.0,
-    "embed_layer": None, "norm_layer": None, "act_layer": None, "mlp_layer": None, "weight_init": "",
+    "embed_layer": None, "norm_layer": None, "mlp_layer": None, "weight_init": "",
     "fix_init": False, "attn_layer": None, "pos_embed": "learn", "embed_norm_layer": None,
     "scale_attn_norm": False, "scale_mlp_norm": False, "ls_init_values": None,
 }
@@ -371,7 +396,8 @@ class VisionTransformer(nn.Module):
         embed_dim (D), depth, num_heads (H), mlp_ratio, qkv_bias, class_token, fc_norm (None = timm's rule:
         LayerNorm after pooling for 'avg'), final_norm, drop_rate (head dropout), pos_drop_rate,
         proj_drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth, as timm),
-        block_fn (the block class), fused_attn (SDPA vs explicit softmax); the token layout and resolution
+        block_fn (the block class), fused_attn (SDPA vs explicit softmax), act_layer (the MLP activation: GELU,
+        exact or tanh; see :func:`gelu_approximate`), init_values (LayerScale), qk_norm; the token layout and resolution
         options (timm's): reg_tokens (K register tokens, parameter ``reg_token`` (1, K, D)), no_embed_class
         (pos_embed (1, N, D) on the patch tokens only; else (1, prefix + N, D) on every token, registers
         included), dynamic_img_size (any (H, W) at forward time, pos_embed resampled on the fly with
@@ -417,6 +443,7 @@ class VisionTransformer(nn.Module):
         dynamic_img_pad: bool = False,
         init_values: float | None = None,
         qk_norm: bool = False,
+        act_layer=None,
         **unsupported,
     ):
         super().__init__()
@@ -465,7 +492,7 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth, as timm
         self.blocks = nn.Sequential(*[
             block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], fused_attn,
-                     init_values, qk_norm)
+                     init_values, qk_norm, act_layer=act_layer)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if final_norm and not use_fc_norm else nn.Identity()

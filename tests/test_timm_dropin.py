@@ -19,6 +19,7 @@ VARIANTS = {
     "features_only": dict(num_classes=0),
     "no_pool": dict(global_pool="", num_classes=0),
     "reg_tokens_no_embed_class_avg": dict(reg_tokens=2, no_embed_class=True, global_pool="avg"),
+    "gelu_tanh": dict(act_layer="gelu_tanh"),
 }
 
 
@@ -35,13 +36,34 @@ def test_layerscale_and_qk_norm_parameter_names():
     assert torch.equal(model.blocks[0].ls1.gamma, torch.full((64,), 1e-5))
 
 
-@pytest.mark.parametrize("variant", ["plain", "layerscale", "qk_norm", "reg_tokens_no_embed_class_avg"])
+@pytest.mark.parametrize("variant", ["plain", "layerscale", "qk_norm", "reg_tokens_no_embed_class_avg",
+                                     "gelu_tanh"])
 def test_from_timm_loads_strictly_and_matches(variant):
     src = VisionTransformer(**{**SMALL, **VARIANTS.get(variant, {})}).eval()  # timm's attributes and names
     fast = FastViT.from_timm(src, backend="torch")
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(fast(x), src(x), atol=1e-5, rtol=1e-5)  # naive softmax vs SDPA: round-off only
     assert fast.state_dict().keys() == src.state_dict().keys()
+    assert fast.blocks[0].mlp.act.approximate == src.blocks[0].mlp.act.approximate
+
+
+def test_act_layer_spellings():
+    """timm's act_layer forms of GELU map to the fused MLP's GELU form; anything else raises before building."""
+    import functools
+
+    from fastvit_kernels.reference import gelu_approximate
+
+    for spelling, form in ((None, "none"), ("gelu", "none"), (torch.nn.GELU, "none"), ("gelu_tanh", "tanh"),
+                           (functools.partial(torch.nn.GELU, approximate="tanh"), "tanh")):
+        assert gelu_approximate(spelling) == form
+        assert create_model("vit_digits", depth=1, act_layer=spelling).blocks[0].mlp.act.approximate == form
+    for bad in ("relu", torch.nn.SiLU):
+        with pytest.raises(NotImplementedError, match="act_layer=.* is not supported"):
+            create_model("vit_digits", depth=1, act_layer=bad)
+    src = VisionTransformer(**SMALL)
+    src.blocks[0].mlp.act = torch.nn.SiLU()
+    with pytest.raises(NotImplementedError, match="MLP activation SiLU"):
+        FastViT.from_timm(src)
 
 
 def test_from_timm_rejects_what_it_cannot_run():

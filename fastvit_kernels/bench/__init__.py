@@ -6,6 +6,7 @@
 * :mod:`.devices` -- dense bf16 / fp16 / fp32 peaks and memory bandwidth of common GPUs; MFU.
 * :mod:`.cost_model` -- modelled kernel launches, device-memory bytes and FLOPs of a training step, FastViT vs
   eager, with a roofline estimate (runs on any machine).
+* :mod:`.memory` -- activation bytes kept for backward, counted from the autograd graph's saved tensors.
 * :mod:`.meter` -- :class:`ThroughputMeter` (images/s, TFLOP/s and MFU per step) for training loops.
 * :mod:`.profile`, :mod:`.report` -- the ``python -m fastvit_kernels.bench {model,profile,report}`` commands.
 

@@ -1,4 +1,4 @@
-"""``python -m fastvit_kernels.bench {model,profile,report}``.
+"""``python -m fastvit_kernels.bench {model,profile,report,gemm-impl}``.
 
 * ``model``: the cost model's comparison (FastViT vs eager PyTorch) of one training step or inference forward:
   kernel launches, device-memory bytes, FLOPs, roofline time for a device -- MODELLED, runs anywhere.
@@ -6,6 +6,9 @@
   it runs the requested model and batch; on a CPU a small configuration, labelled "CPU".
 * ``report``: pytest-benchmark ``--benchmark-json`` output -> markdown table (stdout and a .md file) and a bar
   chart (.png).
+* ``gemm-impl``: on a GPU, time the fused Triton GEMM against cuBLAS + elementwise kernels for every GEMM of a
+  training step (``FASTVIT_GEMM_IMPL=measure``) and print the decisions, with the entries where cuBLAS won as
+  lines for ``kernels/gemm_impl.py``'s ``MEASURED_CHOICES``. Needs CUDA (exits 2 without).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _positive(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of the three subcommands."""
+    """The argparse parser of the four subcommands."""
     p = argparse.ArgumentParser(prog="python -m fastvit_kernels.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -70,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cpu-full", action="store_true", help="on a CPU, run --model / --batch-size as given")
     pr.add_argument("--seed", type=int, default=0)
     _add_peak_flags(pr)
+
+    g = sub.add_parser("gemm-impl", help="measure fused Triton GEMM vs cuBLAS per GEMM of a training step (GPU)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--model", action="append", choices=sorted(MODEL_CONFIGS),
+                   help="repeatable (default: vit_base_patch16_224, vit_large_patch16_224, vit_huge_patch14_224)")
+    g.add_argument("--batch-size", type=_positive("--batch-size"), action="append",
+                   help="repeatable (default: 64 and 256)")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
 
     r = sub.add_parser("report", help="pytest-benchmark JSON -> markdown table + bar chart")
     r.add_argument("json", help="the file written by pytest --benchmark-json")
@@ -134,6 +145,44 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_gemm_impl(args) -> int:
+    from .. import create_model
+    from ..backend import use_gemm_impl
+    from ..configs import get_config
+    from ..kernels import gemm_impl
+
+    if not torch.cuda.is_available():
+        print("gemm-impl measures GPU kernels: it needs a CUDA device (none here). Nothing was measured.",
+              file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    gemm_impl.reset_decisions()
+    for name in args.model or ["vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"]:
+        cfg = get_config(name)
+        model = create_model(name).to(device="cuda", dtype=dtype).train()
+        for batch in args.batch_size or [64, 256]:
+            images = torch.randn(batch, cfg.get("in_chans", 3), cfg["img_size"], cfg["img_size"], device="cuda",
+                                 dtype=dtype)
+            with use_gemm_impl("measure"):
+                model(images).float().logsumexp(-1).mean().backward()
+            model.zero_grad(set_to_none=True)
+        del model
+        torch.cuda.empty_cache()
+    print(f"# GEMM path measurements on {torch.cuda.get_device_name()} ({args.dtype}); times in ms (median)")
+    print("| key (arch, dtype, M bucket, N, K, fusion) | triton | cublas | faster |")
+    print("|---|---|---|---|")
+    wins = []
+    for key, d in sorted(gemm_impl.decisions().items(), key=str):
+        print(f"| {key} | {d.ms.get('triton', float('nan')):.4f} | {d.ms.get('cublas', float('nan')):.4f} | "
+              f"{d.impl} |")
+        if d.impl == "cublas":
+            wins.append(key)
+    print(f"\n# entries for MEASURED_CHOICES ({len(wins)} of {len(gemm_impl.decisions())} keys where cuBLAS won):")
+    for key in wins:
+        print(f"    {key!r}: \"cublas\",")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import bar_chart, load_benchmarks, markdown
 
@@ -155,7 +204,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "dtype", None):
         dtype_name(args.dtype)
-    return {"model": _cmd_model, "profile": _cmd_profile, "report": _cmd_report}[args.command](args)
+    return {"model": _cmd_model, "profile": _cmd_profile, "report": _cmd_report,
+            "gemm-impl": _cmd_gemm_impl}[args.command](args)
 
 
 if __name__ == "__main__":

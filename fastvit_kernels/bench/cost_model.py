@@ -317,10 +317,11 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
 
 
 def _ln_bwd_programs(M: int, D: int) -> int:
-    """Programs of kernels/layernorm.py's backward (it writes one fp32 dgamma and dbeta row per program)."""
+    """Programs of kernels/layernorm.py's backward (it writes one fp32 dgamma and dbeta row per program; at most
+    ``BWD_PROGRAMS`` = 256 programs, each looping over row blocks)."""
     block_d = 1 << max(D - 1, 0).bit_length()
     rows = max(1, min(16, 4096 // block_d))
-    return -(-M // rows)
+    return max(1, min(-(-M // rows), 256))
 
 
 def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
@@ -363,23 +364,21 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
     for _ in range(L):
         b.cls = "mlp"
         b.call("fastvit.layernorm_mlp_bwd",
-               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + M * Dh * e, D * Dh * e, T, "dW2; GELU recomputed"),
-               ("_column_sum_kernel", 0, M * D * e, D * e, T, "db2"),
+               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + M * Dh * e, D * Dh * e + D * e, T,
+                "dW2; GELU recomputed; db2 = row sums of its dY^T tiles"),
                ("_matmul_kernel", 2 * M * D * Dh, M * D * e + D * Dh * e + M * Dh * e, M * Dh * e, T,
                 "dH; GELU' epilogue"),
-               ("_matmul_kernel", 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e, Dh * D * e, T,
-                "dW1; LayerNorm recomputed"),
-               ("_column_sum_kernel", 0, M * Dh * e, Dh * e, T, "db1"),
+               ("_matmul_kernel", 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                Dh * D * e + Dh * e, T, "dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
                ("_matmul_kernel", 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)"),
                ("_layernorm_bwd_kernel", 0, 3 * M * D * e + D * e + 2 * M * F32, M * D * e + 2 * P * D * F32, T,
                 "dx + residual grad; fp32 dgamma/dbeta partials"),
-               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dgamma"),
-               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dbeta"))
+               ("_column_sum_kernel", 0, 2 * P * D * F32, 2 * D * e, T, "dgamma and dbeta"))
         b.cls = "proj"
         b.call("fastvit.linear_residual_bwd",
                ("_matmul_kernel", 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"),
-               ("_matmul_kernel", 2 * M * D * D, 2 * M * D * e, D * D * e, T, "dW"),
-               ("_column_sum_kernel", 0, M * D * e, D * e, T, "db (residual grad = dY: no kernel)"))
+               ("_matmul_kernel", 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
+                "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"))
         b.cls = "attention"
         b.call("fastvit.attention_bwd",
                ("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T),
@@ -388,13 +387,11 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
         b.cls = "ln_qkv"
         b.call("fastvit.layernorm_linear_bwd",
                ("_matmul_kernel", 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
-                3 * D * D * e, T, "dW; LayerNorm recomputed"),
-               ("_column_sum_kernel", 0, 3 * M * D * e, 3 * D * e, T, "db"),
+                3 * D * D * e + 3 * D * e, T, "dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
                ("_matmul_kernel", 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
                ("_layernorm_bwd_kernel", 0, 2 * M * D * e + D * e + 2 * M * F32, M * D * e + 2 * P * D * F32, T,
                 "dx; fp32 dgamma/dbeta partials"),
-               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dgamma"),
-               ("_column_sum_kernel", 0, P * D * F32, D * e, T, "dbeta"))
+               ("_column_sum_kernel", 0, 2 * P * D * F32, 2 * D * e, T, "dgamma and dbeta"))
         b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
     b.cls = "patch_embed"
     b.call("fastvit.patch_embed_bwd",

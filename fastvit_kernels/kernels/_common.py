@@ -1,4 +1,5 @@
-"""Helpers shared by the kernels: exact-erf GELU and its derivative, and the dot precision per dtype."""
+"""Helpers shared by the kernels: GELU (exact erf, or the tanh approximation) and its derivative, and the dot
+precision per dtype."""
 
 from __future__ import annotations
 
@@ -22,6 +23,58 @@ def gelu_erf_grad(x):
     cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
     pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
     return cdf + x * pdf
+
+
+_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@triton.jit
+def gelu_tanh(x):
+    """tanh-approximate GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3) (Hendrycks & Gimpel 2016;
+    PyTorch's ``approximate='tanh'``), written as x * sigmoid(2u) (0.5 (1 + tanh u) == sigmoid(2u)); x in fp32."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def gelu_tanh_grad(x):
+    """d/dx of :func:`gelu_tanh`: s + 2 x s (1 - s) u' with s = sigmoid(2u), u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    s = 1.0 / (1.0 + tl.exp(-2.0 * u))
+    du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    return s + 2.0 * x * s * (1.0 - s) * du
+
+
+@triton.jit
+def gelu(x, TANH: tl.constexpr):
+    """GELU in fp32: the exact erf form, or the tanh approximation when TANH."""
+    if TANH:
+        return gelu_tanh(x)
+    else:
+        return gelu_erf(x)
+
+
+@triton.jit
+def gelu_grad(x, TANH: tl.constexpr):
+    """GELU'(x) in fp32 for the form :func:`gelu` computes."""
+    if TANH:
+        return gelu_tanh_grad(x)
+    else:
+        return gelu_erf_grad(x)
+
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def check_gelu_approximate(approximate: str) -> bool:
+    """The GELU_TANH constexpr for PyTorch's ``approximate`` argument ("none" | "tanh").
+
+    Raises:
+        ValueError: any other value.
+    """
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS} (as torch.nn.GELU); got {approximate!r}")
+    return approximate == "tanh"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -3,7 +3,9 @@
 * ``row_stats``: fp32 mean and rstd = 1 / sqrt(var + eps) per row; the GEMM's A-operand prologue applies the
   normalisation from them, so normalised activations never reach device memory.
 * ``layernorm_bwd``: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + d_residual with g = dy * gamma, and
-  dgamma / dbeta as per-program fp32 partial sums reduced afterwards in a fixed order (deterministic: no atomics).
+  dgamma / dbeta as per-program fp32 partial sums (at most ``BWD_PROGRAMS`` programs, each looping over row blocks
+  ``pid, pid + programs, ...``) reduced afterwards by one column-sum launch in a fixed order (deterministic: no
+  atomics; the partition depends only on the shape, not on the device).
 
 A whole row (D <= 8192) is held in one tile; rows are processed ``ROWS`` at a time.
 """
@@ -44,32 +46,42 @@ def _layernorm_bwd_kernel(
     gamma_ptr,  # (D,)
     mean_ptr, rstd_ptr,  # (M,) fp32
     dx_ptr,  # (M, D) output
-    dgamma_part_ptr, dbeta_part_ptr,  # (num_programs, D) fp32 per-program partial sums
+    part_ptr,  # (num_programs, 2 * D) fp32 per-program partial sums: dgamma in [0, D), dbeta in [D, 2D)
     M, D, stride_x_m, stride_dy_m, stride_dres_m, stride_dx_m,
     HAS_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
-    mask_r = rows < M
     mask_c = cols < D
-    mask = mask_r[:, None] & mask_c[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + r64 * stride_x_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + r64 * stride_dy_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     gamma = tl.load(gamma_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    g = dy * gamma[None, :]
-    c1 = tl.sum(g * xhat, axis=1) / D
-    c2 = tl.sum(g, axis=1) / D
-    dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    if HAS_DRES:
-        dx += tl.load(dres_ptr + r64 * stride_dres_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + r64 * stride_dx_m + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgamma_part_ptr + pid * D + cols, tl.sum(dy * xhat, axis=0), mask=mask_c)
-    tl.store(dbeta_part_ptr + pid * D + cols, tl.sum(dy, axis=0), mask=mask_c)
+    dgamma = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbeta = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(M, ROWS), n_prog):
+        rows = blk * ROWS + tl.arange(0, ROWS)
+        mask_r = rows < M
+        mask = mask_r[:, None] & mask_c[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + r64 * stride_x_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r64 * stride_dy_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * gamma[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(dres_ptr + r64 * stride_dres_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + r64 * stride_dx_m + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dgamma += tl.sum(dy * xhat, axis=0)
+        dbeta += tl.sum(dy, axis=0)
+    tl.store(part_ptr + pid * 2 * D + cols, dgamma, mask=mask_c)
+    tl.store(part_ptr + pid * 2 * D + D + cols, dbeta, mask=mask_c)
+
+
+BWD_PROGRAMS = 256  # at most this many LayerNorm-backward programs (partial rows); fixed, so results do not
+#                    depend on the device (about two waves of an H100's 132 SMs)
 
 
 def _rows_per_program(D: int) -> tuple[int, int]:
@@ -93,16 +105,16 @@ def layernorm_bwd(
     dres: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm backward for x, dy (M, D) (unit column strides). Returns dx (M, D) in x's dtype (plus dres when
-    given) and dgamma, dbeta (D,) in gamma's dtype, reduced deterministically in fp32."""
+    given) and dgamma, dbeta (D,) in gamma's dtype, reduced deterministically in fp32 (two launches in all)."""
     M, D = x.shape
     rows, block_d = _rows_per_program(D)
-    n_prog = triton.cdiv(M, rows)
+    n_prog = max(1, min(triton.cdiv(M, rows), BWD_PROGRAMS))
     dx = torch.empty_like(x)
-    dgamma_part = torch.empty((n_prog, D), device=x.device, dtype=torch.float32)
-    dbeta_part = torch.empty((n_prog, D), device=x.device, dtype=torch.float32)
+    part = torch.empty((n_prog, 2 * D), device=x.device, dtype=torch.float32)
     _layernorm_bwd_kernel[(n_prog,)](
-        x, dy, dres if dres is not None else dy, gamma, mean, rstd, dx, dgamma_part, dbeta_part,
+        x, dy, dres if dres is not None else dy, gamma, mean, rstd, dx, part,
         M, D, x.stride(0), dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
         HAS_DRES=dres is not None, ROWS=rows, BLOCK_D=block_d,
     )
-    return dx, column_sum(dgamma_part, gamma.dtype), column_sum(dbeta_part, gamma.dtype)
+    dgamma, dbeta = column_sum(part, gamma.dtype, split=D)
+    return dx, dgamma, dbeta

@@ -19,6 +19,11 @@ different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
   the prologue (A, B) or are not written (C): zero padding on the right / bottom without a padded copy.
 * epilogue: + bias[n]; * GELU'(aux[m, n]) (backward of GELU); GELU, optionally storing the pre-activation to aux;
   + residual[m, n] (the residual / position-embedding add; the residual may broadcast over the batch).
+  Every GELU of a launch (prologue, epilogue, GELU') is the exact erf form or, with GELU_TANH, the tanh
+  approximation (PyTorch's ``approximate='tanh'``).
+* A row sums: with A_ROWSUM the programs of the first column tile also sum their A tiles over k (fp32, fixed
+  order) and write ``sum_k A[m, k]``: a weight-grad GEMM ``dW = dY^T @ X`` yields the bias gradient from the dY
+  tiles it already loads (no extra pass over device memory, no partials, no atomics).
 
 Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). Tile configurations: the candidates of
 ``gemm_configs`` (pruned by ``keep``) are autotuned with ``triton.autotune`` on a GPU, keyed on the M bucket, N,
@@ -38,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, gelu_erf, gelu_erf_grad, interpreting
+from ._common import check_gelu_approximate, dot_precision, gelu, gelu_grad, interpreting
 
 PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU, PROLOGUE_CAST, PROLOGUE_AFFINE = 0, 1, 2, 3, 4
 IMAGE_BOUNDS_OPERAND = {None: 0, "a": 1, "b": 2, "c": 3}
@@ -103,12 +108,16 @@ def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = Non
     sm_90 today (the AOT check builds every candidate for both; the recorder that traces the launches has no
     device to ask), the argument is there for a target-specific list when measurements call for one.
 
+    fp32 (IEEE dots, the FMA units): one 64 x 64 x 32 tile with 8 warps; 2 stages, but 1 stage where an index is
+    split: the patch-embed fp32 launches left 8-16 B on the stack with 2 stages (AOT check, sm_80 / sm_90, Triton
+    3.9, 2026-11), none with 1.
+
     The 16-bit list starts from Triton's matmul tutorial (03) tiles: 128 x 128 x 32 with 8 warps and 3 stages
     (the tile v1 shipped), a deeper K step, and a narrower N tile with 4 warps for launches with few tiles.
     """
     del arch  # same candidates on every target (see docstring)
     if dtype == torch.float32:
-        cands = [(64, 64, 32, 8, 2)]
+        cands = [(64, 64, 32, 8, 1)] if split else [(64, 64, 32, 8, 2)]
     else:
         cands = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
     out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
@@ -154,7 +163,8 @@ def _autotune_enabled() -> bool:
 
 # every constexpr flag of the kernel and the shape; the autotuner adds the tensor arguments' dtypes itself
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_M", "SPLIT_N", "SPLIT_K", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS",
-                 "DGELU", "ACT_GELU", "STORE_PREACT", "HAS_RESIDUAL", "IMG_BOUNDS", "DOT_PRECISION"]
+                 "DGELU", "ACT_GELU", "STORE_PREACT", "HAS_RESIDUAL", "GELU_TANH", "A_ROWSUM", "IMG_BOUNDS",
+                 "DOT_PRECISION"]
 
 
 # Autotuning reruns the kernel: every launch is idempotent (C and the stored pre-activation are written, never
@@ -166,6 +176,7 @@ def _matmul_kernel(
     bias_ptr,  # (N,) epilogue bias
     res_ptr,  # logical (M, N) residual added last (may have batch stride 0, e.g. pos_embed)
     aux_ptr,  # (M, N) contiguous: GELU pre-activation, stored (STORE_PREACT) or read (DGELU)
+    rowsum_ptr,  # (M,) A_ROWSUM output: sum over k of prologue(A)[m, k], accumulated in fp32
     mean_ptr, rstd_ptr,  # fp32 LayerNorm row statistics: (M,) for the A prologue, (K,) for the B prologue
     gamma_ptr, beta_ptr,  # LayerNorm affine: (K,) for the A prologue, (N,) for the B prologue;
     #                       channel affine (scale, shift): (channels,) fp32
@@ -182,6 +193,8 @@ def _matmul_kernel(
     B_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by k, affine by n), 2 GELU, 3 cast, 4 channel affine (n)
     HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    GELU_TANH: tl.constexpr,  # every GELU of this launch (prologue, epilogue, GELU') is the tanh approximation
+    A_ROWSUM: tl.constexpr,  # the pid_n == 0 programs also write the row sums of A (a bias gradient, for free)
     IMG_BOUNDS: tl.constexpr,  # 0 none; image-bounds mask on 1 A (m x k), 2 B (k x n), 3 C (m x n)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -214,6 +227,7 @@ def _matmul_kernel(
         b_shift = tl.load(beta_ptr + offs_n // N_D1, mask=mask_n, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -233,7 +247,7 @@ def _matmul_kernel(
             af = (a.to(tl.float32) - a_mean[:, None]) * a_rstd[:, None]
             a = (af * g[None, :] + bt[None, :]).to(b.dtype)  # padded k columns: gamma = beta = 0 -> 0
         elif A_PROLOGUE == 2:
-            a = gelu_erf(a.to(tl.float32)).to(b.dtype)
+            a = gelu(a.to(tl.float32), GELU_TANH).to(b.dtype)
         elif A_PROLOGUE == 3:
             a = a.to(b.dtype)
         elif A_PROLOGUE == 4:
@@ -248,15 +262,21 @@ def _matmul_kernel(
             bf = bf * b_gamma[None, :] + b_beta[None, :]
             b = tl.where(mask_k[:, None], bf, 0.0).to(a.dtype)  # ... but beta != 0, so mask explicitly
         elif B_PROLOGUE == 2:
-            b = gelu_erf(b.to(tl.float32)).to(a.dtype)
+            b = gelu(b.to(tl.float32), GELU_TANH).to(a.dtype)
         elif B_PROLOGUE == 3:
             b = b.to(a.dtype)
         elif B_PROLOGUE == 4:
             bf = b.to(tl.float32) * b_scale[None, :] + b_shift[None, :]
             b = tl.where(b_mask, bf, 0.0).to(a.dtype)
+        if A_ROWSUM:
+            if pid_n == 0:  # one program per row tile sums its A rows over the whole K loop: no partials
+                a_sum += tl.sum(a.to(tl.float32), axis=1)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # ---- epilogue ----
+    if A_ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
     mask = mask_m[:, None] & mask_n[None, :]
     if IMG_BOUNDS == 3:
         mask = mask & _image_mask(offs_m, offs_n, M_D1, M_D2, N_D1, N_D2, img_h, img_w)
@@ -265,11 +285,11 @@ def _matmul_kernel(
     aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if DGELU:
         pre = tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * gelu_erf_grad(pre)
+        acc = acc * gelu_grad(pre, GELU_TANH)
     if ACT_GELU:
         if STORE_PREACT:
             tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-        acc = gelu_erf(acc)
+        acc = gelu(acc, GELU_TANH)
     if HAS_RESIDUAL:
         r_row = _split_offsets(offs_m, M_D1, M_D2, stride_r_m1, stride_r_m2, stride_r_m3, SPLIT_M)
         r_col = _split_offsets(offs_n, N_D1, N_D2, stride_r_n1, stride_r_n2, stride_r_n3, SPLIT_N)
@@ -379,6 +399,8 @@ def gemm(
     gelu: bool = False,
     store_preact: torch.Tensor | None = None,
     residual: Operand | None = None,
+    gelu_approximate: str = "none",
+    a_rowsum: torch.Tensor | None = None,
     a_cast: bool = False,
     b_cast: bool = False,
     a_affine: ChannelAffine | None = None,
@@ -386,6 +408,10 @@ def gemm(
     image_bounds: ImageBounds | None = None,
 ) -> torch.Tensor:
     """Launch ``C = epilogue(prologue(A) @ prologue(B))``; returns ``c.tensor``.
+
+    A GEMM without split indices, image bounds or conversions runs on this core or as cuBLAS + fused elementwise
+    kernels, as :func:`fastvit_kernels.kernels.gemm_impl.choose` decides for its (GPU, dtype, shape, fusion);
+    the others always run on this core.
 
     Args:
         a, b, c: the logical (M, K), (K, N), (M, N) operands; c is written (and must not alias an operand:
@@ -397,6 +423,11 @@ def gemm(
         dgelu_preact: (M, N) contiguous pre-activation; the product is multiplied by GELU'(preact).
         gelu: apply exact GELU in the epilogue; store_preact: (M, N) contiguous buffer for the pre-activation.
         residual: logical (M, N) operand added last.
+        gelu_approximate: "none" (exact erf) or "tanh": the form of every GELU of the launch (the a_gelu / b_gelu
+            prologues, the gelu epilogue and GELU' of dgelu_preact).
+        a_rowsum: (M,) contiguous output written with ``sum_k prologue(A)[m, k]`` (fp32 accumulation, one program
+            per row tile, fixed order: deterministic). A weight-grad GEMM ``dW = dY^T @ X`` gets the bias gradient
+            ``sum_m dY[m, :]`` from the A tiles it already loads, without another pass over dY.
         a_cast / b_cast: convert A (B) to the other operand's dtype on load (the dot runs in that dtype).
         a_affine / b_affine: per-channel affine in fp32 on A (channel k // K_D1) or B (channel n // N_D1), then
             that conversion. At most one operand is converted, and the other then has no prologue.
@@ -419,6 +450,10 @@ def gemm(
     compute_dtype = b.tensor.dtype if a_conv else a.tensor.dtype  # the dtype of the dot's operands
     for name, sp in (("m_split", m_split), ("n_split", n_split), ("k_split", k_split)):
         assert sp is None or (sp[1] > 0 and sp[0] % sp[1] == 0), f"{name}: D2 must divide D1; got {sp}"
+    gelu_tanh = check_gelu_approximate(gelu_approximate)
+    if a_rowsum is not None:
+        assert a_rowsum.is_contiguous() and a_rowsum.numel() == M, "a_rowsum must be a contiguous (M,) tensor"
+        assert N > 0, "a_rowsum needs N > 0 (the programs of the first column tile compute it)"
     if M == 0 or N == 0:
         return c.tensor
     ln = a_ln or b_ln
@@ -443,28 +478,54 @@ def gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    kernel[grid](
-        a.tensor, b.tensor, c.tensor,
-        bias if bias is not None else dummy,
-        residual.tensor if residual is not None else dummy,
-        aux if aux is not None else dummy,
-        ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
-        ln.weight if ln is not None else (affine.scale if affine is not None else dummy),
-        ln.bias if ln is not None else (affine.shift if affine is not None else dummy),
-        M, N, K, triton.next_power_of_2(M),
-        image_bounds.height if image_bounds is not None else 0, image_bounds.width if image_bounds is not None else 0,
-        *(m_split or (1, 1)), *(n_split or (1, 1)), *(k_split or (1, 1)),
-        *axes(a, m_split, k_split), *axes(b, k_split, n_split), *axes(c, m_split, n_split),
-        *axes(residual, m_split, n_split),
-        SPLIT_M=m_split is not None, SPLIT_N=n_split is not None, SPLIT_K=k_split is not None,
-        A_PROLOGUE=_prologue(a_ln, a_gelu, a_cast, a_affine),
-        B_PROLOGUE=_prologue(b_ln, b_gelu, b_cast, b_affine),
-        HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
-        STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
-        IMG_BOUNDS=IMAGE_BOUNDS_OPERAND[image_bounds.operand if image_bounds is not None else None],
-        DOT_PRECISION=dot_precision(compute_dtype),
-        **cfg,
-    )
+    def launch_triton():
+        kernel[grid](
+            a.tensor, b.tensor, c.tensor,
+            bias if bias is not None else dummy,
+            residual.tensor if residual is not None else dummy,
+            aux if aux is not None else dummy,
+            a_rowsum if a_rowsum is not None else dummy,
+            ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
+            ln.weight if ln is not None else (affine.scale if affine is not None else dummy),
+            ln.bias if ln is not None else (affine.shift if affine is not None else dummy),
+            M, N, K, triton.next_power_of_2(M),
+            image_bounds.height if image_bounds is not None else 0,
+            image_bounds.width if image_bounds is not None else 0,
+            *(m_split or (1, 1)), *(n_split or (1, 1)), *(k_split or (1, 1)),
+            *axes(a, m_split, k_split), *axes(b, k_split, n_split), *axes(c, m_split, n_split),
+            *axes(residual, m_split, n_split),
+            SPLIT_M=m_split is not None, SPLIT_N=n_split is not None, SPLIT_K=k_split is not None,
+            A_PROLOGUE=_prologue(a_ln, a_gelu, a_cast, a_affine),
+            B_PROLOGUE=_prologue(b_ln, b_gelu, b_cast, b_affine),
+            HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
+            STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
+            GELU_TANH=gelu_tanh, A_ROWSUM=a_rowsum is not None,
+            IMG_BOUNDS=IMAGE_BOUNDS_OPERAND[image_bounds.operand if image_bounds is not None else None],
+            DOT_PRECISION=dot_precision(compute_dtype),
+            **cfg,
+        )
+
+    if not (a_conv or b_conv or image_bounds is not None or (m_split, n_split, k_split) != (None, None, None)):
+        # a plain GEMM also has a cuBLAS form: the shape-aware rule of gemm_impl picks the path
+        from . import gemm_impl
+
+        cublas_kw = dict(a_ln=a_ln, b_ln=b_ln, a_gelu=a_gelu, b_gelu=b_gelu, bias=bias, dgelu_preact=dgelu_preact,
+                         gelu_on=gelu, store_preact=store_preact, residual=residual, gelu_tanh=gelu_tanh,
+                         a_rowsum=a_rowsum)
+        fusion = gemm_impl.fusion_name(
+            a_ln=a_ln is not None, b_ln=b_ln is not None, a_gelu=a_gelu, b_gelu=b_gelu, bias=bias is not None,
+            dgelu=dgelu_preact is not None, gelu_store=store_preact is not None,
+            gelu_only=gelu and store_preact is None, residual=residual is not None, gelu_tanh=gelu_tanh,
+            a_rowsum=a_rowsum is not None)
+        key = gemm_impl.gemm_key(c.tensor.device, compute_dtype, M, N, K, fusion)
+
+        def launch_cublas():
+            gemm_impl.cublas_gemm(a, b, c, M, N, K, **cublas_kw)
+
+        if gemm_impl.choose(key, c.tensor.device, launch_triton, launch_cublas) == "cublas":
+            launch_cublas()
+            return c.tensor
+    launch_triton()
     return c.tensor
 
 

@@ -1,13 +1,15 @@
 """The MLP half of a pre-norm ViT block as one differentiable op: ``x + fc2(GELU(fc1(LayerNorm(x))))``.
 
 Forward (three launches): fp32 row statistics -> fc1 GEMM with the LayerNorm applied in its A-operand prologue
-(normalised activations never stored) and bias + exact GELU in its epilogue, which also stores the
-pre-activation -> fc2 GEMM with bias and the residual add in its epilogue.
+(normalised activations never stored) and bias + GELU (exact erf by default, or the tanh approximation) in its
+epilogue, which also stores the pre-activation -> fc2 GEMM with bias and the residual add in its epilogue.
 
 Backward: fc2 weight grad from a GEMM that recomputes GELU(pre-activation) in its B prologue; fc2 dgrad with the
 GELU' multiply in its epilogue; fc1 weight grad from a GEMM that recomputes LayerNorm(x) in its B prologue;
-fc1 dgrad; LayerNorm backward with the residual gradient added; bias / gamma / beta grads reduced
-deterministically in fp32. Saved for backward: x, the pre-activation (B, N, D_hidden) and the fp32 row stats.
+fc1 dgrad; LayerNorm backward with the residual gradient added. The bias grads come from the weight-grad GEMMs
+(row sums of the dY^T / dH^T tiles they load: no extra pass over device memory); gamma / beta grads are
+per-program fp32 partials reduced in one launch. All reductions are fp32 in a fixed order (deterministic).
+Saved for backward: x, the pre-activation (B, N, D_hidden) and the fp32 row stats.
 
 ``recompute=True`` saves only x and the row stats (no (B, N, D_hidden) tensor between forward and backward) and
 recomputes the pre-activation in backward with the same fc1 GEMM (LayerNorm prologue + bias, no GELU): one more
@@ -39,7 +41,7 @@ from ..backend import resolve_backend
 def _layernorm_mlp_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
-    eps: float, add_residual: bool, recompute: bool,
+    eps: float, add_residual: bool, recompute: bool, approximate: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out (M, D), preact (M, D_hidden), or (0, D_hidden) with ``recompute``, mean (M,), rstd (M,))."""
     from ..kernels.layernorm import row_stats
@@ -48,13 +50,14 @@ def _layernorm_mlp_fwd(
     mean, rstd = row_stats(x, eps)
     preact = torch.empty((0 if recompute else x.shape[0], fc1_weight.shape[0]), device=x.device, dtype=x.dtype)
     act = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), gelu=True,
-                 store_preact=None if recompute else preact)
+                 store_preact=None if recompute else preact, gelu_approximate=approximate)
     out = linear(act, fc2_weight, fc2_bias, residual=Operand.matrix(x) if add_residual else None)
     return out, preact, mean, rstd
 
 
 @_layernorm_mlp_fwd.register_fake
-def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute):
+def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute,
+      approximate):
     M = x.shape[0]
     stats = x.new_empty((M,), dtype=torch.float32)
     return (torch.empty_like(x), x.new_empty((0 if recompute else M, fc1_weight.shape[0])), stats,
@@ -65,31 +68,32 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps
 def _layernorm_mlp_bwd(
     dout: torch.Tensor, x: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor, add_residual: bool, recompute: bool,
+    fc2_weight: torch.Tensor, add_residual: bool, recompute: bool, approximate: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dgamma, dbeta, dW1, db1, dW2, db2). ``recompute``: ``preact`` is empty and is recomputed
     here by the forward's fc1 GEMM without its GELU (fc1_bias is only read then)."""
     from ..kernels.layernorm import layernorm_bwd
     from ..kernels.matmul import LayerNormPrologue, Operand, gemm, linear
-    from ..kernels.reduce import column_sum
 
     M, D = x.shape
     Dh = fc1_weight.shape[0]
     wdt = fc1_weight.dtype
     if recompute:  # the same launch as the forward's fc1 GEMM, minus the GELU
         preact = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
-    # fc2: dW2 = dY^T @ GELU(preact) (GELU recomputed on load), db2 = sum_m dY
+    # fc2: dW2 = dY^T @ GELU(preact) (GELU recomputed on load); db2 = sum_m dY from the same GEMM's A tiles
     dw2 = torch.empty((D, Dh), device=x.device, dtype=wdt)
-    gemm(Operand.matrix_t(dout), Operand.matrix(preact), Operand.matrix(dw2), D, Dh, M, b_gelu=True)
-    db2 = column_sum(dout, wdt)
+    db2 = torch.empty((D,), device=x.device, dtype=wdt)
+    gemm(Operand.matrix_t(dout), Operand.matrix(preact), Operand.matrix(dw2), D, Dh, M, b_gelu=True, a_rowsum=db2,
+         gelu_approximate=approximate)
     # dH = (dY @ W2) * GELU'(preact)
     dh = torch.empty((M, Dh), device=x.device, dtype=x.dtype)
-    gemm(Operand.matrix(dout), Operand.matrix(fc2_weight), Operand.matrix(dh), M, Dh, D, dgelu_preact=preact)
-    # fc1: dW1 = dH^T @ LayerNorm(x) (normalisation recomputed on load), db1 = sum_m dH
+    gemm(Operand.matrix(dout), Operand.matrix(fc2_weight), Operand.matrix(dh), M, Dh, D, dgelu_preact=preact,
+         gelu_approximate=approximate)
+    # fc1: dW1 = dH^T @ LayerNorm(x) (normalisation recomputed on load); db1 = sum_m dH from its A tiles
     dw1 = torch.empty((Dh, D), device=x.device, dtype=wdt)
+    db1 = torch.empty((Dh,), device=x.device, dtype=wdt)
     gemm(Operand.matrix_t(dh), Operand.matrix(x), Operand.matrix(dw1), Dh, D, M,
-         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
-    db1 = column_sum(dh, wdt)
+         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db1)
     # d LayerNorm(x) = dH @ W1, then LayerNorm backward (+ dY through the residual)
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
     gemm(Operand.matrix(dh), Operand.matrix(fc1_weight), Operand.matrix(dln), M, D, Dh)
@@ -99,7 +103,7 @@ def _layernorm_mlp_bwd(
 
 @_layernorm_mlp_bwd.register_fake
 def _(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, add_residual,
-      recompute):
+      recompute, approximate):
     Dh = fc1_weight.shape[0]
     return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
             torch.empty_like(fc1_weight), fc1_weight.new_empty((Dh,)), torch.empty_like(fc2_weight),
@@ -107,26 +111,28 @@ def _(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias,
 
 
 def _setup_context(ctx, inputs, output):
-    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute = inputs
+    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute,
+     approximate) = inputs
     _, preact, mean, rstd = output  # preact is (0, D_hidden) with recompute: nothing large is kept
     ctx.save_for_backward(x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight)
     ctx.mark_non_differentiable(preact, mean, rstd)
     ctx.set_materialize_grads(False)  # no zero-filled gradient tensors for the saved-only outputs
     ctx.add_residual = add_residual
     ctx.recompute = recompute
+    ctx.approximate = approximate
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
 
 
 def _backward(ctx, dout, _dpreact, _dmean, _drstd):
     if dout is None:
-        return (None,) * 10
+        return (None,) * 11
     x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight = ctx.saved_tensors
     dx, dgamma, dbeta, dw1, db1, dw2, db2 = _layernorm_mlp_bwd(
         dout.contiguous(), x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-        ctx.add_residual, ctx.recompute,
+        ctx.add_residual, ctx.recompute, ctx.approximate,
     )
     return (dx, dgamma, dbeta, dw1, db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None,
-            None, None, None)
+            None, None, None, None)
 
 
 _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -147,6 +153,7 @@ def layernorm_mlp(
     *,
     add_residual: bool = True,
     recompute: bool = False,
+    approximate: str = "none",
     backend: str | None = None,
 ) -> torch.Tensor:
     """``x + fc2(GELU(fc1(LayerNorm(x))))``: the MLP half of a pre-norm ViT block, fused (see module docstring).
@@ -161,16 +168,19 @@ def layernorm_mlp(
         recompute: keep only x and the fp32 row stats for backward and recompute the (B, N, D_hidden)
             pre-activation there (one extra fc1 GEMM; see the module docstring). Same gradients as the default.
             No effect on the "torch" backend.
+        approximate: the GELU form, as ``torch.nn.GELU``: "none" (exact erf, timm's default) or "tanh"
+            (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``), used in forward and in every GELU / GELU'
+            recomputed by the backward.
         backend: "auto" | "triton" | "torch" (see :mod:`fastvit_kernels.backend`).
 
     Returns:
         (B, N, D) in x's dtype. Under ``torch.autocast`` inputs are cast to the autocast dtype first.
-        LayerNorm statistics and all accumulations are fp32; GELU is the exact erf form.
+        LayerNorm statistics and all accumulations are fp32; GELU (and its derivative) evaluated in fp32.
 
     Raises:
         TypeError: a non-floating input; bf16 on the CPU interpreter.
         ValueError: shapes that do not chain (names the argument, expected and actual shape), mixed dtypes or
-            devices, eps <= 0.
+            devices, eps <= 0, approximate not "none" / "tanh".
         RuntimeError: backend="triton" where Triton cannot run.
     """
     x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_inputs(
@@ -186,15 +196,18 @@ def layernorm_mlp(
         check_tensor("fc2_bias", fc2_bias, (D,), f"(D={D},)")
     check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh' (as torch.nn.GELU); got {approximate!r}")
     if resolve_backend(x.device, backend) == "torch":
         return reference.layernorm_mlp_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                           eps, add_residual)
+                                           eps, add_residual, approximate)
     check_triton_dtype("x", x)
     x2d = x.reshape(-1, D)
     if x2d.stride(-1) != 1 or x2d.stride(0) != D:
         x2d = x2d.contiguous()
     out = _layernorm_mlp_fwd(x2d, norm_weight, norm_bias, fc1_weight.contiguous(), fc1_bias,
-                             fc2_weight.contiguous(), fc2_bias, float(eps), bool(add_residual), bool(recompute))[0]
+                             fc2_weight.contiguous(), fc2_bias, float(eps), bool(add_residual), bool(recompute),
+                             approximate)[0]
     return out.view(x.shape)
 
 

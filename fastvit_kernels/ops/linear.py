@@ -3,11 +3,12 @@
 * :func:`layernorm_linear` -- ``Linear(LayerNorm(x))`` (norm1 + qkv). Forward (two launches): fp32 row statistics,
   then the GEMM with the LayerNorm applied in its A-operand prologue (the normalised activations never reach
   device memory) and the bias in its epilogue. Backward: dW from a GEMM that recomputes LayerNorm(x) in its B
-  prologue, db as a deterministic column sum, d LayerNorm(x) = dY @ W, then the LayerNorm backward (dgamma /
-  dbeta reduced deterministically in fp32). Saved for backward: x and the fp32 row statistics.
+  prologue and also yields db as the row sums of the dY^T tiles it loads (no extra pass over dY); d LayerNorm(x)
+  = dY @ W; then the LayerNorm backward (dgamma / dbeta reduced deterministically in fp32). Saved for backward:
+  x and the fp32 row statistics.
 * :func:`linear_residual` -- ``residual + Linear(x)`` (proj + the attention residual add). Forward: one GEMM with
-  bias and residual in its epilogue. Backward: dx = dY @ W, dW = dY^T @ x, db as a column sum; the residual's
-  gradient is dY itself (no kernel). Saved for backward: x.
+  bias and residual in its epilogue. Backward: dx = dY @ W; dW = dY^T @ x, which also yields db from the row sums
+  of its dY^T tiles; the residual's gradient is dY itself (no kernel). Saved for backward: x.
 
 References: Ba et al. 2016 (LayerNorm), Vaswani et al. 2017 (residual pre-norm transformer block); fusion plan
 from DESIGN.md ("norm1 + qkv" and "proj" rows of the GEMM-core table).
@@ -62,16 +63,15 @@ def _layernorm_linear_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.layernorm import layernorm_bwd
     from ..kernels.matmul import LayerNormPrologue, Operand, gemm
-    from ..kernels.reduce import column_sum
 
     M, D = x.shape
     N = weight.shape[0]
     wdt = weight.dtype
-    # dW = dY^T @ LayerNorm(x) (normalisation recomputed on load), db = sum_m dY
+    # dW = dY^T @ LayerNorm(x) (normalisation recomputed on load); db = sum_m dY from the same GEMM's A tiles
     dw = torch.empty((N, D), device=x.device, dtype=wdt)
+    db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
     gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, D, M,
-         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
-    db = column_sum(dout, wdt) if has_bias else dout.new_empty((0,), dtype=wdt)
+         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db if has_bias else None)
     # d LayerNorm(x) = dY @ W, then the LayerNorm backward
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
     gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dln), M, D, N)
@@ -128,7 +128,6 @@ def _linear_residual_bwd(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.matmul import Operand, gemm
-    from ..kernels.reduce import column_sum
 
     M, K = x.shape
     N = weight.shape[0]
@@ -136,10 +135,10 @@ def _linear_residual_bwd(
     # dx = dY @ W
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
     gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dx), M, K, N)
-    # dW = dY^T @ x, db = sum_m dY
+    # dW = dY^T @ x; db = sum_m dY from the same GEMM's A tiles
     dw = torch.empty((N, K), device=x.device, dtype=wdt)
-    gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, K, M)
-    db = column_sum(dout, wdt) if has_bias else dout.new_empty((0,), dtype=wdt)
+    db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
+    gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, K, M, a_rowsum=db if has_bias else None)
     return dx, dw, db
 
 

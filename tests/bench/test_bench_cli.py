@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastvit_kernels.bench import cost_model as cm
 from fastvit_kernels.bench.__main__ import main
@@ -79,6 +80,13 @@ def _fake_results(path):
         bench("CPU smoke: attention", "eager", 0.003, tokens_per_s=1.3e6),
     ]}
     path.write_text(json.dumps(data))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_gemm_impl_command_needs_a_gpu(capsys):
+    """Without CUDA the GEMM-path measurement measures nothing and says so (exit 2), rather than timing the CPU."""
+    assert main(["gemm-impl", "--model", "vit_digits", "--batch-size", "2"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_report_command(tmp_path, capsys):

@@ -16,11 +16,16 @@ def _ln(v, mean, rstd, gamma, beta):
     return (v - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
 
 
-def _gelu_grad(x):
-    return 0.5 * (1 + torch.erf(x / 2**0.5)) + x * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+def _gelu_grad(x, approximate="none"):
+    """GELU'(x) by autograd through PyTorch's own GELU of that form (an independent spec of the kernel's formula)."""
+    x = x.detach().double().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.gelu(x, approximate=approximate).sum(), x)
+    return g.float()
 
 
 EPILOGUES = ["none", "bias", "gelu_store", "dgelu", "bias_gelu_residual"]
+# the tanh GELU flag changes every GELU of a launch: run it with the epilogues and prologues that contain one
+TANH_CASES = [("gelu", "none", "gelu_store"), ("none", "gelu", "dgelu"), ("ln", "gelu", "bias_gelu_residual")]
 PROLOGUES = list(itertools.product(["none", "ln", "gelu"], ["none", "ln", "gelu"]))
 PROLOGUES.remove(("ln", "ln"))  # one LayerNorm prologue per GEMM
 
@@ -29,9 +34,28 @@ PROLOGUES.remove(("ln", "ln"))  # one LayerNorm prologue per GEMM
 CASES = [(torch.float32, e) for e in EPILOGUES] + [(torch.float16, e) for e in ("none", "bias_gelu_residual")]
 
 
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
 @pytest.mark.parametrize("a_pro,b_pro", PROLOGUES)
 @pytest.mark.parametrize("dtype,epilogue", CASES)
-def test_flag_combinations(a_pro, b_pro, epilogue, dtype, device):
+def test_flag_combinations(a_pro, b_pro, epilogue, dtype, impl, device):
+    """Each flag combination on the fused core and on its cuBLAS + elementwise-kernels form (gemm_impl)."""
+    from fastvit_kernels.backend import use_gemm_impl
+
+    with use_gemm_impl(impl):
+        _check_flags(a_pro, b_pro, epilogue, dtype, "none", device)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+@pytest.mark.parametrize("a_pro,b_pro,epilogue", TANH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tanh_gelu_flag(a_pro, b_pro, epilogue, dtype, impl, device):
+    from fastvit_kernels.backend import use_gemm_impl
+
+    with use_gemm_impl(impl):
+        _check_flags(a_pro, b_pro, epilogue, dtype, "tanh", device)
+
+
+def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device):
     from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
 
     a = torch.randn(M, K, device=device)
@@ -52,20 +76,20 @@ def test_flag_combinations(a_pro, b_pro, epilogue, dtype, device):
     if a_pro == "ln":
         ra = _ln(ra, *a_stats, q(a_aff[0]), q(a_aff[1]))
     elif a_pro == "gelu":
-        ra = F.gelu(ra)
+        ra = F.gelu(ra, approximate=approximate)
     if b_pro == "ln":
         rb = _ln(rb, *b_stats, q(b_aff[0]), q(b_aff[1]))
     elif b_pro == "gelu":
-        rb = F.gelu(rb)
+        rb = F.gelu(rb, approximate=approximate)
     ref = ra @ rb
     ref_pre = None
     if epilogue in ("bias", "bias_gelu_residual"):
         ref = ref + q(bias)
     if epilogue == "dgelu":
-        ref = ref * _gelu_grad(q(pre_in))
+        ref = ref * _gelu_grad(q(pre_in), approximate)
     if epilogue in ("gelu_store", "bias_gelu_residual"):
         ref_pre = ref
-        ref = F.gelu(ref)
+        ref = F.gelu(ref, approximate=approximate)
     if epilogue == "bias_gelu_residual":
         ref = ref + q(res)
 
@@ -81,7 +105,8 @@ def test_flag_combinations(a_pro, b_pro, epilogue, dtype, device):
          bias=bias.to(dtype) if epilogue in ("bias", "bias_gelu_residual") else None,
          dgelu_preact=pre_in.to(dtype) if epilogue == "dgelu" else None,
          gelu=ref_pre is not None, store_preact=pre,
-         residual=Operand.matrix(res.to(dtype)) if epilogue == "bias_gelu_residual" else None, **kw)
+         residual=Operand.matrix(res.to(dtype)) if epilogue == "bias_gelu_residual" else None,
+         gelu_approximate=approximate, **kw)
     # low precision: the kernel casts prologue outputs to fp16 before the dot; allow fp16 rounding of the inputs
     # of a K=50 dot (rtol ~ 2^-10 * sqrt(K)) instead of the 2x rule (there is no PyTorch op for this fusion)
     if dtype == torch.float32:
@@ -93,6 +118,51 @@ def test_flag_combinations(a_pro, b_pro, epilogue, dtype, device):
         assert (c.float() - ref).abs().max().item() <= 1e-2 * scale
         if pre is not None:
             assert (pre.float() - ref_pre).abs().max().item() <= 1e-2 * ref_pre.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b_pro", ["none", "ln", "gelu"])
+def test_a_rowsum_is_the_bias_gradient(b_pro, dtype, device):
+    _check_rowsum(b_pro, dtype, device)
+
+
+def test_a_rowsum_on_the_cublas_path(device):
+    from fastvit_kernels.backend import use_gemm_impl
+
+    with use_gemm_impl("cublas"):
+        _check_rowsum("ln", torch.float16, device)
+
+
+def _check_rowsum(b_pro, dtype, device):
+    """A_ROWSUM: a weight-grad GEMM dW = dY^T @ X also returns sum_m dY (the bias gradient) from the A tiles it
+    loads; exact against an fp64 sum of the same values up to fp32 rounding, bit-identical across runs, and the
+    GEMM's own output unchanged by the flag. Rows ragged against the tile (70 = 64 + 6), K = 197 tokens."""
+    from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
+
+    Mt, Nout, Kin = 197, 70, 40  # tokens, output features (GEMM M), input features (GEMM N)
+    dy = torch.randn(Mt, Nout, device=device).to(dtype)
+    x = torch.randn(Mt, Kin, device=device).to(dtype)
+    kw = {}
+    if b_pro == "ln":
+        affine = [torch.randn(Kin, device=device).to(dtype) for _ in range(2)]
+        kw["b_ln"] = LayerNormPrologue(torch.randn(Mt, device=device), torch.rand(Mt, device=device) + 0.5, *affine)
+    elif b_pro == "gelu":
+        kw["b_gelu"] = True
+    outs = []
+    for _ in range(2):
+        dw = torch.empty(Nout, Kin, device=device, dtype=dtype)
+        db = torch.empty(Nout, device=device, dtype=torch.float32)
+        gemm(Operand.matrix_t(dy), Operand.matrix(x), Operand.matrix(dw), Nout, Kin, Mt, a_rowsum=db, **kw)
+        outs.append((dw, db))
+    ref_db = dy.double().sum(0)
+    torch.testing.assert_close(outs[0][1].double(), ref_db, atol=1e-4, rtol=1e-5)
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
+    plain = torch.empty_like(outs[0][0])
+    gemm(Operand.matrix_t(dy), Operand.matrix(x), Operand.matrix(plain), Nout, Kin, Mt, **kw)
+    assert torch.equal(plain, outs[0][0])
+    # N == 0 launches no program, so nothing could compute the row sums: the launcher refuses
+    with pytest.raises(AssertionError, match="a_rowsum"):
+        gemm(Operand.matrix_t(dy), Operand.matrix(x[:, :0]), Operand.matrix(dw[:, :0]), Nout, 0, Mt, a_rowsum=db)
 
 
 def test_three_level_splits_gather_and_scatter(device):
@@ -160,7 +230,31 @@ def test_autotune_candidates_and_key():
     tiles = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
     assert flags - tiles <= set(mm._matmul_kernel.keys), f"constexprs missing from the key: {flags - tiles}"
     assert {"M_BUCKET", "N", "K"} <= set(mm._matmul_kernel.keys)
-    assert len(flags - tiles) == 12, sorted(flags)  # the constexpr detection itself works
+    assert len(flags - tiles) == 14, sorted(flags)  # the constexpr detection itself works
     if mm.interpreting():
         assert mm.gemm_config(70, 40, 50, torch.float16) == mm.INTERPRETER_CONFIG
         assert not mm._autotune_enabled()
+
+
+@pytest.mark.parametrize("programs", [3, None])
+def test_layernorm_bwd_partials_loop(programs, device, monkeypatch):
+    """LayerNorm backward with fewer programs than row blocks (each program loops, keeping fp32 partials), and the
+    default cap: dx (+ residual grad), dgamma, dbeta against autograd through F.layer_norm in fp64; dgamma / dbeta
+    bit-identical across runs. M = 2 * 197 rows, D = 96 (not a power of two)."""
+    from fastvit_kernels.kernels import layernorm as ln
+
+    if programs is not None:
+        monkeypatch.setattr(ln, "BWD_PROGRAMS", programs)
+    M, D = 2 * 197, 96
+    x = torch.randn(M, D, device=device) * 2 + 0.5
+    dy, dres = torch.randn(M, D, device=device), torch.randn(M, D, device=device)
+    gamma, beta = torch.randn(D, device=device), torch.randn(D, device=device)
+    mean, rstd = ln.row_stats(x, 1e-6)
+    runs = [ln.layernorm_bwd(x, dy, gamma, mean, rstd, dres=dres) for _ in range(2)]
+    xr, gr, br = (t.double().requires_grad_(True) for t in (x, gamma, beta))
+    F.layer_norm(xr, (D,), gr, br, 1e-6).backward(dy.double())
+    dx, dgamma, dbeta = runs[0]
+    torch.testing.assert_close(dx.double(), xr.grad + dres.double(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dgamma.double(), gr.grad, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(dbeta.double(), br.grad, atol=1e-3, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))

@@ -1,0 +1,252 @@
+"""The second path for the GEMM core's launches, cuBLAS (``torch.matmul``) plus fused elementwise kernels, and the
+per-shape rule that picks between the two (DESIGN.md: "where a fused Triton GEMM would lose to cuBLAS at some
+shape, the op may choose cuBLAS + one fused elementwise kernel there; the choice comes from measurements, and is
+visible").
+
+The cuBLAS path of one launch of :func:`fastvit_kernels.kernels.matmul.gemm`:
+
+1. a prologue on A or B (LayerNorm from the fp32 row statistics, or GELU) is applied by one elementwise kernel
+   that writes the operand contiguously (the tensor the fused path never stores);
+2. ``torch.mm`` (cuBLAS on a GPU; fp32 without TF32 unless the user enabled it, as PyTorch's default);
+3. the epilogue (bias, GELU' multiply, GELU with the pre-activation stored, residual add, in the core's order)
+   by one elementwise kernel reading the product; without an epilogue cuBLAS writes C directly;
+4. A's row sums (``a_rowsum``, the bias gradient of a weight-grad GEMM) by one column-sum launch.
+
+It computes what the fused launch computes (same flags, fp32 epilogue math); the product is rounded to the
+operand dtype before the epilogue, as eager PyTorch's ``F.linear`` + elementwise ops do. GEMMs with split indices,
+image bounds or converting prologues (the patch embedding) have no cuBLAS form and always run on the Triton core.
+
+The rule (:func:`choose`), by :func:`fastvit_kernels.backend.gemm_impl`:
+
+* ``"auto"``: :data:`MEASURED_CHOICES` holds the (GPU, dtype, shape, fusion) keys where a measurement found the
+  cuBLAS path faster; every other key runs the fused core. The table is empty: no GPU has been available to this
+  project yet (2026-11), and an entry may only come from a measurement: run
+  ``python -m fastvit_kernels.bench gemm-impl`` on the GPU and record what it prints.
+* ``"measure"``: on a GPU, the first launch of each key times both paths (``triton.testing.do_bench``, after the
+  Triton autotuning) and the faster one serves that key for the rest of the process.
+* ``"triton"`` / ``"cublas"``: forced.
+
+Every choice made is kept in :func:`decisions` (key -> path, why, timings) and logged once per key on the
+``fastvit_kernels`` logger, so the path an op took is never hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend
+from ._common import gelu, gelu_grad, interpreting
+from .reduce import column_sum
+
+log = logging.getLogger("fastvit_kernels")
+
+# (arch, dtype, M bucket, N, K, fusion) -> "cublas": measured entries only (see the module docstring). Keys as
+# :func:`gemm_key` builds them, e.g. ("sm_90", "bfloat16", 16384, 3072, 768, "a_ln+bias+gelu_store").
+MEASURED_CHOICES: dict[tuple, str] = {}
+
+
+@dataclass
+class Decision:
+    """How one key was decided: ``impl`` ("triton" | "cublas"), ``source`` ("forced" | "table" | "default" |
+    "measured") and, when measured, the two times in ms."""
+
+    impl: str
+    source: str
+    ms: dict = field(default_factory=dict)
+
+
+_decisions: dict[tuple, Decision] = {}
+
+
+def decisions() -> dict[tuple, Decision]:
+    """Every (key -> :class:`Decision`) made in this process so far (a copy)."""
+    return dict(_decisions)
+
+
+def reset_decisions() -> None:
+    """Forget the decisions (and so the measurements) made so far."""
+    _decisions.clear()
+
+
+def fusion_name(*, a_ln: bool, b_ln: bool, a_gelu: bool, b_gelu: bool, bias: bool, dgelu: bool, gelu_store: bool,
+                gelu_only: bool, residual: bool, gelu_tanh: bool, a_rowsum: bool) -> str:
+    """A launch's fusion flags as a stable string key part, e.g. "a_ln+bias+gelu_store" ("plain" for none)."""
+    parts = [n for n, on in (("a_ln", a_ln), ("b_ln", b_ln), ("a_gelu", a_gelu), ("b_gelu", b_gelu),
+                             ("bias", bias), ("dgelu", dgelu), ("gelu_store", gelu_store), ("gelu", gelu_only),
+                             ("residual", residual), ("tanh", gelu_tanh), ("a_rowsum", a_rowsum)) if on]
+    return "+".join(parts) or "plain"
+
+
+def gemm_key(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, fusion: str) -> tuple:
+    """(arch, dtype, M bucket, N, K, fusion): arch "sm_90" etc. for CUDA devices, "cpu" otherwise; M rounded up to
+    a power of two (one decision per bucket, as the autotune key)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"sm_{major}{minor}"
+    else:
+        arch = device.type
+    return (arch, str(dtype).replace("torch.", ""), triton.next_power_of_2(max(M, 1)), N, K, fusion)
+
+
+def _can_measure(device: torch.device) -> bool:
+    """Timings mean something on a GPU only (the interpreter's are Python's)."""
+    return device.type == "cuda" and not interpreting()
+
+
+def _time_ms(fn) -> float:
+    """Median time of ``fn`` in ms on the current CUDA stream (warm-up and autotuning excluded)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def choose(key: tuple, device: torch.device, run_triton, run_cublas) -> str:
+    """The path ("triton" | "cublas") for a launch with ``key`` (see the module docstring); ``run_triton`` /
+    ``run_cublas`` run the launch each way (used only to measure; each is idempotent).
+
+    Raises:
+        ValueError: a bad ``FASTVIT_GEMM_IMPL``.
+    """
+    setting = backend.gemm_impl()
+    if setting in ("triton", "cublas"):
+        return setting
+    measure = setting == "measure" and _can_measure(device)
+    known = _decisions.get(key)
+    if known is not None and not (measure and known.source != "measured"):
+        return known.impl
+    if measure:
+        ms = {"triton": _time_ms(run_triton), "cublas": _time_ms(run_cublas)}
+        decision = Decision(min(ms, key=ms.get), "measured", ms)
+    elif key in MEASURED_CHOICES:
+        decision = Decision(MEASURED_CHOICES[key], "table")
+    else:
+        decision = Decision("triton", "default")
+    _decisions[key] = decision
+    log.info("fastvit_kernels GEMM %s -> %s (%s%s)", key, decision.impl, decision.source,
+             f": {decision.ms}" if decision.ms else "")
+    return decision.impl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the elementwise kernels of the cuBLAS path
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _operand_prologue_kernel(
+    x_ptr,  # logical (R, C) operand, strides (stride_r, stride_c)
+    out_ptr,  # (R, C) contiguous output, in the dot's dtype
+    mean_ptr, rstd_ptr,  # (R,) fp32 LayerNorm statistics (LN)
+    gamma_ptr, beta_ptr,  # (C,) LayerNorm affine (LN)
+    R, C, stride_r, stride_c,
+    LN: tl.constexpr, GELU: tl.constexpr, GELU_TANH: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c, mask=mask,
+                other=0.0).to(tl.float32)
+    if LN:
+        mu = tl.load(mean_ptr + rows, mask=rows < R, other=0.0)
+        rs = tl.load(rstd_ptr + rows, mask=rows < R, other=0.0)
+        g = tl.load(gamma_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        b = tl.load(beta_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        v = (v - mu[:, None]) * rs[:, None] * g[None, :] + b[None, :]
+    if GELU:
+        v = gelu(v, GELU_TANH)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_epilogue_kernel(
+    p_ptr,  # (M, N) contiguous product from cuBLAS
+    c_ptr,  # logical (M, N) output, strides (stride_c_m, stride_c_n)
+    bias_ptr,  # (N,)
+    aux_ptr,  # (M, N) contiguous pre-activation: read (DGELU) or written (STORE_PREACT)
+    res_ptr,  # logical (M, N) residual, strides (stride_r_m, stride_r_n)
+    M, N, stride_c_m, stride_c_n, stride_r_m, stride_r_n,
+    HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # the GEMM core's epilogue, in its order, on a product read from memory
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    m64 = offs_m.to(tl.int64)[:, None]
+    dense = m64 * N + offs_n[None, :]
+    acc = tl.load(p_ptr + dense, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if DGELU:
+        acc = acc * gelu_grad(tl.load(aux_ptr + dense, mask=mask, other=0.0).to(tl.float32), GELU_TANH)
+    if ACT_GELU:
+        if STORE_PREACT:
+            tl.store(aux_ptr + dense, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        acc = gelu(acc, GELU_TANH)
+    n64 = offs_n.to(tl.int64)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + m64 * stride_r_m + n64 * stride_r_n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + m64 * stride_c_m + n64 * stride_c_n, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _view(op, R: int, C: int) -> torch.Tensor:
+    """An unsplit Operand as a strided (R, C) tensor view (no copy)."""
+    t = op.tensor
+    return torch.as_strided(t, (R, C), (op.rows, op.cols), t.storage_offset())
+
+
+def _prologue(x: torch.Tensor, ln, gelu_on: bool, gelu_tanh: bool, dtype: torch.dtype) -> torch.Tensor:
+    R, C = x.shape
+    out = torch.empty((R, C), device=x.device, dtype=dtype)
+    if R == 0 or C == 0:
+        return out
+    dummy = out
+    grid = (triton.cdiv(R, 32), triton.cdiv(C, 64))
+    _operand_prologue_kernel[grid](
+        x, out, ln.mean if ln else dummy, ln.rstd if ln else dummy, ln.weight if ln else dummy,
+        ln.bias if ln else dummy, R, C, x.stride(0), x.stride(1),
+        LN=ln is not None, GELU=gelu_on, GELU_TANH=gelu_tanh, BLOCK_R=32, BLOCK_C=64,
+    )
+    return out
+
+
+def cublas_gemm(a, b, c, M: int, N: int, K: int, *, a_ln=None, b_ln=None, a_gelu=False, b_gelu=False, bias=None,
+                dgelu_preact=None, gelu_on=False, store_preact=None, residual=None, gelu_tanh=False,
+                a_rowsum=None) -> torch.Tensor:
+    """The cuBLAS path of one GEMM-core launch (see the module docstring); arguments as
+    :func:`fastvit_kernels.kernels.matmul.gemm` (unsplit Operands, no conversions). Returns ``c.tensor``."""
+    dtype = a.tensor.dtype
+    A = _view(a, M, K)
+    B = _view(b, K, N)
+    if a_ln is not None or a_gelu:
+        A = _prologue(A, a_ln, a_gelu, gelu_tanh, dtype)
+    if b_ln is not None or b_gelu:
+        B = _prologue(B, b_ln, b_gelu, gelu_tanh, dtype)
+    if a_rowsum is not None:  # sum over k of prologue(A): the columns of A^T (K, M)
+        a_rowsum.copy_(column_sum(A.t(), torch.float32))
+    C = _view(c, M, N)
+    if bias is None and dgelu_preact is None and not gelu_on and residual is None:
+        if C.is_contiguous():
+            torch.mm(A, B, out=C)
+        else:
+            C.copy_(torch.mm(A, B))
+        return c.tensor
+    P = torch.mm(A, B).contiguous()
+    aux = dgelu_preact if dgelu_preact is not None else store_preact
+    R = _view(residual, M, N) if residual is not None else None
+    dummy = P
+    grid = (triton.cdiv(M, 32), triton.cdiv(N, 64))
+    _gemm_epilogue_kernel[grid](
+        P, C, bias if bias is not None else dummy, aux if aux is not None else dummy, R if R is not None else dummy,
+        M, N, C.stride(0), C.stride(1), R.stride(0) if R is not None else 0, R.stride(1) if R is not None else 0,
+        HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu_on,
+        STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None, GELU_TANH=gelu_tanh,
+        BLOCK_M=32, BLOCK_N=64,
+    )
+    return c.tensor

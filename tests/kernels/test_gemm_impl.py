@@ -1,0 +1,93 @@
+"""The shape-aware choice between the fused Triton GEMM and cuBLAS + elementwise kernels (kernels/gemm_impl.py):
+the rule, its visibility, forcing, and that a whole block computes the same on either path."""
+
+import pytest
+import torch
+
+from fastvit_kernels import backend
+from fastvit_kernels.backend import use_gemm_impl
+
+
+@pytest.fixture
+def gi():
+    from fastvit_kernels.kernels import gemm_impl
+
+    gemm_impl.reset_decisions()
+    yield gemm_impl
+    gemm_impl.reset_decisions()
+
+
+def _ops(log):
+    return (lambda: log.append("triton")), (lambda: log.append("cublas"))
+
+
+def test_rule_auto_table_forced(gi, monkeypatch):
+    cpu = torch.device("cpu")
+    key = gi.gemm_key(cpu, torch.float16, 394, 3072, 768, "a_ln+bias+gelu_store")
+    assert key == ("cpu", "float16", 512, 3072, 768, "a_ln+bias+gelu_store")
+    ran = []
+    # auto, nothing recorded: the fused core, recorded as a default decision; nothing was run to decide
+    assert gi.choose(key, cpu, *_ops(ran)) == "triton" and ran == []
+    assert gi.decisions()[key] == gi.Decision("triton", "default")
+    # a recorded measurement wins for its key only
+    other = key[:-1] + ("plain",)
+    monkeypatch.setitem(gi.MEASURED_CHOICES, other, "cublas")
+    assert gi.choose(other, cpu, *_ops(ran)) == "cublas" and gi.decisions()[other].source == "table"
+    # forcing overrides both, by context manager or environment
+    with use_gemm_impl("cublas"):
+        assert gi.choose(key, cpu, *_ops(ran)) == "cublas"
+    monkeypatch.setenv("FASTVIT_GEMM_IMPL", "triton")
+    assert gi.choose(other, cpu, *_ops(ran)) == "triton"
+    monkeypatch.setenv("FASTVIT_GEMM_IMPL", "cuda-graphs")
+    with pytest.raises(ValueError, match="FASTVIT_GEMM_IMPL must be one of .*'cuda-graphs'"):
+        backend.gemm_impl()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        with use_gemm_impl("fastest"):
+            pass
+
+
+def test_measure_times_both_once_and_keeps_the_faster(gi, monkeypatch):
+    cpu = torch.device("cpu")
+    key = gi.gemm_key(cpu, torch.float32, 100, 64, 32, "bias")
+    ran = []
+    with use_gemm_impl("measure"):
+        # on the CPU interpreter timings mean nothing: the table / default rule applies
+        assert gi.choose(key, cpu, *_ops(ran)) == "triton" and ran == []
+        monkeypatch.setattr(gi, "_can_measure", lambda device: True)
+        times = {"triton": 2.0, "cublas": 1.5}
+
+        def fake_time(fn):
+            fn()
+            return times[ran[-1]]
+
+        monkeypatch.setattr(gi, "_time_ms", fake_time)
+        assert gi.choose(key, cpu, *_ops(ran)) == "cublas" and ran == ["triton", "cublas"]
+        assert gi.decisions()[key] == gi.Decision("cublas", "measured", {"triton": 2.0, "cublas": 1.5})
+        assert gi.choose(key, cpu, *_ops(ran)) == "cublas" and len(ran) == 2  # measured once per key
+    # the measured decision stays visible and in force under "auto"
+    assert gi.choose(key, cpu, *_ops(ran)) == "cublas"
+
+
+def test_patch_embed_gemms_never_take_the_cublas_path(gi, device):
+    """Split-index / converting GEMMs have no cuBLAS form: even forced, they run on the core (and still match)."""
+    from fastvit_kernels.ops import patch_embed
+    from fastvit_kernels.reference import patch_embed_ref
+
+    images = torch.randn(2, 3, 8, 8, device=device)
+    w, b = torch.randn(16, 3, 4, 4, device=device) / 7, torch.randn(16, device=device)
+    pos, cls = torch.randn(1, 5, 16, device=device), torch.randn(1, 1, 16, device=device)
+    with use_gemm_impl("measure"):
+        out = patch_embed(images, w, b, pos, cls, backend="triton")
+    torch.testing.assert_close(out.cpu(), patch_embed_ref(images.cpu(), w.cpu(), b.cpu(), pos.cpu(), cls.cpu()),
+                               atol=2e-5, rtol=2e-4)
+    assert gi.decisions() == {}  # no launch of the patch embedding reached the rule
+
+
+def test_model_on_the_cublas_path_matches_reference(gi, device):
+    """A whole FastViT training step with every block GEMM on cuBLAS + elementwise kernels: logits and every
+    parameter gradient against the reference model (fp32)."""
+    from fastvit_kernels.configs import get_config
+    from helpers import compare_model_with_reference
+
+    with use_gemm_impl("cublas"):
+        compare_model_with_reference(dict(get_config("vit_digits"), depth=1), device, torch.float32, train=True)
