@@ -18,7 +18,11 @@ def saved_activation_bytes(fn, *args, params=(), **kwargs) -> int:
 
     Returns:
         The summed ``nbytes`` of the distinct untyped storages of the saved tensors (a saved view counts its whole
-        storage once: that is what stays allocated).
+        storage once: that is what stays allocated), in bytes.
+
+    Raises:
+        Whatever ``fn`` raises. Source: PyTorch's saved-tensor hooks (``torch.autograd.graph``), the mechanism
+        activation-offloading / checkpointing tools use to see what backward keeps.
     """
     skip = {_storage_key(p) for p in params}
     seen: dict = {}

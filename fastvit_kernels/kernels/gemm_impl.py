@@ -219,8 +219,22 @@ def _prologue(x: torch.Tensor, ln, gelu_on: bool, gelu_tanh: bool, dtype: torch.
 def cublas_gemm(a, b, c, M: int, N: int, K: int, *, a_ln=None, b_ln=None, a_gelu=False, b_gelu=False, bias=None,
                 dgelu_preact=None, gelu_on=False, store_preact=None, residual=None, gelu_tanh=False,
                 a_rowsum=None) -> torch.Tensor:
-    """The cuBLAS path of one GEMM-core launch (see the module docstring); arguments as
-    :func:`fastvit_kernels.kernels.matmul.gemm` (unsplit Operands, no conversions). Returns ``c.tensor``."""
+    """The cuBLAS path of one GEMM-core launch: ``C = epilogue(prologue(A) @ prologue(B))`` (see the module
+    docstring), the same computation as :func:`fastvit_kernels.kernels.matmul.gemm` with the same arguments.
+
+    Args:
+        a, b, c: unsplit ``Operand``s viewed as logical (M, K), (K, N), (M, N), one dtype (fp32 | fp16 | bf16);
+            c is written.
+        a_ln / b_ln: ``LayerNormPrologue`` (fp32 (rows,) mean / rstd, (cols,) gamma / beta) applied to A's rows
+            or B's rows (k) before the product; a_gelu / b_gelu: GELU of that operand.
+        bias: (N,); dgelu_preact: (M, N) contiguous, the product is multiplied by GELU'(it); gelu_on: GELU of the
+            result, storing the pre-activation to store_preact (M, N) contiguous when given; residual: logical
+            (M, N) Operand added last; gelu_tanh: the tanh form for every GELU; a_rowsum: (M,) contiguous output,
+            ``sum_k prologue(A)[m, k]`` in fp32 accumulation.
+
+    Returns:
+        ``c.tensor``. The product is rounded to the operand dtype before the epilogue (as eager ``F.linear``).
+    """
     dtype = a.tensor.dtype
     A = _view(a, M, K)
     B = _view(b, K, N)
