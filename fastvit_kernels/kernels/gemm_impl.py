@@ -61,6 +61,7 @@ class Decision:
 
 
 _decisions: dict[tuple, Decision] = {}
+_memo: dict[tuple, str] = {}  # (setting, device, dtype, M, N, K, flags) -> path: one dict lookup per launch
 
 
 def decisions() -> dict[tuple, Decision]:
@@ -71,6 +72,7 @@ def decisions() -> dict[tuple, Decision]:
 def reset_decisions() -> None:
     """Forget the decisions (and so the measurements) made so far."""
     _decisions.clear()
+    _memo.clear()
 
 
 def fusion_name(*, a_ln: bool, b_ln: bool, a_gelu: bool, b_gelu: bool, bias: bool, dgelu: bool, gelu_store: bool,
@@ -130,6 +132,26 @@ def choose(key: tuple, device: torch.device, run_triton, run_cublas) -> str:
     log.info("fastvit_kernels GEMM %s -> %s (%s%s)", key, decision.impl, decision.source,
              f": {decision.ms}" if decision.ms else "")
     return decision.impl
+
+
+def choose_for_launch(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, flags: dict, run_triton,
+                      run_cublas) -> str:
+    """:func:`choose` for one launch described by its shape and ``flags`` (the keyword arguments of
+    :func:`fusion_name`), memoised: the key is built and the rule consulted on the first sighting of a
+    (setting, device, dtype, M, N, K, flags) only, so the per-launch cost on the hot path is one dict lookup.
+
+    Raises:
+        ValueError: a bad ``FASTVIT_GEMM_IMPL``.
+    """
+    setting = backend.gemm_impl()
+    if setting in ("triton", "cublas"):
+        return setting
+    raw = (setting, device, dtype, M, N, K, tuple(flags.items()))
+    impl = _memo.get(raw)
+    if impl is None:
+        key = gemm_key(device, dtype, M, N, K, fusion_name(**flags))
+        impl = _memo[raw] = choose(key, device, run_triton, run_cublas)
+    return impl
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -512,17 +512,17 @@ def gemm(
         cublas_kw = dict(a_ln=a_ln, b_ln=b_ln, a_gelu=a_gelu, b_gelu=b_gelu, bias=bias, dgelu_preact=dgelu_preact,
                          gelu_on=gelu, store_preact=store_preact, residual=residual, gelu_tanh=gelu_tanh,
                          a_rowsum=a_rowsum)
-        fusion = gemm_impl.fusion_name(
-            a_ln=a_ln is not None, b_ln=b_ln is not None, a_gelu=a_gelu, b_gelu=b_gelu, bias=bias is not None,
-            dgelu=dgelu_preact is not None, gelu_store=store_preact is not None,
-            gelu_only=gelu and store_preact is None, residual=residual is not None, gelu_tanh=gelu_tanh,
-            a_rowsum=a_rowsum is not None)
-        key = gemm_impl.gemm_key(c.tensor.device, compute_dtype, M, N, K, fusion)
+        flags = dict(a_ln=a_ln is not None, b_ln=b_ln is not None, a_gelu=a_gelu, b_gelu=b_gelu,
+                     bias=bias is not None, dgelu=dgelu_preact is not None, gelu_store=store_preact is not None,
+                     gelu_only=gelu and store_preact is None, residual=residual is not None, gelu_tanh=gelu_tanh,
+                     a_rowsum=a_rowsum is not None)
 
         def launch_cublas():
             gemm_impl.cublas_gemm(a, b, c, M, N, K, **cublas_kw)
 
-        if gemm_impl.choose(key, c.tensor.device, launch_triton, launch_cublas) == "cublas":
+        path = gemm_impl.choose_for_launch(c.tensor.device, compute_dtype, M, N, K, flags, launch_triton,
+                                           launch_cublas)
+        if path == "cublas":
             launch_cublas()
             return c.tensor
     launch_triton()

@@ -68,6 +68,22 @@ def test_measure_times_both_once_and_keeps_the_faster(gi, monkeypatch):
     assert gi.choose(key, cpu, *_ops(ran)) == "cublas"
 
 
+def test_launches_are_memoised_and_recorded(gi, device, monkeypatch):
+    """Real launches: the rule is consulted once per (setting, shape, flags) — later launches are a dict lookup —
+    and each decision is visible in decisions() under its readable key."""
+    from fastvit_kernels.kernels.matmul import linear
+
+    calls = []
+    real = gi.choose
+    monkeypatch.setattr(gi, "choose", lambda *a: calls.append(a[0]) or real(*a))
+    x, w, b = torch.randn(20, 16, device=device), torch.randn(24, 16, device=device), torch.randn(24, device=device)
+    for _ in range(3):
+        torch.testing.assert_close(linear(x, w, b), x @ w.t() + b, atol=2e-5, rtol=2e-4)
+    assert len(calls) == 1
+    key = ("cpu" if device == "cpu" else calls[0][0], "float32", 32, 24, 16, "bias")
+    assert calls[0] == key and gi.decisions()[key].impl == "triton"
+
+
 def test_patch_embed_gemms_never_take_the_cublas_path(gi, device):
     """Split-index / converting GEMMs have no cuBLAS form: even forced, they run on the core (and still match)."""
     from fastvit_kernels.ops import patch_embed
