@@ -92,3 +92,14 @@ def check_layernorm_input(x, norm_weight, norm_bias, eps: float) -> int:
     if not eps > 0:
         raise ValueError(f"eps must be > 0; got {eps}")
     return D
+
+
+def check_gelu_approximate(approximate: str) -> bool:
+    """Whether PyTorch's GELU ``approximate`` argument asks for the tanh form ("tanh" -> True, "none" -> False).
+
+    Raises:
+        ValueError: any other value (names the argument and the value).
+    """
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh' (as torch.nn.GELU); got {approximate!r}")
+    return approximate == "tanh"

@@ -63,20 +63,6 @@ def gelu_grad(x, TANH: tl.constexpr):
         return gelu_erf_grad(x)
 
 
-GELU_APPROXIMATIONS = ("none", "tanh")
-
-
-def check_gelu_approximate(approximate: str) -> bool:
-    """The GELU_TANH constexpr for PyTorch's ``approximate`` argument ("none" | "tanh").
-
-    Raises:
-        ValueError: any other value.
-    """
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS} (as torch.nn.GELU); got {approximate!r}")
-    return approximate == "tanh"
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for tl.dot: exact IEEE for fp32 operands (no TF32), the default for fp16/bf16."""
     return "ieee" if dtype == torch.float32 else "tf32"

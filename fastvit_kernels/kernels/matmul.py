@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_gelu_approximate, dot_precision, gelu, gelu_grad, interpreting
+from .._checks import check_gelu_approximate
+from ._common import dot_precision, gelu, gelu_grad, interpreting
 
 PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU, PROLOGUE_CAST, PROLOGUE_AFFINE = 0, 1, 2, 3, 4
 IMAGE_BOUNDS_OPERAND = {None: 0, "a": 1, "b": 2, "c": 3}

@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
+from .._checks import (autocast_inputs, check_gelu_approximate, check_layernorm_input, check_same, check_tensor,
+                       check_triton_dtype)
 from ..backend import resolve_backend
 
 
@@ -196,8 +197,7 @@ def layernorm_mlp(
         check_tensor("fc2_bias", fc2_bias, (D,), f"(D={D},)")
     check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                fc2_weight=fc2_weight, fc2_bias=fc2_bias)
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh' (as torch.nn.GELU); got {approximate!r}")
+    check_gelu_approximate(approximate)
     if resolve_backend(x.device, backend) == "torch":
         return reference.layernorm_mlp_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                            eps, add_residual, approximate)
