@@ -261,7 +261,9 @@ class _Recorder:
         return self._record
 
     def _variants(self, args, kwargs):
-        """(JITFunction, kwargs) per autotune candidate (pruned as the autotuner prunes), or the launch itself."""
+        """(JITFunction, kwargs) per autotune candidate (pruned as the autotuner prunes), or the launch itself; an
+        iterator: a candidate's ``pre_hook`` (TMA descriptor block shapes) mutates arguments shared by all
+        candidates, so each candidate is bound before the next hook runs."""
         from triton.runtime.autotuner import Autotuner
 
         k = self.kernel
@@ -272,7 +274,16 @@ class _Recorder:
             configs = k.early_config_prune(configs, dict(zip(k.arg_names, args)), **kwargs)
         if not hasattr(k.fn, "params"):
             raise TypeError(f"{k.fn!r}: only triton.autotune over a plain @triton.jit kernel is supported")
-        return [(k.fn, {**kwargs, **c.all_kwargs()}) for c in configs]
+        return self._each(k, configs, args, kwargs)
+
+    @staticmethod
+    def _each(k, configs, args, kwargs):
+        """The candidates one by one, each after its ``pre_hook`` ran on the launch's arguments."""
+        for c in configs:
+            kw = {**kwargs, **c.all_kwargs()}
+            if c.pre_hook is not None:  # e.g. TMA descriptors take the candidate's block shapes; bound right after
+                c.pre_hook({**dict(zip(k.arg_names, args)), **kw})
+            yield k.fn, kw
 
     def _record(self, *args, **kwargs):
         from triton.backends.compiler import GPUTarget
@@ -281,9 +292,10 @@ class _Recorder:
 
         self.launched += 1
         site = _call_site()
+        min_arch = getattr(self.module, "MIN_ARCH", 0)  # a module of kernels for newer GPUs only (matmul_tma: 90)
         for fn, kw in self._variants(args, kwargs):
             param_names = {p.name for p in fn.params}
-            for arch in self.archs:
+            for arch in (a for a in self.archs if a >= min_arch):
                 # Triton's binder for this target: the same specialisation JITFunction.run computes before compiling
                 if (id(fn), arch) not in self._binders:
                     backend = make_backend(GPUTarget("cuda", arch, 32))
@@ -346,7 +358,7 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
     its autograd backward) on uninitialised CPU tensors of the model's shapes. Add a line here when the model
     starts using a new op; ``check`` reports any package kernel that no workload launches."""
     from . import ops
-    from .backend import use_gemm_impl
+    from .backend import use_gemm_impl, use_gemm_kernel
 
     s = _vit_shapes(model)
     B, D, N, hidden = batch, s["D"], s["N"], s["hidden"]
@@ -369,6 +381,12 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
                 thunk()
         return forced
 
+    def on_tma(thunk):
+        def forced():
+            with use_gemm_kernel("tma"):
+                thunk()
+        return forced
+
     patch_w = (t(D, s["C"], s["P"], s["P"]), t(D), t(1, N, D), t(1, 1, D))
     mlp_w = (t(D), t(D), t(hidden, D), t(hidden), t(D, hidden), t(D))
     img = (B, s["C"], s["img"], s["img"])
@@ -387,6 +405,13 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
         ("layernorm_mlp(tanh GELU)", run(ops.layernorm_mlp, t(B, N, D), *mlp_w, approximate="tanh")),
         # the cuBLAS + elementwise-kernels path of gemm_impl (one image: torch.mm really runs on these CPU tensors)
         ("layernorm_mlp(cuBLAS path, 1 image)", on_cublas(run(ops.layernorm_mlp, t(1, N, D), *mlp_w))),
+        # the Hopper TMA-descriptor persistent kernel (matmul_tma; recorded for sm_90 only): every block GEMM
+        ("layernorm_linear(TMA kernel)", on_tma(run(ops.layernorm_linear, t(B, N, D), t(D), t(D), t(3 * D, D),
+                                                    t(3 * D)))),
+        ("linear_residual(TMA kernel)", on_tma(run(ops.linear_residual, t(B, N, D), t(D, D), t(D), t(B, N, D)))),
+        ("layernorm_mlp(TMA kernel)", on_tma(run(ops.layernorm_mlp, t(B, N, D), *mlp_w))),
+        ("layernorm_mlp(TMA kernel, tanh GELU)", on_tma(run(ops.layernorm_mlp, t(B, N, D), *mlp_w,
+                                                            approximate="tanh"))),
     ]
     if train:
         work += [

@@ -124,3 +124,45 @@ def use_gemm_impl(impl: str):
         yield
     finally:
         _gemm_impl_override = old
+
+
+GEMM_KERNELS = ("auto", "tma", "pointer")
+_gemm_kernel_override: str | None = None
+
+
+def gemm_kernel() -> str:
+    """Which Triton GEMM kernel a plain GEMM on the Triton path uses: the :func:`use_gemm_kernel` setting, else
+    ``FASTVIT_GEMM_KERNEL``, else "auto".
+
+    * ``"auto"``: the TMA-descriptor persistent kernel (:mod:`fastvit_kernels.kernels.matmul_tma`) on CUDA devices
+      of compute capability 9.0 and newer (Hopper) when the installed Triton has host tensor descriptors and the
+      operands are TMA-describable; the pointer kernel (``matmul._matmul_kernel``, the Ampere path) otherwise.
+    * ``"tma"``: the TMA kernel wherever the operands allow it, on any device (the interpreter tests use this).
+    * ``"pointer"``: always the pointer kernel.
+
+    Split-index and converting GEMMs (the patch embedding) always use the pointer kernel.
+
+    Raises:
+        ValueError: ``FASTVIT_GEMM_KERNEL`` holds another name.
+    """
+    value = (_gemm_kernel_override or os.environ.get("FASTVIT_GEMM_KERNEL", "auto") or "auto").lower()
+    if value not in GEMM_KERNELS:
+        raise ValueError(f"FASTVIT_GEMM_KERNEL must be one of {GEMM_KERNELS}; got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def use_gemm_kernel(kernel: str):
+    """Context manager forcing :func:`gemm_kernel` to ``kernel`` (one of ``GEMM_KERNELS``) inside it (process-wide).
+
+    Raises:
+        ValueError: ``kernel`` is not one of ``GEMM_KERNELS``.
+    """
+    global _gemm_kernel_override
+    if kernel not in GEMM_KERNELS:
+        raise ValueError(f"kernel must be one of {GEMM_KERNELS}; got {kernel!r}")
+    old, _gemm_kernel_override = _gemm_kernel_override, kernel
+    try:
+        yield
+    finally:
+        _gemm_kernel_override = old

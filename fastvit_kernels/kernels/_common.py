@@ -73,3 +73,24 @@ def interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@triton.jit
+def ln_rows(a, a_mean, a_rstd, gamma_ptr, beta_ptr, offs_k, mask_k, out_dtype: tl.constexpr):
+    """LayerNorm prologue of an A tile (rows m, columns k): ``(a - mean[m]) * rstd[m] * gamma[k] + beta[k]`` in fp32,
+    converted to ``out_dtype``; padded k columns get gamma = beta = 0, hence 0."""
+    g = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    bt = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    af = (a.to(tl.float32) - a_mean[:, None]) * a_rstd[:, None]
+    return (af * g[None, :] + bt[None, :]).to(out_dtype)
+
+
+@triton.jit
+def ln_cols(b, mean_ptr, rstd_ptr, b_gamma, b_beta, offs_k, mask_k, out_dtype: tl.constexpr):
+    """LayerNorm prologue of a B tile (rows k, columns n): statistics per k, affine per n; padded k rows are set to
+    0 explicitly (beta would leak into them)."""
+    mu = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+    rs = tl.load(rstd_ptr + offs_k, mask=mask_k, other=0.0)
+    bf = (b.to(tl.float32) - mu[:, None]) * rs[:, None]
+    bf = bf * b_gamma[None, :] + b_beta[None, :]
+    return tl.where(mask_k[:, None], bf, 0.0).to(out_dtype)

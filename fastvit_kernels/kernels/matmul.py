@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_gelu_approximate
-from ._common import dot_precision, gelu, gelu_grad, interpreting
+from ._common import dot_precision, gelu, gelu_grad, interpreting, ln_cols, ln_rows
 
 PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU, PROLOGUE_CAST, PROLOGUE_AFFINE = 0, 1, 2, 3, 4
 IMAGE_BOUNDS_OPERAND = {None: 0, "a": 1, "b": 2, "c": 3}
@@ -243,10 +243,7 @@ def _matmul_kernel(
         a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
         b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=b_mask, other=0.0)
         if A_PROLOGUE == 1:
-            g = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            bt = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            af = (a.to(tl.float32) - a_mean[:, None]) * a_rstd[:, None]
-            a = (af * g[None, :] + bt[None, :]).to(b.dtype)  # padded k columns: gamma = beta = 0 -> 0
+            a = ln_rows(a, a_mean, a_rstd, gamma_ptr, beta_ptr, offs_k, mask_k, b.dtype)
         elif A_PROLOGUE == 2:
             a = gelu(a.to(tl.float32), GELU_TANH).to(b.dtype)
         elif A_PROLOGUE == 3:
@@ -257,11 +254,7 @@ def _matmul_kernel(
             af = a.to(tl.float32) * a_scale[None, :] + a_shift[None, :]
             a = tl.where(a_mask, af, 0.0).to(b.dtype)  # padding (masked pixels) is 0 after normalisation
         if B_PROLOGUE == 1:
-            mu = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
-            rs = tl.load(rstd_ptr + offs_k, mask=mask_k, other=0.0)  # padded k rows: rstd = 0 ...
-            bf = (b.to(tl.float32) - mu[:, None]) * rs[:, None]
-            bf = bf * b_gamma[None, :] + b_beta[None, :]
-            b = tl.where(mask_k[:, None], bf, 0.0).to(a.dtype)  # ... but beta != 0, so mask explicitly
+            b = ln_cols(b, mean_ptr, rstd_ptr, b_gamma, b_beta, offs_k, mask_k, a.dtype)
         elif B_PROLOGUE == 2:
             b = gelu(b.to(tl.float32), GELU_TANH).to(a.dtype)
         elif B_PROLOGUE == 3:
@@ -367,6 +360,29 @@ def _axis(strides: int | tuple, split: tuple | None) -> tuple:
     if split is None:
         return (strides, 0, 0)
     return (split[0] * strides, split[1] * strides, strides)
+
+
+_TMA_CAPABLE: dict = {}  # device -> compute capability >= 9.0 (asked once per device)
+
+
+def _use_tma(device: torch.device, a: Operand, b: Operand, c: Operand, residual: Operand | None, M: int, N: int,
+             K: int) -> bool:
+    """Whether a plain GEMM runs on the TMA persistent kernel (see :func:`fastvit_kernels.backend.gemm_kernel`)."""
+    from .. import backend
+
+    setting = backend.gemm_kernel()
+    if setting == "pointer":
+        return False
+    if setting == "auto":
+        if device.type != "cuda" or interpreting():
+            return False
+        if device not in _TMA_CAPABLE:
+            _TMA_CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
+        if not _TMA_CAPABLE[device]:
+            return False
+    if residual is not None and not (isinstance(residual.rows, int) and isinstance(residual.cols, int)):
+        return False
+    return matmul_tma.tma_compatible(a, b, c, M, N, K)
 
 
 def _prologue(ln, gelu: bool, cast: bool, affine) -> int:
@@ -479,7 +495,19 @@ def gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    plain = not (a_conv or b_conv or image_bounds is not None or (m_split, n_split, k_split) != (None, None, None))
+    use_tma = plain and _use_tma(c.tensor.device, a, b, c, residual, M, N, K)
+
     def launch_triton():
+        if use_tma:
+            matmul_tma.launch(
+                a, b, c, M, N, K, bias=bias, residual=residual, aux=aux, a_rowsum=a_rowsum, ln=ln,
+                a_prologue=_prologue(a_ln, a_gelu, False, None), b_prologue=_prologue(b_ln, b_gelu, False, None),
+                flags=dict(HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
+                           STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
+                           GELU_TANH=gelu_tanh, A_ROWSUM=a_rowsum is not None),
+                dot_precision=dot_precision(compute_dtype), autotune=_autotune_enabled(), config=cfg)
+            return
         kernel[grid](
             a.tensor, b.tensor, c.tensor,
             bias if bias is not None else dummy,
@@ -506,7 +534,7 @@ def gemm(
             **cfg,
         )
 
-    if not (a_conv or b_conv or image_bounds is not None or (m_split, n_split, k_split) != (None, None, None)):
+    if plain:
         # a plain GEMM also has a cuBLAS form: the shape-aware rule of gemm_impl picks the path
         from . import gemm_impl
 
@@ -537,3 +565,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N = weight.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     return gemm(Operand.matrix(x), Operand.matrix_t(weight), Operand.matrix(out), M, N, K, bias=bias, **fusions)
+
+
+# the Hopper form of this core (imported last: it builds its candidates from gemm_configs above)
+from . import matmul_tma  # noqa: E402

@@ -1,5 +1,6 @@
 """The GEMM core alone, every flag it offers, against an eager fp32 spec of the same computation."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -34,28 +35,76 @@ PROLOGUES.remove(("ln", "ln"))  # one LayerNorm prologue per GEMM
 CASES = [(torch.float32, e) for e in EPILOGUES] + [(torch.float16, e) for e in ("none", "bias_gelu_residual")]
 
 
-@pytest.mark.parametrize("impl", ["triton", "cublas"])
+IMPLS = ["triton", "tma", "cublas"]  # pointer-kernel core, TMA persistent core, cuBLAS + elementwise kernels
+# TMA needs 16-byte row pitches: K = 50 (and M = 70 for a transposed A) is not describable in fp32 / fp16; these are
+# (and stay ragged against every tile)
+K_TMA, M_TMA = 56, 72
+
+
+@contextlib.contextmanager
+def gemm_path(impl, monkeypatch):
+    """Run the GEMMs inside on one path; for "tma", also assert that the TMA kernel really launched."""
+    from fastvit_kernels import backend
+    from fastvit_kernels.kernels import matmul_tma
+
+    if impl != "tma":
+        with backend.use_gemm_impl(impl), backend.use_gemm_kernel("pointer"):
+            yield
+        return
+    calls = []
+    real = matmul_tma.launch
+    monkeypatch.setattr(matmul_tma, "launch", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    with backend.use_gemm_impl("triton"), backend.use_gemm_kernel("tma"):
+        yield
+    assert calls, "the TMA kernel did not run"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("a_pro,b_pro", PROLOGUES)
 @pytest.mark.parametrize("dtype,epilogue", CASES)
-def test_flag_combinations(a_pro, b_pro, epilogue, dtype, impl, device):
-    """Each flag combination on the fused core and on its cuBLAS + elementwise-kernels form (gemm_impl)."""
-    from fastvit_kernels.backend import use_gemm_impl
+def test_flag_combinations(a_pro, b_pro, epilogue, dtype, impl, device, monkeypatch):
+    """Each flag combination on the fused core (pointer and TMA kernels) and on its cuBLAS + elementwise-kernels
+    form (gemm_impl)."""
+    with gemm_path(impl, monkeypatch):
+        _check_flags(a_pro, b_pro, epilogue, dtype, "none", device, K=K_TMA if impl == "tma" else K)
 
-    with use_gemm_impl(impl):
-        _check_flags(a_pro, b_pro, epilogue, dtype, "none", device)
 
-
-@pytest.mark.parametrize("impl", ["triton", "cublas"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("a_pro,b_pro,epilogue", TANH_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_tanh_gelu_flag(a_pro, b_pro, epilogue, dtype, impl, device):
-    from fastvit_kernels.backend import use_gemm_impl
-
-    with use_gemm_impl(impl):
-        _check_flags(a_pro, b_pro, epilogue, dtype, "tanh", device)
+def test_tanh_gelu_flag(a_pro, b_pro, epilogue, dtype, impl, device, monkeypatch):
+    with gemm_path(impl, monkeypatch):
+        _check_flags(a_pro, b_pro, epilogue, dtype, "tanh", device, K=K_TMA if impl == "tma" else K)
 
 
-def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device):
+@pytest.mark.parametrize("layout", ["a_t", "b_t", "both_t"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_transposed_operands(layout, dtype, device, monkeypatch):
+    """The TMA kernel describes an operand stored transposed (weight (N, K) as B; dY (M, N) as dY^T) in storage
+    order and transposes the loaded tile: same result as the row-major operands."""
+    with gemm_path("tma", monkeypatch):
+        _check_flags("ln" if layout == "b_t" else "none", "gelu" if layout == "a_t" else "none", "bias_gelu_residual",
+                     dtype, "none", device, K=K_TMA, M=M_TMA, a_t=layout in ("a_t", "both_t"), b_t=layout in ("b_t", "both_t"))
+
+
+def test_tma_refuses_undescribable_operands(device):
+    """Operands TMA cannot describe (a 100-byte fp16 row pitch, no unit stride, a column-major C) stay on the
+    pointer kernel; aligned row-major and transposed operands are accepted."""
+    from fastvit_kernels.kernels.matmul import Operand
+    from fastvit_kernels.kernels.matmul_tma import tma_compatible
+
+    def t(*shape):
+        return torch.empty(*shape, dtype=torch.float16, device=device)
+
+    a, b, c = Operand.matrix(t(8, 64)), Operand.matrix(t(64, 16)), Operand.matrix(t(8, 16))
+    assert tma_compatible(a, b, c, 8, 16, 64)
+    assert tma_compatible(Operand.matrix_t(t(64, 8)), Operand.matrix_t(t(16, 64)), c, 8, 16, 64)
+    assert not tma_compatible(Operand.matrix(t(8, 50)), Operand.matrix(t(50, 16)), c, 8, 16, 50)  # 100-byte pitch
+    assert not tma_compatible(Operand(t(8, 128), 128, 2), b, c, 8, 16, 64)  # no unit-stride axis
+    assert not tma_compatible(a, b, Operand.matrix_t(t(16, 8)), 8, 16, 64)  # C must be row-major
+
+
+def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device, K=K, M=M, a_t=False, b_t=False):
     from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
 
     a = torch.randn(M, K, device=device)
@@ -100,7 +149,9 @@ def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device):
         kw["a_ln"] = LayerNormPrologue(*a_stats, a_aff[0].to(dtype), a_aff[1].to(dtype))
     if b_pro == "ln":
         kw["b_ln"] = LayerNormPrologue(*b_stats, b_aff[0].to(dtype), b_aff[1].to(dtype))
-    gemm(Operand.matrix(a.to(dtype)), Operand.matrix(b.to(dtype)), Operand.matrix(c), M, N, K,
+    a_op = Operand.matrix_t(a.to(dtype).t().contiguous()) if a_t else Operand.matrix(a.to(dtype))
+    b_op = Operand.matrix_t(b.to(dtype).t().contiguous()) if b_t else Operand.matrix(b.to(dtype))
+    gemm(a_op, b_op, Operand.matrix(c), M, N, K,
          a_gelu=a_pro == "gelu", b_gelu=b_pro == "gelu",
          bias=bias.to(dtype) if epilogue in ("bias", "bias_gelu_residual") else None,
          dgelu_preact=pre_in.to(dtype) if epilogue == "dgelu" else None,
@@ -126,20 +177,19 @@ def test_a_rowsum_is_the_bias_gradient(b_pro, dtype, device):
     _check_rowsum(b_pro, dtype, device)
 
 
-def test_a_rowsum_on_the_cublas_path(device):
-    from fastvit_kernels.backend import use_gemm_impl
+@pytest.mark.parametrize("impl", ["tma", "cublas"])
+def test_a_rowsum_on_the_other_paths(impl, device, monkeypatch):
+    with gemm_path(impl, monkeypatch):
+        _check_rowsum("ln", torch.float16, device, Nout=72 if impl == "tma" else 70)
 
-    with use_gemm_impl("cublas"):
-        _check_rowsum("ln", torch.float16, device)
 
-
-def _check_rowsum(b_pro, dtype, device):
-    """A_ROWSUM: a weight-grad GEMM dW = dY^T @ X also returns sum_m dY (the bias gradient) from the A tiles it
+def _check_rowsum(b_pro, dtype, device, Nout=70):
+    """(Nout: output features, the GEMM's M.) A_ROWSUM: a weight-grad GEMM dW = dY^T @ X also returns sum_m dY (the bias gradient) from the A tiles it
     loads; exact against an fp64 sum of the same values up to fp32 rounding, bit-identical across runs, and the
     GEMM's own output unchanged by the flag. Rows ragged against the tile (70 = 64 + 6), K = 197 tokens."""
     from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
 
-    Mt, Nout, Kin = 197, 70, 40  # tokens, output features (GEMM M), input features (GEMM N)
+    Mt, Kin = 197, 40  # tokens, output features (GEMM M), input features (GEMM N)
     dy = torch.randn(Mt, Nout, device=device).to(dtype)
     x = torch.randn(Mt, Kin, device=device).to(dtype)
     kw = {}

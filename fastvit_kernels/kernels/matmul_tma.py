@@ -1,0 +1,256 @@
+"""The Hopper form of the GEMM core: TMA tensor descriptors and a persistent grid.
+
+Same contract as :func:`fastvit_kernels.kernels.matmul.gemm` for a *plain* GEMM (no split index, no conversion,
+no image bounds: every block GEMM of the ViT and its backward): ``C = epilogue(prologue(A) @ prologue(B))`` with
+the LayerNorm / GELU prologues on A or B, and bias, GELU' (backward), GELU with the pre-activation stored,
+residual add and A row sums (bias gradients) in the epilogue — the flags, their meaning and their numerics are
+those of ``_matmul_kernel`` (the helpers below are shared with it).
+
+What differs is how tiles move:
+
+* A, B and C are read / written through host-built TMA tensor descriptors
+  (``triton.tools.tensor_descriptor.TensorDescriptor``): the copy engine moves whole tiles into shared memory and
+  zero-fills out-of-bounds rows / columns, so the main loop has no address arithmetic and no masks, and Triton's
+  sm_90 lowering feeds warpgroup MMA (``wgmma``, HGMMA in the SASS) from the swizzled shared-memory tiles. An
+  operand stored transposed (a weight (N, K) used as B, a gradient dY (M, N) used as dY^T) is described in its
+  storage order and transposed in registers-free form (``.T`` on the loaded tile).
+* The grid is persistent: ``min(#tiles, #SMs)`` programs walk the tiles in the grouped (L2-friendly) order with a
+  stride of the grid size, so a launch with more tiles than SMs pays one ramp-up instead of one per wave
+  (the persistent-matmul design of Triton's tutorial 09 and of CUTLASS's persistent kernels).
+
+When it runs (:func:`fastvit_kernels.backend.gemm_kernel`): ``"auto"`` on a CUDA device of compute capability 9.0+
+with a Triton that has host tensor descriptors, for launches whose operands TMA can describe
+(:func:`tma_compatible`); ``"tma"`` forces it wherever the operands allow (the interpreter tests, the AOT check);
+``"pointer"`` never. No GPU timing of this kernel exists yet (2026-11: no GPU available to this work); the AOT
+check builds it for sm_90 and asserts HGMMA and no spills.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import gelu, gelu_grad, interpreting, ln_cols, ln_rows
+
+try:  # host-side descriptors: Triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernel runs everywhere
+    TensorDescriptor = None
+
+MIN_ARCH = 90  # TMA and warpgroup MMA: Hopper and newer (the AOT check builds this module's kernel for sm_90 only)
+INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: fewer than the tiles, so each walks several
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of linear tile index ``tile`` in the grouped order: GROUP_M row tiles share B column tiles."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotune ``pre_hook``: the descriptors' block shapes follow the candidate's tiles (and each operand's storage
+    order)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def tma_configs(dtype: torch.dtype) -> list[triton.Config]:
+    """Candidates of the TMA kernel, default first (the 16-bit tiles of :func:`matmul.gemm_configs`, with deeper
+    pipelines: TMA copies need no registers in flight); each carries the block-shape ``pre_hook``."""
+    from .matmul import gemm_configs
+
+    out = []
+    for c in gemm_configs(dtype):
+        stages = c.num_stages if dtype == torch.float32 else max(c.num_stages, 3)
+        out.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages,
+                                 pre_hook=_set_block_shapes))
+    return out
+
+
+def _config_id(c: triton.Config) -> tuple:
+    from .matmul import _config_id as config_id
+
+    return config_id(c)
+
+
+_ALL_TMA_CONFIGS = list({_config_id(c): c for dt in (torch.float32, torch.float16) for c in tma_configs(dt)}.values())
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune``: the candidates of this launch's operand dtype, in :func:`tma_configs` order."""
+    dtype = named_args["a_desc"].base.dtype
+    ids = {_config_id(c) for c in tma_configs(dtype)}
+    return [c for c in configs if _config_id(c) in ids]
+
+
+_TMA_KEY = ["M_BUCKET", "N", "K", "A_T", "B_T", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "ACT_GELU",
+            "STORE_PREACT", "HAS_RESIDUAL", "GELU_TANH", "A_ROWSUM", "DOT_PRECISION"]
+
+
+# like _matmul_kernel, every launch is idempotent, so autotuning may rerun it
+@triton.autotune(configs=_ALL_TMA_CONFIGS, key=_TMA_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _matmul_tma_kernel(
+    a_desc, b_desc, c_desc,  # TMA descriptors: A (M, K) or, A_T, its storage (K, M); B (K, N) or, B_T, (N, K); C (M, N)
+    bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,  # as in _matmul_kernel
+    M, N, K,
+    M_BUCKET,  # next power of two >= M: autotune key only
+    stride_r_m, stride_r_n,  # residual strides (elements)
+    A_T: tl.constexpr, B_T: tl.constexpr,  # the operand is stored transposed (its descriptor is in storage order)
+    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm, 2 GELU (matmul.PROLOGUE_*)
+    HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr, A_ROWSUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if A_PROLOGUE == 1:
+            a_mean = tl.load(mean_ptr + offs_m, mask=mask_m, other=0.0)
+            a_rstd = tl.load(rstd_ptr + offs_m, mask=mask_m, other=0.0)
+        if B_PROLOGUE == 1:
+            b_gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            b_beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for kt in range(0, k_tiles):
+            off_k = kt * BLOCK_K
+            if A_T:
+                a = a_desc.load([off_k, off_m]).T
+            else:
+                a = a_desc.load([off_m, off_k])
+            if B_T:
+                b = b_desc.load([off_n, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_n])
+            if A_PROLOGUE != 0 or B_PROLOGUE == 1:
+                offs_k = off_k + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+            if A_PROLOGUE == 1:
+                a = ln_rows(a, a_mean, a_rstd, gamma_ptr, beta_ptr, offs_k, mask_k, b.dtype)
+            elif A_PROLOGUE == 2:
+                a = gelu(a.to(tl.float32), GELU_TANH).to(b.dtype)  # TMA zero fill: GELU(0) = 0
+            if B_PROLOGUE == 1:
+                b = ln_cols(b, mean_ptr, rstd_ptr, b_gamma, b_beta, offs_k, mask_k, a.dtype)
+            elif B_PROLOGUE == 2:
+                b = gelu(b.to(tl.float32), GELU_TANH).to(a.dtype)
+            if A_ROWSUM:
+                if pid_n == 0:  # one program per row tile sums its A rows over the whole K loop: no partials
+                    a_sum += tl.sum(a.to(tl.float32), axis=1)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        # ---- epilogue (the flags of _matmul_kernel) ----
+        if A_ROWSUM:
+            if pid_n == 0:
+                tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        if DGELU:
+            pre = tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32)
+            acc = acc * gelu_grad(pre, GELU_TANH)
+        if ACT_GELU:
+            if STORE_PREACT:
+                tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+            acc = gelu(acc, GELU_TANH)
+        if HAS_RESIDUAL:
+            r_offs = offs_m.to(tl.int64)[:, None] * stride_r_m + offs_n[None, :] * stride_r_n
+            acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))  # the TMA store clips rows / columns outside (M, N)
+
+
+def available() -> bool:
+    """Whether the installed Triton has host tensor descriptors (the kernel's only requirement beyond Triton)."""
+    return TensorDescriptor is not None
+
+
+def _storage(t: torch.Tensor, rows_stride: int, cols_stride: int, R: int, C: int):
+    """(transposed, shape, strides) of a logical (R, C) operand in storage order for a descriptor, or None when TMA
+    cannot describe it: a 16-byte aligned base, one unit-stride axis and the other stride a multiple of 16 bytes
+    (an axis of extent 1 is never stepped: its stride is replaced by an aligned one)."""
+    align = 16 // t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    if cols_stride == 1 and (R == 1 or rows_stride % align == 0):
+        return False, [R, C], [rows_stride if R > 1 else triton.cdiv(C, align) * align, 1]
+    if rows_stride == 1 and (C == 1 or cols_stride % align == 0):
+        return True, [C, R], [cols_stride if C > 1 else triton.cdiv(R, align) * align, 1]
+    return None
+
+
+def tma_compatible(a, b, c, M: int, N: int, K: int) -> bool:
+    """Whether the logical operands ``a`` (M, K), ``b`` (K, N), ``c`` (M, N) (``matmul.Operand``, plain strides) can
+    be described by TMA descriptors: each has a unit-stride axis and 16-byte aligned rows, and C is row-major.
+    ``TensorDescriptor`` also requires every row pitch to be a multiple of 16 bytes (bf16 / fp16: 8 elements; ViT
+    widths 192-1280 and their multiples all are)."""
+    if not available() or min(M, N, K) <= 0:
+        return False
+    if not all(isinstance(op.rows, int) and isinstance(op.cols, int) for op in (a, b, c)):
+        return False
+    sa = _storage(a.tensor, a.rows, a.cols, M, K)
+    sb = _storage(b.tensor, b.rows, b.cols, K, N)
+    sc = _storage(c.tensor, c.rows, c.cols, M, N)
+    return sa is not None and sb is not None and sc is not None and not sc[0]
+
+
+def _num_sms(device: torch.device) -> int:
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch(a, b, c, M: int, N: int, K: int, *, bias, residual, aux, a_rowsum, ln, a_prologue: int, b_prologue: int,
+           flags: dict, dot_precision: str, autotune: bool, config: dict) -> None:
+    """Launch the TMA kernel for operands that :func:`tma_compatible` accepted. ``flags``: the epilogue constexprs
+    (HAS_BIAS, DGELU, ACT_GELU, STORE_PREACT, HAS_RESIDUAL, GELU_TANH, A_ROWSUM); ``autotune``: let
+    ``triton.autotune`` pick the tiles, else use ``config`` (launch keywords of :func:`matmul.gemm_config`)."""
+    a_t, a_shape, a_strides = _storage(a.tensor, a.rows, a.cols, M, K)
+    b_t, b_shape, b_strides = _storage(b.tensor, b.rows, b.cols, K, N)
+    _, c_shape, c_strides = _storage(c.tensor, c.rows, c.cols, M, N)
+    # block shapes are placeholders until the configuration is known (pre_hook / below)
+    a_desc = TensorDescriptor(a.tensor, a_shape, a_strides, [16, 16])
+    b_desc = TensorDescriptor(b.tensor, b_shape, b_strides, [16, 16])
+    c_desc = TensorDescriptor(c.tensor, c_shape, c_strides, [16, 16])
+    dummy = c.tensor
+    n_sms = _num_sms(c.tensor.device)
+
+    def grid(meta):
+        return (min(n_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    args = (a_desc, b_desc, c_desc,
+            bias if bias is not None else dummy,
+            residual.tensor if residual is not None else dummy,
+            aux if aux is not None else dummy,
+            a_rowsum if a_rowsum is not None else dummy,
+            ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
+            ln.weight if ln is not None else dummy, ln.bias if ln is not None else dummy,
+            M, N, K, triton.next_power_of_2(M),
+            residual.rows if residual is not None else 0, residual.cols if residual is not None else 0)
+    kw = dict(A_T=a_t, B_T=b_t, A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, DOT_PRECISION=dot_precision, **flags)
+    if autotune:
+        _matmul_tma_kernel[grid](*args, **kw)
+    else:
+        kernel = getattr(_matmul_tma_kernel, "fn", _matmul_tma_kernel)  # the plain kernel, fixed configuration
+        cfg = dict(config)
+        _set_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, "A_T": a_t, "B_T": b_t, **cfg})
+        kernel[grid](*args, **kw, **cfg)
