@@ -92,7 +92,8 @@ def gemm_impl() -> str:
     "auto".
 
     * ``"auto"``: per GEMM, the choice recorded in :data:`fastvit_kernels.kernels.gemm_impl.MEASURED_CHOICES` for
-      that GPU, dtype, shape and fusion; the fused Triton GEMM where nothing is recorded.
+      that GPU, dtype, shape and fusion; where nothing is recorded, both paths are timed on the first launch on a
+      GPU (as "measure"); the fused Triton GEMM where nothing can be timed (CPU interpreter, CUDA graph capture).
     * ``"measure"``: on a GPU, time both paths the first time each (shape, fusion) is seen and keep the faster
       for the rest of the process (like autotuning; on the CPU interpreter: "auto").
     * ``"triton"`` / ``"cublas"``: force one path wherever it can run (split-index and converting GEMMs, i.e.

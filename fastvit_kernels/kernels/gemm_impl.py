@@ -18,12 +18,16 @@ image bounds or converting prologues (the patch embedding) have no cuBLAS form a
 
 The rule (:func:`choose`), by :func:`fastvit_kernels.backend.gemm_impl`:
 
-* ``"auto"``: :data:`MEASURED_CHOICES` holds the (GPU, dtype, shape, fusion) keys where a measurement found the
-  cuBLAS path faster; every other key runs the fused core. The table is empty: no GPU has been available to this
+* ``"auto"`` (default): a key recorded in :data:`MEASURED_CHOICES` (offline measurements, per GPU, dtype, shape and
+  fusion) takes the recorded path; any other key is measured on its first launch on a GPU, exactly as
+  ``"measure"`` does (the way ``triton.autotune`` picks tiles: one timing per key, then a dict lookup), except
+  while a CUDA graph is being captured, where nothing can be timed and the fused core runs. On the CPU
+  interpreter nothing is timed: the fused core runs. The table is empty: no GPU has been available to this
   project yet (2026-11), and an entry may only come from a measurement: run
-  ``python -m fastvit_kernels.bench gemm-impl`` on the GPU and record what it prints.
+  ``python -m fastvit_kernels.bench gemm-impl`` on the GPU and record what it prints (then no start-up timing
+  is needed for those keys).
 * ``"measure"``: on a GPU, the first launch of each key times both paths (``triton.testing.do_bench``, after the
-  Triton autotuning) and the faster one serves that key for the rest of the process.
+  Triton autotuning), ignoring the table, and the faster one serves that key for the rest of the process.
 * ``"triton"`` / ``"cublas"``: forced.
 
 Every choice made is kept in :func:`decisions` (key -> path, why, timings) and logged once per key on the
@@ -96,8 +100,9 @@ def gemm_key(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, f
 
 
 def _can_measure(device: torch.device) -> bool:
-    """Timings mean something on a GPU only (the interpreter's are Python's)."""
-    return device.type == "cuda" and not interpreting()
+    """Timings mean something on a GPU only (the interpreter's are Python's), and cannot be taken while a CUDA graph
+    is being captured."""
+    return device.type == "cuda" and not interpreting() and not torch.cuda.is_current_stream_capturing()
 
 
 def _time_ms(fn) -> float:
@@ -117,11 +122,12 @@ def choose(key: tuple, device: torch.device, run_triton, run_cublas) -> str:
     setting = backend.gemm_impl()
     if setting in ("triton", "cublas"):
         return setting
-    measure = setting == "measure" and _can_measure(device)
     known = _decisions.get(key)
-    if known is not None and not (measure and known.source != "measured"):
+    # time both paths: "measure" always; "auto" where the table has nothing for the key (autotune-like)
+    want_measure = _can_measure(device) and (setting == "measure" or key not in MEASURED_CHOICES)
+    if known is not None and (known.source == "measured" or not want_measure):
         return known.impl
-    if measure:
+    if want_measure:
         ms = {"triton": _time_ms(run_triton), "cublas": _time_ms(run_cublas)}
         decision = Decision(min(ms, key=ms.get), "measured", ms)
     elif key in MEASURED_CHOICES:

@@ -25,7 +25,9 @@ different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
   order) and write ``sum_k A[m, k]``: a weight-grad GEMM ``dW = dY^T @ X`` yields the bias gradient from the dY
   tiles it already loads (no extra pass over device memory, no partials, no atomics).
 
-Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). Tile configurations: the candidates of
+On Hopper, plain GEMMs (every block GEMM; not the patch embedding's split / converting ones) run the same flags
+in :mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors, persistent grid, warpgroup MMA;
+``backend.gemm_kernel`` decides). Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). Tile configurations: the candidates of
 ``gemm_configs`` (pruned by ``keep``) are autotuned with ``triton.autotune`` on a GPU, keyed on the M bucket, N,
 K, the operand dtypes and every constexpr flag; ``FASTVIT_AUTOTUNE=0`` launches the first candidate instead, and
 the interpreter always runs one fixed configuration (``INTERPRETER_CONFIG``: few, large tiles = few Python steps).

@@ -65,7 +65,33 @@ def test_measure_times_both_once_and_keeps_the_faster(gi, monkeypatch):
         assert gi.decisions()[key] == gi.Decision("cublas", "measured", {"triton": 2.0, "cublas": 1.5})
         assert gi.choose(key, cpu, *_ops(ran)) == "cublas" and len(ran) == 2  # measured once per key
     # the measured decision stays visible and in force under "auto"
-    assert gi.choose(key, cpu, *_ops(ran)) == "cublas"
+    assert gi.choose(key, cpu, *_ops(ran)) == "cublas" and len(ran) == 2
+
+
+def test_auto_measures_unrecorded_keys_on_a_gpu(gi, monkeypatch):
+    """"auto" on a GPU: a key the table records takes the recorded path untimed; any other key is timed once on
+    first use (like autotuning) and the faster path kept; "measure" re-times even a recorded key."""
+    cpu = torch.device("cpu")
+    recorded = gi.gemm_key(cpu, torch.float16, 394, 3072, 768, "a_ln+bias+gelu_store")
+    fresh = gi.gemm_key(cpu, torch.float16, 394, 768, 3072, "bias+residual")
+    monkeypatch.setitem(gi.MEASURED_CHOICES, recorded, "cublas")
+    monkeypatch.setattr(gi, "_can_measure", lambda device: True)
+    ran = []
+    times = {"triton": 1.0, "cublas": 3.0}
+
+    def fake_time(fn):
+        fn()
+        return times[ran[-1]]
+
+    monkeypatch.setattr(gi, "_time_ms", fake_time)
+    assert gi.choose(recorded, cpu, *_ops(ran)) == "cublas" and ran == []
+    assert gi.decisions()[recorded].source == "table"
+    assert gi.choose(fresh, cpu, *_ops(ran)) == "triton" and ran == ["triton", "cublas"]
+    assert gi.decisions()[fresh] == gi.Decision("triton", "measured", {"triton": 1.0, "cublas": 3.0})
+    assert gi.choose(fresh, cpu, *_ops(ran)) == "triton" and len(ran) == 2
+    with use_gemm_impl("measure"):
+        assert gi.choose(recorded, cpu, *_ops(ran)) == "triton" and len(ran) == 4
+    assert gi.decisions()[recorded].source == "measured"
 
 
 def test_launches_are_memoised_and_recorded(gi, device, monkeypatch):
