@@ -5,10 +5,13 @@ eager PyTorch there, so only the harness is exercised).
 Shapes: attention (B, H, N, head_dim) in (256, 12, 197, 64), (128, 16, 197, 64), (64, 16, 257, 80),
 (16, 16, 1025, 80); layernorm_mlp (tokens M = B * N, D, D_hidden) of ViT-B/16 (batch 256), L/16 (128), H/14 (64);
 patch_embed the stems of the same three. layernorm_mlp also runs with recompute=True, with every GEMM forced onto
-cuBLAS + fused elementwise kernels (the measured alternative of ``gemm_impl``), and as torch.compile of the eager
-function; ``peak_memory_gb`` per result on a GPU. ``extra_info``: tokens/s (images/s for patch_embed), TFLOP/s and MFU
+cuBLAS + fused elementwise kernels (the measured alternative of ``gemm_impl``), on the pointer form of the GEMM core
+(the Hopper default being the TMA form), and as torch.compile of the eager function; attention also with its
+three-launch backward forced (the default at these batch sizes being the one-program-per-head backward); ``peak_memory_gb`` per result on a GPU. ``extra_info``: tokens/s (images/s for patch_embed), TFLOP/s and MFU
 from exact FLOP counts (forward + backward: 3x the forward's matmuls; patch_embed 2x: no image gradient).
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 from bench_utils import DEVICE, record, requires_gpu, timed
 from fastvit_kernels import ops, reference
-from fastvit_kernels.backend import use_gemm_impl
+from fastvit_kernels.backend import use_gemm_impl, use_gemm_kernel
 from fastvit_kernels.bench.flops import attention_flops, mlp_flops, patch_embed_flops
 
 ATTENTION_SHAPES = [(256, 12, 197, 64), (128, 16, 197, 64), (64, 16, 257, 80), (16, 16, 1025, 80)]
@@ -51,16 +54,33 @@ def _runner(fn, inputs, backward: bool):
 
 
 def _attention_impls(num_heads, backend):
+    """fastvit: the op (backward plan by its rule: fused at B * H >= FUSED_BWD_MIN_HEADS); fastvit_split_bwd: the
+    three-launch backward forced (set only while the round runs, so both plans are timed at the same shapes)."""
     return {"fastvit": lambda qkv: ops.attention(qkv, num_heads, backend=backend),
+            "fastvit_split_bwd": lambda qkv: ops.attention(qkv, num_heads, backend=backend),
             "eager_sdpa": lambda qkv: _sdpa(qkv, num_heads),
             "eager_naive": lambda qkv: reference.attention_ref(qkv, num_heads)}
+
+
+@contextlib.contextmanager
+def _attention_plan(impl):
+    from fastvit_kernels.kernels import attention as kernels
+
+    old = kernels.FUSED_BWD_MIN_HEADS
+    if impl == "fastvit_split_bwd":
+        kernels.FUSED_BWD_MIN_HEADS = 1 << 30
+    try:
+        yield
+    finally:
+        kernels.FUSED_BWD_MIN_HEADS = old
 
 
 def _bench_attention(benchmark, shape, impl, backward, dtype, device, backend, rounds, warmup=1):
     B, H, N, hd = shape
     qkv = torch.randn(B, N, 3 * H * hd, device=device, dtype=dtype)
     fn = _attention_impls(H, backend)[impl]
-    first = timed(benchmark, _runner(fn, [qkv], backward), rounds=rounds, warmup_rounds=warmup)
+    with _attention_plan(impl):
+        first = timed(benchmark, _runner(fn, [qkv], backward), rounds=rounds, warmup_rounds=warmup)
     f = attention_flops(B, N, H, hd)
     record(benchmark, impl=impl, tokens=B * N, dtype=dtype, first_call_s=first, flops=3 * f if backward else f)
 
@@ -76,8 +96,9 @@ _COMPILED_MLP = []
 
 def _mlp_fn(impl, backend):
     """fastvit: the op with the recorded GEMM-path rule (gemm_impl "auto"); fastvit_recompute: recompute=True;
-    fastvit_cublas: every GEMM forced to cuBLAS + fused elementwise kernels; eager: LayerNorm, Linear, GELU,
-    Linear, add; compiled: torch.compile (default mode) of that eager function."""
+    fastvit_cublas: every GEMM forced to cuBLAS + fused elementwise kernels; fastvit_pointer: every GEMM on the
+    Triton core's pointer kernel (on Hopper "fastvit" takes the TMA persistent kernel: this times the other form);
+    eager: LayerNorm, Linear, GELU, Linear, add; compiled: torch.compile (default mode) of that eager function."""
     if impl == "compiled":
         if not _COMPILED_MLP:
             _COMPILED_MLP.append(torch.compile(reference.layernorm_mlp_ref))
@@ -87,7 +108,8 @@ def _mlp_fn(impl, backend):
     recompute = impl == "fastvit_recompute"
 
     def fn(*a):
-        with use_gemm_impl("cublas" if impl == "fastvit_cublas" else "auto"):
+        gemm_path = {"fastvit_cublas": "cublas", "fastvit_pointer": "triton"}.get(impl, "auto")
+        with use_gemm_impl(gemm_path), use_gemm_kernel("pointer" if impl == "fastvit_pointer" else "auto"):
             return ops.layernorm_mlp(*a, recompute=recompute, backend=backend)
     return fn
 
@@ -120,7 +142,7 @@ PASSES = [("forward", False), ("forward+backward", True)]
 # GPU: the real shapes, bf16
 # ---------------------------------------------------------------------------------------------------------------
 @requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "eager_sdpa", "eager_naive"])
+@pytest.mark.parametrize("impl", ["fastvit", "fastvit_split_bwd", "eager_sdpa", "eager_naive"])
 @pytest.mark.parametrize("which, backward", PASSES)
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_attention(benchmark, shape, which, backward, impl):
@@ -129,7 +151,8 @@ def test_attention(benchmark, shape, which, backward, impl):
 
 
 @requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "fastvit_recompute", "fastvit_cublas", "eager", "compiled"])
+@pytest.mark.parametrize("impl", ["fastvit", "fastvit_recompute", "fastvit_cublas", "fastvit_pointer", "eager",
+                                  "compiled"])
 @pytest.mark.parametrize("which, backward", PASSES)
 @pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_layernorm_mlp(benchmark, shape, which, backward, impl):

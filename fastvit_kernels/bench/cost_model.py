@@ -9,7 +9,8 @@ Plans (lists of :class:`Launch`, in execution order):
   ``fastvit::patch_embed_*``, ``fastvit::layernorm_linear_*`` (norm1 + qkv), ``fastvit::attention_*``,
   ``fastvit::linear_residual_*`` (proj + residual) and ``fastvit::layernorm_mlp_*`` custom ops, with one
   launch per Triton kernel their launchers in ``kernels/`` issue (GEMM core, row stats, LayerNorm backward,
-  column sums, attention forward / preprocess / dK dV / dQ, class row), and the parts ``model.py`` still runs
+  column sums, attention forward / preprocess / dK dV / dQ -- or the one fused backward kernel when
+  B * H >= ``FUSED_BWD_MIN_HEADS``, as the launcher decides -- class row), and the parts ``model.py`` still runs
   through aten: the gradient-accumulation add of the attention half's input, the head and the loss (the ops'
   non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``).
 * ``"eager"``: the reference ``VisionTransformer`` (timm's computation, ``fused_attn=True``) as PyTorch
@@ -40,6 +41,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..kernels.attention import FUSED_BWD_MIN_HEADS
 from .devices import Peak, dtype_name
 from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, model_flops
 
@@ -380,10 +382,17 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
                ("_matmul_kernel", 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
                 "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"))
         b.cls = "attention"
-        b.call("fastvit.attention_bwd",
-               ("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T),
-               ("_attention_bwd_dkdv_kernel", 8 * B * N * N * D, 4 * M * D * e + 2 * lse, 2 * M * D * e, T),
-               ("_attention_bwd_dq_kernel", 6 * B * N * N * D, 4 * M * D * e + 2 * lse, M * D * e, T))
+        if B * H >= FUSED_BWD_MIN_HEADS:
+            # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
+            # program that just read them hit L2); delta formed in-loop; dq, dk, dv written once
+            b.call("fastvit.attention_bwd",
+                   ("_attention_bwd_fused_kernel", 14 * B * N * N * D, 5 * M * D * e + lse, 3 * M * D * e, T,
+                    "dK/dV then dQ per (batch, head); delta in-loop"))
+        else:
+            b.call("fastvit.attention_bwd",
+                   ("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T),
+                   ("_attention_bwd_dkdv_kernel", 8 * B * N * N * D, 4 * M * D * e + 2 * lse, 2 * M * D * e, T),
+                   ("_attention_bwd_dq_kernel", 6 * B * N * N * D, 4 * M * D * e + 2 * lse, M * D * e, T))
         b.cls = "ln_qkv"
         b.call("fastvit.layernorm_linear_bwd",
                ("_matmul_kernel", 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,

@@ -10,7 +10,10 @@ Partitioning", 2023). Forward: one program per (query block, batch * head) strea
 softmax (running max ``m``, running sum ``l``, fp32 accumulator) and saves the log-sum-exp. Backward: recompute the
 probabilities from q, k and the saved log-sum-exp; a preprocess kernel computes ``delta = rowsum(dO * O)``; one
 kernel per key block accumulates dK and dV over all query blocks, another per query block accumulates dQ over all
-key blocks. No atomics, so results are deterministic (bit-identical across runs).
+key blocks. With many (batch, head) pairs (ViT training batches) the three launches become one: a program per
+(batch, head) runs both loops and forms delta in-loop (``_attention_bwd_fused_kernel``; ViT's short sequences,
+N = 197 / 257, make one head's whole backward a small, L2-resident job). No atomics, so results are deterministic
+(bit-identical across runs).
 
 Numerics:
 * exp2 everywhere, with log2(e) folded into the softmax scale (``qk_scale = scale * log2(e)``).
@@ -53,6 +56,9 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 # Finite "minus infinity" for masked scores: exp2(MASK_VALUE - m) == 0, and never inf - inf = NaN.
 MASK_VALUE: tl.constexpr = tl.constexpr(-1.0e30)
 MAX_BLOCK = 256  # the largest BLOCK_M / BLOCK_N of any candidate (N_ALIGN is capped here)
+# The one-program-per-head backward needs this many (batch, head) programs: about two per SM of a 132-SM H100 (a
+# fixed number, not a device query, so a run's plan does not depend on the GPU it lands on).
+FUSED_BWD_MIN_HEADS = 256
 # Decided once, when the kernels are defined (as Triton decides between compiling and interpreting).
 AUTOTUNE = not interpreting()
 
@@ -113,7 +119,8 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
 
     Args:
         kernel: "fwd" (BLOCK_M query rows per program, BLOCK_N key rows per step), "dkdv" (BLOCK_N key rows per
-            program, BLOCK_M query rows per step) or "dq" (as "fwd").
+            program, BLOCK_M query rows per step), "dq" (as "fwd") or "fused" (the one-program-per-head backward:
+            both loops, one tile pair).
         head_dim, dtype, arch (80, 90, ... or None: any), n_bkt (:func:`n_bucket` of N): the call; None in all
             four gives every candidate of the kernel (the autotuner's full list, pruned per call).
 
@@ -130,6 +137,8 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
                 (128, 256, 8, 1)],
         "dkdv": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
         "dq": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2)],
+        # both loops in one program: the tiles the dkdv and dq lists share (BLOCK_N is dkdv's M side)
+        "fused": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
     }[kernel]
     fp32 = [(32, 32, 8, 1), (16, 16, 8, 1)] if dtype in (torch.float32, None) else []
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
@@ -154,7 +163,8 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     * tiles longer than the sequence bucket (beyond 64 rows): they only add masked work.
     * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
-    * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80.
+    * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80; the fused backward runs the dq loop with the same
+      tile, so the same prune applies to it.
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = sum(head_dim_chunks(head_dim))
@@ -164,7 +174,7 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
         return False
     if kernel == "fwd" and bn == 256:
         return False
-    if kernel == "dq" and (bm, bn) == (64, 128):
+    if kernel in ("dq", "fused") and (bm, bn) == (64, 128):
         return False
     return True
 
@@ -319,6 +329,79 @@ def _load_row(ptrs, offs_rows, N, EVEN_N: tl.constexpr):
     return row
 
 
+@triton.jit
+def _delta_rows(o_base, do0, do1, do2, offs_rows, stride_o_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr):
+    """delta = rowsum(dO * O) (fp32) of a row block, from its dO chunks and O loaded here; 0 for rows >= N."""
+    o0, o1, o2 = _load_chunks(o_base, offs_rows, stride_o_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+    if D2 > 0:
+        delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
+    return delta
+
+
+@triton.jit
+def _dkdv_block(q_base, do_base, o_base, lse_base, delta_base, offs_n, k0, k1, k2, v0, v1, v2, qk_scale,
+                stride_qkv_n, stride_do_n, stride_o_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr):
+    """dK (unscaled) and dV of one key block (rows ``offs_n``, k / v chunks loaded) over every query block of one
+    (batch, head): (dk0, dk1, dk2, dv0, dv1, dv2) fp32. ``lse_base`` / ``delta_base``: that head's (N,) rows;
+    with DELTA_FROM_O, delta is formed here from O (``o_base``) and dO instead of read from ``delta_base``."""
+    offs_m = tl.arange(0, BLOCK_M)
+    dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
+    dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
+    for start_m in range(0, N, BLOCK_M):
+        offs_qm = start_m + offs_m
+        q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        lse = _load_row(lse_base + offs_qm, offs_qm, N, EVEN_N)
+        if DELTA_FROM_O:
+            delta = _delta_rows(o_base, do0, do1, do2, offs_qm, stride_o_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        else:
+            delta = _load_row(delta_base + offs_qm, offs_qm, N, EVEN_N)
+        # Transposed probabilities P^T (BLOCK_N, BLOCK_M), recomputed from q, k and the saved lse.
+        s_t = _dot_nt(k0, k1, k2, q0, q1, q2, D1, D2, INPUT_PRECISION) * qk_scale
+        if not EVEN_N:
+            # Padded key rows (offs_n >= N) are never stored, but exp2(0 - lse) there can be inf (see _dq_block);
+            # mask them so no inf / NaN is ever formed.
+            s_t = tl.where(offs_n[:, None] < N, s_t, MASK_VALUE)
+        # Padded query columns (offs_qm >= N) need no mask: q, lse, dO and delta load as 0 there, so p_t is
+        # exp2(0) = 1 (finite) and both its dV and its dS terms are multiplied by dO = 0 / (dp_t - delta) = 0.
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv0, dv1, dv2 = _dot_acc(dv0, dv1, dv2, p_t.to(do0.dtype), do0, do1, do2, D1, D2, INPUT_PRECISION)
+        dp_t = _dot_nt(v0, v1, v2, do0, do1, do2, D1, D2, INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk0, dk1, dk2 = _dot_acc(dk0, dk1, dk2, ds_t.to(q0.dtype), q0, q1, q2, D1, D2, INPUT_PRECISION)
+    return dk0, dk1, dk2, dv0, dv1, dv2
+
+
+@triton.jit
+def _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D, HEAD_DIM: tl.constexpr,
+              D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dQ (unscaled) of one query block (q / dO chunks, lse and delta loaded) over every key block of one
+    (batch, head): (dq0, dq1, dq2) fp32."""
+    offs_n = tl.arange(0, BLOCK_N)
+    dq0, dq1, dq2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
+    for start_n in range(0, N, BLOCK_N):
+        offs_kn = start_n + offs_n
+        k0, k1, k2 = _load_chunks(q_base + D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        s = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, INPUT_PRECISION) * qk_scale
+        if not EVEN_N:
+            # Padded keys load k = v = 0, so s = 0 and exp2(0 - lse) would overflow to inf when every real score
+            # is very negative (inf * 0 = NaN in dS @ K). The finite mask value makes their P exactly 0.
+            s = tl.where(offs_kn[None, :] < N, s, MASK_VALUE)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _dot_nt(do0, do1, do2, v0, v1, v2, D1, D2, INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq0, dq1, dq2 = _dot_acc(dq0, dq1, dq2, ds.to(k0.dtype), k0, k1, k2, D1, D2, INPUT_PRECISION)
+    return dq0, dq1, dq2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,15 +490,10 @@ def _attention_bwd_preprocess_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o0, o1, o2 = _load_chunks(Out + b * stride_out_b + h * HEAD_DIM, offs_m, stride_out_n, N, HEAD_DIM, D0, D1, D2,
-                              EVEN_N)
     do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
                                  D2, EVEN_N)
-    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
-    if D1 > 0:
-        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
-    if D2 > 0:
-        delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
+    delta = _delta_rows(Out + b * stride_out_b + h * HEAD_DIM, do0, do1, do2, offs_m, stride_out_n, N, HEAD_DIM, D0,
+                        D1, D2, EVEN_N)
     delta_ptrs = Delta + b * stride_delta_b + h * stride_delta_h + offs_m
     if EVEN_N:
         tl.store(delta_ptrs, delta)
@@ -455,36 +533,14 @@ def _attention_bwd_dkdv_kernel(
     h = pid_bh % H
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
     k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-    lse_ptrs = Lse + b * stride_lse_b + h * stride_lse_h + offs_m
-    delta_ptrs = Delta + b * stride_lse_b + h * stride_lse_h + offs_m
-
-    dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
-    dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
-    for start_m in range(0, N, BLOCK_M):
-        offs_qm = start_m + offs_m
-        q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        lse = _load_row(lse_ptrs + start_m, offs_qm, N, EVEN_N)
-        delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
-        # Transposed probabilities P^T (BLOCK_N, BLOCK_M), recomputed from q, k and the saved lse.
-        s_t = _dot_nt(k0, k1, k2, q0, q1, q2, D1, D2, INPUT_PRECISION) * qk_scale
-        if not EVEN_N:
-            # Padded key rows (offs_n >= N) are never stored, but exp2(0 - lse) there can be inf (see the dq
-            # kernel); mask them so no inf / NaN is ever formed.
-            s_t = tl.where(offs_n[:, None] < N, s_t, MASK_VALUE)
-        # Padded query columns (offs_qm >= N) need no mask: q, lse, dO and delta load as 0 there, so p_t is
-        # exp2(0) = 1 (finite) and both its dV and its dS terms are multiplied by dO = 0 / (dp_t - delta) = 0.
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        dv0, dv1, dv2 = _dot_acc(dv0, dv1, dv2, p_t.to(do0.dtype), do0, do1, do2, D1, D2, INPUT_PRECISION)
-        dp_t = _dot_nt(v0, v1, v2, do0, do1, do2, D1, D2, INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk0, dk1, dk2 = _dot_acc(dk0, dk1, dk2, ds_t.to(q0.dtype), q0, q1, q2, D1, D2, INPUT_PRECISION)
-
+    dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
+        q_base, do_base, Delta, Lse + b * stride_lse_b + h * stride_lse_h,  # (Delta: o_base, unused here)
+        Delta + b * stride_lse_b + h * stride_lse_h, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
+        stride_do_n, 0, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, False)
     dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
     _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -523,7 +579,6 @@ def _attention_bwd_dq_kernel(
     h = pid_bh % H
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
@@ -531,24 +586,74 @@ def _attention_bwd_dq_kernel(
     lse = _load_row(Lse + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
     delta = _load_row(Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
 
-    dq0, dq1, dq2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
-    for start_n in range(0, N, BLOCK_N):
-        offs_kn = start_n + offs_n
-        k0, k1, k2 = _load_chunks(q_base + D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        s = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, INPUT_PRECISION) * qk_scale
-        if not EVEN_N:
-            # Padded keys load k = v = 0, so s = 0 and exp2(0 - lse) would overflow to inf when every real score
-            # is very negative (inf * 0 = NaN in dS @ K). The finite mask value makes their P exactly 0.
-            s = tl.where(offs_kn[None, :] < N, s, MASK_VALUE)
-        p = tl.math.exp2(s - lse[:, None])
-        dp = _dot_nt(do0, do1, do2, v0, v1, v2, D1, D2, INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq0, dq1, dq2 = _dot_acc(dq0, dq1, dq2, ds.to(k0.dtype), k0, k1, k2, D1, D2, INPUT_PRECISION)
-
+    dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
+                              HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
     dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
     _store_chunks(DQKV + b * stride_dqkv_b + h * HEAD_DIM, dq0, dq1, dq2, offs_m, stride_dqkv_n, N, HEAD_DIM, D0, D1,
                   D2, EVEN_N)
+
+
+@_autotuned("fused")
+@triton.jit
+def _attention_bwd_fused_kernel(
+    QKV,  # (B, N, 3 * D) forward input (q | k | v)
+    Out,  # (B, N, D) forward output (for delta = rowsum(dO * O))
+    DOut,  # (B, N, D) gradient of the output, input dtype
+    Lse,  # (B, H, N) fp32 log2-sum-exp2 saved by the forward
+    DQKV,  # (B, N, 3 * D) output: dq | dk | dv, all written by this kernel
+    qk_scale,  # fp32 scalar: softmax scale * log2(e)
+    sm_scale,  # fp32 scalar: softmax scale
+    stride_qkv_b, stride_qkv_n,  # strides of QKV over B and N (column stride is 1)
+    stride_out_b, stride_out_n,  # strides of Out over B and N (column stride is 1)
+    stride_do_b, stride_do_n,  # strides of DOut over B and N (column stride is 1)
+    stride_lse_b, stride_lse_h,  # strides of Lse over B and H (stride over N is 1)
+    stride_dqkv_b, stride_dqkv_n,  # strides of DQKV over B and N (column stride is 1)
+    N,  # sequence length
+    H,  # number of heads
+    D,  # model width H * HEAD_DIM
+    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
+    HEAD_DIM: tl.constexpr,  # per-head width
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
+    N_ALIGN: tl.constexpr,  # n_align(N)
+    BLOCK_M: tl.constexpr,  # query rows per block
+    BLOCK_N: tl.constexpr,  # key rows per block
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+):
+    """The whole attention backward of one (batch, head) in one program: dK / dV key block by key block, then dQ
+    query block by query block (the dkdv and dq kernels' loops, run in sequence), with delta formed from O and dO
+    where a block needs it instead of by a pre-pass. One launch instead of three, and q / k / v / O / dO of a head
+    are re-read from L2 by the program that just read them."""
+    EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
+    o_base = Out + b * stride_out_b + h * HEAD_DIM
+    do_base = DOut + b * stride_do_b + h * HEAD_DIM
+    lse_base = Lse + b * stride_lse_b + h * stride_lse_h
+    dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
+            q_base, do_base, o_base, lse_base, lse_base, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
+            stride_do_n, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, True)
+        dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
+        _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        do0, do1, do2 = _load_chunks(do_base, offs_m, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        lse = _load_row(lse_base + offs_m, offs_m, N, EVEN_N)
+        delta = _delta_rows(o_base, do0, do1, do2, offs_m, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
+                                  HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
+        _store_chunks(dqkv_base, dq0, dq1, dq2, offs_m, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,13 +701,21 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
 
 
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                  scale: float) -> torch.Tensor:
+                  scale: float, fused: bool | None = None) -> torch.Tensor:
     """Backward attention: d(qkv) from the output gradient and what the forward saved.
+
+    Two launch plans, same arithmetic (the same block loops, in the same order per output tile, so the same
+    results): *split* -- the delta pre-pass, then one program per (key block, batch * head) for dK / dV and one
+    per (query block, batch * head) for dQ (three launches, FlashAttention-2's partition); *fused* -- one program
+    per (batch, head) running both loops, delta formed in-loop (one launch; re-reads hit L2). Fused needs enough
+    heads to fill the GPU: it is taken when B * H >= ``FUSED_BWD_MIN_HEADS`` (ViT training batches: ViT-B/16 at
+    batch 64 has 768), split otherwise (small batches, inference-time gradients).
 
     Args:
         dout: (B, N, D) gradient of ``out``, qkv's dtype, column stride 1.
         qkv: (B, N, 3 * D) forward input. out: (B, N, D) forward output. lse: (B, H, N) fp32 from the forward.
         num_heads: H. scale: the forward's softmax scale.
+        fused: force a plan (True: fused, False: split); None: the rule above.
 
     Returns:
         dqkv: (B, N, 3 * D), qkv's dtype, same packed layout as qkv (dq | dk | dv).
@@ -618,6 +731,23 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     d0, d1, d2 = head_dim_chunks(head_dim)
     chunks = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N))
 
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    qk_scale = float(scale) * LOG2E
+    if fused is None:
+        fused = B * num_heads >= FUSED_BWD_MIN_HEADS
+    if fused:
+        _attention_bwd_fused_kernel[(B * num_heads,)](
+            qkv, out, dout, lse, dqkv, qk_scale, float(scale),
+            qkv.stride(0), qkv.stride(1),
+            out.stride(0), out.stride(1),
+            dout.stride(0), dout.stride(1),
+            lse.stride(0), lse.stride(1),
+            dqkv.stride(0), dqkv.stride(1),
+            N, num_heads, D, n_bucket(N),
+            **chunks, INPUT_PRECISION=dot_precision(qkv.dtype), **_tiles(N),
+        )
+        return dqkv
+
     # The pre-pass is memory-bound (one multiply-add per element read): one fixed tile, not autotuned.
     pre_m = 16 if N <= 16 else 32 if N <= 32 else 64
     delta = torch.empty_like(lse)
@@ -632,8 +762,6 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     assert delta.stride() == lse.stride()  # the bwd kernels share stride_lse_* between Lse and Delta
 
     # Every element of dqkv is written: dq by the dq kernel, dk and dv by the dkdv kernel (all heads, all rows).
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    qk_scale = float(scale) * LOG2E
     args = (
         qkv, dout, lse, delta, dqkv, qk_scale, float(scale),
         qkv.stride(0), qkv.stride(1),

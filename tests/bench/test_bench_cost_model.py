@@ -55,6 +55,24 @@ def test_launch_counts_by_hand():
     assert n("fastvit", "train") == fwd_f + bwd_f + opt == 60
 
 
+def test_fused_attention_backward_from_enough_heads():
+    """From B * H >= FUSED_BWD_MIN_HEADS the attention backward is one launch (the launcher's rule, shared): two
+    launches fewer per block; its bytes are q, k, v, O, dO (5 M D) + lse read and d(qkv) (3 M D) written, and
+    its executed FLOPs those of the three-launch plan (7 matmul-equivalents)."""
+    from fastvit_kernels.kernels.attention import FUSED_BWD_MIN_HEADS
+
+    big = FUSED_BWD_MIN_HEADS // SMALL.num_heads  # batch at which the rule flips
+    for batch, plan in ((big - 1, "split"), (big, "fused")):
+        att = [x for x in cm.step_launches(SMALL, batch, "bf16", "fastvit", "train", False)
+               if x.dispatch == "fastvit.attention_bwd"]
+        assert len(att) == (1 if plan == "fused" else 3), (batch, plan)
+    (fused,) = att
+    M, D, e = big * SMALL.tokens, SMALL.embed_dim, 2
+    lse = big * SMALL.num_heads * SMALL.tokens * 4
+    assert (fused.bytes_read, fused.bytes_written) == (5 * M * D * e + lse, 3 * M * D * e)
+    assert fused.flops == 14 * big * SMALL.tokens ** 2 * D
+
+
 def test_forward_bytes_by_hand():
     e, f4 = 2, 4  # bf16 elements; fp32 statistics
     img, W, Np, D, M, Dh, nc, H, N = 2 * 3 * 8 * 8, 8 * 48, 4, 8, 10, 32, 3, 2, 5

@@ -86,9 +86,19 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["split", "fused"])
+def bwd_plan(request, monkeypatch):
+    """Run the test under each backward launch plan (kernels/attention.py: three launches, or one program per
+    (batch, head)), whatever B * H the test uses."""
+    from fastvit_kernels.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "FUSED_BWD_MIN_HEADS", 1 if request.param == "fused" else 1 << 30)
+    return request.param
+
+
 @pytest.mark.parametrize("B,N,H,head_dim,dtype", CASES, ids=[f"B{c[0]}-N{c[1]}-H{c[2]}-hd{c[3]}-{str(c[4])[6:]}"
                                                              for c in CASES])
-def test_forward_backward_match_reference(device, B, N, H, head_dim, dtype):
+def test_forward_backward_match_reference(device, B, N, H, head_dim, dtype, bwd_plan):
     qkv = torch.randn(B, N, 3 * H * head_dim, device=device, dtype=dtype)
     dout = torch.randn(B, N, H * head_dim, device=device, dtype=dtype)
     _check_against_ref(qkv, H, dout)
@@ -142,7 +152,7 @@ def test_strided_qkv_inputs(device):
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
-def test_bit_identical_repeats(device, dtype):
+def test_bit_identical_repeats(device, dtype, bwd_plan):
     qkv = torch.randn(2, 50, 3 * 2 * 80, device=device, dtype=dtype)
     dout = torch.randn(2, 50, 2 * 80, device=device, dtype=dtype)
     out1, dqkv1 = _triton_run(qkv, 2, dout)
@@ -153,7 +163,7 @@ def test_bit_identical_repeats(device, dtype):
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter warns on any inf / NaN formed in numpy
 @pytest.mark.parametrize("head_dim,negative", [(64, False), (80, False), (64, True)])
-def test_large_magnitude_fp32(device, head_dim, negative):
+def test_large_magnitude_fp32(device, head_dim, negative, bwd_plan):
     """|x| ~ 30: scores reach ~1e3-1e4, the softmax is nearly one-hot, and fp32 itself loses ~1e-4 relative.
 
     ``negative``: q > 0 and k < 0, so every score is about -1e4 (log-sum-exp far below 0); with N = 50 the
@@ -316,7 +326,7 @@ def test_n_align_gives_even_n_exactly():
     assert [n_bucket(N) for N in (1, 17, 197, 256, 257)] == [1, 32, 256, 256, 512]
 
 
-@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq", "fused"])
 @pytest.mark.parametrize("dtype", [F32, F16, torch.bfloat16])
 def test_attention_configs_pruned(kernel, dtype):
     """Every call gets >= 1 candidate; each kept one passes keep(); low-precision tiles give the sm_90 warpgroup MMA
@@ -336,5 +346,26 @@ def test_attention_configs_pruned(kernel, dtype):
                 assert max(bm, bn) <= max(64, bucket)
                 if dtype != F32:
                     assert (bn if kernel == "dkdv" else bm) % 64 == 0
+                    assert kernel != "fused" or bn % 64 == 0  # fused: both tiles are M sides of dots
                     assert not (kernel == "fwd" and bn == 256)
     assert len(attention_configs(kernel, 80, F16, None, 512)) > 1  # a real choice at ViT-H/14's N = 257
+
+
+@pytest.mark.parametrize("N,head_dim,dtype", [(17, 80, F32), (197, 64, F16), (257, 80, F16)])
+def test_fused_and_split_backward_plans_agree(device, N, head_dim, dtype):
+    """The one-program-per-head backward runs the same block loops as the three-launch plan: on the interpreter
+    the two d(qkv) are bit-identical; on a GPU (different tiles may be tuned per kernel) they agree to the dtype's
+    tolerance. The rule picks fused from FUSED_BWD_MIN_HEADS (batch * heads) on."""
+    from fastvit_kernels.kernels.attention import FUSED_BWD_MIN_HEADS, attention_bwd, attention_fwd
+
+    B, H = 2, 2
+    qkv = torch.randn(B, N, 3 * H * head_dim, device=device, dtype=dtype)
+    dout = torch.randn(B, N, H * head_dim, device=device, dtype=dtype)
+    out, lse = attention_fwd(qkv, H, head_dim**-0.5)
+    fused = attention_bwd(dout, qkv, out, lse, H, head_dim**-0.5, fused=True)
+    split = attention_bwd(dout, qkv, out, lse, H, head_dim**-0.5, fused=False)
+    if device == "cpu":
+        assert torch.equal(fused, split)
+    else:
+        torch.testing.assert_close(fused, split, **TOLERANCES[dtype])
+    assert FUSED_BWD_MIN_HEADS <= 12 * 64  # ViT-B/16 training at batch 64 takes the fused plan
