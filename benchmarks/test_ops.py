@@ -7,8 +7,9 @@ Shapes: attention (B, H, N, head_dim) in (256, 12, 197, 64), (128, 16, 197, 64),
 patch_embed the stems of the same three. layernorm_mlp also runs with recompute=True, with every GEMM forced onto
 cuBLAS + fused elementwise kernels (the measured alternative of ``gemm_impl``), on the pointer form of the GEMM core
 (the Hopper default being the TMA form), and as torch.compile of the eager function; attention also with its
-three-launch backward forced (the default at these batch sizes being the one-program-per-head backward); ``peak_memory_gb`` per result on a GPU. ``extra_info``: tokens/s (images/s for patch_embed), TFLOP/s and MFU
-from exact FLOP counts (forward + backward: 3x the forward's matmuls; patch_embed 2x: no image gradient).
+three-launch backward forced (the default at these batch sizes being the one-program-per-head backward);
+``peak_memory_gb`` per result on a GPU. ``extra_info``: tokens/s (images/s for patch_embed), TFLOP/s and MFU from
+exact FLOP counts (forward + backward: 3x the forward's matmuls; patch_embed 2x: no image gradient).
 """
 
 import contextlib

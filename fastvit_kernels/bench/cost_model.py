@@ -8,11 +8,11 @@ Plans (lists of :class:`Launch`, in execution order):
 * ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it today: the fused
   ``fastvit::patch_embed_*``, ``fastvit::layernorm_linear_*`` (norm1 + qkv), ``fastvit::attention_*``,
   ``fastvit::linear_residual_*`` (proj + residual) and ``fastvit::layernorm_mlp_*`` custom ops, with one
-  launch per Triton kernel their launchers in ``kernels/`` issue (GEMM core, row stats, LayerNorm backward,
-  column sums, attention forward / preprocess / dK dV / dQ -- or the one fused backward kernel when
-  B * H >= ``FUSED_BWD_MIN_HEADS``, as the launcher decides -- class row), and the parts ``model.py`` still runs
-  through aten: the gradient-accumulation add of the attention half's input, the head and the loss (the ops'
-  non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``).
+  launch per Triton kernel their launchers in ``kernels/`` issue (GEMM core, row stats, LayerNorm backward, column
+  sums, attention forward / preprocess / dK dV / dQ -- or the one fused backward kernel when B * H >=
+  ``FUSED_BWD_MIN_HEADS`` and ``fused_bwd_builds``, as the launcher decides -- class row), and the parts
+  ``model.py`` still runs through aten: the gradient-accumulation add of the attention half's input, the head and
+  the loss (the ops' non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``).
 * ``"eager"``: the reference ``VisionTransformer`` (timm's computation, ``fused_attn=True``) as PyTorch
   dispatches it on a GPU: cuDNN convolution + bias add, cat and position add, cuBLAS GEMMs with the bias in
   the epilogue (addmm), LayerNorm forward (1 kernel) and backward (dx + dgamma/dbeta kernels), GELU and its
@@ -41,7 +41,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..kernels.attention import FUSED_BWD_MIN_HEADS
+import torch
+
+from ..kernels.attention import FUSED_BWD_MIN_HEADS, fused_bwd_builds
 from .devices import Peak, dtype_name
 from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, model_flops
 
@@ -382,7 +384,8 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
                ("_matmul_kernel", 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
                 "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"))
         b.cls = "attention"
-        if B * H >= FUSED_BWD_MIN_HEADS:
+        # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
+        if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
             # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
             # program that just read them hit L2); delta formed in-loop; dq, dk, dv written once
             b.call("fastvit.attention_bwd",

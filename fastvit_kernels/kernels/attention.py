@@ -11,7 +11,7 @@ softmax (running max ``m``, running sum ``l``, fp32 accumulator) and saves the l
 probabilities from q, k and the saved log-sum-exp; a preprocess kernel computes ``delta = rowsum(dO * O)``; one
 kernel per key block accumulates dK and dV over all query blocks, another per query block accumulates dQ over all
 key blocks. With many (batch, head) pairs (ViT training batches) the three launches become one: a program per
-(batch, head) runs both loops and forms delta in-loop (``_attention_bwd_fused_kernel``; ViT's short sequences,
+(batch, head) runs the three loops in sequence (``_attention_bwd_fused_kernel``; ViT's short sequences,
 N = 197 / 257, make one head's whole backward a small, L2-resident job). No atomics, so results are deterministic
 (bit-identical across runs).
 
@@ -137,8 +137,8 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
                 (128, 256, 8, 1)],
         "dkdv": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
         "dq": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2)],
-        # both loops in one program: the tiles the dkdv and dq lists share (BLOCK_N is dkdv's M side)
-        "fused": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
+        # all loops in one program, one tile pair for both (see keep() and fused_bwd_builds for why these two)
+        "fused": [(64, 32, 4, 2), (32, 64, 4, 2)],
     }[kernel]
     fp32 = [(32, 32, 8, 1), (16, 16, 8, 1)] if dtype in (torch.float32, None) else []
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
@@ -163,8 +163,8 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     * tiles longer than the sequence bucket (beyond 64 rows): they only add masked work.
     * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
-    * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80; the fused backward runs the dq loop with the same
-      tile, so the same prune applies to it.
+    * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80.
+    * fused: only the two tiles that build clean are listed (see :func:`fused_bwd_builds`).
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = sum(head_dim_chunks(head_dim))
@@ -174,9 +174,19 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
         return False
     if kernel == "fwd" and bn == 256:
         return False
-    if kernel in ("dq", "fused") and (bm, bn) == (64, 128):
+    if kernel == "dq" and (bm, bn) == (64, 128):
         return False
     return True
+
+
+def fused_bwd_builds(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the one-program-per-head backward has a tile that builds without spills on sm_80 and sm_90: fp16 /
+    bf16 with a chunked head dim <= 64 (ViT-B/L's 64; 32, 40, 48). Static evidence (``python -m
+    fastvit_kernels.aot``, Triton 3.9, bf16, ViT-B/16 and ViT-H/14 shapes, 2026-11): at head_dim 64 the 64 x 32
+    and 32 x 64 tiles with 4 warps build clean on both; 64 x 64 spilled 16-40 B per thread on sm_80 (clean on
+    sm_90), 128 x 64 184-216 B. At head_dim 80 every tile tried spilled on sm_80 (16-504 B) and all but
+    64 x 64 x 8 warps on sm_90; fp32 (IEEE dots, FMA tiles) spilled 32-168 B. Those take the three-launch plan."""
+    return dtype in (torch.float16, torch.bfloat16) and sum(head_dim_chunks(head_dim)) <= 64
 
 
 def _interpreter_config(N: int) -> dict:
@@ -343,13 +353,12 @@ def _delta_rows(o_base, do0, do1, do2, offs_rows, stride_o_n, N, HEAD_DIM: tl.co
 
 
 @triton.jit
-def _dkdv_block(q_base, do_base, o_base, lse_base, delta_base, offs_n, k0, k1, k2, v0, v1, v2, qk_scale,
-                stride_qkv_n, stride_do_n, stride_o_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, DELTA_FROM_O: tl.constexpr):
+def _dkdv_block(q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
+                stride_do_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """dK (unscaled) and dV of one key block (rows ``offs_n``, k / v chunks loaded) over every query block of one
-    (batch, head): (dk0, dk1, dk2, dv0, dv1, dv2) fp32. ``lse_base`` / ``delta_base``: that head's (N,) rows;
-    with DELTA_FROM_O, delta is formed here from O (``o_base``) and dO instead of read from ``delta_base``."""
+    (batch, head): (dk0, dk1, dk2, dv0, dv1, dv2) fp32. ``lse_ptrs`` / ``delta_ptrs``: that head's rows
+    [0, BLOCK_M) of lse and delta (the loop steps them by BLOCK_M)."""
     offs_m = tl.arange(0, BLOCK_M)
     dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
     dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
@@ -357,11 +366,8 @@ def _dkdv_block(q_base, do_base, o_base, lse_base, delta_base, offs_n, k0, k1, k
         offs_qm = start_m + offs_m
         q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        lse = _load_row(lse_base + offs_qm, offs_qm, N, EVEN_N)
-        if DELTA_FROM_O:
-            delta = _delta_rows(o_base, do0, do1, do2, offs_qm, stride_o_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        else:
-            delta = _load_row(delta_base + offs_qm, offs_qm, N, EVEN_N)
+        lse = _load_row(lse_ptrs + start_m, offs_qm, N, EVEN_N)
+        delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
         # Transposed probabilities P^T (BLOCK_N, BLOCK_M), recomputed from q, k and the saved lse.
         s_t = _dot_nt(k0, k1, k2, q0, q1, q2, D1, D2, INPUT_PRECISION) * qk_scale
         if not EVEN_N:
@@ -537,10 +543,11 @@ def _attention_bwd_dkdv_kernel(
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
     k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    offs_m = tl.arange(0, BLOCK_M)
     dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
-        q_base, do_base, Delta, Lse + b * stride_lse_b + h * stride_lse_h,  # (Delta: o_base, unused here)
-        Delta + b * stride_lse_b + h * stride_lse_h, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-        stride_do_n, 0, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, False)
+        q_base, do_base, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
+        Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
+        stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
     dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
     _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -600,13 +607,14 @@ def _attention_bwd_fused_kernel(
     Out,  # (B, N, D) forward output (for delta = rowsum(dO * O))
     DOut,  # (B, N, D) gradient of the output, input dtype
     Lse,  # (B, H, N) fp32 log2-sum-exp2 saved by the forward
+    Delta,  # (B, H, N) fp32 scratch: rowsum(dO * O), written and read back by the same program
     DQKV,  # (B, N, 3 * D) output: dq | dk | dv, all written by this kernel
     qk_scale,  # fp32 scalar: softmax scale * log2(e)
     sm_scale,  # fp32 scalar: softmax scale
     stride_qkv_b, stride_qkv_n,  # strides of QKV over B and N (column stride is 1)
     stride_out_b, stride_out_n,  # strides of Out over B and N (column stride is 1)
     stride_do_b, stride_do_n,  # strides of DOut over B and N (column stride is 1)
-    stride_lse_b, stride_lse_h,  # strides of Lse over B and H (stride over N is 1)
+    stride_lse_b, stride_lse_h,  # strides of Lse and Delta over B and H (stride over N is 1)
     stride_dqkv_b, stride_dqkv_n,  # strides of DQKV over B and N (column stride is 1)
     N,  # sequence length
     H,  # number of heads
@@ -619,41 +627,53 @@ def _attention_bwd_fused_kernel(
     BLOCK_N: tl.constexpr,  # key rows per block
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
 ):
-    """The whole attention backward of one (batch, head) in one program: dK / dV key block by key block, then dQ
-    query block by query block (the dkdv and dq kernels' loops, run in sequence), with delta formed from O and dO
-    where a block needs it instead of by a pre-pass. One launch instead of three, and q / k / v / O / dO of a head
-    are re-read from L2 by the program that just read them."""
+    """The whole attention backward of one (batch, head) in one program: delta = rowsum(dO * O) for every query
+    block (into Delta, read back after a barrier), then dK / dV key block by key block, then dQ query block by query
+    block (the pre-pass's, dkdv kernel's and dq kernel's loops, run in sequence). One launch instead of three, and
+    q / k / v / dO of a head are re-read from L2 by the program that just read them."""
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
-    o_base = Out + b * stride_out_b + h * HEAD_DIM
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
-    lse_base = Lse + b * stride_lse_b + h * stride_lse_h
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
+    offs_m = tl.arange(0, BLOCK_M)
+    lse_ptrs = Lse + b * stride_lse_b + h * stride_lse_h + offs_m
+    delta_ptrs = Delta + b * stride_lse_b + h * stride_lse_h + offs_m
+
+    for start_m in range(0, N, BLOCK_M):
+        offs_qm = start_m + offs_m
+        do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        delta = _delta_rows(Out + b * stride_out_b + h * HEAD_DIM, do0, do1, do2, offs_qm, stride_out_n, N, HEAD_DIM,
+                            D0, D1, D2, EVEN_N)
+        if EVEN_N:
+            tl.store(delta_ptrs + start_m, delta)
+        else:
+            tl.store(delta_ptrs + start_m, delta, mask=offs_qm < N)
+    tl.debug_barrier()  # every thread of the program sees every delta row before the loops read them
 
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
-            q_base, do_base, o_base, lse_base, lse_base, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-            stride_do_n, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, True)
+            q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
+            stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
         dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
         _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
     for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        do0, do1, do2 = _load_chunks(do_base, offs_m, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        lse = _load_row(lse_base + offs_m, offs_m, N, EVEN_N)
-        delta = _delta_rows(o_base, do0, do1, do2, offs_m, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        offs_qm = start_m + offs_m
+        q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        lse = _load_row(lse_ptrs + start_m, offs_qm, N, EVEN_N)
+        delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
         dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
                                   HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
         dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
-        _store_chunks(dqkv_base, dq0, dq1, dq2, offs_m, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        _store_chunks(dqkv_base, dq0, dq1, dq2, offs_qm, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -705,11 +725,12 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     """Backward attention: d(qkv) from the output gradient and what the forward saved.
 
     Two launch plans, same arithmetic (the same block loops, in the same order per output tile, so the same
-    results): *split* -- the delta pre-pass, then one program per (key block, batch * head) for dK / dV and one
-    per (query block, batch * head) for dQ (three launches, FlashAttention-2's partition); *fused* -- one program
-    per (batch, head) running both loops, delta formed in-loop (one launch; re-reads hit L2). Fused needs enough
-    heads to fill the GPU: it is taken when B * H >= ``FUSED_BWD_MIN_HEADS`` (ViT training batches: ViT-B/16 at
-    batch 64 has 768), split otherwise (small batches, inference-time gradients).
+    results): *split* -- the delta pre-pass, then one program per (key block, batch * head) for dK / dV and one per
+    (query block, batch * head) for dQ (three launches, FlashAttention-2's partition); *fused* -- one program per
+    (batch, head) running the three loops in sequence (delta, dK / dV, dQ; one launch; re-reads hit L2). Fused needs
+    enough heads to fill the GPU and a tile that fits the registers: it is taken when B * H >=
+    ``FUSED_BWD_MIN_HEADS`` (ViT training batches: ViT-B/16 at batch 64 has 768) and :func:`fused_bwd_builds` (fp16
+    / bf16, head_dim <= 64), split otherwise (small batches, ViT-H's head_dim 80, fp32).
 
     Args:
         dout: (B, N, D) gradient of ``out``, qkv's dtype, column stride 1.
@@ -733,11 +754,12 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
 
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     qk_scale = float(scale) * LOG2E
-    if fused is None:
-        fused = B * num_heads >= FUSED_BWD_MIN_HEADS
+    if fused is None:  # the interpreter has no register budget: there the rule only asks for enough heads
+        fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (interpreting() or fused_bwd_builds(head_dim, qkv.dtype))
     if fused:
+        delta = torch.empty_like(lse)  # scratch, (B, H, N) fp32 like lse (the kernel shares their strides)
         _attention_bwd_fused_kernel[(B * num_heads,)](
-            qkv, out, dout, lse, dqkv, qk_scale, float(scale),
+            qkv, out, dout, lse, delta, dqkv, qk_scale, float(scale),
             qkv.stride(0), qkv.stride(1),
             out.stride(0), out.stride(1),
             dout.stride(0), dout.stride(1),

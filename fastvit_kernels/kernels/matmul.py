@@ -25,14 +25,14 @@ different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
   order) and write ``sum_k A[m, k]``: a weight-grad GEMM ``dW = dY^T @ X`` yields the bias gradient from the dY
   tiles it already loads (no extra pass over device memory, no partials, no atomics).
 
-On Hopper, plain GEMMs (every block GEMM; not the patch embedding's split / converting ones) run the same flags
-in :mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors, persistent grid, warpgroup MMA;
-``backend.gemm_kernel`` decides). Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). Tile configurations: the candidates of
-``gemm_configs`` (pruned by ``keep``) are autotuned with ``triton.autotune`` on a GPU, keyed on the M bucket, N,
-K, the operand dtypes and every constexpr flag; ``FASTVIT_AUTOTUNE=0`` launches the first candidate instead, and
-the interpreter always runs one fixed configuration (``INTERPRETER_CONFIG``: few, large tiles = few Python steps).
-Every candidate is compiled for sm_80 / sm_90 by ``python -m fastvit_kernels.aot check`` (no spills). Which
-candidate wins is a GPU measurement; none has been made yet (2026-11: no GPU available to this work).
+On Hopper, plain GEMMs (every block GEMM; not the patch embedding's split / converting ones) run the same flags in
+:mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors, persistent grid, warpgroup MMA; ``backend.gemm_kernel``
+decides). Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). Tile configurations: the
+candidates of ``gemm_configs`` (pruned by ``keep``) are autotuned with ``triton.autotune`` on a GPU, keyed on the M
+bucket, N, K, the operand dtypes and every constexpr flag; ``FASTVIT_AUTOTUNE=0`` launches the first candidate
+instead, and the interpreter always runs one fixed configuration (``INTERPRETER_CONFIG``: few, large tiles = few
+Python steps). Every candidate is compiled for sm_80 / sm_90 by ``python -m fastvit_kernels.aot check`` (no spills).
+Which candidate wins is a GPU measurement; none has been made yet (2026-11: no GPU available to this work).
 Accumulation is fp32; fp32 operands use IEEE dots (no TF32) so the CPU interpreter tests can be tight.
 """
 
@@ -365,6 +365,33 @@ def _axis(strides: int | tuple, split: tuple | None) -> tuple:
 
 
 _TMA_CAPABLE: dict = {}  # device -> compute capability >= 9.0 (asked once per device)
+_TMA_FAILED = False  # set when the TMA kernel failed to build under "auto": the pointer kernel serves from then on
+
+
+def _tma_build_errors() -> tuple:
+    """Exception types meaning "this Triton could not build / fit the TMA kernel" (not a wrong input)."""
+    errors = []
+    for mod, name in (("triton.compiler.errors", "CompilationError"), ("triton.runtime.errors", "OutOfResources")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # pragma: no cover - other Triton layouts
+            pass
+    return tuple(errors) or (RuntimeError,)
+
+
+_TMA_BUILD_ERRORS = _tma_build_errors()
+
+
+def _tma_failed(err: Exception) -> None:
+    """Under "auto", a TMA kernel that does not build on this GPU / Triton falls back to the pointer kernel for the
+    rest of the process, visibly (a warning naming the error and the switch to force either form)."""
+    global _TMA_FAILED
+    import warnings
+
+    _TMA_FAILED = True
+    warnings.warn(f"fastvit_kernels: the TMA GEMM kernel failed to build ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}); every GEMM now uses the pointer kernel. "
+                  "FASTVIT_GEMM_KERNEL=pointer silences this; =tma raises instead.", RuntimeWarning, stacklevel=3)
 
 
 def _use_tma(device: torch.device, a: Operand, b: Operand, c: Operand, residual: Operand | None, M: int, N: int,
@@ -500,16 +527,26 @@ def gemm(
     plain = not (a_conv or b_conv or image_bounds is not None or (m_split, n_split, k_split) != (None, None, None))
     use_tma = plain and _use_tma(c.tensor.device, a, b, c, residual, M, N, K)
 
+    def _launch_tma():
+        matmul_tma.launch(
+            a, b, c, M, N, K, bias=bias, residual=residual, aux=aux, a_rowsum=a_rowsum, ln=ln,
+            a_prologue=_prologue(a_ln, a_gelu, False, None), b_prologue=_prologue(b_ln, b_gelu, False, None),
+            flags=dict(HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
+                       STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
+                       GELU_TANH=gelu_tanh, A_ROWSUM=a_rowsum is not None),
+            dot_precision=dot_precision(compute_dtype), autotune=_autotune_enabled(), config=cfg)
+
     def launch_triton():
-        if use_tma:
-            matmul_tma.launch(
-                a, b, c, M, N, K, bias=bias, residual=residual, aux=aux, a_rowsum=a_rowsum, ln=ln,
-                a_prologue=_prologue(a_ln, a_gelu, False, None), b_prologue=_prologue(b_ln, b_gelu, False, None),
-                flags=dict(HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
-                           STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
-                           GELU_TANH=gelu_tanh, A_ROWSUM=a_rowsum is not None),
-                dot_precision=dot_precision(compute_dtype), autotune=_autotune_enabled(), config=cfg)
-            return
+        if use_tma and not _TMA_FAILED:
+            try:
+                _launch_tma()
+                return
+            except _TMA_BUILD_ERRORS as err:
+                from .. import backend
+
+                if backend.gemm_kernel() == "tma":
+                    raise  # forced: no fallback
+                _tma_failed(err)
         kernel[grid](
             a.tensor, b.tensor, c.tensor,
             bias if bias is not None else dummy,

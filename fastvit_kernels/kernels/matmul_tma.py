@@ -58,8 +58,10 @@ def _set_block_shapes(nargs: dict) -> None:
     """Autotune ``pre_hook``: the descriptors' block shapes follow the candidate's tiles (and each operand's storage
     order)."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
-    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+    # the storage order rides on the descriptors themselves: some Triton versions pass a config's pre_hook only
+    # the positional arguments and the config's keywords, not the launch's other keywords (A_T / B_T)
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["a_desc"].fastvit_transposed else [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["b_desc"].fastvit_transposed else [bk, bn]
     nargs["c_desc"].block_shape = [bm, bn]
 
 
@@ -231,6 +233,7 @@ def launch(a, b, c, M: int, N: int, K: int, *, bias, residual, aux, a_rowsum, ln
     a_desc = TensorDescriptor(a.tensor, a_shape, a_strides, [16, 16])
     b_desc = TensorDescriptor(b.tensor, b_shape, b_strides, [16, 16])
     c_desc = TensorDescriptor(c.tensor, c_shape, c_strides, [16, 16])
+    a_desc.fastvit_transposed, b_desc.fastvit_transposed, c_desc.fastvit_transposed = a_t, b_t, False
     dummy = c.tensor
     n_sms = _num_sms(c.tensor.device)
 
@@ -252,5 +255,5 @@ def launch(a, b, c, M: int, N: int, K: int, *, bias, residual, aux, a_rowsum, ln
     else:
         kernel = getattr(_matmul_tma_kernel, "fn", _matmul_tma_kernel)  # the plain kernel, fixed configuration
         cfg = dict(config)
-        _set_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, "A_T": a_t, "B_T": b_t, **cfg})
+        _set_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, **cfg})
         kernel[grid](*args, **kw, **cfg)

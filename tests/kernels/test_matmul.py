@@ -84,7 +84,8 @@ def test_tma_transposed_operands(layout, dtype, device, monkeypatch):
     order and transposes the loaded tile: same result as the row-major operands."""
     with gemm_path("tma", monkeypatch):
         _check_flags("ln" if layout == "b_t" else "none", "gelu" if layout == "a_t" else "none", "bias_gelu_residual",
-                     dtype, "none", device, K=K_TMA, M=M_TMA, a_t=layout in ("a_t", "both_t"), b_t=layout in ("b_t", "both_t"))
+                     dtype, "none", device, K=K_TMA, M=M_TMA, a_t=layout in ("a_t", "both_t"),
+                     b_t=layout in ("b_t", "both_t"))
 
 
 def test_tma_refuses_undescribable_operands(device):
@@ -184,12 +185,13 @@ def test_a_rowsum_on_the_other_paths(impl, device, monkeypatch):
 
 
 def _check_rowsum(b_pro, dtype, device, Nout=70):
-    """(Nout: output features, the GEMM's M.) A_ROWSUM: a weight-grad GEMM dW = dY^T @ X also returns sum_m dY (the bias gradient) from the A tiles it
-    loads; exact against an fp64 sum of the same values up to fp32 rounding, bit-identical across runs, and the
-    GEMM's own output unchanged by the flag. Rows ragged against the tile (70 = 64 + 6), K = 197 tokens."""
+    """(Nout: output features, the GEMM's M.) A_ROWSUM: a weight-grad GEMM dW = dY^T @ X also returns sum_m dY (the
+    bias gradient) from the A tiles it loads; exact against an fp64 sum of the same values up to fp32 rounding,
+    bit-identical across runs, and the GEMM's own output unchanged by the flag. Rows ragged against the tile (70 =
+    64 + 6), K = 197 tokens."""
     from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
 
-    Mt, Kin = 197, 40  # tokens, output features (GEMM M), input features (GEMM N)
+    Mt, Kin = 197, 40  # tokens (GEMM K), input features (GEMM N)
     dy = torch.randn(Mt, Nout, device=device).to(dtype)
     x = torch.randn(Mt, Kin, device=device).to(dtype)
     kw = {}
@@ -308,3 +310,28 @@ def test_layernorm_bwd_partials_loop(programs, device, monkeypatch):
     torch.testing.assert_close(dgamma.double(), gr.grad, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(dbeta.double(), br.grad, atol=1e-3, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+
+
+def test_tma_build_failure_falls_back_visibly(device, monkeypatch):
+    """Under "auto", a TMA kernel that fails to build (a Triton / GPU without support) is replaced by the pointer
+    kernel with a RuntimeWarning, and the result is still right; forced ("tma"), the error propagates."""
+    from fastvit_kernels import backend
+    from fastvit_kernels.kernels import matmul, matmul_tma
+
+    from triton.runtime.errors import OutOfResources
+
+    def broken(*a, **k):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(matmul_tma, "launch", broken)
+    monkeypatch.setattr(matmul, "_TMA_FAILED", False)
+    monkeypatch.setattr(matmul, "_use_tma", lambda *a: True)  # as on a Hopper GPU under "auto"
+    x, w = torch.randn(16, 32, device=device), torch.randn(24, 32, device=device)
+    with backend.use_gemm_impl("triton"):
+        with pytest.warns(RuntimeWarning, match="TMA GEMM kernel failed to build"):
+            y = matmul.linear(x, w)
+        torch.testing.assert_close(y, x @ w.t(), atol=2e-5, rtol=2e-4)
+        assert matmul._TMA_FAILED
+        with backend.use_gemm_kernel("tma"), pytest.raises(OutOfResources):
+            monkeypatch.setattr(matmul, "_TMA_FAILED", False)
+            matmul.linear(x, w)

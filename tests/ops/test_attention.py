@@ -334,9 +334,13 @@ def test_attention_configs_pruned(kernel, dtype):
     spilling one-pass forward tile is pruned; the full (un-pruned) list is a superset."""
     from fastvit_kernels.kernels.attention import attention_configs, keep
 
+    from fastvit_kernels.kernels.attention import fused_bwd_builds
+
     full = attention_configs(kernel, None, None, None, None)
     assert len(full) > 1  # triton.autotune only tunes with more than one config
     for head_dim in (32, 40, 64, 72, 80, 88, 96, 128):
+        if kernel == "fused" and not fused_bwd_builds(head_dim, dtype):
+            continue  # never launched there by the rule (three-launch plan)
         for bucket in (1, 32, 64, 256, 512, 1024):
             kept = attention_configs(kernel, head_dim, dtype, None, bucket)
             assert kept and all(keep(c, kernel, head_dim, dtype, None, bucket) for c in kept)
@@ -345,10 +349,11 @@ def test_attention_configs_pruned(kernel, dtype):
                 bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                 assert max(bm, bn) <= max(64, bucket)
                 if dtype != F32:
-                    assert (bn if kernel == "dkdv" else bm) % 64 == 0
-                    assert kernel != "fused" or bn % 64 == 0  # fused: both tiles are M sides of dots
+                    # fused: one tile pair for both loops, the two that build clean (64 x 32, 32 x 64)
+                    assert kernel == "fused" or (bn if kernel == "dkdv" else bm) % 64 == 0
                     assert not (kernel == "fwd" and bn == 256)
-    assert len(attention_configs(kernel, 80, F16, None, 512)) > 1  # a real choice at ViT-H/14's N = 257
+    hd = 64 if kernel == "fused" else 80
+    assert len(attention_configs(kernel, hd, F16, None, 512)) > 1  # a real choice at ViT-H/14's N = 257
 
 
 @pytest.mark.parametrize("N,head_dim,dtype", [(17, 80, F32), (197, 64, F16), (257, 80, F16)])
@@ -356,7 +361,7 @@ def test_fused_and_split_backward_plans_agree(device, N, head_dim, dtype):
     """The one-program-per-head backward runs the same block loops as the three-launch plan: on the interpreter
     the two d(qkv) are bit-identical; on a GPU (different tiles may be tuned per kernel) they agree to the dtype's
     tolerance. The rule picks fused from FUSED_BWD_MIN_HEADS (batch * heads) on."""
-    from fastvit_kernels.kernels.attention import FUSED_BWD_MIN_HEADS, attention_bwd, attention_fwd
+    from fastvit_kernels.kernels.attention import FUSED_BWD_MIN_HEADS, attention_bwd, attention_fwd, fused_bwd_builds
 
     B, H = 2, 2
     qkv = torch.randn(B, N, 3 * H * head_dim, device=device, dtype=dtype)
@@ -368,4 +373,6 @@ def test_fused_and_split_backward_plans_agree(device, N, head_dim, dtype):
         assert torch.equal(fused, split)
     else:
         torch.testing.assert_close(fused, split, **TOLERANCES[dtype])
-    assert FUSED_BWD_MIN_HEADS <= 12 * 64  # ViT-B/16 training at batch 64 takes the fused plan
+    assert FUSED_BWD_MIN_HEADS <= 12 * 64  # ViT-B/16 training at batch 64 takes the fused plan ...
+    assert fused_bwd_builds(64, torch.bfloat16)  # ... (head_dim 64) ...
+    assert not fused_bwd_builds(80, torch.bfloat16) and not fused_bwd_builds(64, F32)  # ... ViT-H and fp32 do not
