@@ -387,10 +387,11 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
         # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
         if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
             # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
-            # program that just read them hit L2); delta formed in-loop; dq, dk, dv written once
+            # program that just read them hit L2); delta written to a (B, H, N) fp32 scratch and read back (counted,
+            # though it is small and L2-resident); dq, dk, dv written once
             b.call("fastvit.attention_bwd",
-                   ("_attention_bwd_fused_kernel", 14 * B * N * N * D, 5 * M * D * e + lse, 3 * M * D * e, T,
-                    "dK/dV then dQ per (batch, head); delta in-loop"))
+                   ("_attention_bwd_fused_kernel", 14 * B * N * N * D, 5 * M * D * e + 2 * lse, 3 * M * D * e + lse,
+                    T, "delta, then dK/dV, then dQ per (batch, head)"))
         else:
             b.call("fastvit.attention_bwd",
                    ("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T),
