@@ -84,7 +84,33 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 GEMM_IMPLS = ("auto", "triton", "cublas", "measure")
-_gemm_impl_override: str | None = None
+GEMM_KERNELS = ("auto", "tma", "pointer")
+_overrides: dict[str, str] = {}  # environment variable -> value set by use_gemm_impl / use_gemm_kernel
+
+
+def _setting(env: str, allowed: tuple) -> str:
+    """The override of ``env`` if one is active, else the environment variable, else "auto"; validated."""
+    value = (_overrides.get(env) or os.environ.get(env, "auto") or "auto").lower()
+    if value not in allowed:
+        raise ValueError(f"{env} must be one of {allowed}; got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _override(env: str, arg: str, value: str, allowed: tuple):
+    """Force the setting ``env`` to ``value`` inside the block (process-wide); ``arg`` names the argument in the
+    error."""
+    if value not in allowed:
+        raise ValueError(f"{arg} must be one of {allowed}; got {value!r}")
+    old = _overrides.get(env)
+    _overrides[env] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            _overrides.pop(env, None)
+        else:
+            _overrides[env] = old
 
 
 def gemm_impl() -> str:
@@ -102,14 +128,9 @@ def gemm_impl() -> str:
     Raises:
         ValueError: ``FASTVIT_GEMM_IMPL`` holds another name.
     """
-    value = _gemm_impl_override or os.environ.get("FASTVIT_GEMM_IMPL", "auto") or "auto"
-    value = value.lower()
-    if value not in GEMM_IMPLS:
-        raise ValueError(f"FASTVIT_GEMM_IMPL must be one of {GEMM_IMPLS}; got {value!r}")
-    return value
+    return _setting("FASTVIT_GEMM_IMPL", GEMM_IMPLS)
 
 
-@contextlib.contextmanager
 def use_gemm_impl(impl: str):
     """Context manager forcing :func:`gemm_impl` to ``impl`` (one of ``GEMM_IMPLS``) for the GEMMs launched inside
     it (process-wide, not per thread).
@@ -117,18 +138,7 @@ def use_gemm_impl(impl: str):
     Raises:
         ValueError: ``impl`` is not one of ``GEMM_IMPLS``.
     """
-    global _gemm_impl_override
-    if impl not in GEMM_IMPLS:
-        raise ValueError(f"impl must be one of {GEMM_IMPLS}; got {impl!r}")
-    old, _gemm_impl_override = _gemm_impl_override, impl
-    try:
-        yield
-    finally:
-        _gemm_impl_override = old
-
-
-GEMM_KERNELS = ("auto", "tma", "pointer")
-_gemm_kernel_override: str | None = None
+    return _override("FASTVIT_GEMM_IMPL", "impl", impl, GEMM_IMPLS)
 
 
 def gemm_kernel() -> str:
@@ -146,24 +156,13 @@ def gemm_kernel() -> str:
     Raises:
         ValueError: ``FASTVIT_GEMM_KERNEL`` holds another name.
     """
-    value = (_gemm_kernel_override or os.environ.get("FASTVIT_GEMM_KERNEL", "auto") or "auto").lower()
-    if value not in GEMM_KERNELS:
-        raise ValueError(f"FASTVIT_GEMM_KERNEL must be one of {GEMM_KERNELS}; got {value!r}")
-    return value
+    return _setting("FASTVIT_GEMM_KERNEL", GEMM_KERNELS)
 
 
-@contextlib.contextmanager
 def use_gemm_kernel(kernel: str):
     """Context manager forcing :func:`gemm_kernel` to ``kernel`` (one of ``GEMM_KERNELS``) inside it (process-wide).
 
     Raises:
         ValueError: ``kernel`` is not one of ``GEMM_KERNELS``.
     """
-    global _gemm_kernel_override
-    if kernel not in GEMM_KERNELS:
-        raise ValueError(f"kernel must be one of {GEMM_KERNELS}; got {kernel!r}")
-    old, _gemm_kernel_override = _gemm_kernel_override, kernel
-    try:
-        yield
-    finally:
-        _gemm_kernel_override = old
+    return _override("FASTVIT_GEMM_KERNEL", "kernel", kernel, GEMM_KERNELS)

@@ -45,3 +45,26 @@ def test_import_is_lazy():
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_gemm_kernel_setting(monkeypatch):
+    """FASTVIT_GEMM_KERNEL / use_gemm_kernel: "auto" by default, the context manager wins over the environment and
+    restores it, bad names raise with the accepted ones."""
+    from fastvit_kernels import backend
+
+    monkeypatch.delenv("FASTVIT_GEMM_KERNEL", raising=False)
+    assert backend.gemm_kernel() == "auto"
+    monkeypatch.setenv("FASTVIT_GEMM_KERNEL", "POINTER")
+    assert backend.gemm_kernel() == "pointer"
+    with backend.use_gemm_kernel("tma"):
+        assert backend.gemm_kernel() == "tma"
+        with backend.use_gemm_impl("cublas"):  # the two settings are independent
+            assert (backend.gemm_kernel(), backend.gemm_impl()) == ("tma", "cublas")
+    assert backend.gemm_kernel() == "pointer"
+    monkeypatch.setenv("FASTVIT_GEMM_KERNEL", "wgmma")
+    expected = r"FASTVIT_GEMM_KERNEL must be one of \('auto', 'tma', 'pointer'\); got 'wgmma'"
+    with pytest.raises(ValueError, match=expected):
+        backend.gemm_kernel()
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with backend.use_gemm_kernel("fastest"):
+            pass

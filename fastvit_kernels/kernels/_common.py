@@ -94,3 +94,23 @@ def ln_cols(b, mean_ptr, rstd_ptr, b_gamma, b_beta, offs_k, mask_k, out_dtype: t
     bf = (b.to(tl.float32) - mu[:, None]) * rs[:, None]
     bf = bf * b_gamma[None, :] + b_beta[None, :]
     return tl.where(mask_k[:, None], bf, 0.0).to(out_dtype)
+
+
+@triton.jit
+def bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS: tl.constexpr,
+                       DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+                       GELU_TANH: tl.constexpr):
+    """The GEMM core's epilogue up to the residual add, in its order, on an fp32 (rows, cols) tile at rows
+    ``offs_m`` / columns ``offs_n`` of an (M, N) product: + bias[n]; * GELU'(aux[m, n]) (DGELU: backward of GELU);
+    GELU, first storing the pre-activation to aux (ACT_GELU, STORE_PREACT). ``aux_ptr``: (M, N) contiguous.
+    Shared by the pointer and TMA GEMM kernels and the cuBLAS path's epilogue kernel."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if DGELU:
+        acc = acc * gelu_grad(tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32), GELU_TANH)
+    if ACT_GELU:
+        if STORE_PREACT:
+            tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        acc = gelu(acc, GELU_TANH)
+    return acc

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ._common import gelu, gelu_grad, interpreting
+from ._common import bias_gelu_epilogue, gelu, interpreting
 from .reduce import column_sum
 
 log = logging.getLogger("fastvit_kernels")
@@ -207,16 +207,9 @@ def _gemm_epilogue_kernel(
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     m64 = offs_m.to(tl.int64)[:, None]
-    dense = m64 * N + offs_n[None, :]
-    acc = tl.load(p_ptr + dense, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if DGELU:
-        acc = acc * gelu_grad(tl.load(aux_ptr + dense, mask=mask, other=0.0).to(tl.float32), GELU_TANH)
-    if ACT_GELU:
-        if STORE_PREACT:
-            tl.store(aux_ptr + dense, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-        acc = gelu(acc, GELU_TANH)
+    acc = tl.load(p_ptr + m64 * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
+                             STORE_PREACT, GELU_TANH)
     n64 = offs_n.to(tl.int64)[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + m64 * stride_r_m + n64 * stride_r_n, mask=mask, other=0.0).to(tl.float32)

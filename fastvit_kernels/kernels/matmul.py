@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_gelu_approximate
-from ._common import dot_precision, gelu, gelu_grad, interpreting, ln_cols, ln_rows
+from ._common import bias_gelu_epilogue, dot_precision, gelu, interpreting, ln_cols, ln_rows
 
 PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU, PROLOGUE_CAST, PROLOGUE_AFFINE = 0, 1, 2, 3, 4
 IMAGE_BOUNDS_OPERAND = {None: 0, "a": 1, "b": 2, "c": 3}
@@ -276,16 +276,8 @@ def _matmul_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if IMG_BOUNDS == 3:
         mask = mask & _image_mask(offs_m, offs_n, M_D1, M_D2, N_D1, N_D2, img_h, img_w)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    if DGELU:
-        pre = tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32)
-        acc = acc * gelu_grad(pre, GELU_TANH)
-    if ACT_GELU:
-        if STORE_PREACT:
-            tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-        acc = gelu(acc, GELU_TANH)
+    acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
+                             STORE_PREACT, GELU_TANH)
     if HAS_RESIDUAL:
         r_row = _split_offsets(offs_m, M_D1, M_D2, stride_r_m1, stride_r_m2, stride_r_m3, SPLIT_M)
         r_col = _split_offsets(offs_n, N_D1, N_D2, stride_r_n1, stride_r_n2, stride_r_n3, SPLIT_N)

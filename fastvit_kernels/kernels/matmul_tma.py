@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gelu, gelu_grad, interpreting, ln_cols, ln_rows
+from ._common import bias_gelu_epilogue, gelu, interpreting, ln_cols, ln_rows
 
 try:  # host-side descriptors: Triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -165,16 +165,8 @@ def _matmul_tma_kernel(
             if pid_n == 0:
                 tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
         mask = mask_m[:, None] & mask_n[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        if DGELU:
-            pre = tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32)
-            acc = acc * gelu_grad(pre, GELU_TANH)
-        if ACT_GELU:
-            if STORE_PREACT:
-                tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-            acc = gelu(acc, GELU_TANH)
+        acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
+                                 STORE_PREACT, GELU_TANH)
         if HAS_RESIDUAL:
             r_offs = offs_m.to(tl.int64)[:, None] * stride_r_m + offs_n[None, :] * stride_r_n
             acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
