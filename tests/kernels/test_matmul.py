@@ -88,6 +88,18 @@ def test_tma_transposed_operands(layout, dtype, device, monkeypatch):
                      b_t=layout in ("b_t", "both_t"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_persistent_programs_walk_many_tiles(dtype, device, monkeypatch):
+    """Fewer persistent programs than tiles: 200 x 136 is 4 x 3 = 12 tiles of 64 x 64 on 2 programs, so each walks
+    six tiles in the grouped order (row sums included: the pid_n == 0 tiles land on both programs)."""
+    from fastvit_kernels.kernels import matmul_tma
+
+    monkeypatch.setattr(matmul_tma, "INTERPRETER_PROGRAMS", 2)
+    with gemm_path("tma", monkeypatch):
+        _check_flags("ln", "none", "bias_gelu_residual", dtype, "none", device, K=K_TMA, M=200, N=136)
+        _check_rowsum("gelu", dtype, device, Nout=200)
+
+
 def test_tma_refuses_undescribable_operands(device):
     """Operands TMA cannot describe (a 100-byte fp16 row pitch, no unit stride, a column-major C) stay on the
     pointer kernel; aligned row-major and transposed operands are accepted."""
@@ -105,7 +117,7 @@ def test_tma_refuses_undescribable_operands(device):
     assert not tma_compatible(a, b, Operand.matrix_t(t(16, 8)), 8, 16, 64)  # C must be row-major
 
 
-def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device, K=K, M=M, a_t=False, b_t=False):
+def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device, K=K, M=M, a_t=False, b_t=False, N=N):
     from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
 
     a = torch.randn(M, K, device=device)
