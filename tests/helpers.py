@@ -1,8 +1,11 @@
 """Shared test utilities: per-dtype tolerances in one place (STYLE.md item 8) and the flash-attention rule for
 low precision: the kernel's error against an fp32 reference may be at most 2x PyTorch's own low-precision error
-at the same inputs, plus a small atol."""
+at the same inputs, plus a small atol; and a counter of the device kernel launches a block makes."""
 
 from __future__ import annotations
+
+import collections
+import contextlib
 
 import torch
 
@@ -130,3 +133,47 @@ def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> No
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     for k, p in model.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+# PyTorch ops that launch no device kernel: views, and allocations without a fill
+_NO_LAUNCH_OPS = {"aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.permute", "aten.expand",
+                  "aten.select", "aten.slice", "aten.unbind", "aten.split", "aten.unsqueeze", "aten.squeeze",
+                  "aten.detach", "aten.alias", "aten.as_strided", "aten.empty", "aten.empty_strided",
+                  "aten.empty_like", "aten.new_empty", "aten.new_empty_strided"}
+
+
+@contextlib.contextmanager
+def count_launches(monkeypatch):
+    """Count the device kernel launches made inside the block: Triton kernels by name (``"_column_sum_kernel"``;
+    interpreted or compiled) and PyTorch ops that launch one (``"aten.copy_"``; views and bare allocations are not
+    counted). Yields a collections.Counter, filled as the block runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    counts = collections.Counter()
+    inside = []  # non-empty while a Triton launch runs: the interpreter's own host copies are not launches
+
+    def counting(real):
+        def run(self, *args, **kwargs):
+            if not kwargs.get("warmup"):
+                counts[self.fn.__name__] += 1
+            inside.append(1)
+            try:
+                return real(self, *args, **kwargs)
+            finally:
+                inside.pop()
+        return run
+
+    for cls in (InterpretedFunction, JITFunction):
+        monkeypatch.setattr(cls, "run", counting(cls.run))
+
+    class _Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name not in _NO_LAUNCH_OPS and not inside:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Log():
+        yield counts  # the kernels' run methods are restored by monkeypatch at the test's end

@@ -3,9 +3,23 @@
 * ``row_stats``: fp32 mean and rstd = 1 / sqrt(var + eps) per row; the GEMM's A-operand prologue applies the
   normalisation from them, so normalised activations never reach device memory.
 * ``layernorm_bwd``: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + d_residual with g = dy * gamma, and
-  dgamma / dbeta as per-program fp32 partial sums (at most ``BWD_PROGRAMS`` programs, each looping over row blocks
-  ``pid, pid + programs, ...``) reduced afterwards by one column-sum launch in a fixed order (deterministic: no
-  atomics; the partition depends only on the shape, not on the device).
+  dgamma / dbeta, all in ONE launch. Each of the P programs (at most ``BWD_PROGRAMS``, each looping over row
+  blocks ``pid, pid + P, ...``) writes its fp32 dgamma / dbeta partial row; the P rows are then summed by a
+  two-level "last block done" tree (CUDA's threadFenceReduction sample, PyTorch's ``Reduce.cuh`` semaphores), no
+  floating-point atomics:
+
+  1. programs form groups of ``BWD_GROUP`` = 16 consecutive ids (the last group may be smaller); each takes a ticket
+     from its group's int32 counter (atomic add, acquire-release, GPU scope), and the group's last program sums the
+     group's partial rows in a fixed order (rows 16g, 16g + 1, ...) into an fp32 group row and resets the counter;
+  2. that program then takes a ticket from the global counter, and the last of the G = ceil(P / 16) group
+     programs sums the G group rows in a fixed order, writes dgamma / dbeta and resets the global counter.
+
+  Both sums run ``ROWS`` rows at a time (blocks 0, 1, 2, ... into a (ROWS, BLOCK_D) accumulator, then over its
+  rows), so the result depends only on (M, D, P), not on which programs finish last nor on the device:
+  deterministic. Each level reads at most 16 rows of 2 * D fp32 (16 * 2 * 768 * 4 B = 98 KB for ViT-B) where a
+  single last program would read all P rows (1.5 MiB at P = 256) alone after the others are done; the group sums
+  of different groups overlap with the programs still running. With P <= 16 there is one group, whose sum is
+  exactly the one-level sum of the P rows.
 
 A whole row (D <= 8192) is held in one tile; rows are processed ``ROWS`` at a time.
 """
@@ -15,8 +29,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from .reduce import column_sum
 
 
 @triton.jit
@@ -39,6 +51,23 @@ def _layernorm_stats_kernel(
 
 
 @triton.jit
+def _sum_rows(src_ptr, row0, n_rows, D, cols, mask_c, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 sums of rows row0 .. row0 + n_rows - 1 of a (rows, 2 * D) fp32 buffer written by other programs:
+    (sum of columns [0, D), sum of columns [D, 2D)), each (BLOCK_D,). Fixed order: ROWS rows at a time into a
+    (ROWS, BLOCK_D) accumulator, then over its rows."""
+    acc_g = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    acc_b = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    for p0 in range(0, n_rows, ROWS):
+        prow = p0 + tl.arange(0, ROWS)
+        pmask = (prow < n_rows)[:, None] & mask_c[None, :]
+        src = src_ptr + (row0 + prow).to(tl.int64)[:, None] * 2 * D + cols[None, :]
+        # .cg: other programs' rows, read from L2, bypassing this SM's (non-coherent) L1
+        acc_g += tl.load(src, mask=pmask, other=0.0, cache_modifier=".cg")
+        acc_b += tl.load(src + D, mask=pmask, other=0.0, cache_modifier=".cg")
+    return tl.sum(acc_g, axis=0), tl.sum(acc_b, axis=0)
+
+
+@triton.jit
 def _layernorm_bwd_kernel(
     x_ptr,  # (M, D) LayerNorm input
     dy_ptr,  # (M, D) gradient w.r.t. the LayerNorm output
@@ -47,8 +76,11 @@ def _layernorm_bwd_kernel(
     mean_ptr, rstd_ptr,  # (M,) fp32
     dx_ptr,  # (M, D) output
     part_ptr,  # (num_programs, 2 * D) fp32 per-program partial sums: dgamma in [0, D), dbeta in [D, 2D)
+    group_part_ptr,  # (cdiv(num_programs, GROUP), 2 * D) fp32 per-group sums of part's rows, same layout
+    dgamma_ptr, dbeta_ptr,  # (D,) outputs in gamma's dtype, written by the last group's last program
+    counter_ptr,  # (1 + n_groups or more,) int32, 0 at launch: [0] global, [1 + g] group g; each reset by its last
     M, D, stride_x_m, stride_dy_m, stride_dres_m, stride_dx_m,
-    HAS_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -78,10 +110,35 @@ def _layernorm_bwd_kernel(
         dbeta += tl.sum(dy, axis=0)
     tl.store(part_ptr + pid * 2 * D + cols, dgamma, mask=mask_c)
     tl.store(part_ptr + pid * 2 * D + D + cols, dbeta, mask=mask_c)
+    # two-level "last block done" tree. Before each ticket, a CTA barrier orders every thread's stores before the
+    # ticket's release; the program drawing the last ticket acquires them and reads them with .cg loads (from L2,
+    # bypassing this SM's non-coherent L1). Level 1: the group's last program sums its GROUP partial rows.
+    grp = pid // GROUP
+    row0 = grp * GROUP
+    group_size = tl.minimum(n_prog - row0, GROUP)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + 1 + grp, 1, sem="acq_rel")
+    if ticket == group_size - 1:
+        acc_g, acc_b = _sum_rows(part_ptr, row0, group_size, D, cols, mask_c, ROWS, BLOCK_D)
+        tl.store(group_part_ptr + grp * 2 * D + cols, acc_g, mask=mask_c)
+        tl.store(group_part_ptr + grp * 2 * D + D + cols, acc_b, mask=mask_c)
+        tl.atomic_xchg(counter_ptr + 1 + grp, 0, sem="acq_rel")  # every group member has drawn its ticket
+        # level 2: the last group to finish sums the n_groups group rows
+        n_groups = tl.cdiv(n_prog, GROUP)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if ticket == n_groups - 1:
+            acc_g, acc_b = _sum_rows(group_part_ptr, 0, n_groups, D, cols, mask_c, ROWS, BLOCK_D)
+            tl.store(dgamma_ptr + cols, acc_g.to(dgamma_ptr.dtype.element_ty), mask=mask_c)
+            tl.store(dbeta_ptr + cols, acc_b.to(dbeta_ptr.dtype.element_ty), mask=mask_c)
+            tl.atomic_xchg(counter_ptr, 0, sem="acq_rel")  # ready for the next launch on this stream: no memset
 
 
 BWD_PROGRAMS = 256  # at most this many LayerNorm-backward programs (partial rows); fixed, so results do not
 #                    depend on the device (about two waves of an H100's 132 SMs)
+BWD_GROUP = 16  # programs per first-level group of the backward's dgamma / dbeta tree; 256 = 16 groups of 16, so
+#                 both levels sum at most 16 rows
+_COUNTER_SLOTS = 1 + triton.cdiv(BWD_PROGRAMS, BWD_GROUP)  # ticket counters for the default cap: global + groups
 
 
 def _rows_per_program(D: int) -> tuple[int, int]:
@@ -100,21 +157,58 @@ def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, rstd
 
 
+_COUNTERS: dict = {}  # (device, CUDA stream) -> int32 ticket counters of the LayerNorm backward
+
+
+def ticket_counter(device: torch.device) -> torch.Tensor:
+    """The persistent int32 ticket counters of ``_layernorm_bwd_kernel`` for ``device`` and, on CUDA, the current
+    stream: 1 + ceil(BWD_PROGRAMS / BWD_GROUP) slots (17 for the default cap; a launch with fewer programs uses
+    the first 1 + n_groups), [0] the global counter and [1 + g] that of program group g. Zero-filled when first
+    made, and left at 0 by every launch (each counter is reset by the program that drew its last ticket).
+
+    One buffer per (device, stream), reused without a memset: launches on one stream run one after another, so a
+    launch never sees the previous one's tickets; launches on different streams may overlap, so each stream has its
+    own. A buffer first created during CUDA-graph capture is zero-filled by the captured fill on each replay (and
+    reset by the captured kernel itself). Off CUDA (the interpreter) there is one buffer per device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        key = (device.type, index, torch.cuda.current_stream(index).cuda_stream)
+    else:
+        key = (device.type, device.index)
+    slots = max(_COUNTER_SLOTS, 1 + triton.cdiv(BWD_PROGRAMS, BWD_GROUP))  # a raised BWD_PROGRAMS gets more
+    counter = _COUNTERS.get(key)
+    if counter is None or counter.numel() < slots:
+        counter = _COUNTERS[key] = torch.zeros(slots, dtype=torch.int32, device=device)
+    return counter
+
+
 def layernorm_bwd(
     x: torch.Tensor, dy: torch.Tensor, gamma: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     dres: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm backward for x, dy (M, D) (unit column strides). Returns dx (M, D) in x's dtype (plus dres when
-    given) and dgamma, dbeta (D,) in gamma's dtype, reduced deterministically in fp32 (two launches in all)."""
+    """LayerNorm backward in one launch for x, dy (M, D) (unit column strides), gamma (D,), mean / rstd (M,) fp32
+    (from ``row_stats``) and optionally dres (M, D) (unit column stride), the gradient arriving through a residual
+    path. Returns dx (M, D) in x's dtype (plus dres when given) and dgamma, dbeta (D,) in gamma's dtype, summed in
+    fp32 by a fixed two-level tree (P = min(ceil(M / ROWS), BWD_PROGRAMS) per-program partial rows, groups of
+    BWD_GROUP of them, then the group sums; deterministic: the same bits on every run).
+
+    Scratch: (P, 2D) fp32 partial rows and (ceil(P / BWD_GROUP), 2D) fp32 group rows, each written once and read
+    once (by the group's / the global last program), besides the persistent ``ticket_counter`` buffer."""
     M, D = x.shape
     rows, block_d = _rows_per_program(D)
     n_prog = max(1, min(triton.cdiv(M, rows), BWD_PROGRAMS))
+    n_groups = triton.cdiv(n_prog, BWD_GROUP)
+    counter = ticket_counter(x.device)
+    assert counter.numel() >= 1 + n_groups
     dx = torch.empty_like(x)
     part = torch.empty((n_prog, 2 * D), device=x.device, dtype=torch.float32)
+    group_part = torch.empty((n_groups, 2 * D), device=x.device, dtype=torch.float32)
+    dgamma = torch.empty(D, device=x.device, dtype=gamma.dtype)
+    dbeta = torch.empty(D, device=x.device, dtype=gamma.dtype)
     _layernorm_bwd_kernel[(n_prog,)](
-        x, dy, dres if dres is not None else dy, gamma, mean, rstd, dx, part,
+        x, dy, dres if dres is not None else dy, gamma, mean, rstd, dx, part, group_part, dgamma, dbeta, counter,
         M, D, x.stride(0), dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
-        HAS_DRES=dres is not None, ROWS=rows, BLOCK_D=block_d,
+        HAS_DRES=dres is not None, ROWS=rows, BLOCK_D=block_d, GROUP=BWD_GROUP,
     )
-    dgamma, dbeta = column_sum(part, gamma.dtype, split=D)
     return dx, dgamma, dbeta

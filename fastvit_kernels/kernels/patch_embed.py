@@ -17,9 +17,10 @@ kernel writes the prefix rows.
 
 Backward reuses the same addressing: the weight gradient is a GEMM over all B * N tokens that re-gathers (and
 re-normalises) the patches, the image gradient a GEMM whose C operand scatters into the image (only the pixels
-inside it), and bias / pos_embed / class / register gradients come from one deterministic column sum over the
-batch. (Algorithm: ViT patch embedding, Dosovitskiy et al. 2021; im2col-in-the-load as in implicit-GEMM
-convolution.)
+inside it), and bias / pos_embed / class / register gradients take two deterministic launches: a column sum over
+the batch (fp32, also writing the pos_embed gradient in the weights' dtype), then the bias gradient (the sum of its
+patch rows) with the class / register rows converted. (Algorithm: ViT patch embedding, Dosovitskiy et al. 2021;
+im2col-in-the-load as in implicit-GEMM convolution.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .matmul import ChannelAffine, ImageBounds, Operand, gemm
-from .reduce import column_sum
+from .reduce import column_sum, column_sum_tail
 
 
 @triton.jit
@@ -131,7 +132,9 @@ def patch_embed_bwd(dout, images, weight, norm, num_cls: int, num_reg: int, no_e
                     needs_weight_grad: bool, needs_images_grad: bool):
     """Launcher. dout (B, prefix + N, D) contiguous, in weight's dtype. Returns
     (dimages | empty, dweight | empty, dbias, dpos_embed, dcls | empty, dreg | empty): dimages (B, C, H, W) like images,
-    dweight (D, C, P, P), dbias (D,), dpos_embed like pos_embed, dcls (1, 1, D), dreg (1, K, D)."""
+    dweight (D, C, P, P), dbias (D,), dpos_embed like pos_embed, dcls (1, 1, D), dreg (1, K, D), all in weight's
+    dtype but dimages; the small gradients (bias, pos_embed, class, register) are fp32 sums over the batch in a
+    fixed order, in two launches."""
     B, C, H, W = images.shape
     D, _, P, _ = weight.shape
     gh, gw = grid_size(H, W, P)
@@ -139,13 +142,16 @@ def patch_embed_bwd(dout, images, weight, norm, num_cls: int, num_reg: int, no_e
     prefix = num_cls + num_reg
     rows = dout.shape[1]
     wdt = weight.dtype
-    # one deterministic fp32 sum over the batch serves pos_embed, bias, class and register gradients
-    rows_sum = column_sum(dout.view(B, rows * D), torch.float32).view(rows, D)
-    dpos = rows_sum[prefix:] if no_embed_class else rows_sum
-    dpos = dpos.to(wdt, copy=True).unsqueeze(0)
-    dbias = column_sum(rows_sum[prefix:], wdt)
-    dcls = rows_sum[:num_cls].to(wdt, copy=True).view(1, 1, D) if num_cls else dout.new_empty(0)
-    dreg = rows_sum[num_cls:prefix].to(wdt, copy=True).view(1, num_reg, D) if num_reg else dout.new_empty(0)
+    # two launches for the small gradients. (1) One deterministic fp32 sum over the batch, which also writes the
+    # pos_embed gradient in the weight dtype (a separate tensor even for fp32 weights: the custom op's outputs have
+    # their own storage at offset 0, as its fake implementation says).
+    pos_from = prefix if no_embed_class else 0
+    rows_sum, dpos = column_sum(dout.view(B, rows * D), torch.float32, copy_dtype=wdt, copy_from=pos_from * D)
+    rows_sum, dpos = rows_sum.view(rows, D), dpos.view(1, rows - pos_from, D)
+    # (2) the bias gradient (fp32 sum of the patch rows) and the class / register rows, in the weight dtype
+    dbias, dcls, dreg = column_sum_tail(rows_sum, prefix, wdt, head_split=num_cls)
+    dcls = dcls.view(1, 1, D) if num_cls else dout.new_empty(0)
+    dreg = dreg.view(1, num_reg, D) if num_reg else dout.new_empty(0)
     dpatch = dout[:, prefix:]
     dweight = dout.new_empty(0)
     if needs_weight_grad:

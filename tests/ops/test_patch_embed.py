@@ -7,7 +7,7 @@ import torch
 
 from fastvit_kernels.ops import patch_embed
 from fastvit_kernels.reference import patch_embed_ref
-from helpers import DTYPES_INTERPRETER, assert_close_to_ref, assert_fwd_bwd_match, fwd_bwd
+from helpers import DTYPES_INTERPRETER, assert_close_to_ref, assert_fwd_bwd_match, count_launches, fwd_bwd
 
 NAMES = ["images", "weight", "bias", "pos_embed", "cls_token", "reg_token"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's IMAGENET_DEFAULT_*
@@ -246,3 +246,44 @@ def test_opcheck(device):
     pos_nec = torch.randn(1, 6, 16, device=device, requires_grad=True)
     torch.library.opcheck(_patch_embed_fwd, (u8, w, None, pos_nec, cls, reg, norm, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES_INTERPRETER, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("cls,reg,no_embed_class", [(True, 0, False), (True, 2, True), (False, 3, False),
+                                                    (True, 4, False), (False, 0, True)])
+def test_small_grads_two_launches(cls, reg, no_embed_class, dtype, device, monkeypatch):
+    """The bias / pos_embed / class / register gradients (weight and image gradients not asked for) take two
+    launches: the fp32 batch sum that also writes dpos, then dbias with dcls / dreg. Values: within rounding to
+    ``dtype`` of fp64 sums, and bit-identical to the former plan (fp32 column sum, cast copies, column sum of the
+    patch rows)."""
+    from fastvit_kernels.kernels.patch_embed import patch_embed_bwd
+    from fastvit_kernels.kernels.reduce import column_sum
+
+    B, D, num_cls = 3, 40, int(cls)
+    images, w = make_inputs(B, 3, 16, 24, 8, D, device, cls, reg, no_embed_class)[:2]
+    prefix, rows = num_cls + reg, num_cls + reg + 6
+    w = w.to(dtype)
+    dout = torch.randn(B, rows, D, device=device).to(dtype)
+    with count_launches(monkeypatch) as launches:
+        _, _, dbias, dpos, dcls, dreg = patch_embed_bwd(dout, images, w, None, num_cls, reg, no_embed_class,
+                                                        needs_weight_grad=False, needs_images_grad=False)
+    assert launches == {"_column_sum_kernel": 1, "_column_sum_tail_kernel": 1}, launches
+    pos_from = prefix if no_embed_class else 0
+    sums = dout.double().sum(0)  # (rows, D) fp64
+    want = {"dpos": (dpos, sums[pos_from:][None]), "dbias": (dbias, sums[prefix:].sum(0)),
+            "dcls": (dcls, sums[:num_cls].view(1, 1, D) if cls else None),
+            "dreg": (dreg, sums[num_cls:prefix][None] if reg else None)}
+    for name, (got, ref) in want.items():
+        if ref is None:
+            assert got.numel() == 0, name
+            continue
+        assert got.dtype == dtype and got.shape == ref.shape, (name, got.dtype, got.shape)
+        scale = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(got.double(), ref, atol=1e-5 * scale, rtol=torch.finfo(dtype).eps,
+                                   msg=lambda m: f"{name}: {m}")
+    # the former plan: five launches, same bits
+    rows_sum = column_sum(dout.view(B, rows * D), torch.float32).view(rows, D)
+    assert torch.equal(dpos, rows_sum[pos_from:].to(dtype)[None])
+    assert torch.equal(dbias, column_sum(rows_sum[prefix:], dtype))
+    assert not cls or torch.equal(dcls, rows_sum[:1].to(dtype).view(1, 1, D))
+    assert not reg or torch.equal(dreg, rows_sum[num_cls:prefix].to(dtype)[None])
