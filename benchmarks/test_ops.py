@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from bench_utils import DEVICE, record, requires_gpu, timed
 from fastvit_kernels import ops, reference
-from fastvit_kernels.backend import use_gemm_impl, use_gemm_kernel
+from fastvit_kernels.backend import use_gemm_impl, use_gemm_kernel, use_gemm_pairs
 from fastvit_kernels.bench.flops import attention_flops, mlp_flops, patch_embed_flops
 
 ATTENTION_SHAPES = [(256, 12, 197, 64), (128, 16, 197, 64), (64, 16, 257, 80), (16, 16, 1025, 80)]
@@ -99,6 +99,7 @@ def _mlp_fn(impl, backend):
     """fastvit: the op with the recorded GEMM-path rule (gemm_impl "auto"); fastvit_recompute: recompute=True;
     fastvit_cublas: every GEMM forced to cuBLAS + fused elementwise kernels; fastvit_pointer: every GEMM on the
     Triton core's pointer kernel (on Hopper "fastvit" takes the TMA persistent kernel: this times the other form);
+    fastvit_unpaired: the backward's dgrad + wgrad GEMM pairs as two launches each (gemm_pairs "off");
     eager: LayerNorm, Linear, GELU, Linear, add; compiled: torch.compile (default mode) of that eager function."""
     if impl == "compiled":
         if not _COMPILED_MLP:
@@ -110,7 +111,8 @@ def _mlp_fn(impl, backend):
 
     def fn(*a):
         gemm_path = {"fastvit_cublas": "cublas", "fastvit_pointer": "triton"}.get(impl, "auto")
-        with use_gemm_impl(gemm_path), use_gemm_kernel("pointer" if impl == "fastvit_pointer" else "auto"):
+        with use_gemm_impl(gemm_path), use_gemm_kernel("pointer" if impl == "fastvit_pointer" else "auto"), \
+                use_gemm_pairs("off" if impl == "fastvit_unpaired" else "auto"):
             return ops.layernorm_mlp(*a, recompute=recompute, backend=backend)
     return fn
 
@@ -152,8 +154,8 @@ def test_attention(benchmark, shape, which, backward, impl):
 
 
 @requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "fastvit_recompute", "fastvit_cublas", "fastvit_pointer", "eager",
-                                  "compiled"])
+@pytest.mark.parametrize("impl", ["fastvit", "fastvit_recompute", "fastvit_cublas", "fastvit_pointer",
+                                  "fastvit_unpaired", "eager", "compiled"])
 @pytest.mark.parametrize("which, backward", PASSES)
 @pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_layernorm_mlp(benchmark, shape, which, backward, impl):

@@ -85,7 +85,8 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 GEMM_IMPLS = ("auto", "triton", "cublas", "measure")
 GEMM_KERNELS = ("auto", "tma", "pointer")
-_overrides: dict[str, str] = {}  # environment variable -> value set by use_gemm_impl / use_gemm_kernel
+GEMM_PAIRS = ("auto", "off")
+_overrides: dict[str, str] = {}  # environment variable -> value set by use_gemm_impl / _kernel / _pairs
 
 
 def _setting(env: str, allowed: tuple) -> str:
@@ -166,3 +167,24 @@ def use_gemm_kernel(kernel: str):
         ValueError: ``kernel`` is not one of ``GEMM_KERNELS``.
     """
     return _override("FASTVIT_GEMM_KERNEL", "kernel", kernel, GEMM_KERNELS)
+
+
+def gemm_pairs() -> str:
+    """Whether two independent backward GEMMs that read the same gradient run as one launch
+    (:func:`fastvit_kernels.kernels.matmul.gemm_pair`): the :func:`use_gemm_pairs` setting, else
+    ``FASTVIT_GEMM_PAIRS``, else "auto" (pair wherever gemm_pair's conditions hold); "off": one launch per GEMM
+    (the comparison a GPU benchmark needs: nothing has been timed yet).
+
+    Raises:
+        ValueError: ``FASTVIT_GEMM_PAIRS`` holds another name.
+    """
+    return _setting("FASTVIT_GEMM_PAIRS", GEMM_PAIRS)
+
+
+def use_gemm_pairs(pairs: str):
+    """Context manager forcing :func:`gemm_pairs` to ``pairs`` (one of ``GEMM_PAIRS``) inside it (process-wide).
+
+    Raises:
+        ValueError: ``pairs`` is not one of ``GEMM_PAIRS``.
+    """
+    return _override("FASTVIT_GEMM_PAIRS", "pairs", pairs, GEMM_PAIRS)

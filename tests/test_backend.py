@@ -68,3 +68,20 @@ def test_gemm_kernel_setting(monkeypatch):
     with pytest.raises(ValueError, match="kernel must be one of"):
         with backend.use_gemm_kernel("fastest"):
             pass
+
+
+def test_gemm_pairs_setting(monkeypatch):
+    """FASTVIT_GEMM_PAIRS / use_gemm_pairs: "auto" by default, "off" from either, bad names raise."""
+    from fastvit_kernels import backend
+
+    monkeypatch.delenv("FASTVIT_GEMM_PAIRS", raising=False)
+    assert backend.gemm_pairs() == "auto"
+    with backend.use_gemm_pairs("off"):
+        assert backend.gemm_pairs() == "off"
+    assert backend.gemm_pairs() == "auto"
+    monkeypatch.setenv("FASTVIT_GEMM_PAIRS", "0")
+    with pytest.raises(ValueError, match=r"FASTVIT_GEMM_PAIRS must be one of \('auto', 'off'\); got '0'"):
+        backend.gemm_pairs()
+    with pytest.raises(ValueError, match="pairs must be one of"):
+        with backend.use_gemm_pairs("on"):
+            pass

@@ -25,6 +25,10 @@ different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
   order) and write ``sum_k A[m, k]``: a weight-grad GEMM ``dW = dY^T @ X`` yields the bias gradient from the dY
   tiles it already loads (no extra pass over device memory, no partials, no atomics).
 
+* pairs: ``_matmul_pair_kernel`` runs two independent plain GEMMs in one launch (the tiles of problem 0, then those
+  of problem 1, each through the same tile body), for the backward's dgrad + wgrad GEMMs that read one gradient
+  (:func:`gemm_pair`).
+
 On Hopper, plain GEMMs (every block GEMM; not the patch embedding's split / converting ones) run the same flags in
 :mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors, persistent grid, warpgroup MMA; ``backend.gemm_kernel``
 decides). Tiles follow Triton's matmul tutorial (grouped tile order for L2 reuse). Tile configurations: the
@@ -170,11 +174,9 @@ _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_M", "SPLIT_N", "SPLIT_K", "A_PROLO
                  "DOT_PRECISION"]
 
 
-# Autotuning reruns the kernel: every launch is idempotent (C and the stored pre-activation are written, never
-# read back; no launch writes an operand it reads), so no reset_to_zero / restore_value is needed.
-@triton.autotune(configs=_ALL_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
-def _matmul_kernel(
+def _gemm_tile(
+    pid,  # this program's linear tile index (grouped order below)
     a_ptr, b_ptr, c_ptr,  # A: logical (M, K); B: logical (K, N); C: logical (M, N)
     bias_ptr,  # (N,) epilogue bias
     res_ptr,  # logical (M, N) residual added last (may have batch stride 0, e.g. pos_embed)
@@ -202,8 +204,9 @@ def _matmul_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """One BLOCK_M x BLOCK_N tile of C: the whole body of ``_matmul_kernel`` (arguments as there), shared with
+    ``_matmul_pair_kernel``."""
     # grouped ordering: GROUP_M row-tiles share their B column-tiles in L2
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -285,6 +288,101 @@ def _matmul_kernel(
     c_row = _split_offsets(offs_m, M_D1, M_D2, stride_c_m1, stride_c_m2, stride_c_m3, SPLIT_M)
     c_col = _split_offsets(offs_n, N_D1, N_D2, stride_c_n1, stride_c_n2, stride_c_n3, SPLIT_N)
     tl.store(c_ptr + c_row[:, None] + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# Autotuning reruns the kernel: every launch is idempotent (C and the stored pre-activation are written, never
+# read back; no launch writes an operand it reads), so no reset_to_zero / restore_value is needed.
+@triton.autotune(configs=_ALL_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr,  # A: logical (M, K); B: logical (K, N); C: logical (M, N)
+    bias_ptr,  # (N,) epilogue bias
+    res_ptr,  # logical (M, N) residual added last (may have batch stride 0, e.g. pos_embed)
+    aux_ptr,  # (M, N) contiguous: GELU pre-activation, stored (STORE_PREACT) or read (DGELU)
+    rowsum_ptr,  # (M,) A_ROWSUM output: sum over k of prologue(A)[m, k], accumulated in fp32
+    mean_ptr, rstd_ptr,  # fp32 LayerNorm row statistics: (M,) for the A prologue, (K,) for the B prologue
+    gamma_ptr, beta_ptr,  # LayerNorm affine: (K,) for the A prologue, (N,) for the B prologue;
+    #                       channel affine (scale, shift): (channels,) fp32
+    M, N, K,  # logical problem size
+    M_BUCKET,  # next power of two >= M: autotune key only (one tuning per bucket, not per batch size)
+    img_h, img_w,  # image height / width in pixels (IMG_BOUNDS)
+    M_D1, M_D2, N_D1, N_D2, K_D1, K_D2,  # three-level index splits (used when SPLIT_* is set)
+    stride_a_m1, stride_a_m2, stride_a_m3, stride_a_k1, stride_a_k2, stride_a_k3,
+    stride_b_k1, stride_b_k2, stride_b_k3, stride_b_n1, stride_b_n2, stride_b_n3,
+    stride_c_m1, stride_c_m2, stride_c_m3, stride_c_n1, stride_c_n2, stride_c_n3,
+    stride_r_m1, stride_r_m2, stride_r_m3, stride_r_n1, stride_r_n2, stride_r_n3,
+    SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    A_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by m, affine by k), 2 GELU, 3 cast, 4 channel affine (k)
+    B_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm (stats by k, affine by n), 2 GELU, 3 cast, 4 channel affine (n)
+    HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    GELU_TANH: tl.constexpr,  # every GELU of this launch (prologue, epilogue, GELU') is the tanh approximation
+    A_ROWSUM: tl.constexpr,  # the pid_n == 0 programs also write the row sums of A (a bias gradient, for free)
+    IMG_BOUNDS: tl.constexpr,  # 0 none; image-bounds mask on 1 A (m x k), 2 B (k x n), 3 C (m x n)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    _gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr,
+               gamma_ptr, beta_ptr, M, N, K, M_BUCKET, img_h, img_w, M_D1, M_D2, N_D1, N_D2, K_D1, K_D2, stride_a_m1,
+               stride_a_m2, stride_a_m3, stride_a_k1, stride_a_k2, stride_a_k3, stride_b_k1, stride_b_k2, stride_b_k3,
+               stride_b_n1, stride_b_n2, stride_b_n3, stride_c_m1, stride_c_m2, stride_c_m3, stride_c_n1, stride_c_n2,
+               stride_c_n3, stride_r_m1, stride_r_m2, stride_r_m3, stride_r_n1, stride_r_n2, stride_r_n3, SPLIT_M,
+               SPLIT_N, SPLIT_K, A_PROLOGUE, B_PROLOGUE, HAS_BIAS, DGELU, ACT_GELU, STORE_PREACT, HAS_RESIDUAL,
+               GELU_TANH, A_ROWSUM, IMG_BOUNDS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+# the pair kernel's per-problem flags; the pair shares GELU_TANH, DOT_PRECISION and the tile configuration
+_PAIR_FLAGS = ("A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "A_ROWSUM")
+_PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_PAIR_FLAGS)] + [
+    "GELU_TANH", "DOT_PRECISION"]
+
+
+def pair_configs(dtype: torch.dtype) -> list[triton.Config]:
+    """Candidates of the pointer kernel's pair form: those of :func:`gemm_configs` for unsplit operands, without the
+    4-warp tile (128 x 64 x 32, 4 warps, 4 stages left 8 B per thread on the stack in the proj pair on sm_80: AOT
+    check, Triton 3.9)."""
+    return [c for c in gemm_configs(dtype) if c.num_warps >= 8]
+
+
+def _prune_pair_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` of the pair kernel: :func:`pair_configs` of the operand dtype."""
+    by_id = {_config_id(c): c for c in configs}
+    return [by_id[_config_id(c)] for c in pair_configs(named_args["a0_ptr"].dtype) if _config_id(c) in by_id]
+
+
+@triton.autotune(configs=_ALL_CONFIGS, key=_PAIR_KEY, prune_configs_by={"early_config_prune": _prune_pair_configs})
+@triton.jit
+def _matmul_pair_kernel(
+    # problem 0, then problem 1: plain (unsplit) operands, each axis one stride; arguments as in _matmul_kernel
+    a0_ptr, b0_ptr, c0_ptr, bias0_ptr, aux0_ptr, rowsum0_ptr, mean0_ptr, rstd0_ptr, gamma0_ptr, beta0_ptr,
+    M0, N0, K0, M_BUCKET0, stride_a0_m, stride_a0_k, stride_b0_k, stride_b0_n, stride_c0_m, stride_c0_n,
+    a1_ptr, b1_ptr, c1_ptr, bias1_ptr, aux1_ptr, rowsum1_ptr, mean1_ptr, rstd1_ptr, gamma1_ptr, beta1_ptr,
+    M1, N1, K1, M_BUCKET1, stride_a1_m, stride_a1_k, stride_b1_k, stride_b1_n, stride_c1_m, stride_c1_n,
+    A_PROLOGUE0: tl.constexpr, B_PROLOGUE0: tl.constexpr, HAS_BIAS0: tl.constexpr, DGELU0: tl.constexpr,
+    A_ROWSUM0: tl.constexpr,
+    A_PROLOGUE1: tl.constexpr, B_PROLOGUE1: tl.constexpr, HAS_BIAS1: tl.constexpr, DGELU1: tl.constexpr,
+    A_ROWSUM1: tl.constexpr,
+    GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # two independent GEMMs in one launch (a grouped GEMM of two problems): the first cdiv(M0, BLOCK_M) *
+    # cdiv(N0, BLOCK_N) programs compute problem 0's tiles, the rest problem 1's
+    pid = tl.program_id(0)
+    tiles0 = tl.cdiv(M0, BLOCK_M) * tl.cdiv(N0, BLOCK_N)
+    if pid < tiles0:
+        _gemm_tile(pid, a0_ptr, b0_ptr, c0_ptr, bias0_ptr, c0_ptr, aux0_ptr, rowsum0_ptr, mean0_ptr, rstd0_ptr,
+                   gamma0_ptr, beta0_ptr, M0, N0, K0, M_BUCKET0, 0, 0, 1, 1, 1, 1, 1, 1,
+                   stride_a0_m, 0, 0, stride_a0_k, 0, 0, stride_b0_k, 0, 0, stride_b0_n, 0, 0,
+                   stride_c0_m, 0, 0, stride_c0_n, 0, 0, 0, 0, 0, 0, 0, 0, False, False, False,
+                   A_PROLOGUE0, B_PROLOGUE0, HAS_BIAS0, DGELU0, False, False, False, GELU_TANH, A_ROWSUM0, 0,
+                   DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _gemm_tile(pid - tiles0, a1_ptr, b1_ptr, c1_ptr, bias1_ptr, c1_ptr, aux1_ptr, rowsum1_ptr, mean1_ptr,
+                   rstd1_ptr, gamma1_ptr, beta1_ptr, M1, N1, K1, M_BUCKET1, 0, 0, 1, 1, 1, 1, 1, 1,
+                   stride_a1_m, 0, 0, stride_a1_k, 0, 0, stride_b1_k, 0, 0, stride_b1_n, 0, 0,
+                   stride_c1_m, 0, 0, stride_c1_n, 0, 0, 0, 0, 0, 0, 0, 0, False, False, False,
+                   A_PROLOGUE1, B_PROLOGUE1, HAS_BIAS1, DGELU1, False, False, False, GELU_TANH, A_ROWSUM1, 0,
+                   DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -417,7 +515,7 @@ def _prologue(ln, gelu: bool, cast: bool, affine) -> int:
     return PROLOGUE_CAST if cast else PROLOGUE_NONE
 
 
-def gemm(
+def _prepare(
     a: Operand,
     b: Operand,
     c: Operand,
@@ -444,7 +542,203 @@ def gemm(
     a_affine: ChannelAffine | None = None,
     b_affine: ChannelAffine | None = None,
     image_bounds: ImageBounds | None = None,
-) -> torch.Tensor:
+) -> "_Launch":
+    """Validate one GEMM launch (the arguments of :func:`gemm`, documented there) and gather what each kernel form
+    needs."""
+    assert not (a_ln is not None and a_gelu) and not (b_ln is not None and b_gelu)
+    assert a_ln is None or b_ln is None
+    a_conv = a_cast or a_affine is not None
+    b_conv = b_cast or b_affine is not None
+    assert not (a_conv and b_conv), "convert at most one operand"
+    assert not (a_cast and a_affine is not None) and not (b_cast and b_affine is not None)
+    assert not (a_conv and (b_ln is not None or b_gelu)) and not (b_conv and (a_ln is not None or a_gelu))
+    assert a_conv or b_conv or a.tensor.dtype == b.tensor.dtype, "mixed operand dtypes need a_cast / b_cast"
+    assert a_affine is None or k_split is not None
+    assert b_affine is None or n_split is not None
+    if image_bounds is not None:
+        assert image_bounds.operand in ("a", "b", "c")
+        need = {"a": (m_split, k_split), "b": (k_split, n_split), "c": (m_split, n_split)}[image_bounds.operand]
+        assert all(s is not None for s in need), "image bounds need the token and pixel splits"
+    compute_dtype = b.tensor.dtype if a_conv else a.tensor.dtype  # the dtype of the dot's operands
+    for name, sp in (("m_split", m_split), ("n_split", n_split), ("k_split", k_split)):
+        assert sp is None or (sp[1] > 0 and sp[0] % sp[1] == 0), f"{name}: D2 must divide D1; got {sp}"
+    gelu_tanh = check_gelu_approximate(gelu_approximate)
+    if a_rowsum is not None:
+        assert a_rowsum.is_contiguous() and a_rowsum.numel() == M, "a_rowsum must be a contiguous (M,) tensor"
+        assert N > 0, "a_rowsum needs N > 0 (the programs of the first column tile compute it)"
+    aux = dgelu_preact if dgelu_preact is not None else store_preact
+    if aux is not None:
+        assert aux.is_contiguous() and aux.numel() == M * N
+    split = (m_split, n_split, k_split) != (None, None, None)
+    plain = not (a_conv or b_conv or image_bounds is not None or split)
+    return _Launch(
+        a=a, b=b, c=c, M=M, N=N, K=K, m_split=m_split, n_split=n_split, k_split=k_split, ln=a_ln or b_ln,
+        affine=a_affine or b_affine, bias=bias, aux=aux, residual=residual, a_rowsum=a_rowsum,
+        image_bounds=image_bounds, compute_dtype=compute_dtype, plain=plain,
+        a_prologue=_prologue(a_ln, a_gelu, a_cast, a_affine), b_prologue=_prologue(b_ln, b_gelu, b_cast, b_affine),
+        flags=dict(HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
+                   STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None, GELU_TANH=gelu_tanh,
+                   A_ROWSUM=a_rowsum is not None),
+        cublas_kw=dict(a_ln=a_ln, b_ln=b_ln, a_gelu=a_gelu, b_gelu=b_gelu, bias=bias, dgelu_preact=dgelu_preact,
+                       gelu_on=gelu, store_preact=store_preact, residual=residual, gelu_tanh=gelu_tanh,
+                       a_rowsum=a_rowsum),
+        impl_flags=dict(a_ln=a_ln is not None, b_ln=b_ln is not None, a_gelu=a_gelu, b_gelu=b_gelu,
+                        bias=bias is not None, dgelu=dgelu_preact is not None, gelu_store=store_preact is not None,
+                        gelu_only=gelu and store_preact is None, residual=residual is not None,
+                        gelu_tanh=gelu_tanh, a_rowsum=a_rowsum is not None),
+    )
+
+
+@dataclass
+class _Launch:
+    """One validated GEMM launch (built by :func:`_prepare`): operands, fusions and the kernels' flags."""
+
+    a: Operand
+    b: Operand
+    c: Operand
+    M: int
+    N: int
+    K: int
+    m_split: tuple | None
+    n_split: tuple | None
+    k_split: tuple | None
+    ln: LayerNormPrologue | None
+    affine: ChannelAffine | None
+    bias: torch.Tensor | None
+    aux: torch.Tensor | None
+    residual: Operand | None
+    a_rowsum: torch.Tensor | None
+    image_bounds: ImageBounds | None
+    compute_dtype: torch.dtype
+    plain: bool  # no split index, conversion or image bounds: the TMA kernel, the cuBLAS form and pairs apply
+    a_prologue: int
+    b_prologue: int
+    flags: dict  # the epilogue constexprs (HAS_BIAS, DGELU, ACT_GELU, STORE_PREACT, HAS_RESIDUAL, GELU_TANH, A_ROWSUM)
+    cublas_kw: dict  # keywords of gemm_impl.cublas_gemm
+    impl_flags: dict  # keywords of gemm_impl.fusion_name (the path rule's key)
+    use_tma: bool | None = None  # decided on first use
+
+    @property
+    def empty(self) -> bool:
+        return self.M == 0 or self.N == 0
+
+    def tma(self) -> bool:
+        """Whether this (plain) launch runs on the TMA kernel (memoised)."""
+        if self.use_tma is None:
+            self.use_tma = self.plain and _use_tma(self.c.tensor.device, self.a, self.b, self.c, self.residual,
+                                                   self.M, self.N, self.K)
+        return self.use_tma
+
+    def tma_kw(self) -> dict:
+        """Keywords of :func:`matmul_tma.launch` (and of its pair form) for this launch."""
+        return dict(a=self.a, b=self.b, c=self.c, M=self.M, N=self.N, K=self.K, bias=self.bias,
+                    residual=self.residual, aux=self.aux, a_rowsum=self.a_rowsum, ln=self.ln,
+                    a_prologue=self.a_prologue, b_prologue=self.b_prologue, flags=self.flags)
+
+    def pointer_args(self) -> tuple:
+        """The positional runtime arguments of ``_matmul_kernel``."""
+        dummy = self.c.tensor
+        ln, affine, ib = self.ln, self.affine, self.image_bounds
+
+        def axes(op: Operand | None, row_split, col_split) -> tuple:
+            if op is None:
+                return (0,) * 6
+            return (*_axis(op.rows, row_split), *_axis(op.cols, col_split))
+
+        return (
+            self.a.tensor, self.b.tensor, self.c.tensor,
+            self.bias if self.bias is not None else dummy,
+            self.residual.tensor if self.residual is not None else dummy,
+            self.aux if self.aux is not None else dummy,
+            self.a_rowsum if self.a_rowsum is not None else dummy,
+            ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
+            ln.weight if ln is not None else (affine.scale if affine is not None else dummy),
+            ln.bias if ln is not None else (affine.shift if affine is not None else dummy),
+            self.M, self.N, self.K, triton.next_power_of_2(self.M),
+            ib.height if ib is not None else 0, ib.width if ib is not None else 0,
+            *(self.m_split or (1, 1)), *(self.n_split or (1, 1)), *(self.k_split or (1, 1)),
+            *axes(self.a, self.m_split, self.k_split), *axes(self.b, self.k_split, self.n_split),
+            *axes(self.c, self.m_split, self.n_split), *axes(self.residual, self.m_split, self.n_split),
+        )
+
+    def pointer_kw(self) -> dict:
+        """The constexpr keywords of ``_matmul_kernel`` (the tile configuration apart)."""
+        return dict(SPLIT_M=self.m_split is not None, SPLIT_N=self.n_split is not None,
+                    SPLIT_K=self.k_split is not None, A_PROLOGUE=self.a_prologue, B_PROLOGUE=self.b_prologue,
+                    **self.flags,
+                    IMG_BOUNDS=IMAGE_BOUNDS_OPERAND[self.image_bounds.operand if self.image_bounds else None],
+                    DOT_PRECISION=dot_precision(self.compute_dtype))
+
+    def config(self) -> tuple:
+        """(kernel, launch keywords): the autotuned kernel and no keywords, or the plain @triton.jit kernel with a
+        fixed configuration (FASTVIT_AUTOTUNE=0, the interpreter, the AOT recorder that stands in for the
+        autotuner: it has no .fn and expands the candidates itself)."""
+        if _autotune_enabled():
+            return _matmul_kernel, {}
+        cfg = gemm_config(self.M, self.N, self.K, self.compute_dtype,
+                          split=(self.m_split, self.n_split, self.k_split) != (None, None, None))
+        return getattr(_matmul_kernel, "fn", _matmul_kernel), cfg
+
+
+def _launch_pointer(p: _Launch) -> None:
+    kernel, cfg = p.config()
+    M, N = p.M, p.N
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    kernel[grid](*p.pointer_args(), **p.pointer_kw(), **cfg)
+
+
+def _try_tma(launch_tma) -> bool:
+    """Run ``launch_tma``; under "auto" a build failure switches to the pointer kernel (returns False)."""
+    try:
+        launch_tma()
+        return True
+    except _TMA_BUILD_ERRORS as err:
+        from .. import backend
+
+        if backend.gemm_kernel() == "tma":
+            raise  # forced: no fallback
+        _tma_failed(err)
+        return False
+
+
+def _launch_triton(p: _Launch) -> None:
+    if p.tma() and not _TMA_FAILED:
+        _, cfg = p.config()
+        if _try_tma(lambda: matmul_tma.launch(**p.tma_kw(), dot_precision=dot_precision(p.compute_dtype),
+                                              autotune=_autotune_enabled(), config=cfg)):
+            return
+    _launch_pointer(p)
+
+
+def _launch_cublas(p: _Launch) -> None:
+    from . import gemm_impl
+
+    gemm_impl.cublas_gemm(p.a, p.b, p.c, p.M, p.N, p.K, **p.cublas_kw)
+
+
+def _route(p: _Launch) -> str:
+    """"triton" or "cublas" for a plain launch, by the shape-aware rule of :mod:`gemm_impl`; "triton" otherwise."""
+    if not p.plain:
+        return "triton"
+    from . import gemm_impl
+
+    return gemm_impl.choose_for_launch(p.c.tensor.device, p.compute_dtype, p.M, p.N, p.K, p.impl_flags,
+                                       lambda: _launch_triton(p), lambda: _launch_cublas(p))
+
+
+def _run(p: _Launch) -> None:
+    if p.empty:
+        return
+    if _route(p) == "cublas":
+        _launch_cublas(p)
+    else:
+        _launch_triton(p)
+
+
+def gemm(a: Operand, b: Operand, c: Operand, M: int, N: int, K: int, **fusions) -> torch.Tensor:
     """Launch ``C = epilogue(prologue(A) @ prologue(B))``; returns ``c.tensor``.
 
     A GEMM without split indices, image bounds or conversions runs on this core or as cuBLAS + fused elementwise
@@ -471,122 +765,102 @@ def gemm(
             that conversion. At most one operand is converted, and the other then has no prologue.
         image_bounds: zero padding of an image operand (see ``ImageBounds``); needs the token / pixel splits.
     """
-    assert not (a_ln is not None and a_gelu) and not (b_ln is not None and b_gelu)
-    assert a_ln is None or b_ln is None
-    a_conv = a_cast or a_affine is not None
-    b_conv = b_cast or b_affine is not None
-    assert not (a_conv and b_conv), "convert at most one operand"
-    assert not (a_cast and a_affine is not None) and not (b_cast and b_affine is not None)
-    assert not (a_conv and (b_ln is not None or b_gelu)) and not (b_conv and (a_ln is not None or a_gelu))
-    assert a_conv or b_conv or a.tensor.dtype == b.tensor.dtype, "mixed operand dtypes need a_cast / b_cast"
-    assert a_affine is None or k_split is not None
-    assert b_affine is None or n_split is not None
-    if image_bounds is not None:
-        assert image_bounds.operand in ("a", "b", "c")
-        need = {"a": (m_split, k_split), "b": (k_split, n_split), "c": (m_split, n_split)}[image_bounds.operand]
-        assert all(s is not None for s in need), "image bounds need the token and pixel splits"
-    compute_dtype = b.tensor.dtype if a_conv else a.tensor.dtype  # the dtype of the dot's operands
-    for name, sp in (("m_split", m_split), ("n_split", n_split), ("k_split", k_split)):
-        assert sp is None or (sp[1] > 0 and sp[0] % sp[1] == 0), f"{name}: D2 must divide D1; got {sp}"
-    gelu_tanh = check_gelu_approximate(gelu_approximate)
-    if a_rowsum is not None:
-        assert a_rowsum.is_contiguous() and a_rowsum.numel() == M, "a_rowsum must be a contiguous (M,) tensor"
-        assert N > 0, "a_rowsum needs N > 0 (the programs of the first column tile compute it)"
-    if M == 0 or N == 0:
-        return c.tensor
-    ln = a_ln or b_ln
-    affine = a_affine or b_affine
-    aux = dgelu_preact if dgelu_preact is not None else store_preact
-    if aux is not None:
-        assert aux.is_contiguous() and aux.numel() == M * N
-    dummy = c.tensor
-    def axes(op: Operand | None, row_split, col_split) -> tuple:
-        if op is None:
-            return (0,) * 6
-        return (*_axis(op.rows, row_split), *_axis(op.cols, col_split))
+    _run(_prepare(a, b, c, M, N, K, **fusions))
+    return c.tensor
 
+
+# fusions a pair launch carries (the backward GEMMs'); a GEMM with others runs alone
+_PAIR_FUSIONS = {"a_ln", "b_ln", "a_gelu", "b_gelu", "bias", "dgelu_preact", "gelu_approximate", "a_rowsum"}
+
+
+def pairs_enabled() -> bool:
+    """Whether :func:`gemm_pair` may launch two GEMMs as one (:func:`fastvit_kernels.backend.gemm_pairs`)."""
+    from .. import backend
+
+    return backend.gemm_pairs() != "off"
+
+
+def gemm_pair(first: dict, second: dict) -> None:
+    """Two independent GEMMs (each given as the keywords of :func:`gemm`: ``a, b, c, M, N, K`` and fusions) in
+    ONE launch where they can share one: both plain, with only backward fusions (LayerNorm / GELU prologue, bias,
+    GELU', A row sums), the same operand dtype and GELU form, both on the Triton path by the shape-aware rule and
+    both on the same kernel form (TMA, 16-bit operands only; or pointer, neither with a GELU prologue). The launch
+    runs problem 0's tiles then problem 1's (a grouped GEMM of two problems, as CUTLASS's grouped GEMMs; one tile
+    configuration, autotuned for the pair). Otherwise, or with ``FASTVIT_GEMM_PAIRS=off``, they run as two
+    :func:`gemm` launches. Results are identical either way (same tiles, same k order) when the configuration is
+    the same (always on the interpreter; autotuning may pick a different tile for the pair than for either alone).
+
+    The two must not depend on each other (neither reads what the other writes). Used for the backward's dgrad +
+    wgrad pairs that read the same gradient: (dW2, dH), (dW1, d LayerNorm), proj (dx, dW), qkv (dW, d LayerNorm).
+    Nothing has been timed: whether one launch of both beats two (fewer launches and tail waves, one shared tile
+    configuration) is a GPU measurement (``FASTVIT_GEMM_PAIRS=off`` gives the comparison).
+    """
+    p0, p1 = _prepare(**first), _prepare(**second)
+    if p0.empty or p1.empty or not _pairable(first, p0, p1) or not _pairable(second, p0, p1):
+        _run(p0)
+        _run(p1)
+        return
+    if _route(p0) == "cublas" or _route(p1) == "cublas" or p0.tma() != p1.tma():
+        _run(p0)
+        _run(p1)
+        return
+    if not (p0.tma() and not _TMA_FAILED) and PROLOGUE_GELU in (p0.a_prologue, p0.b_prologue, p1.a_prologue,
+                                                                 p1.b_prologue):
+        # the pointer kernel's pair with a GELU prologue (fc2's dW2 with dH) spilled 8 B per thread with every
+        # candidate on sm_90 (AOT check, Triton 3.9): on the pointer kernel those two run one by one
+        _run(p0)
+        _run(p1)
+        return
+    if p0.tma() and not _TMA_FAILED and p0.compute_dtype == torch.float32:
+        # the TMA kernel's fp32 pair form (IEEE dots on the FMA units) left 8-16 B per thread on the stack on sm_90
+        # (AOT check, Triton 3.9): fp32 pairs run one by one there
+        _run(p0)
+        _run(p1)
+        return
+    if p0.tma() and not _TMA_FAILED:
+        _, cfg = p0.config()
+        if _try_tma(lambda: matmul_tma.launch_pair(p0.tma_kw(), p1.tma_kw(),
+                                                   dot_precision=dot_precision(p0.compute_dtype),
+                                                   autotune=_autotune_enabled(), config=cfg)):
+            return
+    _launch_pointer_pair(p0, p1)
+
+
+def _pairable(kw: dict, p0: _Launch, p1: _Launch) -> bool:
+    extra = set(kw) - {"a", "b", "c", "M", "N", "K"} - _PAIR_FUSIONS
+    return (pairs_enabled() and not extra and p0.plain and p1.plain and p0.compute_dtype == p1.compute_dtype
+            and p0.a.tensor.dtype == p1.a.tensor.dtype and p0.flags["GELU_TANH"] == p1.flags["GELU_TANH"])
+
+
+def _launch_pointer_pair(p0: _Launch, p1: _Launch) -> None:
     if _autotune_enabled():
-        kernel, cfg = _matmul_kernel, {}  # the autotuner picks the tiles (candidates: gemm_configs)
+        kernel, cfg = _matmul_pair_kernel, {}
     else:
-        # the plain @triton.jit kernel with a fixed configuration (the AOT recorder, which stands in for the
-        # autotuner, has no .fn and expands the candidates itself)
-        kernel = getattr(_matmul_kernel, "fn", _matmul_kernel)
-        cfg = gemm_config(M, N, K, compute_dtype, split=(m_split, n_split, k_split) != (None, None, None))
+        kernel = getattr(_matmul_pair_kernel, "fn", _matmul_pair_kernel)
+        if interpreting():
+            cfg = dict(INTERPRETER_CONFIG)
+        else:
+            c = pair_configs(p0.compute_dtype)[0]
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def problem(p: _Launch) -> tuple:
+        dummy, ln = p.c.tensor, p.ln
+        return (p.a.tensor, p.b.tensor, p.c.tensor, p.bias if p.bias is not None else dummy,
+                p.aux if p.aux is not None else dummy, p.a_rowsum if p.a_rowsum is not None else dummy,
+                *((ln.mean, ln.rstd, ln.weight, ln.bias) if ln is not None else (dummy,) * 4),
+                p.M, p.N, p.K, triton.next_power_of_2(p.M), p.a.rows, p.a.cols, p.b.rows, p.b.cols, p.c.rows,
+                p.c.cols)
+
+    def flags(p: _Launch, i: int) -> dict:
+        return {f"A_PROLOGUE{i}": p.a_prologue, f"B_PROLOGUE{i}": p.b_prologue, f"HAS_BIAS{i}": p.flags["HAS_BIAS"],
+                f"DGELU{i}": p.flags["DGELU"], f"A_ROWSUM{i}": p.flags["A_ROWSUM"]}
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        return (triton.cdiv(p0.M, bm) * triton.cdiv(p0.N, bn) + triton.cdiv(p1.M, bm) * triton.cdiv(p1.N, bn),)
 
-    plain = not (a_conv or b_conv or image_bounds is not None or (m_split, n_split, k_split) != (None, None, None))
-    use_tma = plain and _use_tma(c.tensor.device, a, b, c, residual, M, N, K)
-
-    def _launch_tma():
-        matmul_tma.launch(
-            a, b, c, M, N, K, bias=bias, residual=residual, aux=aux, a_rowsum=a_rowsum, ln=ln,
-            a_prologue=_prologue(a_ln, a_gelu, False, None), b_prologue=_prologue(b_ln, b_gelu, False, None),
-            flags=dict(HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
-                       STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
-                       GELU_TANH=gelu_tanh, A_ROWSUM=a_rowsum is not None),
-            dot_precision=dot_precision(compute_dtype), autotune=_autotune_enabled(), config=cfg)
-
-    def launch_triton():
-        if use_tma and not _TMA_FAILED:
-            try:
-                _launch_tma()
-                return
-            except _TMA_BUILD_ERRORS as err:
-                from .. import backend
-
-                if backend.gemm_kernel() == "tma":
-                    raise  # forced: no fallback
-                _tma_failed(err)
-        kernel[grid](
-            a.tensor, b.tensor, c.tensor,
-            bias if bias is not None else dummy,
-            residual.tensor if residual is not None else dummy,
-            aux if aux is not None else dummy,
-            a_rowsum if a_rowsum is not None else dummy,
-            ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
-            ln.weight if ln is not None else (affine.scale if affine is not None else dummy),
-            ln.bias if ln is not None else (affine.shift if affine is not None else dummy),
-            M, N, K, triton.next_power_of_2(M),
-            image_bounds.height if image_bounds is not None else 0,
-            image_bounds.width if image_bounds is not None else 0,
-            *(m_split or (1, 1)), *(n_split or (1, 1)), *(k_split or (1, 1)),
-            *axes(a, m_split, k_split), *axes(b, k_split, n_split), *axes(c, m_split, n_split),
-            *axes(residual, m_split, n_split),
-            SPLIT_M=m_split is not None, SPLIT_N=n_split is not None, SPLIT_K=k_split is not None,
-            A_PROLOGUE=_prologue(a_ln, a_gelu, a_cast, a_affine),
-            B_PROLOGUE=_prologue(b_ln, b_gelu, b_cast, b_affine),
-            HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu,
-            STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None,
-            GELU_TANH=gelu_tanh, A_ROWSUM=a_rowsum is not None,
-            IMG_BOUNDS=IMAGE_BOUNDS_OPERAND[image_bounds.operand if image_bounds is not None else None],
-            DOT_PRECISION=dot_precision(compute_dtype),
-            **cfg,
-        )
-
-    if plain:
-        # a plain GEMM also has a cuBLAS form: the shape-aware rule of gemm_impl picks the path
-        from . import gemm_impl
-
-        cublas_kw = dict(a_ln=a_ln, b_ln=b_ln, a_gelu=a_gelu, b_gelu=b_gelu, bias=bias, dgelu_preact=dgelu_preact,
-                         gelu_on=gelu, store_preact=store_preact, residual=residual, gelu_tanh=gelu_tanh,
-                         a_rowsum=a_rowsum)
-        flags = dict(a_ln=a_ln is not None, b_ln=b_ln is not None, a_gelu=a_gelu, b_gelu=b_gelu,
-                     bias=bias is not None, dgelu=dgelu_preact is not None, gelu_store=store_preact is not None,
-                     gelu_only=gelu and store_preact is None, residual=residual is not None, gelu_tanh=gelu_tanh,
-                     a_rowsum=a_rowsum is not None)
-
-        def launch_cublas():
-            gemm_impl.cublas_gemm(a, b, c, M, N, K, **cublas_kw)
-
-        path = gemm_impl.choose_for_launch(c.tensor.device, compute_dtype, M, N, K, flags, launch_triton,
-                                           launch_cublas)
-        if path == "cublas":
-            launch_cublas()
-            return c.tensor
-    launch_triton()
-    return c.tensor
+    kernel[grid](*problem(p0), *problem(p1), **flags(p0, 0), **flags(p1, 1), GELU_TANH=p0.flags["GELU_TANH"],
+                 DOT_PRECISION=dot_precision(p0.compute_dtype), **cfg)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **fusions) -> torch.Tensor:

@@ -18,6 +18,9 @@ What differs is how tiles move:
   stride of the grid size, so a launch with more tiles than SMs pays one ramp-up instead of one per wave
   (the persistent-matmul design of Triton's tutorial 09 and of CUTLASS's persistent kernels).
 
+``_matmul_tma_pair_kernel`` is the two-problem form (:func:`matmul.gemm_pair`): the persistent programs walk the
+tiles of both problems as one list, each tile through the same body (``_tma_tile``).
+
 When it runs (:func:`fastvit_kernels.backend.gemm_kernel`): ``"auto"`` on a CUDA device of compute capability 9.0+
 with a Triton that has host tensor descriptors, for launches whose operands TMA can describe
 (:func:`tma_compatible`); ``"tma"`` forces it wherever the operands allow (the interpreter tests, the AOT check);
@@ -65,16 +68,24 @@ def _set_block_shapes(nargs: dict) -> None:
     nargs["c_desc"].block_shape = [bm, bn]
 
 
-def tma_configs(dtype: torch.dtype) -> list[triton.Config]:
-    """Candidates of the TMA kernel, default first (the 16-bit tiles of :func:`matmul.gemm_configs`, with deeper
-    pipelines: TMA copies need no registers in flight); each carries the block-shape ``pre_hook``."""
+def _set_pair_block_shapes(nargs: dict) -> None:
+    """Autotune ``pre_hook`` of the pair kernel: both problems' descriptors take the candidate's tiles."""
+    for i in (0, 1):
+        _set_block_shapes({"a_desc": nargs[f"a{i}_desc"], "b_desc": nargs[f"b{i}_desc"],
+                           "c_desc": nargs[f"c{i}_desc"], **{k: nargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}})
+
+
+def tma_configs(dtype: torch.dtype, pair: bool = False) -> list[triton.Config]:
+    """Candidates of the TMA kernel (``pair``: of the pair kernel), default first (the 16-bit tiles of
+    :func:`matmul.gemm_configs`, with deeper pipelines: TMA copies need no registers in flight); each carries the
+    block-shape ``pre_hook``."""
     from .matmul import gemm_configs
 
     out = []
     for c in gemm_configs(dtype):
         stages = c.num_stages if dtype == torch.float32 else max(c.num_stages, 3)
         out.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages,
-                                 pre_hook=_set_block_shapes))
+                                 pre_hook=_set_pair_block_shapes if pair else _set_block_shapes))
     return out
 
 
@@ -96,6 +107,85 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 _TMA_KEY = ["M_BUCKET", "N", "K", "A_T", "B_T", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "ACT_GELU",
             "STORE_PREACT", "HAS_RESIDUAL", "GELU_TANH", "A_ROWSUM", "DOT_PRECISION"]
+_ALL_TMA_PAIR_CONFIGS = list({_config_id(c): c for dt in (torch.float32, torch.float16)
+                              for c in tma_configs(dt, pair=True)}.values())
+_TMA_PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", "A_T", "B_T", "A_PROLOGUE", "B_PROLOGUE",
+                                                       "HAS_BIAS", "DGELU", "A_ROWSUM")]
+_TMA_PAIR_KEY += ["GELU_TANH", "DOT_PRECISION"]
+
+
+def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` of the pair kernel: the candidates of the operand dtype."""
+    ids = {_config_id(c) for c in tma_configs(named_args["a0_desc"].base.dtype)}
+    return [c for c in configs if _config_id(c) in ids]
+
+
+@triton.jit
+def _tma_tile(
+    tile, a_desc, b_desc, c_desc, bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    M, N, K, stride_r_m, stride_r_n,
+    A_T: tl.constexpr, B_T: tl.constexpr, A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr, A_ROWSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One output tile (linear index ``tile`` in the grouped order) of a TMA-kernel problem; arguments as in
+    ``_matmul_tma_kernel``. Shared by the one-problem and the pair kernels."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if A_PROLOGUE == 1:
+        a_mean = tl.load(mean_ptr + offs_m, mask=mask_m, other=0.0)
+        a_rstd = tl.load(rstd_ptr + offs_m, mask=mask_m, other=0.0)
+    if B_PROLOGUE == 1:
+        b_gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for kt in range(0, k_tiles):
+        off_k = kt * BLOCK_K
+        if A_T:
+            a = a_desc.load([off_k, off_m]).T
+        else:
+            a = a_desc.load([off_m, off_k])
+        if B_T:
+            b = b_desc.load([off_n, off_k]).T
+        else:
+            b = b_desc.load([off_k, off_n])
+        if A_PROLOGUE != 0 or B_PROLOGUE == 1:
+            offs_k = off_k + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+        if A_PROLOGUE == 1:
+            a = ln_rows(a, a_mean, a_rstd, gamma_ptr, beta_ptr, offs_k, mask_k, b.dtype)
+        elif A_PROLOGUE == 2:
+            a = gelu(a.to(tl.float32), GELU_TANH).to(b.dtype)  # TMA zero fill: GELU(0) = 0
+        if B_PROLOGUE == 1:
+            b = ln_cols(b, mean_ptr, rstd_ptr, b_gamma, b_beta, offs_k, mask_k, a.dtype)
+        elif B_PROLOGUE == 2:
+            b = gelu(b.to(tl.float32), GELU_TANH).to(a.dtype)
+        if A_ROWSUM:
+            if pid_n == 0:  # one program per row tile sums its A rows over the whole K loop: no partials
+                a_sum += tl.sum(a.to(tl.float32), axis=1)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # ---- epilogue (the flags of _matmul_kernel) ----
+    if A_ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
+                             STORE_PREACT, GELU_TANH)
+    if HAS_RESIDUAL:
+        r_offs = offs_m.to(tl.int64)[:, None] * stride_r_m + offs_n[None, :] * stride_r_n
+        acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
+    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))  # the TMA store clips rows / columns outside (M, N)
 
 
 # like _matmul_kernel, every launch is idempotent, so autotuning may rerun it
@@ -114,64 +204,44 @@ def _matmul_tma_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        if A_PROLOGUE == 1:
-            a_mean = tl.load(mean_ptr + offs_m, mask=mask_m, other=0.0)
-            a_rstd = tl.load(rstd_ptr + offs_m, mask=mask_m, other=0.0)
-        if B_PROLOGUE == 1:
-            b_gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            b_beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for kt in range(0, k_tiles):
-            off_k = kt * BLOCK_K
-            if A_T:
-                a = a_desc.load([off_k, off_m]).T
-            else:
-                a = a_desc.load([off_m, off_k])
-            if B_T:
-                b = b_desc.load([off_n, off_k]).T
-            else:
-                b = b_desc.load([off_k, off_n])
-            if A_PROLOGUE != 0 or B_PROLOGUE == 1:
-                offs_k = off_k + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-            if A_PROLOGUE == 1:
-                a = ln_rows(a, a_mean, a_rstd, gamma_ptr, beta_ptr, offs_k, mask_k, b.dtype)
-            elif A_PROLOGUE == 2:
-                a = gelu(a.to(tl.float32), GELU_TANH).to(b.dtype)  # TMA zero fill: GELU(0) = 0
-            if B_PROLOGUE == 1:
-                b = ln_cols(b, mean_ptr, rstd_ptr, b_gamma, b_beta, offs_k, mask_k, a.dtype)
-            elif B_PROLOGUE == 2:
-                b = gelu(b.to(tl.float32), GELU_TANH).to(a.dtype)
-            if A_ROWSUM:
-                if pid_n == 0:  # one program per row tile sums its A rows over the whole K loop: no partials
-                    a_sum += tl.sum(a.to(tl.float32), axis=1)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        _tma_tile(tile, a_desc, b_desc, c_desc, bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr,
+                  beta_ptr, M, N, K, stride_r_m, stride_r_n, A_T, B_T, A_PROLOGUE, B_PROLOGUE, HAS_BIAS, DGELU,
+                  ACT_GELU, STORE_PREACT, HAS_RESIDUAL, GELU_TANH, A_ROWSUM, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                  GROUP_M)
 
-        # ---- epilogue (the flags of _matmul_kernel) ----
-        if A_ROWSUM:
-            if pid_n == 0:
-                tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
-        mask = mask_m[:, None] & mask_n[None, :]
-        acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
-                                 STORE_PREACT, GELU_TANH)
-        if HAS_RESIDUAL:
-            r_offs = offs_m.to(tl.int64)[:, None] * stride_r_m + offs_n[None, :] * stride_r_n
-            acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))  # the TMA store clips rows / columns outside (M, N)
 
+@triton.autotune(configs=_ALL_TMA_PAIR_CONFIGS, key=_TMA_PAIR_KEY,
+                 prune_configs_by={"early_config_prune": _prune_pair})
+@triton.jit
+def _matmul_tma_pair_kernel(
+    # problem 0, then problem 1 (arguments as in _matmul_tma_kernel; no residual: pairs are backward GEMMs)
+    a0_desc, b0_desc, c0_desc, bias0_ptr, aux0_ptr, rowsum0_ptr, mean0_ptr, rstd0_ptr, gamma0_ptr, beta0_ptr,
+    M0, N0, K0, M_BUCKET0,
+    a1_desc, b1_desc, c1_desc, bias1_ptr, aux1_ptr, rowsum1_ptr, mean1_ptr, rstd1_ptr, gamma1_ptr, beta1_ptr,
+    M1, N1, K1, M_BUCKET1,
+    A_T0: tl.constexpr, B_T0: tl.constexpr, A_PROLOGUE0: tl.constexpr, B_PROLOGUE0: tl.constexpr,
+    HAS_BIAS0: tl.constexpr, DGELU0: tl.constexpr, A_ROWSUM0: tl.constexpr,
+    A_T1: tl.constexpr, B_T1: tl.constexpr, A_PROLOGUE1: tl.constexpr, B_PROLOGUE1: tl.constexpr,
+    HAS_BIAS1: tl.constexpr, DGELU1: tl.constexpr, A_ROWSUM1: tl.constexpr,
+    GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # the persistent programs walk problem 0's tiles, then problem 1's, as one list
+    tiles0 = tl.cdiv(M0, BLOCK_M) * tl.cdiv(N0, BLOCK_N)
+    num_tiles = tiles0 + tl.cdiv(M1, BLOCK_M) * tl.cdiv(N1, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        if tile < tiles0:
+            _tma_tile(tile, a0_desc, b0_desc, c0_desc, bias0_ptr, bias0_ptr, aux0_ptr, rowsum0_ptr, mean0_ptr,
+                      rstd0_ptr, gamma0_ptr, beta0_ptr, M0, N0, K0, 0, 0, A_T0, B_T0, A_PROLOGUE0, B_PROLOGUE0,
+                      HAS_BIAS0, DGELU0, False, False, False, GELU_TANH, A_ROWSUM0, DOT_PRECISION, BLOCK_M,
+                      BLOCK_N, BLOCK_K, GROUP_M)
+        else:
+            _tma_tile(tile - tiles0, a1_desc, b1_desc, c1_desc, bias1_ptr, bias1_ptr, aux1_ptr, rowsum1_ptr,
+                      mean1_ptr, rstd1_ptr, gamma1_ptr, beta1_ptr, M1, N1, K1, 0, 0, A_T1, B_T1, A_PROLOGUE1,
+                      B_PROLOGUE1, HAS_BIAS1, DGELU1, False, False, False, GELU_TANH, A_ROWSUM1, DOT_PRECISION,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 def available() -> bool:
     """Whether the installed Triton has host tensor descriptors (the kernel's only requirement beyond Triton)."""
@@ -213,32 +283,40 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _descriptors(a, b, c, M: int, N: int, K: int) -> tuple:
+    """(a_desc, b_desc, c_desc, a_t, b_t) for operands that :func:`tma_compatible` accepted; the block shapes are
+    placeholders until the configuration is known (pre_hook / :func:`_fixed_config`)."""
+    a_t, a_shape, a_strides = _storage(a.tensor, a.rows, a.cols, M, K)
+    b_t, b_shape, b_strides = _storage(b.tensor, b.rows, b.cols, K, N)
+    _, c_shape, c_strides = _storage(c.tensor, c.rows, c.cols, M, N)
+    a_desc = TensorDescriptor(a.tensor, a_shape, a_strides, [16, 16])
+    b_desc = TensorDescriptor(b.tensor, b_shape, b_strides, [16, 16])
+    c_desc = TensorDescriptor(c.tensor, c_shape, c_strides, [16, 16])
+    a_desc.fastvit_transposed, b_desc.fastvit_transposed, c_desc.fastvit_transposed = a_t, b_t, False
+    return a_desc, b_desc, c_desc, a_t, b_t
+
+
+def _pointers(c, bias, aux, a_rowsum, ln) -> tuple:
+    """bias, aux, rowsum, mean, rstd, gamma, beta pointers (C's storage as the dummy for the unused ones)."""
+    dummy = c.tensor
+    return (bias if bias is not None else dummy, aux if aux is not None else dummy,
+            a_rowsum if a_rowsum is not None else dummy,
+            *((ln.mean, ln.rstd, ln.weight, ln.bias) if ln is not None else (dummy,) * 4))
+
+
 def launch(a, b, c, M: int, N: int, K: int, *, bias, residual, aux, a_rowsum, ln, a_prologue: int, b_prologue: int,
            flags: dict, dot_precision: str, autotune: bool, config: dict) -> None:
     """Launch the TMA kernel for operands that :func:`tma_compatible` accepted. ``flags``: the epilogue constexprs
     (HAS_BIAS, DGELU, ACT_GELU, STORE_PREACT, HAS_RESIDUAL, GELU_TANH, A_ROWSUM); ``autotune``: let
     ``triton.autotune`` pick the tiles, else use ``config`` (launch keywords of :func:`matmul.gemm_config`)."""
-    a_t, a_shape, a_strides = _storage(a.tensor, a.rows, a.cols, M, K)
-    b_t, b_shape, b_strides = _storage(b.tensor, b.rows, b.cols, K, N)
-    _, c_shape, c_strides = _storage(c.tensor, c.rows, c.cols, M, N)
-    # block shapes are placeholders until the configuration is known (pre_hook / below)
-    a_desc = TensorDescriptor(a.tensor, a_shape, a_strides, [16, 16])
-    b_desc = TensorDescriptor(b.tensor, b_shape, b_strides, [16, 16])
-    c_desc = TensorDescriptor(c.tensor, c_shape, c_strides, [16, 16])
-    a_desc.fastvit_transposed, b_desc.fastvit_transposed, c_desc.fastvit_transposed = a_t, b_t, False
-    dummy = c.tensor
+    a_desc, b_desc, c_desc, a_t, b_t = _descriptors(a, b, c, M, N, K)
     n_sms = _num_sms(c.tensor.device)
 
     def grid(meta):
         return (min(n_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    args = (a_desc, b_desc, c_desc,
-            bias if bias is not None else dummy,
-            residual.tensor if residual is not None else dummy,
-            aux if aux is not None else dummy,
-            a_rowsum if a_rowsum is not None else dummy,
-            ln.mean if ln is not None else dummy, ln.rstd if ln is not None else dummy,
-            ln.weight if ln is not None else dummy, ln.bias if ln is not None else dummy,
+    ptrs = _pointers(c, bias, aux, a_rowsum, ln)
+    args = (a_desc, b_desc, c_desc, ptrs[0], residual.tensor if residual is not None else c.tensor, *ptrs[1:],
             M, N, K, triton.next_power_of_2(M),
             residual.rows if residual is not None else 0, residual.cols if residual is not None else 0)
     kw = dict(A_T=a_t, B_T=b_t, A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, DOT_PRECISION=dot_precision, **flags)
@@ -248,4 +326,38 @@ def launch(a, b, c, M: int, N: int, K: int, *, bias, residual, aux, a_rowsum, ln
         kernel = getattr(_matmul_tma_kernel, "fn", _matmul_tma_kernel)  # the plain kernel, fixed configuration
         cfg = dict(config)
         _set_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, **cfg})
+        kernel[grid](*args, **kw, **cfg)
+
+
+def launch_pair(first: dict, second: dict, *, dot_precision: str, autotune: bool, config: dict) -> None:
+    """Launch the pair kernel: two independent problems, each given as the keywords of :func:`launch` (``a, b, c,
+    M, N, K, bias, residual (None), aux, a_rowsum, ln, a_prologue, b_prologue, flags``), in one persistent launch.
+    Both must be TMA-compatible, without residual / GELU epilogue, with the same GELU form."""
+    args, kw, tiles = [], {}, []
+    descs = {}
+    for i, p in enumerate((first, second)):
+        assert p["residual"] is None and not p["flags"]["ACT_GELU"] and not p["flags"]["STORE_PREACT"]
+        a_desc, b_desc, c_desc, a_t, b_t = _descriptors(p["a"], p["b"], p["c"], p["M"], p["N"], p["K"])
+        descs.update({f"a{i}_desc": a_desc, f"b{i}_desc": b_desc, f"c{i}_desc": c_desc})
+        args += [a_desc, b_desc, c_desc, *_pointers(p["c"], p["bias"], p["aux"], p["a_rowsum"], p["ln"]),
+                 p["M"], p["N"], p["K"], triton.next_power_of_2(p["M"])]
+        f = p["flags"]
+        kw.update({f"A_T{i}": a_t, f"B_T{i}": b_t, f"A_PROLOGUE{i}": p["a_prologue"],
+                   f"B_PROLOGUE{i}": p["b_prologue"], f"HAS_BIAS{i}": f["HAS_BIAS"], f"DGELU{i}": f["DGELU"],
+                   f"A_ROWSUM{i}": f["A_ROWSUM"]})
+        tiles.append((p["M"], p["N"]))
+    assert first["flags"]["GELU_TANH"] == second["flags"]["GELU_TANH"]
+    kw.update(GELU_TANH=first["flags"]["GELU_TANH"], DOT_PRECISION=dot_precision)
+    n_sms = _num_sms(first["c"].tensor.device)
+
+    def grid(meta):
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        return (min(n_sms, sum(triton.cdiv(m, bm) * triton.cdiv(n, bn) for m, n in tiles)),)
+
+    if autotune:
+        _matmul_tma_pair_kernel[grid](*args, **kw)
+    else:
+        kernel = getattr(_matmul_tma_pair_kernel, "fn", _matmul_tma_pair_kernel)
+        cfg = dict(config)
+        _set_pair_block_shapes({**descs, **cfg})
         kernel[grid](*args, **kw, **cfg)

@@ -4,9 +4,10 @@ Forward (three launches): fp32 row statistics -> fc1 GEMM with the LayerNorm app
 (normalised activations never stored) and bias + GELU (exact erf by default, or the tanh approximation) in its
 epilogue, which also stores the pre-activation -> fc2 GEMM with bias and the residual add in its epilogue.
 
-Backward: fc2 weight grad from a GEMM that recomputes GELU(pre-activation) in its B prologue; fc2 dgrad with the
-GELU' multiply in its epilogue; fc1 weight grad from a GEMM that recomputes LayerNorm(x) in its B prologue;
-fc1 dgrad; LayerNorm backward with the residual gradient added. The bias grads come from the weight-grad GEMMs
+Backward: fc2 weight grad from a GEMM that recomputes GELU(pre-activation) in its B prologue and fc2 dgrad with
+the GELU' multiply in its epilogue (one launch on the Hopper kernel: ``matmul.gemm_pair``); fc1 weight grad from a
+GEMM that recomputes LayerNorm(x) in its B prologue and fc1 dgrad (one launch); LayerNorm backward with the
+residual gradient added. The bias grads come from the weight-grad GEMMs
 (row sums of the dY^T / dH^T tiles they load: no extra pass over device memory); gamma / beta grads are
 per-program fp32 partials reduced in one launch. All reductions are fp32 in a fixed order (deterministic).
 Saved for backward: x, the pre-activation (B, N, D_hidden) and the fp32 row stats.
@@ -74,30 +75,31 @@ def _layernorm_mlp_bwd(
     """Gradients (dx, dgamma, dbeta, dW1, db1, dW2, db2). ``recompute``: ``preact`` is empty and is recomputed
     here by the forward's fc1 GEMM without its GELU (fc1_bias is only read then)."""
     from ..kernels.layernorm import layernorm_bwd
-    from ..kernels.matmul import LayerNormPrologue, Operand, gemm, linear
+    from ..kernels.matmul import LayerNormPrologue, Operand, gemm_pair, linear
 
     M, D = x.shape
     Dh = fc1_weight.shape[0]
     wdt = fc1_weight.dtype
     if recompute:  # the same launch as the forward's fc1 GEMM, minus the GELU
         preact = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
-    # fc2: dW2 = dY^T @ GELU(preact) (GELU recomputed on load); db2 = sum_m dY from the same GEMM's A tiles
+    # fc2, one launch for two GEMMs that read dY: dW2 = dY^T @ GELU(preact) (GELU recomputed on load) with
+    # db2 = sum_m dY from its A tiles, and dH = (dY @ W2) * GELU'(preact)
     dw2 = torch.empty((D, Dh), device=x.device, dtype=wdt)
     db2 = torch.empty((D,), device=x.device, dtype=wdt)
-    gemm(Operand.matrix_t(dout), Operand.matrix(preact), Operand.matrix(dw2), D, Dh, M, b_gelu=True, a_rowsum=db2,
-         gelu_approximate=approximate)
-    # dH = (dY @ W2) * GELU'(preact)
     dh = torch.empty((M, Dh), device=x.device, dtype=x.dtype)
-    gemm(Operand.matrix(dout), Operand.matrix(fc2_weight), Operand.matrix(dh), M, Dh, D, dgelu_preact=preact,
-         gelu_approximate=approximate)
-    # fc1: dW1 = dH^T @ LayerNorm(x) (normalisation recomputed on load); db1 = sum_m dH from its A tiles
+    gemm_pair(dict(a=Operand.matrix_t(dout), b=Operand.matrix(preact), c=Operand.matrix(dw2), M=D, N=Dh, K=M,
+                   b_gelu=True, a_rowsum=db2, gelu_approximate=approximate),
+              dict(a=Operand.matrix(dout), b=Operand.matrix(fc2_weight), c=Operand.matrix(dh), M=M, N=Dh, K=D,
+                   dgelu_preact=preact, gelu_approximate=approximate))
+    # fc1, one launch for two GEMMs that read dH: dW1 = dH^T @ LayerNorm(x) (normalisation recomputed on load)
+    # with db1 = sum_m dH from its A tiles, and d LayerNorm(x) = dH @ W1
     dw1 = torch.empty((Dh, D), device=x.device, dtype=wdt)
     db1 = torch.empty((Dh,), device=x.device, dtype=wdt)
-    gemm(Operand.matrix_t(dh), Operand.matrix(x), Operand.matrix(dw1), Dh, D, M,
-         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db1)
-    # d LayerNorm(x) = dH @ W1, then LayerNorm backward (+ dY through the residual)
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
-    gemm(Operand.matrix(dh), Operand.matrix(fc1_weight), Operand.matrix(dln), M, D, Dh)
+    gemm_pair(dict(a=Operand.matrix_t(dh), b=Operand.matrix(x), c=Operand.matrix(dw1), M=Dh, N=D, K=M,
+                   b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db1),
+              dict(a=Operand.matrix(dh), b=Operand.matrix(fc1_weight), c=Operand.matrix(dln), M=M, N=D, K=Dh))
+    # LayerNorm backward (+ dY through the residual)
     dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dout if add_residual else None)
     return dx, dgamma, dbeta, dw1, db1, dw2, db2
 

@@ -135,20 +135,25 @@ def test_model_on_the_cublas_path_matches_reference(gi, device):
         compare_model_with_reference(dict(get_config("vit_digits"), depth=1), device, torch.float32, train=True)
 
 
-@pytest.mark.parametrize("model", ["vit_digits", "vit_test_hd80"])
-def test_model_on_the_tma_kernel_matches_reference(model, gi, device, monkeypatch):
+@pytest.mark.parametrize("model,dtype", [("vit_digits", torch.float32), ("vit_test_hd80", torch.float32),
+                                         ("vit_digits", torch.float16)])
+def test_model_on_the_tma_kernel_matches_reference(model, dtype, gi, device, monkeypatch):
     """A whole FastViT training step with every block GEMM on the TMA-descriptor persistent kernel (the Hopper
     path, forced; D = 64 and D = 160 with head_dim 80): logits and every parameter gradient against the reference
-    model (fp32), and the kernel really ran for every block GEMM (forward and backward)."""
+    model (fp32; fp16 by the 2x rule), and the kernel really ran for every block GEMM (forward and backward: in
+    fp16 the dgrad + wgrad pairs as one launch each, in fp32 one by one)."""
     from fastvit_kernels.backend import use_gemm_kernel
     from fastvit_kernels.configs import get_config
     from fastvit_kernels.kernels import matmul_tma
     from helpers import compare_model_with_reference
 
     calls = []
-    real = matmul_tma.launch
-    monkeypatch.setattr(matmul_tma, "launch", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    for name in ("launch", "launch_pair"):
+        real = getattr(matmul_tma, name)
+        monkeypatch.setattr(matmul_tma, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                     _real(*a, **k)))
     with use_gemm_impl("triton"), use_gemm_kernel("tma"):
-        compare_model_with_reference(dict(get_config(model), depth=1), device, torch.float32, train=True)
-    # one block: qkv, proj, fc1, fc2 forward; their dgrad + wgrad GEMMs backward
-    assert len(calls) == 4 + 2 * 4
+        compare_model_with_reference(dict(get_config(model), depth=1), device, dtype, train=True)
+    # one block: qkv, proj, fc1, fc2 forward; backward: their dgrad + wgrad GEMMs (four pairs)
+    pairs = 4 if dtype == torch.float16 else 0
+    assert calls.count("launch") == 4 + 2 * (4 - pairs) and calls.count("launch_pair") == pairs, calls

@@ -347,3 +347,112 @@ def test_tma_build_failure_falls_back_visibly(device, monkeypatch):
         with backend.use_gemm_kernel("tma"), pytest.raises(OutOfResources):
             monkeypatch.setattr(matmul, "_TMA_FAILED", False)
             matmul.linear(x, w)
+
+
+# the backward's dgrad + wgrad pairs (ops/linear.py, ops/layernorm_mlp.py): (name, problem 0, problem 1) with the
+# fusions each carries; M_P rows of tokens, D_P / DH_P features (TMA-describable in fp32 / fp16, ragged tiles)
+M_P, D_P, DH_P = 72, 56, 88
+PAIRS = ["fc2", "fc1", "proj", "qkv"]
+
+
+def _pair_specs(name, dtype, device):
+    """The keywords of the two gemm() calls of one backward pair, with fresh outputs (returned too)."""
+    from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand
+
+    g = torch.Generator().manual_seed(PAIRS.index(name))
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+    x, dy, pre, w = r(M_P, D_P), r(M_P, D_P), r(M_P, DH_P), r(D_P, DH_P)
+    ln = LayerNormPrologue(torch.randn(M_P, generator=g).to(device), torch.rand(M_P, generator=g).to(device) + 0.5,
+                           r(D_P), r(D_P))
+    outs = dict(dw=r(D_P, DH_P), db=r(D_P), dh=r(M_P, DH_P), dwT=r(DH_P, D_P), dbh=r(DH_P), dx=r(M_P, D_P),
+                dwsq=r(D_P, D_P), dbsq=r(D_P))
+    m = Operand.matrix
+    if name == "fc2":  # dW2 = dY^T GELU(H) (+ db2), dH = dY W2 * GELU'(H)
+        return (dict(a=Operand.matrix_t(dy), b=m(pre), c=m(outs["dw"]), M=D_P, N=DH_P, K=M_P, b_gelu=True,
+                     a_rowsum=outs["db"]),
+                dict(a=m(dy), b=m(w), c=m(outs["dh"]), M=M_P, N=DH_P, K=D_P, dgelu_preact=pre)), outs
+    if name == "fc1":  # dW1 = dH^T LN(x) (+ db1), dLN = dH W1
+        return (dict(a=Operand.matrix_t(pre), b=m(x), c=m(outs["dwT"]), M=DH_P, N=D_P, K=M_P, b_ln=ln,
+                     a_rowsum=outs["dbh"]),
+                dict(a=m(pre), b=Operand.matrix_t(w), c=m(outs["dx"]), M=M_P, N=D_P, K=DH_P)), outs
+    sq = r(D_P, D_P)
+    if name == "proj":  # dx = dY W, dW = dY^T x (+ db)
+        return (dict(a=m(dy), b=m(sq), c=m(outs["dx"]), M=M_P, N=D_P, K=D_P),
+                dict(a=Operand.matrix_t(dy), b=m(x), c=m(outs["dwsq"]), M=D_P, N=D_P, K=M_P,
+                     a_rowsum=outs["dbsq"])), outs
+    # qkv (square here): dW = dY^T LN(x) (+ db), dLN = dY W
+    return (dict(a=Operand.matrix_t(dy), b=m(x), c=m(outs["dwsq"]), M=D_P, N=D_P, K=M_P, b_ln=ln,
+                 a_rowsum=outs["dbsq"]),
+            dict(a=m(dy), b=m(sq), c=m(outs["dx"]), M=M_P, N=D_P, K=D_P)), outs
+
+
+def _count_gemm_launches(monkeypatch) -> list:
+    """Record every GEMM kernel launch of the core by form: pointer, pointer_pair, tma, tma_pair, cublas."""
+    from fastvit_kernels.kernels import gemm_impl, matmul, matmul_tma
+
+    calls = []
+    for mod, name, tag in ((matmul, "_launch_pointer", "pointer"), (matmul, "_launch_pointer_pair", "pointer_pair"),
+                           (matmul_tma, "launch", "tma"), (matmul_tma, "launch_pair", "tma_pair"),
+                           (gemm_impl, "cublas_gemm", "cublas")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _tag=tag, **k: (calls.append(_tag), _real(*a, **k)))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_pair_is_one_launch_and_bit_identical(name, kernel, dtype, device, monkeypatch):
+    """Each backward pair in ONE launch of the pair kernel (pointer and TMA forms) gives bit-identical outputs
+    (C and the row sums) to the two GEMMs launched one by one; with gemm_pairs "off" they run one by one. On
+    the pointer kernel the fc2 pair (GELU prologue), and on the TMA kernel fp32 pairs, run one by one (their pair
+    forms spilled on sm_90)."""
+    from fastvit_kernels import backend
+    from fastvit_kernels.kernels.matmul import gemm, gemm_pair
+
+    calls = _count_gemm_launches(monkeypatch)
+    with backend.use_gemm_impl("triton"), backend.use_gemm_kernel(kernel):
+        (s0, s1), ref = _pair_specs(name, dtype, device)
+        gemm(**s0)
+        gemm(**s1)
+        assert calls == [kernel] * 2
+        calls.clear()
+        (s0, s1), out = _pair_specs(name, dtype, device)
+        gemm_pair(s0, s1)
+        alone = (name, kernel) == ("fc2", "pointer") or (kernel, dtype) == ("tma", torch.float32)
+        assert calls == ([kernel] * 2 if alone else [f"{kernel}_pair"])
+        for k in ref:
+            assert torch.equal(ref[k], out[k]), (k, (ref[k].float() - out[k].float()).abs().max())
+        calls.clear()
+        (s0, s1), out = _pair_specs(name, dtype, device)
+        with backend.use_gemm_pairs("off"):
+            gemm_pair(s0, s1)
+        assert calls == [kernel] * 2
+        assert all(torch.equal(ref[k], out[k]) for k in ref)
+        monkeypatch.setenv("FASTVIT_GEMM_PAIRS", "OFF")
+        assert backend.gemm_pairs() == "off"
+
+
+def test_gemm_pair_runs_separately_when_it_cannot_share_a_launch(device, monkeypatch):
+    """A pair whose GEMMs the shape-aware rule sends to cuBLAS, or that carries a fusion the pair kernel lacks (a
+    residual), runs as two launches, with the same results."""
+    from fastvit_kernels import backend
+    from fastvit_kernels.kernels.matmul import Operand, gemm_pair
+
+    calls = _count_gemm_launches(monkeypatch)
+    (s0, s1), _ = _pair_specs("proj", torch.float32, device)
+    with backend.use_gemm_impl("cublas"):
+        gemm_pair(s0, s1)
+    assert calls == ["cublas", "cublas"]
+    calls.clear()
+    (s0, s1), out = _pair_specs("proj", torch.float32, device)
+    res = torch.randn(M_P, D_P, device=device)
+    s0 = dict(s0, residual=Operand.matrix(res))
+    with backend.use_gemm_impl("triton"), backend.use_gemm_kernel("pointer"):
+        gemm_pair(s0, s1)
+    assert calls == ["pointer", "pointer"]
+    a, w = s0["a"].tensor, s0["b"].tensor
+    torch.testing.assert_close(out["dx"], a @ w + res, atol=1e-4, rtol=1e-4)
