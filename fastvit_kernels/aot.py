@@ -73,7 +73,7 @@ DEFAULT_BATCHES = (64,)  # per-GPU batch; the batch only changes whether B * N i
 # Kernels whose fp16 / bf16 builds must use tensor cores (the GEMM core and the attention kernels with tl.dot).
 TENSOR_CORE_KERNELS = ("_matmul_kernel", "_matmul_tma_kernel", "_attention_fwd_kernel",
                        "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_fused_kernel")
-_CONFIG_NAMES = ("GROUP_M", "ROWS")  # constexprs that are tile configuration (with BLOCK*), not specialisation
+_CONFIG_NAMES = ("GROUP_M", "ROWS", "GROUP")  # constexprs that are tile configuration (with BLOCK*), not specialisation
 _OPTION_SHORT = {"num_warps": "w", "num_stages": "s", "num_ctas": "ctas", "maxnreg": "maxnreg"}
 
 

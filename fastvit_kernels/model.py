@@ -2,8 +2,10 @@
 package's ops. It reads like the paper (Dosovitskiy et al. 2021, eqs. 1-4):
 
     z0  = [x_cls; x_p^1 E; ...; x_p^N E] + E_pos          ops.patch_embed (one fused kernel)
-    z'  = MSA(LN(z)) + z                                    ops.layernorm_linear (norm1 + qkv), ops.attention,
-                                                            ops.linear_residual (proj + residual)
+    z'  = MSA(LN(z)) + z                                    ops.attention_block: norm1 + qkv, attention,
+                                                            proj + residual (or, around LayerScale / qk_norm /
+                                                            dropout, ops.layernorm_linear, ops.attention,
+                                                            ops.linear_residual)
     z   = MLP(LN(z')) + z'                                  ops.layernorm_mlp (LN, fc1, GELU, fc2, residual fused)
     y   = head(LN(z_L^0))
 
@@ -46,6 +48,14 @@ class Block(reference.Block):
         if self.training and attn.attn_drop.p > 0:
             self._fallback("attn_drop_rate")
             branch = attn(self.norm1(x))
+        elif (isinstance(attn.q_norm, nn.Identity) and isinstance(self.ls1, nn.Identity)
+              and not (self.training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0))):
+            # z' = z + proj(MSA(LN(z))) as one op: norm1 + qkv, attention, proj + residual; the residual's gradient
+            # joins inside the LayerNorm backward
+            x = ops.attention_block(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                                    attn.proj.weight, attn.proj.bias, attn.num_heads, attn.scale, self.norm1.eps,
+                                    backend=self.backend)
+            branch = None
         else:
             qkv = ops.layernorm_linear(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
                                        self.norm1.eps, backend=self.backend)  # (B, N, 3 * D)

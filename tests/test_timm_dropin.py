@@ -152,7 +152,7 @@ def test_selective_activation_checkpointing_can_name_the_ops(device):
     model(x).sum().backward()
     ref = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    saved_ops = {torch.ops.fastvit.attention_fwd.default, torch.ops.fastvit.layernorm_mlp_fwd.default}
+    saved_ops = {torch.ops.fastvit.attention_block_fwd.default, torch.ops.fastvit.layernorm_mlp_fwd.default}
     seen = []
 
     def policy(ctx, op, *args, **kwargs):

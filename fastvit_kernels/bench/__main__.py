@@ -20,7 +20,7 @@ import sys
 import torch
 
 from ..configs import MODEL_CONFIGS
-from .devices import DEVICES, dtype_name, resolve_peak
+from .devices import DEVICES, dtype_name, lookup_device, resolve_peak
 
 
 def _add_peak_flags(p: argparse.ArgumentParser) -> None:
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"roofline peaks: one of {sorted(DEVICES)} or a GPU name")
     m.add_argument("--mode", default="train", choices=["train", "forward"])
     m.add_argument("--launch-us", type=float, default=0.0, help="fixed cost per launch added to the roofline (us)")
+    m.add_argument("--gemm-kernel", default="auto", choices=["auto", "tma", "pointer"],
+                   help="FastViT's block-GEMM kernel form; auto: tma on sm_90+ devices of the table (and unknown "
+                        "ones), pointer on A100 / L40S / RTX 4090")
     m.add_argument("--launches", choices=["fastvit", "eager"], default=None,
                    help="also print every modelled launch of that path")
     _add_peak_flags(m)
@@ -96,16 +99,21 @@ def _cmd_model(args) -> int:
 
     shape = ViTShape.from_config(args.model)
     peak = resolve_peak(args.device, args.dtype, args.peak_tflops, args.bandwidth_gbs)
+    gemm_kernel = args.gemm_kernel
+    if gemm_kernel == "auto":
+        spec = lookup_device(args.device)
+        gemm_kernel = "pointer" if spec is not None and spec.arch < 90 else "tma"
     res = {path: cost_model.step_cost(shape, args.batch_size, args.dtype, path, args.mode, peak,
-                                      launch_overhead_s=args.launch_us * 1e-6)
+                                      launch_overhead_s=args.launch_us * 1e-6, gemm_kernel=gemm_kernel)
            for path in cost_model.PATHS}
     print(f"{args.model}: {shape.tokens} tokens, D={shape.embed_dim}, depth {shape.depth}, "
           f"{shape.num_heads} heads of {shape.head_dim}")
+    print(f"FastViT block GEMMs on the {gemm_kernel} kernel form")
     print(cost_model.comparison_table(res["fastvit"], res["eager"], peak))
     if args.launches:
         print()
         print(cost_model.launch_table(cost_model.step_launches(shape, args.batch_size, args.dtype, args.launches,
-                                                               args.mode)))
+                                                               args.mode, gemm_kernel=gemm_kernel)))
     return 0
 
 

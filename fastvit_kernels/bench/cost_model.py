@@ -6,13 +6,17 @@ MODELLED, not measured: no GPU was involved in any number this module prints.
 Plans (lists of :class:`Launch`, in execution order):
 
 * ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it today: the fused
-  ``fastvit::patch_embed_*``, ``fastvit::layernorm_linear_*`` (norm1 + qkv), ``fastvit::attention_*``,
-  ``fastvit::linear_residual_*`` (proj + residual) and ``fastvit::layernorm_mlp_*`` custom ops, with one
-  launch per Triton kernel their launchers in ``kernels/`` issue (GEMM core, row stats, LayerNorm backward, column
-  sums, attention forward / preprocess / dK dV / dQ -- or the one fused backward kernel when B * H >=
-  ``FUSED_BWD_MIN_HEADS`` and ``fused_bwd_builds``, as the launcher decides -- class row), and the parts
-  ``model.py`` still runs through aten: the gradient-accumulation add of the attention half's input, the head and
-  the loss (the ops' non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``).
+  ``fastvit::patch_embed_*``, ``fastvit::attention_block_*`` (norm1 + qkv, attention, proj + residual; or, with
+  ``attention_block=False``, its three ops ``layernorm_linear_*`` / ``attention_*`` / ``linear_residual_*`` and
+  the gradient-accumulation add they need) and ``fastvit::layernorm_mlp_*`` custom ops, with one launch per Triton
+  kernel their launchers in ``kernels/`` issue (GEMM core and its two-problem pair form, row stats, LayerNorm
+  backward with its in-kernel dgamma / dbeta reduction, column sums, attention forward / preprocess / dK dV / dQ --
+  or the one fused backward kernel when B * H >= ``FUSED_BWD_MIN_HEADS`` and ``fused_bwd_builds``, as the launcher
+  decides -- class row), and the parts ``model.py`` still runs through aten: the head and the loss (the ops'
+  non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``). The backward's
+  dgrad + wgrad GEMM pairs (fc2: dW2 + dH; fc1: dW1 + d LayerNorm; proj: dx + dW; qkv: dW + d LayerNorm) are one
+  ``gemm_pair`` launch each on the Hopper (TMA) kernel form (``gemm_kernel="tma"``, the default); on the pointer
+  form (Ampere / Ada) fc2's pair is two launches, as are fp32 pairs on the TMA form.
 * ``"eager"``: the reference ``VisionTransformer`` (timm's computation, ``fused_attn=True``) as PyTorch
   dispatches it on a GPU: cuDNN convolution + bias add, cat and position add, cuBLAS GEMMs with the bias in
   the epilogue (addmm), LayerNorm forward (1 kernel) and backward (dx + dgamma/dbeta kernels), GELU and its
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.attention import FUSED_BWD_MIN_HEADS, fused_bwd_builds
+from ..kernels.layernorm import BWD_GROUP as LN_BWD_GROUP
 from .devices import Peak, dtype_name
 from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, model_flops
 
@@ -102,12 +107,14 @@ class _Builder:
         self.phase = "forward"
 
     def call(self, dispatch: str, *kernels: tuple) -> None:
-        """One dispatched op; each kernel is (name, flops, bytes_read, bytes_written[, triton[, note]])."""
+        """One dispatched op; each kernel is (name, flops, bytes_read, bytes_written[, triton[, note[, op class]]])
+        (the op class defaults to the current one: an op whose kernels serve several classes names each)."""
         for k in kernels:
             name, flops, r, w = k[:4]
             triton = k[4] if len(k) > 4 else False
             note = k[5] if len(k) > 5 else ""
-            self.launches.append(Launch(name, dispatch, self.n_calls, self.cls, self.phase, int(flops), int(r),
+            cls = k[6] if len(k) > 6 else self.cls
+            self.launches.append(Launch(name, dispatch, self.n_calls, cls, self.phase, int(flops), int(r),
                                         int(w), triton, note))
         self.n_calls += 1
 
@@ -328,36 +335,59 @@ def _ln_bwd_programs(M: int, D: int) -> int:
     return max(1, min(-(-M // rows), 256))
 
 
-def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
+def _pair(first: tuple, second: tuple, gemm_kernel: str, e: int) -> tuple:
+    """The launches of ``matmul.gemm_pair`` for two GEMM launch tuples, as a tuple of launch tuples: one launch of
+    the pair kernel (FLOPs and bytes the sums of the two: the operand both read -- dY or dH -- is counted twice,
+    the two problems' tiles read it at different times, so no L2 reuse is assumed), or the two launches where
+    gemm_pair runs them one by one: on the pointer kernel with a GELU prologue (fc2's pair), on the TMA kernel in
+    fp32 (``e`` = 4)."""
+    if (gemm_kernel == "pointer" and "GELU recomputed" in first[5] + second[5]) or (gemm_kernel == "tma" and e == 4):
+        return first, second
+    name = "_matmul_tma_pair_kernel" if gemm_kernel == "tma" else "_matmul_pair_kernel"
+    return ((name, first[1] + second[1], first[2] + second[2], first[3] + second[3], True,
+             f"{first[5]} + {second[5]} (one launch)"),)
+
+
+def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attention_block: bool = True,
+                  gemm_kernel: str = "tma") -> None:
     D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
     M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
     att = 4 * B * N * N * D
     lse = B * H * N * F32
     T = True  # Triton launch
+    # the block GEMMs' kernel form (matmul.gemm / gemm_pair; the patch embedding's GEMMs always use the pointer one)
+    GK = "_matmul_tma_kernel" if gemm_kernel == "tma" else "_matmul_kernel"
+
+    def pair(first: tuple, second: tuple, cls: str = "mlp") -> list:
+        return [k + (cls,) for k in _pair(first, second, gemm_kernel, e)]
+
     # ---- forward ----
     b.cls = "patch_embed"
     b.call("fastvit.patch_embed_fwd",
            ("_matmul_kernel", 2 * B * Np * D * CPP, img * e + D * CPP * e + D * e + Np * D * e, B * Np * D * e, T,
             "pixels gathered in the A load; bias + pos_embed epilogue"),
            ("_prefix_rows_kernel", 0, 2 * D * e, B * D * e, T, "class row: cls_token + pos_embed[0]"))
+    # the attention half's kernels (model.py: one fastvit::attention_block op; the profiler's instrumented step and
+    # blocks with LayerScale / qk_norm / dropout: its three ops), each with its op class
+    qkv_fwd = [("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T, "norm1 row statistics", "ln_qkv"),
+               (GK, 2 * M * D * 3 * D, M * D * e + 2 * M * F32 + 2 * D * e + 3 * D * D * e + 3 * D * e,
+                M * 3 * D * e, T, "LayerNorm prologue; bias epilogue", "ln_qkv")]
+    att_fwd = [("_attention_fwd_kernel", att, 3 * M * D * e, M * D * e + lse, T, "", "attention")]
+    proj_fwd = [(GK, 2 * M * D * D, M * D * e + D * D * e + D * e + M * D * e, M * D * e, T,
+                 "bias + residual epilogue", "proj")]
     for _ in range(L):
-        b.cls = "ln_qkv"
-        b.call("fastvit.layernorm_linear_fwd",
-               ("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T),
-               ("_matmul_kernel", 2 * M * D * 3 * D, M * D * e + 2 * M * F32 + 2 * D * e + 3 * D * D * e + 3 * D * e,
-                M * 3 * D * e, T, "LayerNorm prologue; bias epilogue"))
-        b.cls = "attention"
-        b.call("fastvit.attention_fwd", ("_attention_fwd_kernel", att, 3 * M * D * e, M * D * e + lse, T))
-        b.cls = "proj"
-        b.call("fastvit.linear_residual_fwd",
-               ("_matmul_kernel", 2 * M * D * D, M * D * e + D * D * e + D * e + M * D * e, M * D * e, T,
-                "bias + residual epilogue"))
+        if attention_block:
+            b.call("fastvit.attention_block_fwd", *qkv_fwd, *att_fwd, *proj_fwd)
+        else:
+            b.call("fastvit.layernorm_linear_fwd", *qkv_fwd)
+            b.call("fastvit.attention_fwd", *att_fwd)
+            b.call("fastvit.linear_residual_fwd", *proj_fwd)
         b.cls = "mlp"
         b.call("fastvit.layernorm_mlp_fwd",
                ("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T),
-               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + 2 * M * F32 + 2 * D * e + Dh * D * e + Dh * e,
+               (GK, 2 * M * D * Dh, M * D * e + 2 * M * F32 + 2 * D * e + Dh * D * e + Dh * e,
                 2 * M * Dh * e, T, "LayerNorm prologue; bias + GELU epilogue, stores the pre-activation"),
-               ("_matmul_kernel", 2 * M * Dh * D, M * Dh * e + D * Dh * e + D * e + M * D * e, M * D * e, T,
+               (GK, 2 * M * Dh * D, M * Dh * e + D * Dh * e + D * e + M * D * e, M * D * e, T,
                 "bias + residual epilogue"))
     _head_fwd(b, s, B, e, loss=train)
     if not train:
@@ -365,59 +395,69 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None
     # ---- backward ----
     _head_bwd(b, s, B, e)
     P = _ln_bwd_programs(M, D)
+    G = -(-P // LN_BWD_GROUP)
+
+    def ln_bwd(dres: bool, cls: str) -> tuple:
+        # x, dy (+ the residual's gradient), gamma, row stats; every program's fp32 dgamma / dbeta partial row is
+        # written once and read once by its group's last program, whose group row the global last program reads
+        partials = 2 * (P + G) * D * F32
+        return ("_layernorm_bwd_kernel", 0, (3 if dres else 2) * M * D * e + D * e + 2 * M * F32 + partials,
+                M * D * e + partials + 2 * D * e, T,
+                "dx" + (" + the residual's gradient" if dres else "") + "; dgamma / dbeta by a two-level in-kernel "
+                "reduction of fp32 partials", cls)
+
     for _ in range(L):
         b.cls = "mlp"
         b.call("fastvit.layernorm_mlp_bwd",
-               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + M * Dh * e, D * Dh * e + D * e, T,
-                "dW2; GELU recomputed; db2 = row sums of its dY^T tiles"),
-               ("_matmul_kernel", 2 * M * D * Dh, M * D * e + D * Dh * e + M * Dh * e, M * Dh * e, T,
-                "dH; GELU' epilogue"),
-               ("_matmul_kernel", 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
-                Dh * D * e + Dh * e, T, "dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
-               ("_matmul_kernel", 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)"),
-               ("_layernorm_bwd_kernel", 0, 3 * M * D * e + D * e + 2 * M * F32, M * D * e + 2 * P * D * F32, T,
-                "dx + residual grad; fp32 dgamma/dbeta partials"),
-               ("_column_sum_kernel", 0, 2 * P * D * F32, 2 * D * e, T, "dgamma and dbeta"))
-        b.cls = "proj"
-        b.call("fastvit.linear_residual_bwd",
-               ("_matmul_kernel", 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"),
-               ("_matmul_kernel", 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
-                "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"))
-        b.cls = "attention"
+               *pair((GK, 2 * M * D * Dh, M * D * e + M * Dh * e, D * Dh * e + D * e, T,
+                      "dW2; GELU recomputed; db2 = row sums of its dY^T tiles"),
+                     (GK, 2 * M * D * Dh, M * D * e + D * Dh * e + M * Dh * e, M * Dh * e, T,
+                      "dH; GELU' epilogue")),
+               *pair((GK, 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                      Dh * D * e + Dh * e, T, "dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
+                     (GK, 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)")),
+               ln_bwd(True, "mlp"))
+        proj_bwd = pair((GK, 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"),
+                        (GK, 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
+                         "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"), "proj")
         # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
         if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
             # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
             # program that just read them hit L2); delta written to a (B, H, N) fp32 scratch and read back (counted,
             # though it is small and L2-resident); dq, dk, dv written once
-            b.call("fastvit.attention_bwd",
-                   ("_attention_bwd_fused_kernel", 14 * B * N * N * D, 5 * M * D * e + 2 * lse, 3 * M * D * e + lse,
-                    T, "delta, then dK/dV, then dQ per (batch, head)"))
+            att_bwd = [("_attention_bwd_fused_kernel", 14 * B * N * N * D, 5 * M * D * e + 2 * lse,
+                        3 * M * D * e + lse, T, "delta, then dK/dV, then dQ per (batch, head)", "attention")]
         else:
-            b.call("fastvit.attention_bwd",
-                   ("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T),
-                   ("_attention_bwd_dkdv_kernel", 8 * B * N * N * D, 4 * M * D * e + 2 * lse, 2 * M * D * e, T),
-                   ("_attention_bwd_dq_kernel", 6 * B * N * N * D, 4 * M * D * e + 2 * lse, M * D * e, T))
-        b.cls = "ln_qkv"
-        b.call("fastvit.layernorm_linear_bwd",
-               ("_matmul_kernel", 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
-                3 * D * D * e + 3 * D * e, T, "dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
-               ("_matmul_kernel", 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
-               ("_layernorm_bwd_kernel", 0, 2 * M * D * e + D * e + 2 * M * F32, M * D * e + 2 * P * D * F32, T,
-                "dx; fp32 dgamma/dbeta partials"),
-               ("_column_sum_kernel", 0, 2 * P * D * F32, 2 * D * e, T, "dgamma and dbeta"))
-        b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
+            att_bwd = [("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T, "", "attention"),
+                       ("_attention_bwd_dkdv_kernel", 8 * B * N * N * D, 4 * M * D * e + 2 * lse, 2 * M * D * e, T,
+                        "", "attention"),
+                       ("_attention_bwd_dq_kernel", 6 * B * N * N * D, 4 * M * D * e + 2 * lse, M * D * e, T, "",
+                        "attention")]
+        qkv_bwd = pair((GK, 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                        3 * D * D * e + 3 * D * e, T, "dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
+                       (GK, 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
+                       "ln_qkv") + [ln_bwd(attention_block, "ln_qkv")]
+        if attention_block:
+            b.call("fastvit.attention_block_bwd", *proj_bwd, *att_bwd, *qkv_bwd)
+        else:
+            b.call("fastvit.linear_residual_bwd", *proj_bwd)
+            b.call("fastvit.attention_bwd", *att_bwd)
+            b.call("fastvit.layernorm_linear_bwd", *qkv_bwd)
+            b.cls = "ln_qkv"
+            b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
     b.cls = "patch_embed"
     b.call("fastvit.patch_embed_bwd",
-           ("_column_sum_kernel", 0, M * D * e, N * D * F32, T, "fp32 sum over the batch (pos/bias/cls grads)"),
-           ("copy", 0, N * D * F32, N * D * e, False, "pos_embed grad to the weight dtype"),
-           ("_column_sum_kernel", 0, Np * D * F32, D * e, T, "bias grad"),
-           ("copy", 0, D * F32, D * e, False, "cls_token grad to the weight dtype"),
+           ("_column_sum_kernel", 0, M * D * e, N * D * F32 + N * D * e, T,
+            "fp32 sum over the batch (pos / bias / cls grads), and the pos_embed grad in the weight dtype"),
+           ("_column_sum_tail_kernel", 0, N * D * F32, D * e + D * e, T,
+            "bias grad (sum of the patch rows) and the cls_token grad in the weight dtype"),
            ("_matmul_kernel", 2 * B * Np * D * CPP, B * Np * D * e + img * e, D * CPP * e, T,
             "dW; patches re-gathered"))
 
 
 def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit", mode: str = "train",
-                  optimizer: bool = True, weight_decay: float = 0.05) -> list[Launch]:
+                  optimizer: bool = True, weight_decay: float = 0.05, attention_block: bool = True,
+                  gemm_kernel: str = "tma") -> list[Launch]:
     """The modelled launches of one training step (``mode="train"``: forward, cross-entropy, backward, AdamW)
     or one inference forward (``mode="forward"``: logits only) of ``batch_size`` images.
 
@@ -429,6 +469,11 @@ def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "f
         mode: "train" | "forward".
         optimizer: include the AdamW step (train mode only).
         weight_decay: the decay group's weight decay (0 drops its multiply).
+        attention_block: FastViT's attention half as one ``fastvit::attention_block`` op (model.py); False: as
+            its three ops (the profiler's instrumented step), with the gradient-accumulation add that implies.
+        gemm_kernel: FastViT's block-GEMM kernel form: "tma" (Hopper: ``_matmul_tma_kernel`` and its pair form)
+            or "pointer" (Ampere / Ada, the CPU interpreter: ``_matmul_kernel``, with fc2's backward pair as two
+            launches); see :func:`fastvit_kernels.backend.gemm_kernel`. fp32 pairs on "tma" are two launches.
 
     Returns:
         launches in execution order.
@@ -439,7 +484,12 @@ def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "f
     _check(shape, batch_size, path, mode)
     e = _ELEM[dtype_name(dtype)]
     b = _Builder()
-    (_fastvit_plan if path == "fastvit" else _eager_plan)(b, shape, batch_size, e, mode == "train")
+    if path == "fastvit":
+        if gemm_kernel not in ("tma", "pointer"):
+            raise ValueError(f"gemm_kernel must be 'tma' or 'pointer'; got {gemm_kernel!r}")
+        _fastvit_plan(b, shape, batch_size, e, mode == "train", attention_block, gemm_kernel)
+    else:
+        _eager_plan(b, shape, batch_size, e, mode == "train")
     if mode == "train" and optimizer:
         _adamw(b, shape, e, weight_decay)
     return b.launches
@@ -492,9 +542,10 @@ def summarize(launches: list[Launch], shape: ViTShape, batch_size: int, dtype="b
 
 
 def step_cost(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit", mode: str = "train",
-              peak: Peak | None = None, optimizer: bool = True, launch_overhead_s: float = 0.0) -> CostSummary:
+              peak: Peak | None = None, optimizer: bool = True, launch_overhead_s: float = 0.0,
+              gemm_kernel: str = "tma") -> CostSummary:
     """:func:`step_launches` then :func:`summarize` (same arguments; see there)."""
-    launches = step_launches(shape, batch_size, dtype, path, mode, optimizer)
+    launches = step_launches(shape, batch_size, dtype, path, mode, optimizer, gemm_kernel=gemm_kernel)
     return summarize(launches, shape, batch_size, dtype, path, mode, peak, launch_overhead_s)
 
 

@@ -28,26 +28,28 @@ import torch
 @dataclass(frozen=True)
 class DeviceSpec:
     """One GPU's dense peaks. ``tflops``: {"bf16" | "fp16" | "fp32": TFLOP/s}; ``bandwidth_gbs``: device-memory
-    bandwidth in GB/s (10^9 bytes); ``match``: lower-case substrings of ``torch.cuda.get_device_name()``."""
+    bandwidth in GB/s (10^9 bytes); ``match``: lower-case substrings of ``torch.cuda.get_device_name()``;
+    ``arch``: compute capability as major * 10 + minor (80 Ampere, 89 Ada, 90 Hopper)."""
 
     key: str
     name: str
     tflops: dict
     bandwidth_gbs: float
     match: tuple = ()
+    arch: int = 90
 
 
 DEVICES: dict[str, DeviceSpec] = {d.key: d for d in (
     DeviceSpec("a100", "NVIDIA A100 (SXM4 80 GB)", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 2039.0,
-               ("a100",)),
+               ("a100",), 80),
     DeviceSpec("h100-pcie", "NVIDIA H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 51.0}, 2000.0,
                ("h100 pcie",)),
     DeviceSpec("h100-sxm", "NVIDIA H100 SXM", {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0}, 3350.0,
                ("h100 80gb hbm3", "h100 sxm", "h100")),
     DeviceSpec("h200", "NVIDIA H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0}, 4800.0, ("h200",)),
-    DeviceSpec("l40s", "NVIDIA L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}, 864.0, ("l40s",)),
+    DeviceSpec("l40s", "NVIDIA L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}, 864.0, ("l40s",), 89),
     DeviceSpec("rtx4090", "NVIDIA GeForce RTX 4090", {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}, 1008.0,
-               ("rtx 4090",)),
+               ("rtx 4090",), 89),
 )}
 # parts that contain a table entry's substring but are different products (not matched: give a peak by flag)
 _NOT_MATCHED = ("h100 nvl",)

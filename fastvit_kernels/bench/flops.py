@@ -270,12 +270,25 @@ def _linear_residual_bwd_flop(dout, x, weight, *args, out_shape=None, **kwargs) 
     return 2 * linear_flops(M, K, weight[0])
 
 
+def _attention_block_fwd_flop(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
+                              *args, out_shape=None, **kwargs) -> int:
+    B, N, D = x
+    M = B * N
+    return linear_flops(M, D, 3 * D) + attention_flops(B, N, num_heads, D // num_heads) + linear_flops(M, D, D)
+
+
+def _attention_block_bwd_flop(dout, x, qkv, o, lse, mean, rstd, norm_weight, norm_bias, qkv_weight, proj_weight,
+                              has_qkv_bias, has_proj_bias, num_heads, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _attention_block_fwd_flop(x, None, None, None, None, None, None, num_heads)
+
+
 _FORMULAS = {
     "patch_embed_fwd": _patch_embed_fwd_flop, "patch_embed_bwd": _patch_embed_bwd_flop,
     "attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop,
     "layernorm_mlp_fwd": _layernorm_mlp_fwd_flop, "layernorm_mlp_bwd": _layernorm_mlp_bwd_flop,
     "layernorm_linear_fwd": _layernorm_linear_fwd_flop, "layernorm_linear_bwd": _layernorm_linear_bwd_flop,
     "linear_residual_fwd": _linear_residual_fwd_flop, "linear_residual_bwd": _linear_residual_bwd_flop,
+    "attention_block_fwd": _attention_block_fwd_flop, "attention_block_bwd": _attention_block_bwd_flop,
 }
 
 

@@ -10,7 +10,9 @@ Method:
    ``fastvit::*`` custom ops) and times it (a CUDA event after each op on a GPU; wall clock on the CPU). Each
    op is given an op class: in the forward from the module it runs in (``torch.utils.module_tracker``), the
    public op it runs under (``fastvit_kernels.ops.patch_embed`` / ``layernorm_linear`` / ``attention`` /
-   ``linear_residual`` / ``layernorm_mlp`` are wrapped for the duration of the step) or, for inline Linears (a
+   ``linear_residual`` / ``layernorm_mlp`` are wrapped for the duration of the step; ``attention_block``, one op
+   in the timed steps, runs as its three ops here, which adds one gradient-accumulation add per block to the
+   instrumented step only) or, for inline Linears (a
    block's proj under LayerScale / dropout), its shapes; in the backward from
    the autograd node that runs it (a pre-hook on every node the forward created carries the forward op's class).
 3. each class's share of the instrumented step, applied to the measured step time. The instrumentation adds
@@ -189,11 +191,17 @@ def _public_op_scopes(mode: _OpClassMode):
 
     for n, cls in _PUBLIC_OPS.items():
         setattr(ops, n, wrap(saved[n], cls))
+    # the attention half (one op in the timed steps) runs as its three ops, each under its own class
+    from ..ops.attention_block import attention_block_as_three_ops
+
+    saved_block = ops.attention_block
+    ops.attention_block = attention_block_as_three_ops
     try:
         yield
     finally:
         for n, fn in saved.items():
             setattr(ops, n, fn)
+        ops.attention_block = saved_block
 
 
 def _pct(x: float) -> str:

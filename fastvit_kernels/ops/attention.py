@@ -82,6 +82,39 @@ torch.library.register_autograd("fastvit::attention_fwd", _attention_backward, s
 # ----------------------------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------------------------
+def check_heads(width: int, num_heads, scale, where: str, got: tuple, groups: int = 1) -> tuple[int, float]:
+    """Validate the heads of an attention whose input's last dim ``width`` is ``groups`` * D (qkv: 3 * D; the
+    block input: D). ``where`` / ``got`` name the input and its shape in messages. Returns (num_heads as an int,
+    scale as a float; default ``head_dim ** -0.5``).
+
+    Raises:
+        TypeError: num_heads is not an int; scale is not a real number (or None).
+        ValueError: num_heads < 1; width not groups * D with D divisible by num_heads; head_dim not a multiple of 8
+            in [8, 128]; scale not positive and finite.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral):
+        raise TypeError(f"num_heads must be an int; got {type(num_heads).__name__} {num_heads!r}")
+    num_heads = int(num_heads)
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive; got {num_heads}")
+    if width % (groups * num_heads):
+        raise ValueError(f"{where} with D divisible by num_heads={num_heads}; got {got}")
+    head_dim = width // groups // num_heads
+    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim = D / num_heads must be a multiple of 8 in [8, {MAX_HEAD_DIM}]; got head_dim={head_dim} "
+            f"({got}, num_heads={num_heads})"
+        )
+    if scale is None:
+        return num_heads, head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None; got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not 0 < scale < math.inf:  # also false for NaN; no math.isfinite: Dynamo may pass a SymFloat
+        raise ValueError(f"scale must be positive and finite; got {scale}")
+    return num_heads, scale
+
+
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, backend: str | None = None
               ) -> torch.Tensor:
     """Multi-head softmax attention on the packed output of a ViT's qkv Linear.
@@ -115,32 +148,10 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, 
     (qkv,) = autocast_inputs(qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be a 3-D tensor (B, N, 3*D); got {qkv.dim()}-D with shape {tuple(qkv.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral):
-        raise TypeError(f"num_heads must be an int; got {type(num_heads).__name__} {num_heads!r}")
-    num_heads = int(num_heads)
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be positive; got {num_heads}")
     B, N, three_d = qkv.shape
     if N < 1:
         raise ValueError(f"qkv must have at least one token (N >= 1); got shape {tuple(qkv.shape)}")
-    if three_d % 3 or (three_d // 3) % num_heads:
-        raise ValueError(
-            f"qkv must be (B, N, 3*D) with D divisible by num_heads={num_heads}; got {tuple(qkv.shape)}"
-        )
-    head_dim = three_d // 3 // num_heads
-    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(
-            f"head_dim = D / num_heads must be a multiple of 8 in [8, {MAX_HEAD_DIM}]; got head_dim={head_dim} "
-            f"(qkv {tuple(qkv.shape)}, num_heads={num_heads})"
-        )
-    if scale is None:
-        scale = head_dim**-0.5
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a real number or None; got {type(scale).__name__} {scale!r}")
-        scale = float(scale)
-        if not 0 < scale < math.inf:  # also false for NaN; no math.isfinite: Dynamo may pass a SymFloat
-            raise ValueError(f"scale must be positive and finite; got {scale}")
+    num_heads, scale = check_heads(three_d, num_heads, scale, "qkv must be (B, N, 3*D)", tuple(qkv.shape), groups=3)
 
     if resolve_backend(qkv.device, backend) == "torch":
         return reference.attention_ref(qkv, num_heads, scale)

@@ -3,12 +3,13 @@
 * :func:`layernorm_linear` -- ``Linear(LayerNorm(x))`` (norm1 + qkv). Forward (two launches): fp32 row statistics,
   then the GEMM with the LayerNorm applied in its A-operand prologue (the normalised activations never reach
   device memory) and the bias in its epilogue. Backward: dW from a GEMM that recomputes LayerNorm(x) in its B
-  prologue and also yields db as the row sums of the dY^T tiles it loads (no extra pass over dY); d LayerNorm(x)
-  = dY @ W; then the LayerNorm backward (dgamma / dbeta reduced deterministically in fp32). Saved for backward:
-  x and the fp32 row statistics.
+  prologue and also yields db as the row sums of the dY^T tiles it loads (no extra pass over dY), and d
+  LayerNorm(x) = dY @ W, the two in one launch (``matmul.gemm_pair``); then the LayerNorm backward (dgamma / dbeta
+  reduced deterministically in fp32). Saved for backward: x and the fp32 row statistics.
 * :func:`linear_residual` -- ``residual + Linear(x)`` (proj + the attention residual add). Forward: one GEMM with
-  bias and residual in its epilogue. Backward: dx = dY @ W; dW = dY^T @ x, which also yields db from the row sums
-  of its dY^T tiles; the residual's gradient is dY itself (no kernel). Saved for backward: x.
+  bias and residual in its epilogue. Backward (one launch, ``matmul.gemm_pair``): dx = dY @ W and dW = dY^T @ x,
+  which also yields db from the row sums of its dY^T tiles; the residual's gradient is dY itself (no kernel).
+  Saved for backward: x.
 
 References: Ba et al. 2016 (LayerNorm), Vaswani et al. 2017 (residual pre-norm transformer block); fusion plan
 from DESIGN.md ("norm1 + qkv" and "proj" rows of the GEMM-core table).
@@ -56,27 +57,36 @@ def _(x, norm_weight, norm_bias, weight, bias, eps):
     return x.new_empty((M, weight.shape[0])), stats, torch.empty_like(stats)
 
 
+def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                           norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                           dres: torch.Tensor | None = None) -> tuple:
+    """Triton backward of ``Linear(LayerNorm(x))`` (+ ``dres``, a gradient reaching x by another path, added by the
+    LayerNorm backward kernel): dout (M, N_out), x (M, D) -> (dx, dgamma, dbeta, dW, db); db is (0,) without a
+    bias. Three launches: the dW / d LayerNorm(x) GEMM pair, the LayerNorm backward."""
+    from ..kernels.layernorm import layernorm_bwd
+    from ..kernels.matmul import LayerNormPrologue, Operand, gemm_pair
+
+    M, D = x.shape
+    N = weight.shape[0]
+    wdt = weight.dtype
+    # one launch for two GEMMs that read dY: dW = dY^T @ LayerNorm(x) (normalisation recomputed on load) with
+    # db = sum_m dY from its A tiles, and d LayerNorm(x) = dY @ W; then the LayerNorm backward
+    dw = torch.empty((N, D), device=x.device, dtype=wdt)
+    db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
+    dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    gemm_pair(dict(a=Operand.matrix_t(dout), b=Operand.matrix(x), c=Operand.matrix(dw), M=N, N=D, K=M,
+                   b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db if has_bias else None),
+              dict(a=Operand.matrix(dout), b=Operand.matrix(weight), c=Operand.matrix(dln), M=M, N=D, K=N))
+    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dres)
+    return dx, dgamma, dbeta, dw, db
+
+
 @torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
 def _layernorm_linear_bwd(
     dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..kernels.layernorm import layernorm_bwd
-    from ..kernels.matmul import LayerNormPrologue, Operand, gemm
-
-    M, D = x.shape
-    N = weight.shape[0]
-    wdt = weight.dtype
-    # dW = dY^T @ LayerNorm(x) (normalisation recomputed on load); db = sum_m dY from the same GEMM's A tiles
-    dw = torch.empty((N, D), device=x.device, dtype=wdt)
-    db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
-    gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, D, M,
-         b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db if has_bias else None)
-    # d LayerNorm(x) = dY @ W, then the LayerNorm backward
-    dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
-    gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dln), M, D, N)
-    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd)
-    return dx, dgamma, dbeta, dw, db
+    return layernorm_linear_grads(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias)
 
 
 @_layernorm_linear_bwd.register_fake
@@ -123,23 +133,29 @@ def _(x, weight, bias, residual):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
-def _linear_residual_bwd(
-    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..kernels.matmul import Operand, gemm
+def linear_grads(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool) -> tuple:
+    """Triton backward of ``Linear(x)``: dout (M, N_out), x (M, K) -> (dx, dW, db), db (0,) without a bias; one
+    launch (the dx / dW GEMM pair)."""
+    from ..kernels.matmul import Operand, gemm_pair
 
     M, K = x.shape
     N = weight.shape[0]
     wdt = weight.dtype
-    # dx = dY @ W
+    # one launch for two GEMMs that read dY: dx = dY @ W, and dW = dY^T @ x with db = sum_m dY from its A tiles
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-    gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dx), M, K, N)
-    # dW = dY^T @ x; db = sum_m dY from the same GEMM's A tiles
     dw = torch.empty((N, K), device=x.device, dtype=wdt)
     db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
-    gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, K, M, a_rowsum=db if has_bias else None)
+    gemm_pair(dict(a=Operand.matrix(dout), b=Operand.matrix(weight), c=Operand.matrix(dx), M=M, N=K, K=N),
+              dict(a=Operand.matrix_t(dout), b=Operand.matrix(x), c=Operand.matrix(dw), M=N, N=K, K=M,
+                   a_rowsum=db if has_bias else None))
     return dx, dw, db
+
+
+@torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+def _linear_residual_bwd(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_grads(dout, x, weight, has_bias)
 
 
 @_linear_residual_bwd.register_fake

@@ -85,15 +85,26 @@ def test_flop_counter_counts_fastvit_custom_ops():
     images = torch.randn(2, 3, 16, 16)
     s = ViTShape.from_model(fast)
     f_fwd, ops_fwd = _count(fast, images, train=False)
-    assert {"fastvit.patch_embed_fwd", "fastvit.attention_fwd", "fastvit.layernorm_mlp_fwd"} <= set(ops_fwd)
+    assert {"fastvit.patch_embed_fwd", "fastvit.attention_block_fwd", "fastvit.layernorm_mlp_fwd"} <= set(ops_fwd)
     assert f_fwd == _count(ref, images, train=False)[0] == model_flops(s, 2, "forward")
     f_train, ops_train = _count(fast, images, train=True)
-    assert {"fastvit.patch_embed_bwd", "fastvit.attention_bwd", "fastvit.layernorm_mlp_bwd"} <= set(ops_train)
+    assert {"fastvit.patch_embed_bwd", "fastvit.attention_block_bwd", "fastvit.layernorm_mlp_bwd"} <= set(ops_train)
     assert f_train == _count(ref, images, train=True)[0] == model_flops(s, 2, "train")
     fb = flops_by_class(s, 2, "forward")
-    assert ops_fwd["fastvit.attention_fwd"] == fb["attention"]
+    attention_half = fb["ln_qkv"] + fb["attention"] + fb["proj"]
+    assert ops_fwd["fastvit.attention_block_fwd"] == attention_half
     assert ops_fwd["fastvit.layernorm_mlp_fwd"] == fb["mlp"]
-    assert ops_train["fastvit.attention_bwd"] == 2 * fb["attention"]
+    assert ops_train["fastvit.attention_block_bwd"] == 2 * attention_half
+    # the three ops the attention half fuses, called on their own, are counted too
+    from fastvit_kernels.ops.attention_block import attention_block_as_three_ops
+
+    blk = fast.blocks[0]
+    x = torch.randn(2, 17, 96)
+    args = (blk.norm1.weight, blk.norm1.bias, blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.proj.weight,
+            blk.attn.proj.bias, 3)
+    with FlopCounterMode(display=False) as counter:
+        attention_block_as_three_ops(x, *args, backend="triton")
+    assert counter.get_total_flops() == attention_half  # the same 2 x 17 tokens as the images above
 
 
 def test_registration_needs_no_triton_import():
