@@ -375,13 +375,17 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
     att_fwd = [("_attention_fwd_kernel", att, 3 * M * D * e, M * D * e + lse, T, "", "attention")]
     proj_fwd = [(GK, 2 * M * D * D, M * D * e + D * D * e + D * e + M * D * e, M * D * e, T,
                  "bias + residual epilogue", "proj")]
-    for _ in range(L):
+
+    def attention_half(suffix: str, parts: list) -> None:
+        """The attention half's (op, kernels) parts as one fastvit::attention_block op or as its three ops."""
         if attention_block:
-            b.call("fastvit.attention_block_fwd", *qkv_fwd, *att_fwd, *proj_fwd)
+            b.call(f"fastvit.attention_block_{suffix}", *[k for _, kernels in parts for k in kernels])
         else:
-            b.call("fastvit.layernorm_linear_fwd", *qkv_fwd)
-            b.call("fastvit.attention_fwd", *att_fwd)
-            b.call("fastvit.linear_residual_fwd", *proj_fwd)
+            for op, kernels in parts:
+                b.call(f"fastvit.{op}_{suffix}", *kernels)
+
+    for _ in range(L):
+        attention_half("fwd", [("layernorm_linear", qkv_fwd), ("attention", att_fwd), ("linear_residual", proj_fwd)])
         b.cls = "mlp"
         b.call("fastvit.layernorm_mlp_fwd",
                ("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T),
@@ -437,12 +441,8 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
                         3 * D * D * e + 3 * D * e, T, "dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
                        (GK, 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
                        "ln_qkv") + [ln_bwd(attention_block, "ln_qkv")]
-        if attention_block:
-            b.call("fastvit.attention_block_bwd", *proj_bwd, *att_bwd, *qkv_bwd)
-        else:
-            b.call("fastvit.linear_residual_bwd", *proj_bwd)
-            b.call("fastvit.attention_bwd", *att_bwd)
-            b.call("fastvit.layernorm_linear_bwd", *qkv_bwd)
+        attention_half("bwd", [("linear_residual", proj_bwd), ("attention", att_bwd), ("layernorm_linear", qkv_bwd)])
+        if not attention_block:
             b.cls = "ln_qkv"
             b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
     b.cls = "patch_embed"
