@@ -421,9 +421,9 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
                       Dh * D * e + Dh * e, T, "dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
                      (GK, 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)")),
                ln_bwd(True, "mlp"))
-        proj_bwd = pair((GK, 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"),
-                        (GK, 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
-                         "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"), "proj")
+        proj_bwd = pair((GK, 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
+                         "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"),
+                        (GK, 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"), "proj")
         # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
         if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
             # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the

@@ -141,13 +141,15 @@ def linear_grads(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_
     M, K = x.shape
     N = weight.shape[0]
     wdt = weight.dtype
-    # one launch for two GEMMs that read dY: dx = dY @ W, and dW = dY^T @ x with db = sum_m dY from its A tiles
+    # one launch for two GEMMs that read dY: dW = dY^T @ x with db = sum_m dY from its A tiles, and dx = dY @ W
+    # (in every pair the weight-grad GEMM, whose tiles run the long K = M loop, comes first: its tiles are handed out
+    # first, the short ones fill the tail)
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
     dw = torch.empty((N, K), device=x.device, dtype=wdt)
     db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
-    gemm_pair(dict(a=Operand.matrix(dout), b=Operand.matrix(weight), c=Operand.matrix(dx), M=M, N=K, K=N),
-              dict(a=Operand.matrix_t(dout), b=Operand.matrix(x), c=Operand.matrix(dw), M=N, N=K, K=M,
-                   a_rowsum=db if has_bias else None))
+    gemm_pair(dict(a=Operand.matrix_t(dout), b=Operand.matrix(x), c=Operand.matrix(dw), M=N, N=K, K=M,
+                   a_rowsum=db if has_bias else None),
+              dict(a=Operand.matrix(dout), b=Operand.matrix(weight), c=Operand.matrix(dx), M=M, N=K, K=N))
     return dx, dw, db
 
 
