@@ -7,9 +7,9 @@ epilogue, which also stores the pre-activation -> fc2 GEMM with bias and the res
 Backward: fc2 weight grad from a GEMM that recomputes GELU(pre-activation) in its B prologue and fc2 dgrad with
 the GELU' multiply in its epilogue (one launch on the Hopper kernel: ``matmul.gemm_pair``); fc1 weight grad from a
 GEMM that recomputes LayerNorm(x) in its B prologue and fc1 dgrad (one launch); LayerNorm backward with the
-residual gradient added. The bias grads come from the weight-grad GEMMs
-(row sums of the dY^T / dH^T tiles they load: no extra pass over device memory); gamma / beta grads are
-per-program fp32 partials reduced in one launch. All reductions are fp32 in a fixed order (deterministic).
+residual gradient added, whose launch also reduces the gamma / beta grads (per-program fp32 partials, summed by a
+two-level tree inside the kernel). The bias grads come from the weight-grad GEMMs (row sums of the dY^T / dH^T
+tiles they load: no extra pass over device memory). All reductions are fp32 in a fixed order (deterministic).
 Saved for backward: x, the pre-activation (B, N, D_hidden) and the fp32 row stats.
 
 ``recompute=True`` saves only x and the row stats (no (B, N, D_hidden) tensor between forward and backward) and
