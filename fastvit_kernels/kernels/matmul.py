@@ -789,25 +789,25 @@ def gemm_pair(first: dict, second: dict) -> None:
         _run(p0)
         _run(p1)
         return
-    if not (p0.tma() and not _TMA_FAILED) and PROLOGUE_GELU in (p0.a_prologue, p0.b_prologue, p1.a_prologue,
-                                                                 p1.b_prologue):
-        # the pointer kernel's pair with a GELU prologue (fc2's dW2 with dH) spilled 8 B per thread with every
-        # candidate on sm_90 (AOT check, Triton 3.9): on the pointer kernel those two run one by one
-        _run(p0)
-        _run(p1)
-        return
-    if p0.tma() and not _TMA_FAILED and p0.compute_dtype == torch.float32:
-        # the TMA kernel's fp32 pair form (IEEE dots on the FMA units) left 8-16 B per thread on the stack on sm_90
-        # (AOT check, Triton 3.9): fp32 pairs run one by one there
-        _run(p0)
-        _run(p1)
-        return
     if p0.tma() and not _TMA_FAILED:
+        if p0.compute_dtype == torch.float32:
+            # the TMA kernel's fp32 pair form (IEEE dots on the FMA units) left 8-16 B per thread on the stack on
+            # sm_90 (AOT check, Triton 3.9): fp32 pairs run one by one there
+            _run(p0)
+            _run(p1)
+            return
         _, cfg = p0.config()
         if _try_tma(lambda: matmul_tma.launch_pair(p0.tma_kw(), p1.tma_kw(),
                                                    dot_precision=dot_precision(p0.compute_dtype),
                                                    autotune=_autotune_enabled(), config=cfg)):
             return
+    # the pointer kernel (also after the TMA kernel failed to build under "auto")
+    if PROLOGUE_GELU in (p0.a_prologue, p0.b_prologue, p1.a_prologue, p1.b_prologue):
+        # its pair with a GELU prologue (fc2's dW2 with dH) spilled 8 B per thread with every candidate on sm_90
+        # (AOT check, Triton 3.9): on the pointer kernel those two run one by one
+        _run(p0)
+        _run(p1)
+        return
     _launch_pointer_pair(p0, p1)
 
 

@@ -456,3 +456,32 @@ def test_gemm_pair_runs_separately_when_it_cannot_share_a_launch(device, monkeyp
     assert calls == ["pointer", "pointer"]
     a, w = s0["a"].tensor, s0["b"].tensor
     torch.testing.assert_close(out["dx"], a @ w + res, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["proj", "fc2"])
+def test_gemm_pair_after_a_tma_build_failure(name, device, monkeypatch):
+    """Under "auto", a TMA pair kernel that fails to build warns once and the pair runs on the pointer kernel (its
+    pair form; fc2's pair one by one), with the same results as two separate launches."""
+    from fastvit_kernels import backend
+    from fastvit_kernels.kernels import matmul, matmul_tma
+    from fastvit_kernels.kernels.matmul import gemm, gemm_pair
+
+    from triton.runtime.errors import OutOfResources
+
+    def broken(*a, **k):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    with backend.use_gemm_impl("triton"), backend.use_gemm_kernel("pointer"):
+        (s0, s1), ref = _pair_specs(name, torch.float16, device)
+        gemm(**s0)
+        gemm(**s1)
+    calls = _count_gemm_launches(monkeypatch)
+    monkeypatch.setattr(matmul_tma, "launch_pair", broken)
+    monkeypatch.setattr(matmul, "_TMA_FAILED", False)
+    monkeypatch.setattr(matmul, "_use_tma", lambda *a: True)  # as on a Hopper GPU under "auto"
+    (s0, s1), out = _pair_specs(name, torch.float16, device)
+    with backend.use_gemm_impl("triton"), pytest.warns(RuntimeWarning, match="TMA GEMM kernel failed to build"):
+        gemm_pair(s0, s1)
+    assert matmul._TMA_FAILED
+    assert calls == (["pointer", "pointer"] if name == "fc2" else ["pointer_pair"]), calls
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
