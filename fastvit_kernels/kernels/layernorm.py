@@ -138,7 +138,6 @@ BWD_PROGRAMS = 256  # at most this many LayerNorm-backward programs (partial row
 #                    depend on the device (about two waves of an H100's 132 SMs)
 BWD_GROUP = 16  # programs per first-level group of the backward's dgamma / dbeta tree; 256 = 16 groups of 16, so
 #                 both levels sum at most 16 rows
-_COUNTER_SLOTS = 1 + triton.cdiv(BWD_PROGRAMS, BWD_GROUP)  # ticket counters for the default cap: global + groups
 
 
 def _rows_per_program(D: int) -> tuple[int, int]:
@@ -176,7 +175,7 @@ def ticket_counter(device: torch.device) -> torch.Tensor:
         key = (device.type, index, torch.cuda.current_stream(index).cuda_stream)
     else:
         key = (device.type, device.index)
-    slots = max(_COUNTER_SLOTS, 1 + triton.cdiv(BWD_PROGRAMS, BWD_GROUP))  # a raised BWD_PROGRAMS gets more
+    slots = 1 + triton.cdiv(BWD_PROGRAMS, BWD_GROUP)  # global + one per group (a larger buffer is reused)
     counter = _COUNTERS.get(key)
     if counter is None or counter.numel() < slots:
         counter = _COUNTERS[key] = torch.zeros(slots, dtype=torch.int32, device=device)

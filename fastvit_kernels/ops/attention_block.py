@@ -165,6 +165,9 @@ def attention_block(
         ValueError: x not (B, N, D) with N >= 1; a weight whose shape does not chain (names the argument, the
             expected and the actual shape); mixed dtypes or devices; eps <= 0; bad heads (see num_heads).
         RuntimeError: backend="triton" where Triton cannot run.
+
+    Source: the pre-norm ViT block's attention half (Dosovitskiy et al. 2021, eq. 2; timm's ``Block``); attention
+    by FlashAttention-2 (Dao 2023), LayerNorm by Ba et al. 2016.
     """
     x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias = autocast_inputs(
         x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias)
