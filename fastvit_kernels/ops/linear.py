@@ -23,6 +23,7 @@ import torch
 
 from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
+from .._device import launches_on_input_device
 from ..backend import resolve_backend
 
 
@@ -38,6 +39,7 @@ def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
 # custom ops: LayerNorm + Linear (2-D tokens: M = B * N rows)
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
+@launches_on_input_device
 def _layernorm_linear_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
     bias: Optional[torch.Tensor], eps: float,
@@ -82,6 +84,7 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
 
 
 @torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
+@launches_on_input_device
 def _layernorm_linear_bwd(
     dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool,
@@ -120,6 +123,7 @@ _layernorm_linear_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_co
 # custom ops: Linear + residual
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::linear_residual_fwd", mutates_args=())
+@launches_on_input_device
 def _linear_residual_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
 ) -> torch.Tensor:
@@ -154,6 +158,7 @@ def linear_grads(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_
 
 
 @torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+@launches_on_input_device
 def _linear_residual_bwd(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
