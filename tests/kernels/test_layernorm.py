@@ -222,3 +222,59 @@ def test_ticket_counter_is_fresh_per_launch_and_not_kept_alive(device, monkeypat
     assert not held, f"module state of kernels/layernorm.py holds tensors: {held}"
     with pytest.raises(ValueError, match="n_groups"):
         ln.ticket_counter(x.device, 0)
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@_needs_cuda
+def test_layernorm_bwd_replays_in_a_captured_cuda_graph():
+    """Captured once, replayed three times: each replay refills the counters (the fill is captured with the
+    kernel) and gives the eager launch's bits."""
+    from fastvit_kernels.kernels import layernorm as ln
+
+    x, dy, dres, gamma, _ = _inputs(197 * 4, 160, torch.float32, "cuda")
+    mean, rstd = ln.row_stats(x, 1e-6)
+    want = ln.layernorm_bwd(x, dy, gamma, mean, rstd, dres=dres)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = ln.layernorm_bwd(x, dy, gamma, mean, rstd, dres=dres)
+    for _ in range(3):
+        for t in got:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
+            assert torch.equal(a, b), name
+
+
+@_needs_cuda
+def test_layernorm_mlp_training_under_cudagraph_trees():
+    """torch.compile(mode="reduce-overhead"): warm-up, recording and replays of the forward and the backward
+    (whose LayerNorm backward allocates its counters inside the graph pool) give eager's gradients on every
+    step, and cudagraph trees' memory-pool checks pass."""
+    from fastvit_kernels.ops import layernorm_mlp
+
+    torch._dynamo.reset()
+    D = 64
+    params = [1 + 0.1 * torch.randn(D), 0.1 * torch.randn(D), torch.randn(4 * D, D) / D**0.5,
+              0.1 * torch.randn(4 * D), torch.randn(D, 4 * D) / (4 * D) ** 0.5, 0.1 * torch.randn(D)]
+    params = [p.cuda().requires_grad_(True) for p in params]
+
+    def f(x):
+        return layernorm_mlp(x, *params, backend="triton")
+
+    compiled = torch.compile(f, mode="reduce-overhead")
+    for step in range(4):
+        x = torch.randn(2, 17, D, device="cuda")
+        g = torch.randn(2, 17, D, device="cuda")
+        for p in params:
+            p.grad = None
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled(x).backward(g)
+        got = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        f(x).backward(g)
+        for i, (a, p) in enumerate(zip(got, params)):
+            torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} param {i}: {m}")
