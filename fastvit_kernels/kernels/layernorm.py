@@ -165,11 +165,12 @@ def ticket_counter(device: torch.device, n_groups: int) -> torch.Tensor:
     under ``torch.compile(mode="reduce-overhead")`` cudagraph trees route every allocation of the warm-up run and
     of the recording into the graph's private memory pool, so a buffer first made there lives in the pool, is kept
     alive by the module state (``check_memory_pool`` fails) and, once the pool is reclaimed for a re-recording, can
-    share its memory with another tensor, leaving non-zero tickets and dgamma / dbeta never written. Allocating
-    outside the pool is not possible from inside the op, since the caller decides where allocations go. A fresh
-    buffer is an ordinary tensor of the stream and pool it is made in, freed after the launch; inside a captured
-    graph the fill is captured with the kernel, so every replay starts from zeros; and a launch never depends on
-    what an earlier (possibly interrupted) launch left behind.
+    share its memory with another tensor, leaving non-zero tickets and dgamma / dbeta never written. Allocating it
+    outside the pool cannot be done reliably from inside the op: the warm-up run is routed to the pool as well,
+    and escaping that routing needs the allocator's private interfaces. A fresh buffer is an ordinary tensor of
+    the stream and pool it is made in, freed after the launch; inside a captured graph the fill is captured with
+    the kernel, so every replay starts from zeros; and a launch never depends on what an earlier (possibly
+    interrupted) launch left behind.
 
     Raises:
         ValueError: n_groups < 1.

@@ -64,7 +64,8 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
                            dres: torch.Tensor | None = None) -> tuple:
     """Triton backward of ``Linear(LayerNorm(x))`` (+ ``dres``, a gradient reaching x by another path, added by the
     LayerNorm backward kernel): dout (M, N_out), x (M, D) -> (dx, dgamma, dbeta, dW, db); db is (0,) without a
-    bias. Three launches: the dW / d LayerNorm(x) GEMM pair, the LayerNorm backward."""
+    bias. Launches: the dW / d LayerNorm(x) GEMM pair (one, or two where ``gemm_pair`` runs them one by one), the
+    fill of the LayerNorm backward's ticket counters, the LayerNorm backward."""
     from ..kernels.layernorm import layernorm_bwd
     from ..kernels.matmul import LayerNormPrologue, Operand, gemm_pair
 
