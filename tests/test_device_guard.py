@@ -52,11 +52,14 @@ def checked_launches():
                 name = self.fn.__name__
                 launches.append(name)
                 guard = _device.guarded_device()
-                devices = {t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+                # tensors, and the tensors under TMA descriptors (``.base``) on Hopper
+                values = [a if isinstance(a, torch.Tensor) else getattr(a, "base", None)
+                          for a in (*args, *kwargs.values())]
+                devices = {t.device for t in values if isinstance(t, torch.Tensor)}
                 problem = None
                 if guard is None:
                     problem = f"{name}: launched outside the device guard (tensors on {devices})"
-                elif devices != {guard}:
+                elif devices and devices != {guard}:
                     problem = f"{name}: guard for {guard}, tensors on {devices}"
                 elif guard.type == "cuda" and torch.cuda.current_device() != guard.index:
                     problem = f"{name}: guard for {guard}, current device {torch.cuda.current_device()}"
