@@ -401,14 +401,16 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
     P = _ln_bwd_programs(M, D)
     G = -(-P // LN_BWD_GROUP)
 
-    def ln_bwd(dres: bool, cls: str) -> tuple:
+    def ln_bwd(dres: bool, cls: str) -> list:
         # x, dy (+ the residual's gradient), gamma, row stats; every program's fp32 dgamma / dbeta partial row is
-        # written once and read once by its group's last program, whose group row the global last program reads
+        # written once and read once by its group's last program, whose group row the global last program reads.
+        # Before it, the fill of its fresh int32 ticket counters (global + one per group; layernorm.ticket_counter)
         partials = 2 * (P + G) * D * F32
-        return ("_layernorm_bwd_kernel", 0, (3 if dres else 2) * M * D * e + D * e + 2 * M * F32 + partials,
-                M * D * e + partials + 2 * D * e, T,
-                "dx" + (" + the residual's gradient" if dres else "") + "; dgamma / dbeta by a two-level in-kernel "
-                "reduction of fp32 partials", cls)
+        return [("fill", 0, 0, (1 + G) * 4, False, "LayerNorm-backward ticket counters", cls),
+                ("_layernorm_bwd_kernel", 0, (3 if dres else 2) * M * D * e + D * e + 2 * M * F32 + partials,
+                 M * D * e + partials + 2 * D * e, T,
+                 "dx" + (" + the residual's gradient" if dres else "") + "; dgamma / dbeta by a two-level in-kernel "
+                 "reduction of fp32 partials", cls)]
 
     for _ in range(L):
         b.cls = "mlp"
@@ -420,7 +422,7 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
                *pair((GK, 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
                       Dh * D * e + Dh * e, T, "dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
                      (GK, 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)")),
-               ln_bwd(True, "mlp"))
+               *ln_bwd(True, "mlp"))
         proj_bwd = pair((GK, 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
                          "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"),
                         (GK, 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"), "proj")
@@ -440,7 +442,7 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
         qkv_bwd = pair((GK, 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
                         3 * D * D * e + 3 * D * e, T, "dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
                        (GK, 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
-                       "ln_qkv") + [ln_bwd(attention_block, "ln_qkv")]
+                       "ln_qkv") + ln_bwd(attention_block, "ln_qkv")
         attention_half("bwd", [("linear_residual", proj_bwd), ("attention", att_bwd), ("layernorm_linear", qkv_bwd)])
         if not attention_block:
             b.cls = "ln_qkv"

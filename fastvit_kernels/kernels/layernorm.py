@@ -10,9 +10,11 @@
 
   1. programs form groups of ``BWD_GROUP`` = 16 consecutive ids (the last group may be smaller); each takes a ticket
      from its group's int32 counter (atomic add, acquire-release, GPU scope), and the group's last program sums the
-     group's partial rows in a fixed order (rows 16g, 16g + 1, ...) into an fp32 group row and resets the counter;
+     group's partial rows in a fixed order (rows 16g, 16g + 1, ...) into an fp32 group row;
   2. that program then takes a ticket from the global counter, and the last of the G = ceil(P / 16) group
-     programs sums the G group rows in a fixed order, writes dgamma / dbeta and resets the global counter.
+     programs sums the G group rows in a fixed order and writes dgamma / dbeta.
+
+  The counters are a zero-filled buffer made for each launch (``ticket_counter``), not persistent state.
 
   Both sums run ``ROWS`` rows at a time (blocks 0, 1, 2, ... into a (ROWS, BLOCK_D) accumulator, then over its
   rows), so the result depends only on (M, D, P), not on which programs finish last nor on the device:
@@ -78,7 +80,7 @@ def _layernorm_bwd_kernel(
     part_ptr,  # (num_programs, 2 * D) fp32 per-program partial sums: dgamma in [0, D), dbeta in [D, 2D)
     group_part_ptr,  # (cdiv(num_programs, GROUP), 2 * D) fp32 per-group sums of part's rows, same layout
     dgamma_ptr, dbeta_ptr,  # (D,) outputs in gamma's dtype, written by the last group's last program
-    counter_ptr,  # (1 + n_groups or more,) int32, 0 at launch: [0] global, [1 + g] group g; each reset by its last
+    counter_ptr,  # (1 + n_groups,) int32, all 0 at launch (fresh for each launch): [0] global, [1 + g] group g
     M, D, stride_x_m, stride_dy_m, stride_dres_m, stride_dx_m,
     HAS_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -122,7 +124,6 @@ def _layernorm_bwd_kernel(
         acc_g, acc_b = _sum_rows(part_ptr, row0, group_size, D, cols, mask_c, ROWS, BLOCK_D)
         tl.store(group_part_ptr + grp * 2 * D + cols, acc_g, mask=mask_c)
         tl.store(group_part_ptr + grp * 2 * D + D + cols, acc_b, mask=mask_c)
-        tl.atomic_xchg(counter_ptr + 1 + grp, 0, sem="acq_rel")  # every group member has drawn its ticket
         # level 2: the last group to finish sums the n_groups group rows
         n_groups = tl.cdiv(n_prog, GROUP)
         tl.debug_barrier()
@@ -131,7 +132,6 @@ def _layernorm_bwd_kernel(
             acc_g, acc_b = _sum_rows(group_part_ptr, 0, n_groups, D, cols, mask_c, ROWS, BLOCK_D)
             tl.store(dgamma_ptr + cols, acc_g.to(dgamma_ptr.dtype.element_ty), mask=mask_c)
             tl.store(dbeta_ptr + cols, acc_b.to(dbeta_ptr.dtype.element_ty), mask=mask_c)
-            tl.atomic_xchg(counter_ptr, 0, sem="acq_rel")  # ready for the next launch on this stream: no memset
 
 
 BWD_PROGRAMS = 256  # at most this many LayerNorm-backward programs (partial rows); fixed, so results do not
@@ -156,30 +156,28 @@ def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, rstd
 
 
-_COUNTERS: dict = {}  # (device, CUDA stream) -> int32 ticket counters of the LayerNorm backward
+def ticket_counter(device: torch.device, n_groups: int) -> torch.Tensor:
+    """The int32 ticket counters of one ``_layernorm_bwd_kernel`` launch with ``n_groups`` program groups on
+    ``device``: a new zero-filled (1 + n_groups,) tensor, [0] the global counter and [1 + g] that of group g.
 
+    A fresh buffer per launch, at the cost of one small fill launch before each LayerNorm backward, rather than a
+    persistent buffer reused across launches. A persistent buffer held by module state is unsafe under CUDA graphs:
+    under ``torch.compile(mode="reduce-overhead")`` cudagraph trees route every allocation of the warm-up run and
+    of the recording into the graph's private memory pool, so a buffer first made there lives in the pool, is kept
+    alive by the module state (``check_memory_pool`` fails) and, once the pool is reclaimed for a re-recording, can
+    share its memory with another tensor, leaving non-zero tickets and dgamma / dbeta never written. Allocating it
+    outside the pool cannot be done reliably from inside the op: the warm-up run is routed to the pool as well,
+    and escaping that routing needs the allocator's private interfaces. A fresh buffer is an ordinary tensor of
+    the stream and pool it is made in, freed after the launch; inside a captured graph the fill is captured with
+    the kernel, so every replay starts from zeros; and a launch never depends on what an earlier (possibly
+    interrupted) launch left behind.
 
-def ticket_counter(device: torch.device) -> torch.Tensor:
-    """The persistent int32 ticket counters of ``_layernorm_bwd_kernel`` for ``device`` and, on CUDA, the current
-    stream: 1 + ceil(BWD_PROGRAMS / BWD_GROUP) slots (17 for the default cap; a launch with fewer programs uses
-    the first 1 + n_groups), [0] the global counter and [1 + g] that of program group g. Zero-filled when first
-    made, and left at 0 by every launch (each counter is reset by the program that drew its last ticket).
-
-    One buffer per (device, stream), reused without a memset: launches on one stream run one after another, so a
-    launch never sees the previous one's tickets; launches on different streams may overlap, so each stream has its
-    own. A buffer first created during CUDA-graph capture is zero-filled by the captured fill on each replay (and
-    reset by the captured kernel itself). Off CUDA (the interpreter) there is one buffer per device."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        key = (device.type, index, torch.cuda.current_stream(index).cuda_stream)
-    else:
-        key = (device.type, device.index)
-    slots = 1 + triton.cdiv(BWD_PROGRAMS, BWD_GROUP)  # global + one per group (a larger buffer is reused)
-    counter = _COUNTERS.get(key)
-    if counter is None or counter.numel() < slots:
-        counter = _COUNTERS[key] = torch.zeros(slots, dtype=torch.int32, device=device)
-    return counter
+    Raises:
+        ValueError: n_groups < 1.
+    """
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be >= 1; got {n_groups}")
+    return torch.zeros(1 + n_groups, dtype=torch.int32, device=device)
 
 
 def layernorm_bwd(
@@ -193,13 +191,13 @@ def layernorm_bwd(
     BWD_GROUP of them, then the group sums; deterministic: the same bits on every run).
 
     Scratch: (P, 2D) fp32 partial rows and (ceil(P / BWD_GROUP), 2D) fp32 group rows, each written once and read
-    once (by the group's / the global last program), besides the persistent ``ticket_counter`` buffer."""
+    once (by the group's / the global last program), and the (1 + ceil(P / BWD_GROUP),) int32 ``ticket_counter``
+    buffer, zero-filled for this launch (one fill launch before the kernel)."""
     M, D = x.shape
     rows, block_d = _rows_per_program(D)
     n_prog = max(1, min(triton.cdiv(M, rows), BWD_PROGRAMS))
     n_groups = triton.cdiv(n_prog, BWD_GROUP)
-    counter = ticket_counter(x.device)
-    assert counter.numel() >= 1 + n_groups
+    counter = ticket_counter(x.device, n_groups)
     dx = torch.empty_like(x)
     part = torch.empty((n_prog, 2 * D), device=x.device, dtype=torch.float32)
     group_part = torch.empty((n_groups, 2 * D), device=x.device, dtype=torch.float32)

@@ -1,6 +1,8 @@
 """The public differentiable ops. Each checks its inputs, picks a backend (Triton kernels or the eager
 reference) and, on the Triton path, calls a ``torch.library.custom_op`` (``fastvit::*``) with a fake
 implementation and an autograd formula, so the ops work under ``torch.compile`` and ``torch.library.opcheck``.
+Each custom op's implementation runs under its inputs' device (:func:`fastvit_kernels._device.on_device`), so the
+kernels launch on that device and its current stream whichever device is current.
 
 * :func:`patch_embed` — fused patch embedding + class token + position add.
 * :func:`attention` — flash-style multi-head attention on the packed qkv tensor.

@@ -17,6 +17,7 @@ import torch
 
 from .. import reference
 from .._checks import autocast_inputs, check_tensor, check_triton_dtype
+from .._device import launches_on_input_device
 from ..backend import resolve_backend
 
 MAX_HEAD_DIM = 128  # head_dim must be a multiple of 8 and at most this (BLOCK_D <= 128 keeps the tiles in registers)
@@ -26,6 +27,7 @@ MAX_HEAD_DIM = 128  # head_dim must be a multiple of 8 and at most this (BLOCK_D
 # custom ops
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+@launches_on_input_device
 def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: qkv (B, N, 3 * D) -> out (B, N, D) in qkv's dtype, lse (B, H, N) fp32 (log2 units)."""
     from ..kernels.attention import attention_fwd
@@ -42,6 +44,7 @@ def _(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, to
 
 
 @torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+@launches_on_input_device
 def _attention_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
                       scale: float) -> torch.Tensor:
     """Triton backward: d(qkv) (B, N, 3 * D), contiguous, qkv's dtype, same packed layout as qkv."""

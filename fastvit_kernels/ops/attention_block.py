@@ -27,6 +27,7 @@ import torch
 
 from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
+from .._device import launches_on_input_device
 from ..backend import resolve_backend
 from .attention import check_heads
 from .linear import layernorm_linear_grads, linear_grads
@@ -36,6 +37,7 @@ from .linear import layernorm_linear_grads, linear_grads
 # custom ops (x: (B, N, D), contiguous)
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::attention_block_fwd", mutates_args=())
+@launches_on_input_device
 def _attention_block_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
     qkv_bias: Optional[torch.Tensor], proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], num_heads: int,
@@ -66,6 +68,7 @@ def _(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, n
 
 
 @torch.library.custom_op("fastvit::attention_block_bwd", mutates_args=())
+@launches_on_input_device
 def _attention_block_bwd(
     dout: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, qkv_weight: torch.Tensor,

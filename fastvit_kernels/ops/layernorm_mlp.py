@@ -33,6 +33,7 @@ import torch
 from .. import reference
 from .._checks import (autocast_inputs, check_gelu_approximate, check_layernorm_input, check_same, check_tensor,
                        check_triton_dtype)
+from .._device import launches_on_input_device
 from ..backend import resolve_backend
 
 
@@ -40,6 +41,7 @@ from ..backend import resolve_backend
 # custom ops (2-D tokens: M = B * N rows)
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::layernorm_mlp_fwd", mutates_args=())
+@launches_on_input_device
 def _layernorm_mlp_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
@@ -67,6 +69,7 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps
 
 
 @torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
+@launches_on_input_device
 def _layernorm_mlp_bwd(
     dout: torch.Tensor, x: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],

@@ -23,6 +23,7 @@ import torch
 
 from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
+from .._device import launches_on_input_device
 from ..backend import resolve_backend
 
 
@@ -38,6 +39,7 @@ def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
 # custom ops: LayerNorm + Linear (2-D tokens: M = B * N rows)
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
+@launches_on_input_device
 def _layernorm_linear_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
     bias: Optional[torch.Tensor], eps: float,
@@ -62,7 +64,8 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
                            dres: torch.Tensor | None = None) -> tuple:
     """Triton backward of ``Linear(LayerNorm(x))`` (+ ``dres``, a gradient reaching x by another path, added by the
     LayerNorm backward kernel): dout (M, N_out), x (M, D) -> (dx, dgamma, dbeta, dW, db); db is (0,) without a
-    bias. Three launches: the dW / d LayerNorm(x) GEMM pair, the LayerNorm backward."""
+    bias. Launches: the dW / d LayerNorm(x) GEMM pair (one, or two where ``gemm_pair`` runs them one by one), the
+    fill of the LayerNorm backward's ticket counters, the LayerNorm backward."""
     from ..kernels.layernorm import layernorm_bwd
     from ..kernels.matmul import LayerNormPrologue, Operand, gemm_pair
 
@@ -82,6 +85,7 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
 
 
 @torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
+@launches_on_input_device
 def _layernorm_linear_bwd(
     dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool,
@@ -120,6 +124,7 @@ _layernorm_linear_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_co
 # custom ops: Linear + residual
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit::linear_residual_fwd", mutates_args=())
+@launches_on_input_device
 def _linear_residual_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
 ) -> torch.Tensor:
@@ -154,6 +159,7 @@ def linear_grads(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_
 
 
 @torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+@launches_on_input_device
 def _linear_residual_bwd(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

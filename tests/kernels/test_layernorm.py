@@ -1,13 +1,17 @@
 """LayerNorm backward (kernels/layernorm.py) in one launch: dx, dgamma, dbeta against autograd through
 F.layer_norm in fp64, with several programs writing fp32 partial rows that a two-level tree reduces (groups of
 BWD_GROUP = 16 programs, the last program of each group sums the group's rows; the last group to finish sums the
-group rows); every ticket counter (global and per group) is back at 0 after every call, results are bit-identical
-across calls, each call is exactly one kernel launch, and dgamma / dbeta are the sums of the partial rows within
-fp32 rounding."""
+group rows); each call zero-fills a fresh ticket-counter buffer (one fill) and makes exactly one kernel launch, no
+module state keeps a counter alive, results are bit-identical across calls, and dgamma / dbeta are the sums of the
+partial rows within fp32 rounding."""
+
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from helpers import DTYPES_INTERPRETER, assert_close_to_ref, count_launches
 
@@ -41,8 +45,9 @@ def _check_against_autograd(x, dy, dres, gamma, beta, dx, dgamma, dbeta):
 
 
 def _record_launches(ln, monkeypatch) -> list:
-    """Wrap ``_layernorm_bwd_kernel`` so that each launch appends {argument name: value, "grid": grid} to the
-    returned list (the scratch buffers ``part_ptr`` / ``group_part_ptr`` can be read after the call)."""
+    """Wrap ``_layernorm_bwd_kernel`` so that each launch appends {argument name: value, "grid": grid,
+    "counter_at_launch": a copy of the ticket counters as the launch found them} to the returned list (the scratch
+    buffers ``part_ptr`` / ``group_part_ptr`` can be read after the call)."""
     real, calls = ln._layernorm_bwd_kernel, []
 
     class Recorder:
@@ -50,7 +55,10 @@ def _record_launches(ln, monkeypatch) -> list:
             launch = real[grid]
 
             def run(*args, **kwargs):
-                calls.append({**dict(zip(real.arg_names, args)), **kwargs, "grid": grid})
+                named = {**dict(zip(real.arg_names, args)), **kwargs}
+                with _disable_current_modes():  # the copy is the test's, not a launch of the op's
+                    counter_at_launch = named["counter_ptr"].clone()
+                calls.append({**named, "grid": grid, "counter_at_launch": counter_at_launch})
                 return launch(*args, **kwargs)
             return run
 
@@ -77,13 +85,11 @@ def test_layernorm_bwd_one_launch_matches_autograd(dtype, D, M, with_dres, progr
     x, dy, dres, gamma, beta = _inputs(M, D, dtype, device)
     dres = dres if with_dres else None
     mean, rstd = ln.row_stats(x, 1e-6)
-    counter = ln.ticket_counter(x.device)
     runs = []
     for _ in range(2):
         with count_launches(monkeypatch) as launches:
             runs.append(ln.layernorm_bwd(x, dy, gamma, mean, rstd, dres=dres))
-        assert launches == {"_layernorm_bwd_kernel": 1}, launches
-        assert not counter.any(), counter  # every counter reset by its last program: no memset before the next launch
+        assert launches == {"aten.zeros": 1, "_layernorm_bwd_kernel": 1}, launches  # the counters' fill, the kernel
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # fixed summation order
     _check_against_autograd(x, dy, dres, gamma, beta, *runs[0])
 
@@ -95,7 +101,7 @@ def test_layernorm_bwd_one_launch_matches_autograd(dtype, D, M, with_dres, progr
 @pytest.mark.parametrize("dtype", DTYPES_INTERPRETER, ids=DTYPE_IDS)
 def test_layernorm_bwd_program_groups(dtype, with_dres, programs, device, monkeypatch):
     """The two-level tree for 1 to 81 programs (each looping over 2 or more row blocks when capped): values right,
-    every counter slot (global and per group) back to 0 after each call, bit-identical calls, one launch each,
+    a zero-filled counter slot per group plus the global one, bit-identical calls, one fill and one launch each,
     scratch of P partial rows and ceil(P / 16) group rows."""
     from fastvit_kernels.kernels import layernorm as ln
 
@@ -107,16 +113,14 @@ def test_layernorm_bwd_program_groups(dtype, with_dres, programs, device, monkey
     x, dy, dres, gamma, beta = _inputs(M, D, dtype, device)
     dres = dres if with_dres else None
     mean, rstd = ln.row_stats(x, 1e-6)
-    counter = ln.ticket_counter(x.device)
-    assert counter.numel() >= 1 + n_groups
     calls = _record_launches(ln, monkeypatch)
     runs = []
     for _ in range(2):
         with count_launches(monkeypatch) as launches:
             runs.append(ln.layernorm_bwd(x, dy, gamma, mean, rstd, dres=dres))
-        assert launches == {"_layernorm_bwd_kernel": 1}, launches
-        assert not counter.any(), counter  # global slot and every group slot
-    assert [c["grid"] for c in calls] == [(n_prog,)] * 2 and all(c["counter_ptr"] is counter for c in calls)
+        assert launches == {"aten.zeros": 1, "_layernorm_bwd_kernel": 1}, launches
+    assert [c["grid"] for c in calls] == [(n_prog,)] * 2
+    assert all(c["counter_at_launch"].shape == (1 + n_groups,) and not c["counter_at_launch"].any() for c in calls)
     assert calls[0]["part_ptr"].shape == (n_prog, 2 * D) and calls[0]["group_part_ptr"].shape == (n_groups, 2 * D)
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # fixed summation order
     _check_against_autograd(x, dy, dres, gamma, beta, *runs[0])
@@ -167,22 +171,110 @@ def test_layernorm_bwd_tree_matches_fp64_sum_of_partials(programs, device, monke
         assert torch.equal(got, group_part[0])  # one group: the one-level sum of the partial rows in order
 
 
-def test_ticket_counter_is_persistent_per_device_and_stream(device, monkeypatch):
+def _tensors_in(obj, depth: int = 0) -> list:
+    """Tensors reachable from ``obj`` through dicts, lists, tuples and sets (a few levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 3:
+        return []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple, set, frozenset)) else ()
+    return [t for item in items for t in _tensors_in(item, depth + 1)]
+
+
+def test_ticket_counter_is_fresh_per_launch_and_not_kept_alive(device, monkeypatch):
+    """Safe under CUDA graphs and cudagraph trees: each launch gets a new zero-filled counter buffer that nothing
+    outlives the call (a buffer held by module state would stay in a graph pool it was first made in), and a
+    counter left non-zero by an earlier launch (an interrupted one, or one whose memory was handed on) cannot
+    reach the next launch. On the CPU this checks the buffers' lifetimes and contents; the graph pools themselves
+    need a GPU."""
     from fastvit_kernels.kernels import layernorm as ln
 
-    monkeypatch.setattr(ln, "_COUNTERS", {})
-    slots = 1 + -(-ln.BWD_PROGRAMS // ln.BWD_GROUP)  # the global counter + one per group of the default cap
-    assert slots == 17
-    c = ln.ticket_counter(torch.device(device))
-    assert c is ln.ticket_counter(device) and c.dtype == torch.int32 and c.shape == (slots,) and not c.any()
-    monkeypatch.setattr(ln, "BWD_PROGRAMS", 40)  # fewer programs: the same (larger) buffer is reused
-    assert ln.ticket_counter(device) is c
-    monkeypatch.setattr(ln, "BWD_PROGRAMS", 1000)  # more programs than the buffer was made for: a larger one
-    big = ln.ticket_counter(device)
-    assert big.shape == (1 + -(-1000 // ln.BWD_GROUP),) and not big.any() and ln.ticket_counter(device) is big
-    if torch.cuda.is_available():
-        side = torch.cuda.Stream()
-        with torch.cuda.stream(side):
-            c2 = ln.ticket_counter(device)
-            assert c2 is ln.ticket_counter(device)
-        assert c2 is not big  # concurrent streams never share tickets
+    M, D = 197, 80  # 13 programs in one group
+    x, dy, _, gamma, _ = _inputs(M, D, torch.float32, device)
+    mean, rstd = ln.row_stats(x, 1e-6)
+    real, seen = ln._layernorm_bwd_kernel, []
+
+    class Spy:
+        """Records each launch's counters (contents at launch, a weak reference), then, after the launch, leaves
+        them non-zero as an interrupted launch would."""
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                counter = dict(zip(real.arg_names, args))["counter_ptr"]
+                seen.append((counter.clone(), weakref.ref(counter)))
+                out = real[grid](*args, **kwargs)
+                counter.fill_(7)
+                return out
+            return run
+
+    monkeypatch.setattr(ln, "_layernorm_bwd_kernel", Spy())
+    first = ln.layernorm_bwd(x, dy, gamma, mean, rstd)
+    second = ln.layernorm_bwd(x, dy, gamma, mean, rstd)
+    gc.collect()
+    assert len(seen) == 2
+    for at_launch, ref in seen:
+        assert ref() is None, "the ticket counters outlive the call (kept alive by module state?)"
+        assert not at_launch.any(), at_launch
+        assert at_launch.dtype == torch.int32 and at_launch.shape == (2,), at_launch  # global + one group
+    for name, a, b in zip(("dx", "dgamma", "dbeta"), first, second):
+        assert torch.equal(a, b), f"{name}: the second launch saw the first launch's tickets"
+    held = [name for name, v in vars(ln).items() if not name.startswith("__") and _tensors_in(v)]
+    assert not held, f"module state of kernels/layernorm.py holds tensors: {held}"
+    with pytest.raises(ValueError, match="n_groups"):
+        ln.ticket_counter(x.device, 0)
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@_needs_cuda
+def test_layernorm_bwd_replays_in_a_captured_cuda_graph():
+    """Captured once, replayed three times: each replay refills the counters (the fill is captured with the
+    kernel) and gives the eager launch's bits."""
+    from fastvit_kernels.kernels import layernorm as ln
+
+    x, dy, dres, gamma, _ = _inputs(197 * 4, 160, torch.float32, "cuda")
+    mean, rstd = ln.row_stats(x, 1e-6)
+    want = ln.layernorm_bwd(x, dy, gamma, mean, rstd, dres=dres)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = ln.layernorm_bwd(x, dy, gamma, mean, rstd, dres=dres)
+    for _ in range(3):
+        for t in got:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
+            assert torch.equal(a, b), name
+
+
+@_needs_cuda
+def test_layernorm_mlp_training_under_cudagraph_trees():
+    """torch.compile(mode="reduce-overhead"): warm-up, recording and replays of the forward and the backward
+    (whose LayerNorm backward allocates its counters inside the graph pool) give eager's gradients on every
+    step, and cudagraph trees' memory-pool checks pass."""
+    from fastvit_kernels.ops import layernorm_mlp
+
+    torch._dynamo.reset()
+    D = 64
+    params = [1 + 0.1 * torch.randn(D), 0.1 * torch.randn(D), torch.randn(4 * D, D) / D**0.5,
+              0.1 * torch.randn(4 * D), torch.randn(D, 4 * D) / (4 * D) ** 0.5, 0.1 * torch.randn(D)]
+    params = [p.cuda().requires_grad_(True) for p in params]
+
+    def f(x):
+        return layernorm_mlp(x, *params, backend="triton")
+
+    compiled = torch.compile(f, mode="reduce-overhead")
+    for step in range(4):
+        x = torch.randn(2, 17, D, device="cuda")
+        g = torch.randn(2, 17, D, device="cuda")
+        for p in params:
+            p.grad = None
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled(x).backward(g)
+        got = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        f(x).backward(g)
+        for i, (a, p) in enumerate(zip(got, params)):
+            torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} param {i}: {m}")
