@@ -293,9 +293,7 @@ def op_cases(model: str, batch: int, device: str | torch.device, seed: int = 0) 
                ["x", "weight", "bias", "residual"], {}),
         OpCase("attention", partial(ops.attention, **triton_path), reference.attention_ref,
                [r(batch, N, 3 * D)], ["qkv"], dict(num_heads=H)),
-        # the torch backend of attention_block composes the three reference functions
-        OpCase("attention_block", partial(ops.attention_block, **triton_path),
-               partial(ops.attention_block, backend="torch"),
+        OpCase("attention_block", partial(ops.attention_block, **triton_path), reference.attention_block_ref,
                [x(), *ln(), r(3 * D, D, scale=D**-0.5), r(3 * D, scale=0.1), r(D, D, scale=D**-0.5),
                 r(D, scale=0.1)],
                ["x", "norm_weight", "norm_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias"],
@@ -317,14 +315,18 @@ def _perturbed(fn):
 
 
 def check_batch(model: str, device: torch.device) -> int:
-    """The batch an op check runs at: on a GPU enough images for the attention backward's one-launch plan
-    (B * H >= FUSED_BWD_MIN_HEADS: ViT-B/16 -> 22) so both plans are checked where the model allows it; on the
-    CPU interpreter 2."""
-    if device.type != "cuda":
+    """The batch an op check runs at: 2, except on a GPU for a model whose attention backward has the one-launch
+    plan (fp16 / bf16, head_dim <= 64: ViT-B/16), which takes enough images for it (B * H >=
+    FUSED_BWD_MIN_HEADS: ViT-B/16 -> 22), so the plan training batches run is the one checked."""
+    if torch.device(device).type != "cuda":
         return 2
-    from .kernels.attention import FUSED_BWD_MIN_HEADS
+    from .kernels.attention import FUSED_BWD_MIN_HEADS, fused_bwd_builds
 
-    return max(2, math.ceil(FUSED_BWD_MIN_HEADS / get_config(model)["num_heads"]))
+    cfg = get_config(model)
+    H = cfg["num_heads"]
+    if not fused_bwd_builds(cfg["embed_dim"] // H, torch.bfloat16):
+        return 2
+    return max(2, math.ceil(FUSED_BWD_MIN_HEADS / H))
 
 
 def check_ops(models, dtypes, device, only=None, inject=None, emit=print) -> list[dict]:
@@ -553,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         emit = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
         check = run_check(only=args.ops, inject=args.inject_error, emit=emit)
     if args.json:
-        print(json.dumps(dict(report=info, check=check), indent=2))
+        print(json.dumps(dict(report=info, check=check), indent=2, default=str))  # str: a Path in the record
     return 0 if check is None or check["ok"] else 1
 
 

@@ -127,3 +127,20 @@ def test_injected_error_fails_the_check():
     assert len(oks) == 2 and all(line.split()[1] == "linear_residual" for line in oks)
     assert "output: max error" in proc.stdout
     assert "check FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("model", info.GPU_MODELS)
+def test_gpu_op_cases_chain_at_full_width(model):
+    """The GPU check's inputs at ViT-B/16 and ViT-H/14 widths fit each op's reference (shapes only: meta
+    tensors), and the batch covers the attention backward's one-launch plan where the model has it."""
+    batch = info.check_batch(model, torch.device("cuda"))
+    assert batch == {"vit_base_patch16_224": 22, "vit_huge_patch14_224": 2}[model]
+    assert info.check_batch(model, torch.device("cpu")) == 2
+    cfg = info.get_config(model)
+    D, N = cfg["embed_dim"], (cfg["img_size"] // cfg["patch_size"]) ** 2 + 1
+    cases = info.op_cases(model, batch, "meta")
+    assert [c.op for c in cases] == list(info.OP_NAMES)
+    for c in cases:
+        assert len(c.names) == len(c.inputs)
+        out = c.ref(*c.inputs, **c.kwargs)
+        assert out.shape == (batch, N, 3 * D if c.op == "layernorm_linear" else D), c.op
