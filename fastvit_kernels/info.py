@@ -415,7 +415,7 @@ def check_cuda_graph(device, dtype=torch.bfloat16, batch: int = 8, steps: int = 
         errors = dict(logits_error=0.0, loss_error=0.0)
         atol = TOLERANCES[dtype]["atol"]
         ok = True
-        for i in range(steps):
+        for _ in range(steps):
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             y = torch.randint(0, 1000, (batch,), device=device)
             static_x.copy_(x)
@@ -427,7 +427,7 @@ def check_cuda_graph(device, dtype=torch.bfloat16, batch: int = 8, steps: int = 
                 errors[key] = max(errors[key], err)
                 ok &= err <= atol * max(1.0, b.float().abs().max().item())
         param_error = 0.0
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        for p, q in zip(model.parameters(), twin.parameters()):
             err = (p.float() - q.float()).abs().max().item()
             param_error = max(param_error, err)
             ok &= err <= atol * max(1.0, q.float().abs().max().item())
