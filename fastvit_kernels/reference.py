@@ -1,7 +1,7 @@
 """Plain eager PyTorch: the spec every kernel is held to, the CPU path, and the baseline of the benchmarks.
 
 * ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``, ``layernorm_linear_ref``,
-  ``linear_residual_ref``: one function per fused op, same arguments and
+  ``linear_residual_ref``, ``attention_block_ref``: one function per fused op, same arguments and
   semantics as the op in :mod:`fastvit_kernels.ops`.
 * ``VisionTransformer``: a ViT that follows timm's ``VisionTransformer`` computation step for step (timm 1.0,
   ``timm/models/vision_transformer.py``; Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021):
@@ -163,6 +163,33 @@ def linear_residual_ref(
         (B, N, N_out), dtype of ``x``.
     """
     return residual + F.linear(x, weight, bias)
+
+
+def attention_block_ref(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    num_heads: int,
+    scale: float | None = None,
+    eps: float = LN_EPS,
+) -> torch.Tensor:
+    """The attention half of a pre-norm ViT block, ``x + proj(MSA(layernorm(x)))``, composed from
+    :func:`layernorm_linear_ref`, :func:`attention_ref` and :func:`linear_residual_ref`.
+
+    Args:
+        x: (B, N, D). norm_weight, norm_bias: (D,). qkv_weight: (3 * D, D), qkv_bias: (3 * D,) or None.
+        proj_weight: (D, D), proj_bias: (D,) or None. num_heads: H. scale: softmax scale (default
+        head_dim ** -0.5). eps: LayerNorm epsilon.
+
+    Returns:
+        (B, N, D), dtype of ``x``.
+    """
+    qkv = layernorm_linear_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
+    return linear_residual_ref(attention_ref(qkv, num_heads, scale), proj_weight, proj_bias, x)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Shared test utilities: per-dtype tolerances in one place (STYLE.md item 8) and the flash-attention rule for
-low precision: the kernel's error against an fp32 reference may be at most 2x PyTorch's own low-precision error
-at the same inputs, plus a small atol; and a counter of the device kernel launches a block makes."""
+"""Shared test utilities: the tolerance rule (one copy, in :mod:`fastvit_kernels.accuracy`: fp32 within
+TOLERANCES; fp16 / bf16 at most 2x PyTorch's own low-precision error against the fp32 reference, plus a small atol)
+as assertions; and a counter of the device kernel launches a block makes."""
 
 from __future__ import annotations
 
@@ -9,76 +9,26 @@ import contextlib
 
 import torch
 
-# atol / rtol for comparing against an fp32 reference. fp32 kernels use IEEE fp32 dots, so only summation order
-# differs; the low-precision entries are the additive atol of the 2x rule.
-TOLERANCES = {
-    torch.float32: dict(atol=2e-5, rtol=2e-4),
-    torch.float16: dict(atol=2e-3, rtol=0.0),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=0.0),
-}
+from fastvit_kernels.accuracy import TOLERANCES, compare, compare_fwd_bwd, fwd_bwd  # noqa: F401 (re-exported)
 
 DTYPES_INTERPRETER = [torch.float32, torch.float16]
 
 
 def assert_close_to_ref(actual: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor | None = None,
                         name: str = "output", factor: float = 2.0) -> None:
-    """Assert ``actual`` matches the fp32 reference.
-
-    fp32: within TOLERANCES[fp32]. fp16/bf16: max|actual - ref_fp32| <= factor * max|ref_lowp - ref_fp32| + atol,
-    where ``ref_lowp`` is the PyTorch reference run in ``actual``'s dtype on the same inputs.
-    """
-    assert actual.shape == ref_fp32.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref_fp32.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    a = actual.float()
-    r = ref_fp32.float()
-    tol = TOLERANCES[actual.dtype]
-    scale = max(1.0, r.abs().max().item())
-    if actual.dtype == torch.float32:
-        torch.testing.assert_close(a, r, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=lambda m: f"{name}: {m}")
-        return
-    assert ref_lowp is not None, f"{name}: low-precision comparison needs ref_lowp"
-    err = (a - r).abs().max().item()
-    base = (ref_lowp.float() - r).abs().max().item()
-    bound = factor * base + tol["atol"] * scale
-    assert err <= bound, (
-        f"{name}: max error {err:.3e} > {factor} x torch's {actual.dtype} error {base:.3e} + atol (bound {bound:.3e})"
-    )
-
-
-def fwd_bwd(fn, inputs: list, grad_out: torch.Tensor | None = None, dtype: torch.dtype | None = None, **kwargs):
-    """Run ``fn(*inputs, **kwargs)`` on fresh leaf copies of ``inputs`` (cast to ``dtype``; None entries pass
-    through), backpropagate ``grad_out`` (cast to the output dtype; default: the output's sum) and return
-    (output, [grad of each input or None])."""
-    leaves = [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_(t.is_floating_point())
-              for t in inputs]
-    out = fn(*leaves, **kwargs)
-    if grad_out is None:
-        out.sum().backward()
-    else:
-        out.backward(grad_out.to(out.dtype))
-    return out.detach(), [None if t is None else t.grad for t in leaves]
+    """Assert ``actual`` matches the fp32 reference by :func:`fastvit_kernels.accuracy.compare` (``ref_lowp``: the
+    reference run in ``actual``'s dtype, needed for fp16 / bf16)."""
+    result = compare(actual, ref_fp32, ref_lowp, name=name, factor=factor)
+    assert result.ok, result.message
 
 
 def assert_fwd_bwd_match(fn, ref_fn, inputs: list, dtype: torch.dtype, names: list[str], grad_out=None, **kwargs):
-    """Hold ``fn`` in ``dtype`` to ``ref_fn`` in fp32 (output and every input gradient), using the 2x rule with
-    ``ref_fn`` run in ``dtype`` as PyTorch's own low-precision error. ``kwargs`` go to both functions.
-    Returns the kernel's output."""
-    if grad_out is None:
-        with torch.no_grad():
-            grad_out = torch.randn_like(ref_fn(*[None if t is None else t.float() for t in inputs], **kwargs))
-    out, grads = fwd_bwd(fn, inputs, grad_out, dtype, **kwargs)
-    cpu_inputs = [None if t is None else t.cpu() for t in inputs]
-    ref, ref_grads = fwd_bwd(ref_fn, cpu_inputs, grad_out.cpu(), torch.float32, **kwargs)
-    lowp, lowp_grads = (None, [None] * len(inputs))
-    if dtype != torch.float32:
-        lowp, lowp_grads = fwd_bwd(ref_fn, cpu_inputs, grad_out.cpu(), dtype, **kwargs)
-    assert_close_to_ref(out.cpu(), ref, lowp, name="output")
-    for name, g, rg, lg in zip(names, grads, ref_grads, lowp_grads):
-        if rg is None:
-            assert g is None, f"grad of {name} should be None"
-            continue
-        assert g is not None, f"no gradient for {name}"
-        assert_close_to_ref(g.cpu(), rg, lg, name=f"grad {name}")
+    """Hold ``fn`` in ``dtype`` to ``ref_fn`` in fp32 on the CPU (output and every input gradient) by
+    :func:`fastvit_kernels.accuracy.compare_fwd_bwd`. ``kwargs`` go to both functions. Returns the kernel's
+    output."""
+    out, results = compare_fwd_bwd(fn, ref_fn, inputs, dtype, names, grad_out, ref_device="cpu", **kwargs)
+    failed = [r.message for r in results if not r.ok]
+    assert not failed, "; ".join(failed)
     return out
 
 
