@@ -19,7 +19,11 @@ What differs is how tiles move:
   (the persistent-matmul design of Triton's tutorial 09 and of CUTLASS's persistent kernels).
 
 ``_matmul_tma_pair_kernel`` is the two-problem form (:func:`matmul.gemm_pair`): the persistent programs walk the
-tiles of both problems as one list, each tile through the same body (``_tma_tile``).
+units of both problems as one list, each through the same body (``_tma_tile``). A backward pair joins a
+weight-grad GEMM (few tiles, K = B * N tokens) and a dgrad GEMM (many tiles, K = D): walked whole-tile
+round-robin, the programs holding weight-grad tiles finish far behind the rest. :func:`pair_schedule` (host side,
+also used by the cost model) walks the problem with the longer tiles first and splits it into k-slices whose fp32
+partials ``_split_k_reduce_kernel`` sums in a fixed order, so the programs' loads even out (modelled; see there).
 
 When it runs (:func:`fastvit_kernels.backend.gemm_kernel`): ``"auto"`` on a CUDA device of compute capability 9.0+
 with a Triton that has host tensor descriptors, for launches whose operands TMA can describe
