@@ -132,7 +132,7 @@ def _tma_tile(
     tile, a_desc, b_desc, c_desc, bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     M, N, K, stride_r_m, stride_r_n,
     k_slice, k_slices, ws_ptr, ws_rowsum_ptr,  # PARTIAL: this unit's k-slice of k_slices; fp32 (S, M, N) / (S, M)
-    PARTIAL: tl.constexpr,  # sum k-slice k_slice only, into ws_ptr[k_slice] (rows sums: ws_rowsum_ptr); no epilogue
+    PARTIAL: tl.constexpr,  # sum k-slice k_slice only, into ws_ptr[k_slice] (row sums: ws_rowsum_ptr); no epilogue
     A_T: tl.constexpr, B_T: tl.constexpr, A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr, A_ROWSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,

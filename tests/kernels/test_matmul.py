@@ -515,7 +515,7 @@ def _spec_ref(spec):
     return c.float(), (a.sum(1).float() if spec.get("a_rowsum") is not None else None)
 
 
-def _launch_tma_pair(s0, s1, reduces=None):
+def _launch_tma_pair(s0, s1):
     """The TMA pair kernel on two gemm() specs (any dtype: gemm_pair itself runs fp32 pairs one by one)."""
     from fastvit_kernels.kernels import matmul, matmul_tma
     from fastvit_kernels.kernels._common import dot_precision
@@ -526,6 +526,7 @@ def _launch_tma_pair(s0, s1, reduces=None):
 
 
 def _count_reduce_launches(monkeypatch) -> list:
+    """Record the grid of every launch of the split-K reduction kernel."""
     from fastvit_kernels.kernels import matmul_tma
 
     calls = []
