@@ -321,10 +321,11 @@ def _split_k_reduce_kernel(
 # the pair kernel's schedule (host side, pure Python: the launcher and the cost model call the same function)
 # ----------------------------------------------------------------------------------------------------------------
 REFERENCE_SMS = 132  # H100 SXM / H200: the programs of a launch traced without a GPU (the AOT check, the cost model)
-MAX_SPLIT = 16  # at most this many k-slices: the fp32 partials are MAX_SPLIT * M * N * 4 bytes at most
+MAX_SPLIT = 16  # at most this many k-slices
+MAX_WORKSPACE_BYTES = 128 * 2**20  # and at most this many bytes of fp32 partials (split * M * N * 4)
 MIN_SLICE_K_TILES = 16  # a k-slice runs at least this many BLOCK_K steps, so its partial tile's store and re-read
 #                         (2 * BLOCK_M * BLOCK_N * 4 bytes) stay below the slice's operand loads
-SPLIT_TOLERANCE = 0.01  # the fewest slices whose makespan is within 1 % of the best one
+SPLIT_TOLERANCE = 0.02  # the fewest slices whose makespan is within 2 % of the best one
 
 
 @dataclass(frozen=True)
@@ -392,8 +393,9 @@ def pair_schedule(problems: tuple, programs: int, block_m: int, block_n: int, bl
     longest-processing-time-first scheduling, Graham 1969, with split-K as in CUTLASS's split-K GEMMs): the
     problem with more BLOCK_K steps per tile is walked first and is split into ``split`` k-slices, each unit a
     (tile, k-slice) pair writing an fp32 partial tile that a second launch sums in fixed slice order. ``split``
-    is the fewest slices in 1 .. ``MAX_SPLIT`` (each slice at least ``MIN_SLICE_K_TILES`` steps) whose makespan
-    is within ``SPLIT_TOLERANCE`` of the smallest (fewer slices: less partial traffic). The split problem's
+    is the fewest slices in 1 .. ``MAX_SPLIT`` (each slice at least ``MIN_SLICE_K_TILES`` steps, the partials at
+    most ``MAX_WORKSPACE_BYTES``) whose makespan is within ``SPLIT_TOLERANCE`` of the smallest (fewer slices: less
+    partial traffic and memory). The split problem's
     epilogue (bias, GELU', A row sums) then runs in the reduction, on the summed tile.
 
     Raises:
@@ -411,8 +413,9 @@ def pair_schedule(problems: tuple, programs: int, block_m: int, block_n: int, bl
     first = 1 if dims[1][1] > dims[0][1] else 0
     long, short = dims[first], dims[1 - first]
     baseline, _ = _makespan(dims[0], dims[1], 1, programs)
-    candidates = [(split, *_makespan(long, short, split, programs))
-                  for split in range(1, max(1, min(MAX_SPLIT, long[1] // MIN_SLICE_K_TILES)) + 1)]
+    m, n, _ = problems[first]
+    most = min(MAX_SPLIT, long[1] // MIN_SLICE_K_TILES, MAX_WORKSPACE_BYTES // (m * n * 4))
+    candidates = [(split, *_makespan(long, short, split, programs)) for split in range(1, max(1, most) + 1)]
     best = min(span for _, span, _ in candidates)
     split, span, grid = next(c for c in candidates if c[1] <= best * (1 + SPLIT_TOLERANCE))
     return PairSchedule(first=first, split=split, programs=programs, grid=grid, units=long[0] * split + short[0],

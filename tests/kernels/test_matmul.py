@@ -542,7 +542,7 @@ def _count_reduce_launches(monkeypatch) -> list:
 
 def test_pair_schedule_by_hand():
     """The schedule's makespan model on a case computed by hand, and on the ViT-B proj pair at batch 1024."""
-    from fastvit_kernels.kernels.matmul_tma import pair_schedule, slice_bounds
+    from fastvit_kernels.kernels.matmul_tma import MAX_WORKSPACE_BYTES, pair_schedule, slice_bounds
 
     # weight grad: 1 tile of 32 steps (K = 1000, BLOCK_K 32); dgrad: 16 tiles of 2 steps; 3 programs.
     # round-robin, whole tiles: program 0 gets the 32-step tile and units 3, 6, 9, 12, 15 (5 x 2): makespan 42.
@@ -565,6 +565,11 @@ def test_pair_schedule_by_hand():
     assert vitb.work == 36 * 6304 + 9456 * 24
     assert vitb.baseline_efficiency == pytest.approx(0.429, abs=0.002)
     assert vitb.efficiency > 0.99 and vitb.split == 11
+    # the partials stay within MAX_WORKSPACE_BYTES: ViT-H fc2 (dW2 1280 x 5120, 26 MB per slice) at batch 1024
+    # would pick 9 slices (236 MB) without the cap
+    T = 1024 * 257
+    vith = pair_schedule(((1280, 5120, T), (T, 5120, 1280)), 132, 128, 128, 32)
+    assert vith.split == MAX_WORKSPACE_BYTES // (1280 * 5120 * 4) == 4
     with pytest.raises(ValueError, match="problem 1"):
         pair_schedule(((8, 8, 8), (0, 8, 8)), 3, 64, 64, 32)
 
