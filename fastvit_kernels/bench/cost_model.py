@@ -16,7 +16,10 @@ Plans (lists of :class:`Launch`, in execution order):
   non-differentiable outputs get no zero-filled gradients: ``set_materialize_grads(False)``). The backward's
   dgrad + wgrad GEMM pairs (fc2: dW2 + dH; fc1: dW1 + d LayerNorm; proj: dx + dW; qkv: dW + d LayerNorm) are one
   ``gemm_pair`` launch each on the Hopper (TMA) kernel form (``gemm_kernel="tma"``, the default); on the pointer
-  form (Ampere / Ada) fc2's pair is two launches, as are fp32 pairs on the TMA form.
+  form (Ampere / Ada) fc2's pair is two launches, as are fp32 pairs on the TMA form. A TMA pair launch carries
+  its modelled static schedule (``Launch.schedule``, the launcher's own ``matmul_tma.pair_schedule`` for
+  ``num_sms`` SMs: makespan and busy fraction with and without balancing, also in the note); where it splits the
+  weight-grad GEMM into k-slices, a ``_split_k_reduce_kernel`` launch follows. The roofline does not use it.
 * ``"eager"``: the reference ``VisionTransformer`` (timm's computation, ``fused_attn=True``) as PyTorch
   dispatches it on a GPU: cuDNN convolution + bias add, cat and position add, cuBLAS GEMMs with the bias in
   the epilogue (addmm), LayerNorm forward (1 kernel) and backward (dx + dgamma/dbeta kernels), GELU and its
@@ -49,6 +52,7 @@ import torch
 
 from ..kernels.attention import FUSED_BWD_MIN_HEADS, fused_bwd_builds
 from ..kernels.layernorm import BWD_GROUP as LN_BWD_GROUP
+from ..kernels.matmul_tma import REFERENCE_SMS, PairSchedule, pair_schedule, tma_configs
 from .devices import Peak, dtype_name
 from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, model_flops
 
@@ -68,7 +72,9 @@ class Launch:
     ``call`` (index of that dispatched call: launches of one call share it); ``op_class`` (one of
     :data:`~fastvit_kernels.bench.flops.OP_CLASSES`); ``phase`` ("forward" | "backward" | "optimizer");
     ``flops`` (executed matmul FLOPs); ``bytes_read`` / ``bytes_written`` (device memory, bytes);
-    ``triton`` (True for this package's Triton kernels); ``note``.
+    ``triton`` (True for this package's Triton kernels); ``note``; ``schedule``: for a TMA pair-kernel launch, its
+    modelled static schedule (:class:`fastvit_kernels.kernels.matmul_tma.PairSchedule`: makespan and busy fraction
+    of the SMs with and without the balancing), else None.
     """
 
     kernel: str
@@ -81,6 +87,7 @@ class Launch:
     bytes_written: int
     triton: bool = False
     note: str = ""
+    schedule: PairSchedule | None = None
 
     @property
     def bytes(self) -> int:
@@ -107,15 +114,17 @@ class _Builder:
         self.phase = "forward"
 
     def call(self, dispatch: str, *kernels: tuple) -> None:
-        """One dispatched op; each kernel is (name, flops, bytes_read, bytes_written[, triton[, note[, op class]]])
-        (the op class defaults to the current one: an op whose kernels serve several classes names each)."""
+        """One dispatched op; each kernel is (name, flops, bytes_read, bytes_written[, triton[, note[, op class[,
+        schedule]]]]) (the op class defaults to the current one: an op whose kernels serve several classes names
+        each)."""
         for k in kernels:
             name, flops, r, w = k[:4]
             triton = k[4] if len(k) > 4 else False
             note = k[5] if len(k) > 5 else ""
             cls = k[6] if len(k) > 6 else self.cls
+            sched = k[7] if len(k) > 7 else None
             self.launches.append(Launch(name, dispatch, self.n_calls, cls, self.phase, int(flops), int(r),
-                                        int(w), triton, note))
+                                        int(w), triton, note, sched))
         self.n_calls += 1
 
     # ---- aten pieces shared by both paths (e: element size in bytes) ----
@@ -335,21 +344,42 @@ def _ln_bwd_programs(M: int, D: int) -> int:
     return max(1, min(-(-M // rows), 256))
 
 
-def _pair(first: tuple, second: tuple, gemm_kernel: str, e: int) -> tuple:
-    """The launches of ``matmul.gemm_pair`` for two GEMM launch tuples, as a tuple of launch tuples: one launch of
-    the pair kernel (FLOPs and bytes the sums of the two: the operand both read -- dY or dH -- is counted twice,
-    the two problems' tiles read it at different times, so no L2 reuse is assumed), or the two launches where
-    gemm_pair runs them one by one: on the pointer kernel with a GELU prologue (fc2's pair), on the TMA kernel in
-    fp32 (``e`` = 4)."""
+def _pair(first: tuple, second: tuple, gemm_kernel: str, e: int, shapes: tuple = None,
+          num_sms: int = REFERENCE_SMS) -> list:
+    """The launches of ``matmul.gemm_pair`` for two GEMM launch tuples, as a list of (launch tuple, schedule or
+    None): one launch of the pair kernel (FLOPs and bytes the sums of the two: the operand both read -- dY or dH --
+    is counted twice, the two problems' tiles read it at different times, so no L2 reuse is assumed), or the two
+    launches where gemm_pair runs them one by one: on the pointer kernel with a GELU prologue (fc2's pair), on the
+    TMA kernel in fp32 (``e`` = 4).
+
+    On the TMA form, ``shapes`` ((M, N, K) of each GEMM) give the pair's schedule on ``num_sms`` programs with the
+    16-bit default tile (:func:`~fastvit_kernels.kernels.matmul_tma.pair_schedule`, the launcher's own function;
+    MODELLED). When it splits the long problem into S k-slices, that problem's output becomes S fp32 partial
+    tiles (S * M * N * 4 bytes, row sums S * M * 4) written by the pair launch and read by a second launch,
+    ``_split_k_reduce_kernel``, which writes the output the pair launch would have."""
     if (gemm_kernel == "pointer" and "GELU recomputed" in first[5] + second[5]) or (gemm_kernel == "tma" and e == 4):
-        return first, second
+        return [(first, None), (second, None)]
     name = "_matmul_tma_pair_kernel" if gemm_kernel == "tma" else "_matmul_pair_kernel"
-    return ((name, first[1] + second[1], first[2] + second[2], first[3] + second[3], True,
-             f"{first[5]} + {second[5]} (one launch)"),)
+    note = f"{first[5]} + {second[5]} (one launch)"
+    if gemm_kernel != "tma":
+        return [((name, first[1] + second[1], first[2] + second[2], first[3] + second[3], True, note), None)]
+    cfg = tma_configs(torch.bfloat16, pair=True)[0].kwargs
+    sched = pair_schedule(shapes, num_sms, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+    note += (f"; static schedule on {num_sms} SMs (modelled): {sched.baseline_efficiency:.1%} busy unbalanced, "
+             f"{sched.efficiency:.1%} balanced ({sched.split} k-slice{'s' if sched.split > 1 else ''})")
+    written = first[3] + second[3]
+    if sched.split == 1:
+        return [((name, first[1] + second[1], first[2] + second[2], written, True, note), sched)]
+    long, (m, n, _) = (first, second)[sched.first], shapes[sched.first]
+    rowsum = "row sums" in long[5]
+    partials = sched.split * (m * n + (m if rowsum else 0)) * F32
+    return [((name, first[1] + second[1], first[2] + second[2], written - long[3] + partials, True, note), sched),
+            (("_split_k_reduce_kernel", 0, partials, long[3], True,
+              f"sums the {sched.split} fp32 partials of the pair's long problem in slice order"), None)]
 
 
 def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attention_block: bool = True,
-                  gemm_kernel: str = "tma") -> None:
+                  gemm_kernel: str = "tma", num_sms: int = REFERENCE_SMS) -> None:
     D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
     M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
     att = 4 * B * N * N * D
@@ -358,8 +388,8 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
     # the block GEMMs' kernel form (matmul.gemm / gemm_pair; the patch embedding's GEMMs always use the pointer one)
     GK = "_matmul_tma_kernel" if gemm_kernel == "tma" else "_matmul_kernel"
 
-    def pair(first: tuple, second: tuple, cls: str = "mlp") -> list:
-        return [k + (cls,) for k in _pair(first, second, gemm_kernel, e)]
+    def pair(first: tuple, second: tuple, shapes: tuple, cls: str = "mlp") -> list:
+        return [k + (cls, sched) for k, sched in _pair(first, second, gemm_kernel, e, shapes, num_sms)]
 
     # ---- forward ----
     b.cls = "patch_embed"
@@ -418,14 +448,16 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
                *pair((GK, 2 * M * D * Dh, M * D * e + M * Dh * e, D * Dh * e + D * e, T,
                       "dW2; GELU recomputed; db2 = row sums of its dY^T tiles"),
                      (GK, 2 * M * D * Dh, M * D * e + D * Dh * e + M * Dh * e, M * Dh * e, T,
-                      "dH; GELU' epilogue")),
+                      "dH; GELU' epilogue"), ((D, Dh, M), (M, Dh, D))),
                *pair((GK, 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
                       Dh * D * e + Dh * e, T, "dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
-                     (GK, 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)")),
+                     (GK, 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)"),
+                     ((Dh, D, M), (M, D, Dh))),
                *ln_bwd(True, "mlp"))
         proj_bwd = pair((GK, 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
                          "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"),
-                        (GK, 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"), "proj")
+                        (GK, 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"), ((D, D, M), (M, D, D)),
+                        "proj")
         # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
         if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
             # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
@@ -442,7 +474,7 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
         qkv_bwd = pair((GK, 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
                         3 * D * D * e + 3 * D * e, T, "dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
                        (GK, 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
-                       "ln_qkv") + ln_bwd(attention_block, "ln_qkv")
+                       ((3 * D, D, M), (M, D, 3 * D)), "ln_qkv") + ln_bwd(attention_block, "ln_qkv")
         attention_half("bwd", [("linear_residual", proj_bwd), ("attention", att_bwd), ("layernorm_linear", qkv_bwd)])
         if not attention_block:
             b.cls = "ln_qkv"
@@ -459,7 +491,7 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
 
 def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit", mode: str = "train",
                   optimizer: bool = True, weight_decay: float = 0.05, attention_block: bool = True,
-                  gemm_kernel: str = "tma") -> list[Launch]:
+                  gemm_kernel: str = "tma", num_sms: int = REFERENCE_SMS) -> list[Launch]:
     """The modelled launches of one training step (``mode="train"``: forward, cross-entropy, backward, AdamW)
     or one inference forward (``mode="forward"``: logits only) of ``batch_size`` images.
 
@@ -476,12 +508,15 @@ def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "f
         gemm_kernel: FastViT's block-GEMM kernel form: "tma" (Hopper: ``_matmul_tma_kernel`` and its pair form)
             or "pointer" (Ampere / Ada, the CPU interpreter: ``_matmul_kernel``, with fc2's backward pair as two
             launches); see :func:`fastvit_kernels.backend.gemm_kernel`. fp32 pairs on "tma" are two launches.
+        num_sms: the SMs (persistent programs) the TMA pair kernel's schedule is modelled for (132: H100 SXM /
+            H200); it decides whether a pair splits its weight-grad GEMM (one more launch: the reduction).
 
     Returns:
         launches in execution order.
 
     Raises:
-        ValueError: an unknown path / mode / dtype, batch_size < 1, or a model outside the covered family.
+        ValueError: an unknown path / mode / dtype / gemm_kernel, batch_size < 1, num_sms < 1, or a model outside
+            the covered family.
     """
     _check(shape, batch_size, path, mode)
     e = _ELEM[dtype_name(dtype)]
@@ -489,7 +524,9 @@ def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "f
     if path == "fastvit":
         if gemm_kernel not in ("tma", "pointer"):
             raise ValueError(f"gemm_kernel must be 'tma' or 'pointer'; got {gemm_kernel!r}")
-        _fastvit_plan(b, shape, batch_size, e, mode == "train", attention_block, gemm_kernel)
+        if num_sms < 1:
+            raise ValueError(f"num_sms must be >= 1; got {num_sms}")
+        _fastvit_plan(b, shape, batch_size, e, mode == "train", attention_block, gemm_kernel, num_sms)
     else:
         _eager_plan(b, shape, batch_size, e, mode == "train")
     if mode == "train" and optimizer:

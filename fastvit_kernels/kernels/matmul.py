@@ -773,7 +773,11 @@ def gemm_pair(first: dict, second: dict) -> None:
     runs problem 0's tiles then problem 1's (a grouped GEMM of two problems, as CUTLASS's grouped GEMMs; one tile
     configuration, autotuned for the pair). Otherwise, or with ``FASTVIT_GEMM_PAIRS=off``, they run as two
     :func:`gemm` launches. Results are identical either way (same tiles, same k order) when the configuration is
-    the same (always on the interpreter; autotuning may pick a different tile for the pair than for either alone).
+    the same (always on the interpreter; autotuning may pick a different tile for the pair than for either alone),
+    except where the TMA form balances its schedule by splitting the long (weight-grad) problem into k-slices
+    (:func:`matmul_tma.pair_schedule`, a pure function of the shapes, the SM count and the tile): that problem's
+    k sum is then grouped by slice, equal to the one-by-one result within rounding, and still bit-identical from
+    run to run (partials summed in a fixed order).
 
     The two must not depend on each other (neither reads what the other writes). Used for the backward's dgrad +
     wgrad pairs that read the same gradient: (dW2, dH), (dW1, d LayerNorm), proj (dx, dW), qkv (dW, d LayerNorm).

@@ -355,8 +355,9 @@ M_P, D_P, DH_P = 72, 56, 88
 PAIRS = ["fc2", "fc1", "proj", "qkv"]
 
 
-def _pair_specs(name, dtype, device):
-    """The keywords of the two gemm() calls of one backward pair, with fresh outputs (returned too)."""
+def _pair_specs(name, dtype, device, M_P=M_P):
+    """The keywords of the two gemm() calls of one backward pair (``M_P`` token rows), with fresh outputs
+    (returned too)."""
     from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand
 
     g = torch.Generator().manual_seed(PAIRS.index(name))
@@ -485,3 +486,157 @@ def test_gemm_pair_after_a_tma_build_failure(name, device, monkeypatch):
     assert matmul._TMA_FAILED
     assert calls == (["pointer", "pointer"] if name == "fc2" else ["pointer_pair"]), calls
     assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+
+# ---- the pair kernel's balanced schedule (split-K of the long problem) ----
+# M_SPLIT token rows: the weight-grad GEMMs' K = 1512 is 48 BLOCK_K steps of 32 (the last ragged) against 2 - 3 per
+# dgrad tile (24 row tiles, the last ragged), so on the interpreter's 3 programs pair_schedule splits every pair
+# in 3 (checked in the test)
+M_SPLIT = 1512
+
+
+def _spec_ref(spec):
+    """fp32 reference (computed in float64) of one gemm() spec of the pair fusions: (C, row sums or None)."""
+    def logical(op, R, C):
+        return torch.as_strided(op.tensor, (R, C), (op.rows, op.cols)).double().cpu()
+
+    M, N, K = spec["M"], spec["N"], spec["K"]
+    a, b = logical(spec["a"], M, K), logical(spec["b"], K, N)
+    if spec.get("b_gelu"):
+        b = F.gelu(b)
+    if spec.get("b_ln") is not None:
+        ln = spec["b_ln"]
+        b = _ln(b, ln.mean.double().cpu(), ln.rstd.double().cpu(), ln.weight.double().cpu(), ln.bias.double().cpu())
+    c = a @ b
+    if spec.get("bias") is not None:
+        c = c + spec["bias"].double().cpu()
+    if spec.get("dgelu_preact") is not None:
+        c = c * _gelu_grad(spec["dgelu_preact"].cpu()).double()
+    return c.float(), (a.sum(1).float() if spec.get("a_rowsum") is not None else None)
+
+
+def _launch_tma_pair(s0, s1):
+    """The TMA pair kernel on two gemm() specs (any dtype: gemm_pair itself runs fp32 pairs one by one)."""
+    from fastvit_kernels.kernels import matmul, matmul_tma
+    from fastvit_kernels.kernels._common import dot_precision
+
+    p0, p1 = matmul._prepare(**s0), matmul._prepare(**s1)
+    matmul_tma.launch_pair(p0.tma_kw(), p1.tma_kw(), dot_precision=dot_precision(p0.compute_dtype),
+                           autotune=False, config=dict(matmul.INTERPRETER_CONFIG))
+
+
+def _count_reduce_launches(monkeypatch) -> list:
+    """Record the grid of every launch of the split-K reduction kernel."""
+    from fastvit_kernels.kernels import matmul_tma
+
+    calls = []
+
+    class Counting:
+        def __getitem__(self, grid, _real=matmul_tma._split_k_reduce_kernel):
+            calls.append(grid)
+            return _real[grid]
+
+    monkeypatch.setattr(matmul_tma, "_split_k_reduce_kernel", Counting())
+    return calls
+
+
+def test_pair_schedule_by_hand():
+    """The schedule's makespan model on a case computed by hand, and on the ViT-B proj pair at batch 1024."""
+    from fastvit_kernels.kernels.matmul_tma import MAX_WORKSPACE_BYTES, pair_schedule, slice_bounds
+
+    # weight grad: 1 tile of 32 steps (K = 1000, BLOCK_K 32); dgrad: 16 tiles of 2 steps; 3 programs.
+    # round-robin, whole tiles: program 0 gets the 32-step tile and units 3, 6, 9, 12, 15 (5 x 2): makespan 42.
+    # split in 2: programs 0 / 1 get a 16-step slice and 5 dgrad tiles (26), program 2 six dgrad tiles (12).
+    s = pair_schedule(((56, 56, 1000), (1000, 56, 56)), 3, 64, 64, 32)
+    assert (s.first, s.split, s.grid, s.units, s.work) == (0, 2, 3, 18, 64)
+    assert (s.makespan, s.baseline_makespan) == (26, 42)
+    assert s.efficiency == pytest.approx(64 / 78) and s.baseline_efficiency == pytest.approx(64 / 126)
+    # the same problems given dgrad first: walked weight-grad first all the same (the unbalanced walk, dgrad
+    # first, puts the 32-step tile on program 1 after five dgrad tiles: 42)
+    t = pair_schedule(((1000, 56, 56), (56, 56, 1000)), 3, 64, 64, 32)
+    assert (t.first, t.split, t.makespan, t.baseline_makespan) == (1, 2, 26, 42)
+    # slices differ by at most one step and tile the K loop
+    bounds = [slice_bounds(32, 3, i) for i in range(3)]
+    assert bounds == [(0, 10), (10, 21), (21, 32)]
+    # ViT-B proj backward at batch 1024 (M = 1024 * 197 tokens) on 132 SMs with 128 x 128 x 32 tiles: 36 weight-grad
+    # tiles of 6304 steps and 9456 dgrad tiles of 24; whole tiles round-robin keep 43 % of the SMs busy
+    T, D = 1024 * 197, 768
+    vitb = pair_schedule(((D, D, T), (T, D, D)), 132, 128, 128, 32)
+    assert vitb.work == 36 * 6304 + 9456 * 24
+    assert vitb.baseline_efficiency == pytest.approx(0.429, abs=0.002)
+    assert vitb.efficiency > 0.99 and vitb.split == 11
+    # the partials stay within MAX_WORKSPACE_BYTES: ViT-H fc2 (dW2 1280 x 5120, 26 MB per slice) at batch 1024
+    # may take 5 slices, not MAX_SPLIT
+    T = 1024 * 257
+    vith = pair_schedule(((1280, 5120, T), (T, 5120, 1280)), 132, 128, 128, 32)
+    assert 1 < vith.split <= MAX_WORKSPACE_BYTES // (1280 * 5120 * 4) == 5
+    with pytest.raises(ValueError, match="problem 1"):
+        pair_schedule(((8, 8, 8), (0, 8, 8)), 3, 64, 64, 32)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_pair_matches_reference_and_is_deterministic(name, dtype, device, monkeypatch):
+    """A pair whose weight-grad GEMM pair_schedule splits into k-slices (M_SPLIT token rows): C and the row sums of
+    both problems match the fp32 reference and the two GEMMs launched one by one (within the dtype's tolerance:
+    the split groups the k sum by slice, so they are no longer bit-identical), and reruns are bit-identical
+    (fixed-order reduction, no atomics). The reduction runs once per launch."""
+    from fastvit_kernels import backend
+    from fastvit_kernels.kernels.matmul import gemm
+    from fastvit_kernels.kernels.matmul_tma import INTERPRETER_PROGRAMS, pair_schedule
+
+    (s0, s1), _ = _pair_specs(name, dtype, device, M_P=M_SPLIT)
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    sched = pair_schedule(tuple((s["M"], s["N"], s["K"]) for s in (s0, s1)), INTERPRETER_PROGRAMS,
+                          cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+    wgrad = 0 if s0["K"] == M_SPLIT else 1
+    assert sched.split > 1 and sched.first == wgrad and sched.efficiency > sched.baseline_efficiency
+    reduces = _count_reduce_launches(monkeypatch)
+    runs = []
+    for _ in range(2):
+        specs, out = _pair_specs(name, dtype, device, M_P=M_SPLIT)
+        _launch_tma_pair(*specs)
+        runs.append((specs, out))
+    assert len(reduces) == 2
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+    with backend.use_gemm_impl("triton"), backend.use_gemm_kernel("tma"):
+        alone, _ = _pair_specs(name, dtype, device, M_P=M_SPLIT)
+        for spec in alone:
+            gemm(**spec)
+    assert len(reduces) == 2  # one by one: whole tiles, no reduction
+    for spec, one in zip(runs[0][0], alone):
+        ref, ref_rowsum = _spec_ref(spec)
+        got = [(spec["c"].tensor, ref, one["c"].tensor)]
+        if ref_rowsum is not None:
+            got.append((spec["a_rowsum"], ref_rowsum, one["a_rowsum"]))
+        for actual, r, lone in got:
+            # fp16: the one-by-one launch (same kernel, whole K loop) is the low-precision error to stay within
+            assert_close_to_ref(actual.cpu(), r, None if dtype == torch.float32 else lone.cpu(), name=name)
+            if dtype == torch.float32:
+                torch.testing.assert_close(actual, lone, atol=1e-4, rtol=1e-4)
+
+
+def test_split_pair_epilogues(device, monkeypatch):
+    """The reduction applies the split problem's whole epilogue: bias, GELU' (tanh form) and the A row sums, on a
+    weight-grad-shaped problem; the short problem keeps its own (bias) in the pair kernel."""
+    from fastvit_kernels.kernels.matmul import Operand
+
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    dy, x, w = r(M_SPLIT, 48), r(M_SPLIT, 40), r(48, 40)
+    c0, c1, rs, pre, b0, b1 = r(48, 40), r(M_SPLIT, 40), r(48), r(48, 40), r(40), r(40)
+    s0 = dict(a=Operand.matrix_t(dy), b=Operand.matrix(x), c=Operand.matrix(c0), M=48, N=40, K=M_SPLIT, bias=b0,
+              dgelu_preact=pre, gelu_approximate="tanh", a_rowsum=rs)
+    s1 = dict(a=Operand.matrix(dy), b=Operand.matrix(w), c=Operand.matrix(c1), M=M_SPLIT, N=40, K=48, bias=b1,
+              gelu_approximate="tanh")
+    reduces = _count_reduce_launches(monkeypatch)
+    _launch_tma_pair(s0, s1)
+    assert len(reduces) == 1
+    ref0 = (dy.double().t() @ x.double() + b0.double()) * _gelu_grad(pre.cpu(), "tanh").double()
+    torch.testing.assert_close(c0, ref0.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rs, dy.sum(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c1, dy @ w + b1, atol=1e-4, rtol=1e-4)
