@@ -51,6 +51,8 @@ def _problem(args) -> str | None:
         return "TRITON_INTERPRET is set: the interpreter's timings are Python's, not the GPU's"
     if os.environ.get("FASTVIT_AUTOTUNE", "1").lower() in ("0", "false", "off", "no"):
         return "FASTVIT_AUTOTUNE is off: the kernels would not be autotuned"
+    if args.autocast and args.dtype == "fp32":
+        return "--autocast needs --dtype bf16 or fp16"
     if args.batch_size < 1 or args.steps < 1:
         return f"--batch-size and --steps must be >= 1; got {args.batch_size} and {args.steps}"
     return None

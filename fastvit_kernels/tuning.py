@@ -25,7 +25,9 @@ installs them, so from then on all ranks run rank 0's kernels.
 Design limits: the only collective is :func:`sync` (explicit, called by every rank at the same point; never inside
 a CUDA graph capture), so nothing on the launch path can deadlock when ranks launch different keys (uneven last
 batches, evaluation on rank 0 only). Inside an ``autotuning`` block ranks may run different tiles; after
-:func:`sync`, a key rank 0 had not seen runs the default candidate everywhere.
+:func:`sync`, a key rank 0 had not seen runs the default candidate everywhere. ``FASTVIT_AUTOTUNE=0`` launches the
+first candidate without consulting the autotuner, so a record does not apply to tiles then (the GEMM path still
+follows it).
 """
 
 from __future__ import annotations
