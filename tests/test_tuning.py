@@ -127,7 +127,8 @@ def test_record_file_validation_and_env(tmp_path):
     from fastvit_kernels import tuning
     from fastvit_kernels.kernels import tuning_record
 
-    rec = tuning.TuningRecord("cpu", "3.9.0", {("gemm_impl", ("cpu", "float16", 32, 24, 16, "bias")): {"impl": "cublas"}})
+    key = ("cpu", "float16", 32, 24, 16, "bias")
+    rec = tuning.TuningRecord("cpu", "3.9.0", {("gemm_impl", key): {"impl": "cublas"}})
     path = tmp_path / "t.json"
     tuning.save(rec, str(path))
     assert tuning_record.load(str(path)).entries == rec.entries
