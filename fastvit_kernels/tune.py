@@ -26,7 +26,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
-    p = argparse.ArgumentParser(prog="python -m fastvit_kernels.tune", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fastvit_kernels.tune",
+                                description="Write a tuning record for one model, batch size and dtype (GPU only).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", help="named config (fastvit_kernels.configs)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step on this GPU (per-rank batch)")
