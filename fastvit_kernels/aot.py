@@ -270,8 +270,11 @@ class _Recorder:
         if not isinstance(k, Autotuner):
             return [(k, kwargs)]
         configs = k.configs
-        if getattr(k, "early_config_prune", None):
-            configs = k.early_config_prune(configs, dict(zip(k.arg_names, args)), **kwargs)
+        # every candidate of the launch: the kernel's own filter, not a tuning record's single pick
+        prune = getattr(k, "early_config_prune", None)
+        prune = getattr(prune, "candidates", prune)
+        if prune:
+            configs = prune(configs, dict(zip(k.arg_names, args)), **kwargs)
         if not hasattr(k.fn, "params"):
             raise TypeError(f"{k.fn!r}: only triton.autotune over a plain @triton.jit kernel is supported")
         return self._each(k, configs, args, kwargs)

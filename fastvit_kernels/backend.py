@@ -118,11 +118,11 @@ def gemm_impl() -> str:
     """How the Triton backend runs each GEMM: the :func:`use_gemm_impl` setting, else ``FASTVIT_GEMM_IMPL``, else
     "auto".
 
-    * ``"auto"``: per GEMM, the choice recorded in :data:`fastvit_kernels.kernels.gemm_impl.MEASURED_CHOICES` for
-      that GPU, dtype, shape and fusion; where nothing is recorded, both paths are timed on the first launch on a
-      GPU (as "measure"); the fused Triton GEMM where nothing can be timed (CPU interpreter, CUDA graph capture).
+    * ``"auto"``: per GEMM, never timed: the path in the active tuning record (:mod:`fastvit_kernels.tuning`),
+      else the choice recorded in :data:`fastvit_kernels.kernels.gemm_impl.MEASURED_CHOICES` for that GPU, dtype,
+      shape and fusion, else the fused Triton GEMM.
     * ``"measure"``: on a GPU, time both paths the first time each (shape, fusion) is seen and keep the faster
-      for the rest of the process (like autotuning; on the CPU interpreter: "auto").
+      for the rest of the process (like autotuning; on the CPU interpreter and during CUDA graph capture: "auto").
     * ``"triton"`` / ``"cublas"``: force one path wherever it can run (split-index and converting GEMMs, i.e.
       the patch embedding, always use the Triton core).
 

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning_record
 from ._common import dot_precision, interpreting
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -208,9 +209,11 @@ def _autotuned(kernel: str):
         qkv = nargs["QKV"]
         return attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
 
-    return triton.autotune(configs=attention_configs(kernel, None, None, None, None),
-                           key=["N_BUCKET", "N_ALIGN", "HEAD_DIM"],  # + the tensors' dtypes (added by Triton)
-                           prune_configs_by={"early_config_prune": prune})
+    key = ["N_BUCKET", "N_ALIGN", "HEAD_DIM"]  # + the tensors' dtypes (added by Triton)
+    # the tuning record, when one is active, picks the candidate untimed (kernels/tuning_record.py)
+    return triton.autotune(configs=attention_configs(kernel, None, None, None, None), key=key,
+                           do_bench=tuning_record.bench, prune_configs_by={
+                               "early_config_prune": tuning_record.tuned_prune(f"attention.{kernel}", key, prune)})
 
 
 # ----------------------------------------------------------------------------------------------------------------

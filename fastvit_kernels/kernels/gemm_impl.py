@@ -18,16 +18,18 @@ image bounds or converting prologues (the patch embedding) have no cuBLAS form a
 
 The rule (:func:`choose`), by :func:`fastvit_kernels.backend.gemm_impl`:
 
-* ``"auto"`` (default): a key recorded in :data:`MEASURED_CHOICES` (offline measurements, per GPU, dtype, shape and
-  fusion) takes the recorded path; any other key is measured on its first launch on a GPU, exactly as
-  ``"measure"`` does (the way ``triton.autotune`` picks tiles: one timing per key, then a dict lookup), except
-  while a CUDA graph is being captured, where nothing can be timed and the fused core runs. On the CPU
-  interpreter nothing is timed: the fused core runs. The table is empty: no GPU has been available to this
-  project yet (2026-11), and an entry may only come from a measurement: run
-  ``python -m fastvit_kernels.bench gemm-impl`` on the GPU and record what it prints (then no start-up timing
-  is needed for those keys).
+* ``"auto"`` (default): never timed at run time, so the path cannot depend on timing noise and every rank of a
+  distributed job takes the same one. A key in the active tuning record (``FASTVIT_TUNING`` or
+  :func:`fastvit_kernels.tuning.use_tuning_record`, made on this GPU and Triton version by
+  ``python -m fastvit_kernels.tune``) takes the recorded path; else a key in :data:`MEASURED_CHOICES` (offline
+  measurements per GPU arch, dtype, shape and fusion) takes that one; else the fused Triton core runs. The table is
+  empty: no GPU has been available to this project yet (2026-11), and an entry may only come from a measurement
+  (``python -m fastvit_kernels.bench gemm-impl`` prints them).
 * ``"measure"``: on a GPU, the first launch of each key times both paths (``triton.testing.do_bench``, after the
-  Triton autotuning), ignoring the table, and the faster one serves that key for the rest of the process.
+  Triton autotuning), ignoring the record and the table, and the faster one serves that key for the rest of the
+  process. Timings differ between processes: under ``torch.distributed`` call
+  :func:`fastvit_kernels.tuning.sync` afterwards so every rank keeps rank 0's choices. On the CPU interpreter and
+  during CUDA graph capture nothing is timed ("auto"'s rule applies).
 * ``"triton"`` / ``"cublas"``: forced.
 
 Every choice made is kept in :func:`decisions` (key -> path, why, timings) and logged once per key on the
@@ -44,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from . import tuning_record
 from ._common import bias_gelu_epilogue, gelu, interpreting
 from .reduce import column_sum
 
@@ -56,7 +59,7 @@ MEASURED_CHOICES: dict[tuple, str] = {}
 
 @dataclass
 class Decision:
-    """How one key was decided: ``impl`` ("triton" | "cublas"), ``source`` ("forced" | "table" | "default" |
+    """How one key was decided: ``impl`` ("triton" | "cublas"), ``source`` ("record" | "table" | "default" |
     "measured") and, when measured, the two times in ms."""
 
     impl: str
@@ -114,7 +117,7 @@ def _time_ms(fn) -> float:
 
 def choose(key: tuple, device: torch.device, run_triton, run_cublas) -> str:
     """The path ("triton" | "cublas") for a launch with ``key`` (see the module docstring); ``run_triton`` /
-    ``run_cublas`` run the launch each way (used only to measure; each is idempotent).
+    ``run_cublas`` run the launch each way (used only by "measure"; each is idempotent).
 
     Raises:
         ValueError: a bad ``FASTVIT_GEMM_IMPL``.
@@ -123,13 +126,15 @@ def choose(key: tuple, device: torch.device, run_triton, run_cublas) -> str:
     if setting in ("triton", "cublas"):
         return setting
     known = _decisions.get(key)
-    # time both paths: "measure" always; "auto" where the table has nothing for the key (autotune-like)
-    want_measure = _can_measure(device) and (setting == "measure" or key not in MEASURED_CHOICES)
+    want_measure = setting == "measure" and _can_measure(device)
     if known is not None and (known.source == "measured" or not want_measure):
         return known.impl
+    recorded = None if want_measure else tuning_record.lookup(tuning_record.GEMM_IMPL, key, device)
     if want_measure:
         ms = {"triton": _time_ms(run_triton), "cublas": _time_ms(run_cublas)}
         decision = Decision(min(ms, key=ms.get), "measured", ms)
+    elif recorded is not None:
+        decision = Decision(recorded["impl"], "record")
     elif key in MEASURED_CHOICES:
         decision = Decision(MEASURED_CHOICES[key], "table")
     else:

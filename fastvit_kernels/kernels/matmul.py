@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_gelu_approximate
+from . import tuning_record
 from ._common import bias_gelu_epilogue, dot_precision, gelu, interpreting, ln_cols, ln_rows
 
 PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU, PROLOGUE_CAST, PROLOGUE_AFFINE = 0, 1, 2, 3, 4
@@ -292,7 +293,9 @@ def _gemm_tile(
 
 # Autotuning reruns the kernel: every launch is idempotent (C and the stored pre-activation are written, never
 # read back; no launch writes an operand it reads), so no reset_to_zero / restore_value is needed.
-@triton.autotune(configs=_ALL_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+# (the tuning record, when one is active, picks the candidate untimed: kernels/tuning_record.py)
+@triton.autotune(configs=_ALL_CONFIGS, key=_AUTOTUNE_KEY, do_bench=tuning_record.bench, prune_configs_by={
+    "early_config_prune": tuning_record.tuned_prune("matmul._matmul_kernel", _AUTOTUNE_KEY, _prune_configs)})
 @triton.jit
 def _matmul_kernel(  # the arguments of _gemm_tile (documented there), minus the tile index
     a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, M, N, K,
@@ -335,7 +338,8 @@ def _prune_pair_configs(configs: list, named_args: dict, **kwargs) -> list:
     return [by_id[_config_id(c)] for c in pair_configs(named_args["a0_ptr"].dtype) if _config_id(c) in by_id]
 
 
-@triton.autotune(configs=_ALL_CONFIGS, key=_PAIR_KEY, prune_configs_by={"early_config_prune": _prune_pair_configs})
+@triton.autotune(configs=_ALL_CONFIGS, key=_PAIR_KEY, do_bench=tuning_record.bench, prune_configs_by={
+    "early_config_prune": tuning_record.tuned_prune("matmul._matmul_pair_kernel", _PAIR_KEY, _prune_pair_configs)})
 @triton.jit
 def _matmul_pair_kernel(
     # problem 0, then problem 1: plain (unsplit) operands, each axis one stride; arguments as in _matmul_kernel

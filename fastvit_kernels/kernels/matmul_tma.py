@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning_record
 from ._common import bias_gelu_epilogue, gelu, interpreting, ln_cols, ln_rows
 
 try:  # host-side descriptors: Triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
@@ -215,7 +216,8 @@ def _tma_tile(
 
 
 # like _matmul_kernel, every launch is idempotent, so autotuning may rerun it
-@triton.autotune(configs=_ALL_TMA_CONFIGS, key=_TMA_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_ALL_TMA_CONFIGS, key=_TMA_KEY, do_bench=tuning_record.bench, prune_configs_by={
+    "early_config_prune": tuning_record.tuned_prune("matmul_tma._matmul_tma_kernel", _TMA_KEY, _prune)})
 @triton.jit
 def _matmul_tma_kernel(
     a_desc, b_desc, c_desc,  # TMA descriptors: A (M, K) or, A_T, its storage (K, M); B (K, N) or, B_T, (N, K); C (M, N)
@@ -238,8 +240,9 @@ def _matmul_tma_kernel(
                   DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
-@triton.autotune(configs=_ALL_TMA_PAIR_CONFIGS, key=_TMA_PAIR_KEY,
-                 prune_configs_by={"early_config_prune": _prune_pair})
+@triton.autotune(configs=_ALL_TMA_PAIR_CONFIGS, key=_TMA_PAIR_KEY, do_bench=tuning_record.bench,
+                 prune_configs_by={"early_config_prune": tuning_record.tuned_prune(
+                     "matmul_tma._matmul_tma_pair_kernel", _TMA_PAIR_KEY, _prune_pair)})
 @triton.jit
 def _matmul_tma_pair_kernel(
     # problem 0, then problem 1 (arguments as in _matmul_tma_kernel; no residual: pairs are backward GEMMs)

@@ -68,16 +68,17 @@ def test_measure_times_both_once_and_keeps_the_faster(gi, monkeypatch):
     assert gi.choose(key, cpu, *_ops(ran)) == "cublas" and len(ran) == 2
 
 
-def test_auto_measures_unrecorded_keys_on_a_gpu(gi, monkeypatch):
-    """"auto" on a GPU: a key the table records takes the recorded path untimed; any other key is timed once on
-    first use (like autotuning) and the faster path kept; "measure" re-times even a recorded key."""
+@pytest.mark.parametrize("times", [{"triton": 1.0, "cublas": 3.0}, {"triton": 3.0, "cublas": 1.0}])
+def test_auto_never_times_on_a_gpu(gi, monkeypatch, times):
+    """"auto" on a GPU: the path does not depend on timings (two timers that disagree give the same answer, and
+    neither is consulted): the table's entry for a recorded key, the fused core for any other; "measure" still
+    times on request, even a recorded key."""
     cpu = torch.device("cpu")
     recorded = gi.gemm_key(cpu, torch.float16, 394, 3072, 768, "a_ln+bias+gelu_store")
     fresh = gi.gemm_key(cpu, torch.float16, 394, 768, 3072, "bias+residual")
     monkeypatch.setitem(gi.MEASURED_CHOICES, recorded, "cublas")
-    monkeypatch.setattr(gi, "_can_measure", lambda device: True)
+    monkeypatch.setattr(gi, "_can_measure", lambda device: True)  # as on a GPU
     ran = []
-    times = {"triton": 1.0, "cublas": 3.0}
 
     def fake_time(fn):
         fn()
@@ -86,11 +87,10 @@ def test_auto_measures_unrecorded_keys_on_a_gpu(gi, monkeypatch):
     monkeypatch.setattr(gi, "_time_ms", fake_time)
     assert gi.choose(recorded, cpu, *_ops(ran)) == "cublas" and ran == []
     assert gi.decisions()[recorded].source == "table"
-    assert gi.choose(fresh, cpu, *_ops(ran)) == "triton" and ran == ["triton", "cublas"]
-    assert gi.decisions()[fresh] == gi.Decision("triton", "measured", {"triton": 1.0, "cublas": 3.0})
-    assert gi.choose(fresh, cpu, *_ops(ran)) == "triton" and len(ran) == 2
+    assert gi.choose(fresh, cpu, *_ops(ran)) == "triton" and ran == []
+    assert gi.decisions()[fresh] == gi.Decision("triton", "default")
     with use_gemm_impl("measure"):
-        assert gi.choose(recorded, cpu, *_ops(ran)) == "triton" and len(ran) == 4
+        assert gi.choose(recorded, cpu, *_ops(ran)) == min(times, key=times.get) and ran == ["triton", "cublas"]
     assert gi.decisions()[recorded].source == "measured"
 
 
