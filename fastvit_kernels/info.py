@@ -234,9 +234,22 @@ def format_report(info: dict) -> str:
         row("attention backward", info["attention_backward"]["rule"])
         for name, plan in info["attention_backward"]["fp16_bf16"].items():
             row(f"  {name}", plan)
-    t = info["tuning_record"]
-    row("tuning record", t if isinstance(t, str) else ", ".join(f"{k}={v}" for k, v in t.items()))
+    row("tuning record", describe_tuning(info["tuning_record"]))
     return "\n".join(lines)
+
+
+def describe_tuning(status: dict | str) -> str:
+    """One line for the tuning record's status as :func:`tuning_status` gives it."""
+    if isinstance(status, str):
+        return status
+    if status.get("error"):
+        return f"FASTVIT_TUNING={status['path']} could not be loaded: {status['error']}"
+    if status.get("path") is None and not status.get("entries"):
+        return ("none (FASTVIT_TUNING unset): tiles autotuned per process (the first candidate under "
+                "torch.distributed), GEMM path by the fixed rule")
+    where = f"{status['entries']} entries made on {status['gpu']} with Triton {status['triton']}"
+    used = "in force" if status.get("matching") else "ignored here: another GPU or Triton version"
+    return f"{status['path']}: {where}; {used}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def test_text_report_says_what_runs_where():
     assert fields["CPU tensors run"] == "torch"
     assert fields["triton"] == triton.__version__
     assert fields["torch"].startswith(torch.__version__)
-    assert fields["tuning record"] == str(info.tuning_status())
+    assert fields["tuning record"] == info.describe_tuning(info.tuning_status())
+    assert fields["tuning record"].startswith("none (FASTVIT_TUNING unset)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check is a different (longer) run")
