@@ -1,4 +1,4 @@
-"""Shared test utilities: per-dtype tolerances in one place (STYLE.md item 8) and the flash-attention rule for
+"""Shared test utilities: per-dtype tolerances in one place (docs/design.md, "Numerics") and the flash-attention rule for
 low precision: the kernel's error against an fp32 reference may be at most 2x PyTorch's own low-precision error
 at the same inputs, plus a small atol; and a counter of the device kernel launches a block makes."""
 
