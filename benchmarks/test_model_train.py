@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from bench_utils import DEVICE, E2E_BATCH, E2E_IMPLS, PRECISIONS, build_model, record, requires_gpu, timed
 from fastvit_kernels.bench.flops import ViTShape, model_flops
-from fastvit_kernels.bench.profile import param_groups
+from fastvit_kernels.train import param_groups
 from fastvit_kernels.configs import get_config
 
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from bench_utils import DEVICE, record, requires_gpu, timed
 from fastvit_kernels import ops, reference
 from fastvit_kernels.backend import use_gemm_impl, use_gemm_kernel, use_gemm_pairs
-from fastvit_kernels.bench.flops import attention_flops, mlp_flops, patch_embed_flops
+from fastvit_kernels.ops.attention import attention_flops
+from fastvit_kernels.ops.layernorm_mlp import mlp_flops
+from fastvit_kernels.ops.patch_embed import patch_embed_flops
 
 ATTENTION_SHAPES = [(256, 12, 197, 64), (128, 16, 197, 64), (64, 16, 257, 80), (16, 16, 1025, 80)]
 MLP_SHAPES = [(256 * 197, 768, 3072), (128 * 197, 1024, 4096), (64 * 257, 1280, 5120)]

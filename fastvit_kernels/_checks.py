@@ -1,5 +1,5 @@
 """Input checks shared by the public ops: each raises before any kernel launches, naming the argument and the
-expected and actual shape / dtype / device (STYLE.md item 5)."""
+expected and actual shape / dtype / device (docs/design.md, "Conventions")."""
 
 from __future__ import annotations
 

@@ -178,7 +178,8 @@ def _launchable(obj) -> bool:
 
 def package_kernels() -> dict[str, object]:
     """Every launched kernel of the package: {"module:name": JITFunction | Autotuner} for the module-level names
-    ending in ``_kernel`` (the naming rule of STYLE.md; helpers called inside kernels are not launched).
+    ending in ``_kernel`` (the naming rule of docs/design.md, "Conventions"; helpers called inside kernels are not
+    launched).
 
     Raises RuntimeError if the kernels were defined under the Triton interpreter (TRITON_INTERPRET=1)."""
     from triton.runtime.interpreter import InterpretedFunction

@@ -1,6 +1,6 @@
 """Which implementation an op runs: this package's Triton kernels or the eager PyTorch reference.
 
-Rules (DESIGN.md, "backend.py"):
+Rules (docs/design.md, "Backends"):
 
 * CUDA tensors run the Triton kernels (when Triton is importable).
 * CPU tensors run the reference in :mod:`fastvit_kernels.reference`, unless the Triton interpreter is on
@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from ._env import interpreter_enabled
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -33,15 +35,6 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 def triton_available() -> bool:
     """Whether the ``triton`` package is installed (checked once at import, without importing it)."""
     return _TRITON_INSTALLED
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``).
-
-    The variable must be set before the kernel modules are first imported (they are imported lazily, on the
-    first Triton launch), because Triton decides between compiling and interpreting when a kernel is defined.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:

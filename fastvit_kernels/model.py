@@ -5,7 +5,7 @@ package's ops. It reads like the paper (Dosovitskiy et al. 2021, eqs. 1-4):
     z'  = MSA(LN(z)) + z                                    ops.attention_block: norm1 + qkv, attention,
                                                             proj + residual (or, around LayerScale / qk_norm /
                                                             dropout, ops.layernorm_linear, ops.attention,
-                                                            ops.linear_residual)
+                                                            ops.linear_residual; see Block.choose_paths)
     z   = MLP(LN(z')) + z'                                  ops.layernorm_mlp (LN, fc1, GELU, fc2, residual fused)
     y   = head(LN(z_L^0))
 
@@ -27,64 +27,126 @@ from .configs import get_config
 
 
 class Block(reference.Block):
-    """Pre-norm ViT block computing through the fused ops; parameters as timm's ``Block``.
+    """Pre-norm ViT block computing through the fused ops; constructor arguments and parameters as timm's
+    ``Block`` (see :class:`fastvit_kernels.reference.Block`).
 
-    Input and output: (B, N, D). Options the Triton path does not implement (attention or MLP dropout > 0 while
-    training) run this block's eager reference instead, with a one-time warning: never silently different.
-    LayerScale and qk_norm run as eager ops around the fused ones (v1).
+    Input and output: (B, N, D), fp32 | fp16 | bf16. ``forward`` is the paper's two residual equations; how each
+    half is computed is chosen once, by :meth:`choose_paths`, when the block is built and whenever ``train()`` /
+    ``eval()`` changes whether dropout and stochastic depth apply (as timm chooses ``attn_layer`` / ``mlp_layer``
+    when it builds a block), never per call. Options the Triton path does not implement (attention or MLP dropout
+    > 0 while training) run that half on the eager reference modules, with a one-time warning: never silently
+    different. LayerScale and qk_norm run as eager ops around the fused ones.
     """
 
     backend: str | None = None  # set by FastViT
 
-    def _fallback(self, what: str) -> None:
-        if not getattr(self, "_warned", False):
-            warnings.warn(f"FastViT: {what} > 0 is not implemented by the fused ops; this block runs eager PyTorch "
-                          "for it while training", stacklevel=3)
-            self._warned = True
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.choose_paths()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn, mlp = self.attn, self.mlp
-        # z' = MSA(LN(z)) + z
-        if self.training and attn.attn_drop.p > 0:
-            self._fallback("attn_drop_rate")
-            branch = attn(self.norm1(x))
-        elif (isinstance(attn.q_norm, nn.Identity) and isinstance(self.ls1, nn.Identity)
-              and not (self.training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0))):
-            # z' = z + proj(MSA(LN(z))) as one op: norm1 + qkv, attention, proj + residual; the residual's gradient
-            # joins inside the LayerNorm backward
-            x = ops.attention_block(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
-                                    attn.proj.weight, attn.proj.bias, attn.num_heads, attn.scale, self.norm1.eps,
-                                    backend=self.backend)
-            branch = None
+        x = self.attention_residual(x)  # z' = MSA(LN(z)) + z
+        x = self.mlp_residual(x)  # z = MLP(LN(z')) + z'
+        return x
+
+    def train(self, mode: bool = True) -> "Block":
+        """As ``nn.Module.train``, then :meth:`choose_paths` for the new mode."""
+        super().train(mode)
+        self.choose_paths()
+        return self
+
+    def choose_paths(self) -> None:
+        """Set ``attention_residual`` and ``mlp_residual``, the two halves ``forward`` runs (each maps the block's
+        (B, N, D) input of that half to its (B, N, D) output), from the block's options and its mode.
+
+        Called when the block is built and by ``train()`` / ``eval()``; call it again after changing a dropout
+        rate, the stochastic-depth rate or a LayerScale / qk_norm submodule by hand.
+
+        Attention half, ``z' = MSA(LN(z)) + z``, in the first form that applies:
+
+        * attention dropout while training: the eager modules (``x + drop_path1(ls1(attn(norm1(x))))``);
+        * no qk_norm, no LayerScale, no proj dropout or stochastic depth in effect: ``ops.attention_block``
+          (norm1 + qkv, attention, proj + residual as one op; the residual's gradient joins inside the LayerNorm
+          backward);
+        * no LayerScale, no proj dropout or stochastic depth in effect (qk_norm): ``ops.layernorm_linear``,
+          qk_norm (eager), ``ops.attention``, ``ops.linear_residual`` (proj bias + residual in the GEMM epilogue);
+        * otherwise the same up to the attention output, then proj as ``F.linear`` and dropout, LayerScale and
+          stochastic depth on the branch before the residual add.
+
+        MLP half, ``z = MLP(LN(z')) + z'``: MLP dropout while training: the eager modules; LayerScale or
+        stochastic depth in effect: ``ops.layernorm_mlp(add_residual=False)`` and those on the branch; otherwise
+        ``ops.layernorm_mlp`` with the residual added in fc2's epilogue.
+        """
+        attn, training = self.attn, self.training
+        branch_ops = training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0)
+        no_ls1 = isinstance(self.ls1, nn.Identity)
+        if training and attn.attn_drop.p > 0:
+            self.attention_residual = self._attention_eager
+        elif not branch_ops and no_ls1:
+            plain = isinstance(attn.q_norm, nn.Identity)
+            self.attention_residual = self._attention_fused if plain else self._attention_proj_residual
         else:
-            qkv = ops.layernorm_linear(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
-                                       self.norm1.eps, backend=self.backend)  # (B, N, 3 * D)
-            if not isinstance(attn.q_norm, nn.Identity):  # qk_norm: LayerNorm q and k over head_dim (eager)
-                B, N, _ = qkv.shape
-                q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
-                qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(B, N, -1)
-            o = ops.attention(qkv, attn.num_heads, attn.scale, backend=self.backend)  # (B, N, D)
-            branch_ops = self.training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0)
-            if not branch_ops and isinstance(self.ls1, nn.Identity):
-                # proj bias + residual add in the GEMM epilogue
-                x = ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x, backend=self.backend)
-                branch = None
-            else:  # dropout / stochastic depth / LayerScale act on the branch before the residual add
-                branch = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-        if branch is not None:
-            x = x + self.drop_path1(self.ls1(branch))
-        # z = MLP(LN(z')) + z'
-        if self.training and mlp.drop1.p > 0:
-            self._fallback("proj_drop_rate")
-            return x + self.drop_path2(self.ls2(mlp(self.norm2(x))))
-        args = (self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                self.norm2.eps)
-        approximate = mlp.act.approximate
-        if (self.training and self.drop_path2.drop_prob > 0) or not isinstance(self.ls2, nn.Identity):
-            # stochastic depth / LayerScale act on the branch: the op returns it without the residual add
-            branch = ops.layernorm_mlp(x, *args, add_residual=False, approximate=approximate, backend=self.backend)
-            return x + self.drop_path2(self.ls2(branch))
-        return ops.layernorm_mlp(x, *args, approximate=approximate, backend=self.backend)
+            self.attention_residual = self._attention_branch
+        if training and self.mlp.drop1.p > 0:
+            self.mlp_residual = self._mlp_eager
+        elif (training and self.drop_path2.drop_prob > 0) or not isinstance(self.ls2, nn.Identity):
+            self.mlp_residual = self._mlp_branch
+        else:
+            self.mlp_residual = self._mlp_fused
+
+    # --- attention half: z' = MSA(LN(z)) + z ----------------------------------------------------------------
+    def _attention_fused(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        return ops.attention_block(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                                   attn.proj.weight, attn.proj.bias, attn.num_heads, attn.scale, self.norm1.eps,
+                                   backend=self.backend)
+
+    def _msa(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output before proj, (B, N, D): norm1 + qkv, qk_norm (eager, when present), attention."""
+        attn = self.attn
+        qkv = ops.layernorm_linear(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                                   self.norm1.eps, backend=self.backend)  # (B, N, 3 * D)
+        if not isinstance(attn.q_norm, nn.Identity):  # qk_norm: LayerNorm q and k over head_dim
+            B, N, _ = qkv.shape
+            q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
+            qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(B, N, -1)
+        return ops.attention(qkv, attn.num_heads, attn.scale, backend=self.backend)
+
+    def _attention_proj_residual(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.attn.proj
+        return ops.linear_residual(self._msa(x), proj.weight, proj.bias, x, backend=self.backend)
+
+    def _attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        branch = attn.proj_drop(F.linear(self._msa(x), attn.proj.weight, attn.proj.bias))
+        return x + self.drop_path1(self.ls1(branch))
+
+    def _attention_eager(self, x: torch.Tensor) -> torch.Tensor:
+        self._warn_eager("attn_drop_rate")
+        return x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+
+    # --- MLP half: z = MLP(LN(z')) + z' -----------------------------------------------------------------------
+    def _mlp_ops(self, x: torch.Tensor, add_residual: bool) -> torch.Tensor:
+        mlp, norm2 = self.mlp, self.norm2
+        return ops.layernorm_mlp(x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                 mlp.fc2.bias, norm2.eps, add_residual=add_residual,
+                                 approximate=mlp.act.approximate, backend=self.backend)
+
+    def _mlp_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp_ops(x, add_residual=True)
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path2(self.ls2(self._mlp_ops(x, add_residual=False)))
+
+    def _mlp_eager(self, x: torch.Tensor) -> torch.Tensor:
+        self._warn_eager("MLP dropout (proj_drop_rate)")
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _warn_eager(self, what: str) -> None:
+        if not getattr(self, "_warned", False):
+            warnings.warn(f"FastViT: {what} > 0 is not implemented by the fused ops; this block runs eager PyTorch "
+                          "for it while training", stacklevel=4)
+            self._warned = True
 
 
 class FastViT(reference.VisionTransformer):
@@ -115,6 +177,8 @@ class FastViT(reference.VisionTransformer):
                              "custom block")
         super().__init__(*args, block_fn=Block, **kwargs)
         self.backend = backend
+        # FlopCounterMode counts the fastvit:: ops once torch.utils.flop_counter is loaded (never imported here)
+        ops.register_flop_formulas(only_if_loaded=True)
 
     @classmethod
     def from_timm(cls, model: nn.Module, backend: str | None = None) -> "FastViT":
@@ -207,9 +271,22 @@ class FastViT(reference.VisionTransformer):
 def create_model(name: str, pretrained: bool = False, **overrides) -> FastViT:
     """Build the named FastViT (see :mod:`fastvit_kernels.configs`), with constructor overrides.
 
+    Args:
+        name: a key of :data:`fastvit_kernels.configs.MODEL_CONFIGS` (e.g. "vit_base_patch16_224", "vit_digits").
+        pretrained: must be False (nothing is downloaded; load a timm state_dict yourself).
+        **overrides: FastViT / timm ``VisionTransformer`` constructor arguments replacing the config's (e.g.
+            ``depth=2``, ``img_size=384``, ``num_classes=10``, ``backend="triton"``).
+
+    Returns:
+        A FastViT in training mode with timm's initialisation, its parameters in the default dtype
+        (``torch.get_default_dtype()``, fp32 unless changed) on the default device (the CPU unless a
+        ``torch.device`` context or ``torch.set_default_device`` says otherwise); move it with ``.to(device,
+        dtype)`` or ``.cuda()``.
+
     Raises:
         KeyError: unknown model name.
-        ValueError: ``pretrained=True`` (nothing is downloaded; load a state_dict yourself).
+        ValueError: ``pretrained=True``; bad constructor arguments (see :class:`FastViT`).
+        NotImplementedError: a timm option FastViT does not implement (see :class:`FastViT`).
     """
     if pretrained:
         raise ValueError("pretrained=True is not supported: fastvit_kernels downloads nothing; build the model and "

@@ -71,7 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as timm: no weight decay on biases, norms (1-D parameters) and ``no_weight_decay()`` names."""
+    """Optimizer parameter groups as timm's ``param_groups_weight_decay``: weight decay on the matrices only.
+
+    Args:
+        model: a module with ``no_weight_decay()`` (FastViT / the reference VisionTransformer: pos_embed,
+            cls_token, reg_token).
+        weight_decay: the decay of the first group (AdamW's decoupled decay coefficient).
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]``; ``rest``
+        holds biases and norm weights (parameters with ndim <= 1) and the ``no_weight_decay()`` names. Parameters
+        with ``requires_grad=False`` are left out.
+    """
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():

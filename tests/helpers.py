@@ -1,6 +1,6 @@
-"""Shared test utilities: the tolerance rule (one copy, in :mod:`fastvit_kernels.accuracy`: fp32 within
-TOLERANCES; fp16 / bf16 at most 2x PyTorch's own low-precision error against the fp32 reference, plus a small atol)
-as assertions; and a counter of the device kernel launches a block makes."""
+"""Shared test utilities: the tolerance rule (one copy, in :mod:`fastvit_kernels.accuracy`; docs/design.md,
+"Numerics": fp32 within TOLERANCES; fp16 / bf16 at most 2x PyTorch's own low-precision error against the fp32
+reference, plus a small atol) as assertions; and a counter of the device kernel launches a block makes."""
 
 from __future__ import annotations
 

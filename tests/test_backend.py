@@ -47,6 +47,16 @@ def test_import_is_lazy():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+def test_import_installs_no_import_hook():
+    # importing the package changes no global import machinery (finders, path hooks)
+    code = ("import sys\n"
+            "finders, hooks = list(sys.meta_path), list(sys.path_hooks)\n"
+            "import fastvit_kernels, fastvit_kernels.bench\n"
+            "assert sys.meta_path == finders, sys.meta_path\n"
+            "assert sys.path_hooks == hooks, sys.path_hooks\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
 def test_gemm_kernel_setting(monkeypatch):
     """FASTVIT_GEMM_KERNEL / use_gemm_kernel: "auto" by default, the context manager wins over the environment and
     restores it, bad names raise with the accepted ones."""

@@ -103,6 +103,44 @@ def test_attention_dropout_falls_back_visibly(device):
         model(torch.randn(2, 1, 8, 8, device=device))
 
 
+def _paths(blk) -> tuple[str, str]:
+    return blk.attention_residual.__name__, blk.mlp_residual.__name__
+
+
+@pytest.mark.parametrize("kwargs, train, eval_", [
+    (dict(), ("_attention_fused", "_mlp_fused"), ("_attention_fused", "_mlp_fused")),
+    (dict(attn_drop_rate=0.1), ("_attention_eager", "_mlp_fused"), ("_attention_fused", "_mlp_fused")),
+    (dict(proj_drop_rate=0.1), ("_attention_branch", "_mlp_eager"), ("_attention_fused", "_mlp_fused")),
+    (dict(drop_path_rate=0.5, depth=2), ("_attention_branch", "_mlp_branch"), ("_attention_fused", "_mlp_fused")),
+    (dict(init_values=1e-5), ("_attention_branch", "_mlp_branch"), ("_attention_branch", "_mlp_branch")),
+    (dict(qk_norm=True), ("_attention_proj_residual", "_mlp_fused"), ("_attention_proj_residual", "_mlp_fused")),
+])
+def test_block_chooses_its_paths_at_build_and_mode_change(kwargs, train, eval_):
+    model = create_model("vit_digits", **{"depth": 1, **kwargs})
+    blk = model.blocks[-1]
+    assert _paths(blk) == train  # built in training mode
+    model.eval()
+    assert _paths(blk) == eval_
+    model.train()
+    assert _paths(blk) == train
+
+
+def test_block_forward_is_the_chosen_path():
+    # forward runs what choose_paths picked (no per-call re-derivation): swap the chosen path for a recorder
+    model = create_model("vit_digits", depth=1, backend="torch").eval()
+    blk = model.blocks[0]
+    seen = []
+    blk.attention_residual = lambda x: seen.append("attention") or x
+    blk.mlp_residual = lambda x: seen.append("mlp") or x + 1
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(blk(x), x + 1)
+    assert seen == ["attention", "mlp"]
+    # an option changed by hand takes effect once the block chooses again
+    blk.attn.attn_drop.p = 0.1
+    blk.train()
+    assert _paths(blk) == ("_attention_eager", "_mlp_fused")
+
+
 def test_matches_timm_when_installed():
     timm = pytest.importorskip("timm", reason="timm is optional; the reference model mirrors its code path")
     cfg = get_config("vit_test_hd80")

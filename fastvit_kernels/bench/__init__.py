@@ -1,8 +1,8 @@
 """Throughput accounting shared by ``benchmarks/``, the profiler and the training job.
 
-* :mod:`.flops` -- exact model FLOPs per op and per model (2 per multiply-add, attention matmuls included), and
-  the ``FlopCounterMode`` formulas of the ``fastvit::*`` custom ops (registered when ``fastvit_kernels.ops`` is
-  imported).
+* :mod:`.flops` -- exact model FLOPs per op class and per model (2 per multiply-add, attention matmuls included),
+  from the per-op counts that :mod:`fastvit_kernels.ops` defines beside the ops (with the ``FlopCounterMode``
+  formulas of the ``fastvit::*`` custom ops).
 * :mod:`.devices` -- dense bf16 / fp16 / fp32 peaks and memory bandwidth of common GPUs; MFU.
 * :mod:`.cost_model` -- modelled kernel launches, device-memory bytes and FLOPs of a training step, FastViT vs
   eager, with a roofline estimate (runs on any machine).

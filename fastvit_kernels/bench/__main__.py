@@ -120,7 +120,8 @@ def _cmd_model(args) -> int:
 def _cmd_profile(args) -> int:
     from .. import create_model, reference
     from ..configs import get_config
-    from .profile import param_groups, profile_step
+    from ..train import param_groups
+    from .profile import profile_step
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     on_cpu = device.type == "cpu"

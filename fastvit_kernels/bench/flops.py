@@ -1,5 +1,7 @@
-"""Exact FLOP counts of a ViT (2 FLOPs per multiply-add, attention matmuls included), per op and per model, and
-the FLOP formulas of this package's custom ops for ``torch.utils.flop_counter.FlopCounterMode``.
+"""Exact FLOP counts of a ViT (2 FLOPs per multiply-add, attention matmuls included), per op class and per model.
+The per-op counts (``linear_flops``, ``attention_flops``, ``mlp_flops``, ``patch_embed_flops``) live beside the
+ops in :mod:`fastvit_kernels.ops`, with the ``FlopCounterMode`` formulas of the ``fastvit::*`` custom ops; this
+module sums them over a model.
 
 Conventions (the "model FLOPs" of Chowdhery et al., PaLM 2022, appendix B, used for MFU):
 
@@ -18,14 +20,15 @@ counts some element-wise work); 105.15 GFLOP per image per training step.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..configs import get_config
+from ..ops.attention import attention_flops
+from ..ops.layernorm_mlp import mlp_flops
+from ..ops.linear import linear_flops
+from ..ops.patch_embed import patch_embed_flops
 
 # Op classes of a ViT training step, in model order (keys of the breakdowns) and how tables print them.
 OP_CLASSES = ("patch_embed", "ln_qkv", "attention", "proj", "mlp", "head", "optimizer")
@@ -134,30 +137,6 @@ class ViTShape:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# per-op forward FLOPs (2 per multiply-add)
-# ------------------------------------------------------------------------------------------------------------
-def linear_flops(M: int, K: int, N: int) -> int:
-    """``(M, K) @ (K, N)``: 2 * M * K * N."""
-    return 2 * M * K * N
-
-
-def patch_embed_flops(B: int, num_patches: int, D: int, C: int, P: int) -> int:
-    """Patch-embedding GEMM over B images: 2 * B * num_patches * D * C * P * P."""
-    return 2 * B * num_patches * D * C * P * P
-
-
-def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
-    """Softmax attention's two matmuls, S = Q K^T and O = P V, each 2 * N * N * head_dim per (image, head):
-    4 * B * H * N^2 * head_dim."""
-    return 4 * B * H * N * N * head_dim
-
-
-def mlp_flops(M: int, D: int, D_hidden: int) -> int:
-    """fc1 (D -> D_hidden) and fc2 (D_hidden -> D) over M tokens: 4 * M * D * D_hidden."""
-    return 4 * M * D * D_hidden
-
-
-# ------------------------------------------------------------------------------------------------------------
 # per-model counts
 # ------------------------------------------------------------------------------------------------------------
 def flops_by_class(shape: ViTShape, batch_size: int, kind: str = "forward") -> dict[str, int]:
@@ -208,145 +187,3 @@ def model_flops(shape: ViTShape, batch_size: int, kind: str = "forward") -> int:
 def flops_per_image(shape: ViTShape, kind: str = "forward") -> int:
     """Model FLOPs per image (forward, backward or a training step)."""
     return model_flops(shape, 1, kind)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# FlopCounterMode formulas for the fastvit:: custom ops (an unregistered custom op counts as zero FLOPs)
-# ------------------------------------------------------------------------------------------------------------
-def _patch_embed_fwd_flop(images, weight, *args, out_shape=None, **kwargs) -> int:
-    B, C, H, W = images
-    D, _, P, _ = weight
-    # an image whose side is not a multiple of P is zero-padded to the next patch (dynamic_img_pad)
-    return patch_embed_flops(B, (-(-H // P)) * (-(-W // P)), D, C, P)
-
-
-def _patch_embed_bwd_flop(dout, images, weight, *args, out_shape=None, **kwargs) -> int:
-    # the op's last argument is needs_images_grad (the image gradient is a second GEMM of the same size)
-    needs_images_grad = kwargs.get("needs_images_grad", args[-1] if args and isinstance(args[-1], bool) else False)
-    wgrad = _patch_embed_fwd_flop(images, weight)
-    return 2 * wgrad if needs_images_grad else wgrad
-
-
-def _attention_fwd_flop(qkv, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
-    B, N, three_d = qkv
-    return attention_flops(B, N, num_heads, three_d // 3 // num_heads)
-
-
-def _attention_bwd_flop(dout, qkv, out, lse, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
-    # dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: 2x forward (the kernels also recompute S = Q K^T, which
-    # model FLOPs leave out; torch's own SDPA-backward formula counts it, the eager matmul backward does not)
-    return 2 * _attention_fwd_flop(qkv, num_heads, scale)
-
-
-def _layernorm_mlp_fwd_flop(x, norm_weight, norm_bias, fc1_weight, *args, out_shape=None, **kwargs) -> int:
-    M, D = x
-    return mlp_flops(M, D, fc1_weight[0])
-
-
-def _layernorm_mlp_bwd_flop(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, *args,
-                            out_shape=None, **kwargs) -> int:
-    M, D = x
-    return 2 * mlp_flops(M, D, fc1_weight[0])
-
-
-def _layernorm_linear_fwd_flop(x, norm_weight, norm_bias, weight, *args, out_shape=None, **kwargs) -> int:
-    M, D = x
-    return linear_flops(M, D, weight[0])
-
-
-def _layernorm_linear_bwd_flop(dout, x, mean, rstd, norm_weight, norm_bias, weight, *args, out_shape=None,
-                               **kwargs) -> int:
-    M, D = x
-    return 2 * linear_flops(M, D, weight[0])
-
-
-def _linear_residual_fwd_flop(x, weight, *args, out_shape=None, **kwargs) -> int:
-    M, K = x
-    return linear_flops(M, K, weight[0])
-
-
-def _linear_residual_bwd_flop(dout, x, weight, *args, out_shape=None, **kwargs) -> int:
-    M, K = x
-    return 2 * linear_flops(M, K, weight[0])
-
-
-def _attention_block_fwd_flop(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
-                              *args, out_shape=None, **kwargs) -> int:
-    B, N, D = x
-    M = B * N
-    return linear_flops(M, D, 3 * D) + attention_flops(B, N, num_heads, D // num_heads) + linear_flops(M, D, D)
-
-
-def _attention_block_bwd_flop(dout, x, qkv, o, lse, mean, rstd, norm_weight, norm_bias, qkv_weight, proj_weight,
-                              has_qkv_bias, has_proj_bias, num_heads, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _attention_block_fwd_flop(x, None, None, None, None, None, None, num_heads)
-
-
-_FORMULAS = {
-    "patch_embed_fwd": _patch_embed_fwd_flop, "patch_embed_bwd": _patch_embed_bwd_flop,
-    "attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop,
-    "layernorm_mlp_fwd": _layernorm_mlp_fwd_flop, "layernorm_mlp_bwd": _layernorm_mlp_bwd_flop,
-    "layernorm_linear_fwd": _layernorm_linear_fwd_flop, "layernorm_linear_bwd": _layernorm_linear_bwd_flop,
-    "linear_residual_fwd": _linear_residual_fwd_flop, "linear_residual_bwd": _linear_residual_bwd_flop,
-    "attention_block_fwd": _attention_block_fwd_flop, "attention_block_bwd": _attention_block_bwd_flop,
-}
-
-
-def register_flop_formulas() -> list[str]:
-    """Register the FLOP formulas of the ``fastvit::*`` custom ops with ``torch.utils.flop_counter`` so that
-    ``FlopCounterMode`` counts them (same conventions as this module: backward = 2x forward).
-
-    Called when :mod:`fastvit_kernels.ops` is imported (after the ops are defined); idempotent (an op that is
-    already registered is skipped); imports neither triton nor a GPU. Returns the names of the ops registered by
-    this call (empty when ``torch.utils.flop_counter`` lacks ``register_flop_formula``).
-    """
-    try:
-        from torch.utils.flop_counter import flop_registry, register_flop_formula
-    except ImportError:  # pragma: no cover - very old torch
-        return []
-    done = []
-    for name, formula in _FORMULAS.items():
-        packet = getattr(torch.ops.fastvit, name)
-        if packet in flop_registry:
-            continue
-        register_flop_formula(packet)(formula)
-        done.append(name)
-    return done
-
-
-_FLOP_COUNTER = "torch.utils.flop_counter"
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """One-shot import hook: when ``torch.utils.flop_counter`` is first imported (by anyone), register the
-    formulas right after the module has executed. (That module imports triton, so importing it ourselves at
-    ``import fastvit_kernels`` time would break the package's no-triton-at-import contract.)"""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != _FLOP_COUNTER:
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the real spec, found by the remaining finders
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        real_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            real_exec(module)
-            register_flop_formulas()
-
-        spec.loader.exec_module = exec_module  # this spec's own loader instance
-        return spec
-
-
-def install_flop_formulas() -> None:
-    """Make ``FlopCounterMode`` count the ``fastvit::*`` ops without importing triton now: register the formulas
-    at once when ``torch.utils.flop_counter`` is already loaded, else as soon as it is imported.
-
-    Called at the end of ``fastvit_kernels/ops/__init__.py`` (after the custom ops are defined).
-    """
-    if _FLOP_COUNTER in sys.modules:
-        register_flop_formulas()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())

@@ -261,16 +261,6 @@ class ProfileResult:
         return "\n".join(lines)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """timm's AdamW groups: weight decay on matrices only (not on biases, norms, pos_embed, cls_token)."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def trace_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer, shape: ViTShape | None = None) -> list[tuple[str, str, float]]:
     """Run one instrumented training step (forward, cross-entropy, backward, ``optimizer.step()``) and return

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._env import interpreter_enabled as interpreting  # noqa: F401  (the kernels' name for it)
+
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 
@@ -66,13 +68,6 @@ def gelu_grad(x, TANH: tl.constexpr):
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for tl.dot: exact IEEE for fp32 operands (no TF32), the default for fp16/bf16."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (then larger tiles mean fewer Python steps)."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @triton.jit

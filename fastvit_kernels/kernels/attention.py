@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._env import autotune_requested
 from . import tuning_record
 from ._common import dot_precision, interpreting
 
@@ -199,6 +200,8 @@ def _interpreter_config(N: int) -> dict:
 
 def _autotuned(kernel: str):
     """Decorator: ``triton.autotune`` over :func:`attention_configs` on a GPU, the bare kernel under the interpreter.
+    With ``FASTVIT_AUTOTUNE=0`` (read when a shape is first launched) the pruning keeps only the first candidate,
+    which then runs without benchmarking, as the GEMM core's first candidate does.
 
     Not ``reset_to_zero`` / ``restore_value``: the kernels only write outputs they fully overwrite, so re-running one
     while benchmarking is harmless."""
@@ -207,7 +210,8 @@ def _autotuned(kernel: str):
 
     def prune(configs, nargs, **kwargs):
         qkv = nargs["QKV"]
-        return attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
+        kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
+        return kept if autotune_requested() else kept[:1]
 
     key = ["N_BUCKET", "N_ALIGN", "HEAD_DIM"]  # + the tensors' dtypes (added by Triton)
     # the tuning record, when one is active, picks the candidate untimed (kernels/tuning_record.py)

@@ -1,7 +1,7 @@
 """The second path for the GEMM core's launches, cuBLAS (``torch.matmul``) plus fused elementwise kernels, and the
-per-shape rule that picks between the two (DESIGN.md: "where a fused Triton GEMM would lose to cuBLAS at some
-shape, the op may choose cuBLAS + one fused elementwise kernel there; the choice comes from measurements, and is
-visible").
+per-shape rule that picks between the two (docs/design.md, "The GEMM core": where a fused Triton GEMM would lose
+to cuBLAS at some shape, the op may choose cuBLAS + fused elementwise kernels there; the choice comes from
+measurements, and is visible).
 
 The cuBLAS path of one launch of :func:`fastvit_kernels.kernels.matmul.gemm`:
 

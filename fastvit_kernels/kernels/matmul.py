@@ -1,7 +1,7 @@
 """The one GEMM core of the package: C[m, n] = epilogue(sum_k prologue_A(A)[m, k] * prologue_B(B)[k, n]).
 
 Every Linear layer of a ViT block, the patch embedding and all their backward GEMMs are this kernel with
-different constexpr flags (DESIGN.md, "One GEMM core, many fusions"):
+different constexpr flags (docs/design.md, "The GEMM core"):
 
 * operand addressing: each logical index (m, n or k) may be split into three levels,
   ``t -> (t // D1) * s1 + ((t % D1) // D2) * s2 + (t % D2) * s3``. With D1 = tokens per image this walks a

@@ -10,18 +10,77 @@ kernels launch on that device and its current stream whichever device is current
 * :func:`layernorm_linear` / :func:`linear_residual` — ``Linear(LayerNorm(x))`` and ``residual + Linear(x)``.
 * :func:`attention_block` — ``x + proj(MSA(LayerNorm(x)))``, the three above as one op (the residual's gradient
   added inside the LayerNorm backward).
+
+FLOPs: each op module defines its op's model-FLOP count (``linear_flops``, ``attention_flops``, ``mlp_flops``,
+``patch_embed_flops``) and the ``FlopCounterMode`` formulas of its ``fastvit::*`` custom ops
+(``FLOP_FORMULAS``); :func:`flop_formulas` collects them and :func:`register_flop_formulas` hands them to
+``torch.utils.flop_counter``.
 """
 
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .attention import FLOP_FORMULAS as _ATTENTION_FLOPS
 from .attention import attention
+from .attention_block import FLOP_FORMULAS as _ATTENTION_BLOCK_FLOPS
 from .attention_block import attention_block
+from .layernorm_mlp import FLOP_FORMULAS as _LAYERNORM_MLP_FLOPS
 from .layernorm_mlp import layernorm_mlp
+from .linear import FLOP_FORMULAS as _LINEAR_FLOPS
 from .linear import layernorm_linear, linear_residual
+from .patch_embed import FLOP_FORMULAS as _PATCH_EMBED_FLOPS
 from .patch_embed import patch_embed
 
-__all__ = ["attention", "attention_block", "layernorm_linear", "layernorm_mlp", "linear_residual", "patch_embed"]
+__all__ = ["attention", "attention_block", "flop_formulas", "layernorm_linear", "layernorm_mlp", "linear_residual",
+           "patch_embed", "register_flop_formulas"]
 
-# FLOP formulas of the fastvit:: custom ops for torch.utils.flop_counter (registered when that module loads:
-# it imports triton, so it is not imported here)
-from ..bench.flops import install_flop_formulas as _install_flop_formulas  # noqa: E402
+_FLOP_COUNTER = "torch.utils.flop_counter"
+# op name -> formula, from the modules that define the ops
+_FLOP_TABLE = {**_PATCH_EMBED_FLOPS, **_ATTENTION_FLOPS, **_LINEAR_FLOPS, **_ATTENTION_BLOCK_FLOPS,
+               **_LAYERNORM_MLP_FLOPS}
 
-_install_flop_formulas()
+
+def flop_formulas() -> dict:
+    """The ``FlopCounterMode`` formulas of every ``fastvit::*`` custom op: {``torch.ops.fastvit.<op>``: formula}.
+
+    Each formula takes the op's arguments with tensors replaced by their shapes (torch.utils.flop_counter's
+    convention) and returns model FLOPs as an int: 2 per multiply-add, matmuls only, backward = 2x forward (the
+    patch embedding's backward: the weight-gradient GEMM, plus the image-gradient GEMM only when it runs). Usable
+    as ``FlopCounterMode(custom_mapping=flop_formulas())`` without touching torch's global registry.
+    """
+    return {getattr(torch.ops.fastvit, name): formula for name, formula in _FLOP_TABLE.items()}
+
+
+def register_flop_formulas(only_if_loaded: bool = False) -> list[str]:
+    """Register :func:`flop_formulas` with ``torch.utils.flop_counter`` so that every later ``FlopCounterMode``
+    counts the ``fastvit::*`` ops (a mode copies the registry when it is constructed).
+
+    Called when this package is imported and when a :class:`~fastvit_kernels.FastViT` is built, each time with
+    ``only_if_loaded=True``: the formulas are registered as soon as anything has imported
+    ``torch.utils.flop_counter``, and the package never imports it (it imports triton) on its own.
+
+    Args:
+        only_if_loaded: True: do nothing unless ``torch.utils.flop_counter`` is already imported. False: import it
+            (and so triton, when installed) if needed.
+
+    Returns:
+        The names of the ops registered by this call (idempotent: already registered ops are skipped; empty when
+        nothing was registered).
+    """
+    if only_if_loaded and _FLOP_COUNTER not in sys.modules:
+        return []
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    done = []
+    for name, formula in _FLOP_TABLE.items():
+        packet = getattr(torch.ops.fastvit, name)
+        if packet not in flop_registry:
+            register_flop_formula(packet)(formula)
+            done.append(name)
+    return done
+
+
+register_flop_formulas(only_if_loaded=True)

@@ -29,7 +29,8 @@ MAX_HEAD_DIM = 128  # head_dim must be a multiple of 8 and at most this (BLOCK_D
 @torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
 @launches_on_input_device
 def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: qkv (B, N, 3 * D) -> out (B, N, D) in qkv's dtype, lse (B, H, N) fp32 (log2 units)."""
+    """Triton forward of :func:`attention`: qkv (B, N, 3 * D) -> (out (B, N, D) in qkv's dtype, lse (B, H, N) fp32
+    log-sum-exp of the scaled scores in log2 units); lse is kept for the backward and not differentiable."""
     from ..kernels.attention import attention_fwd
 
     return attention_fwd(qkv, num_heads, scale)
@@ -166,10 +167,27 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, 
 
 
 def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
-    """Forward FLOPs of attention: ``4 * B * H * N^2 * head_dim``.
+    """Model FLOPs of attention's two matmuls over B images: ``4 * B * H * N^2 * head_dim``.
 
-    Two matmuls per head, ``S = Q K^T`` and ``O = P V``, each ``2 * N * N * head_dim`` FLOPs (multiply + add);
-    softmax and scaling are not counted (the usual convention, as in FlashAttention's benchmarks). The backward
-    is conventionally counted as 2.5x this (five such matmuls: S recompute, dV, dP, dQ, dK).
+    Two matmuls per (image, head), ``S = Q K^T`` and ``O = P V``, each ``2 * N * N * head_dim`` FLOPs (2 per
+    multiply-add); softmax and scaling are not counted (the "model FLOPs" of Chowdhery et al., PaLM 2022,
+    appendix B). The backward counts 2x this (dP, dV, dQ, dK); the kernels' recomputation of S is not model FLOPs.
+    Returns an int.
     """
     return 4 * B * H * N * N * head_dim
+
+
+# FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by
+# fastvit_kernels.ops.register_flop_formulas
+def _attention_fwd_flop(qkv, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
+    B, N, three_d = qkv
+    return attention_flops(B, N, num_heads, three_d // 3 // num_heads)
+
+
+def _attention_bwd_flop(dout, qkv, out, lse, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
+    # dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: 2x forward (the kernels also recompute S = Q K^T, which
+    # model FLOPs leave out; torch's own SDPA-backward formula counts it, the eager matmul backward does not)
+    return 2 * _attention_fwd_flop(qkv, num_heads, scale)
+
+
+FLOP_FORMULAS = {"attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop}

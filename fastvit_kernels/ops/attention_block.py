@@ -16,7 +16,7 @@ Saved for backward (the same tensors the three ops keep): x, qkv, the attention 
 LayerNorm row statistics.
 
 References: Dosovitskiy et al. 2021 (ViT block, eq. 2), Ba et al. 2016 (LayerNorm), Dao 2023 (FlashAttention-2);
-fusion plan from DESIGN.md.
+the GEMM fusions: docs/design.md, "The GEMM core".
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
-from .attention import check_heads
-from .linear import layernorm_linear_grads, linear_grads
+from .attention import attention_flops, check_heads
+from .linear import layernorm_linear_grads, linear_flops, linear_grads
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,8 +43,10 @@ def _attention_block_fwd(
     qkv_bias: Optional[torch.Tensor], proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], num_heads: int,
     scale: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, N, D), qkv (B, N, 3D), o (B, N, D) attention output, lse (B, H, N) fp32, mean (M,),
-    rstd (M,)); all but out are kept for the backward."""
+    """Triton forward of :func:`attention_block`: x (B, N, D) -> (out (B, N, D), qkv (B, N, 3 * D) the qkv
+    Linear's output, o (B, N, D) the attention output before proj, lse (B, H, N) fp32 log-sum-exp in log2 units,
+    mean (M,) fp32, rstd (M,) fp32 norm1's row statistics, M = B * N); out, qkv and o in x's dtype. All but out
+    are kept for the backward and not differentiable."""
     from ..kernels.attention import attention_fwd
     from ..kernels.layernorm import row_stats
     from ..kernels.matmul import LayerNormPrologue, Operand, linear
@@ -206,3 +208,20 @@ def attention_block_as_three_ops(x, norm_weight, norm_bias, qkv_weight, qkv_bias
     qkv = ops.layernorm_linear(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps, backend=backend)
     o = ops.attention(qkv, num_heads, scale, backend=backend)
     return ops.linear_residual(o, proj_weight, proj_bias, x, backend=backend)
+
+
+# FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by
+# fastvit_kernels.ops.register_flop_formulas
+def _attention_block_fwd_flop(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
+                              *args, out_shape=None, **kwargs) -> int:
+    B, N, D = x
+    M = B * N
+    return linear_flops(M, D, 3 * D) + attention_flops(B, N, num_heads, D // num_heads) + linear_flops(M, D, D)
+
+
+def _attention_block_bwd_flop(dout, x, qkv, o, lse, mean, rstd, norm_weight, norm_bias, qkv_weight, proj_weight,
+                              has_qkv_bias, has_proj_bias, num_heads, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _attention_block_fwd_flop(x, None, None, None, None, None, None, num_heads)
+
+
+FLOP_FORMULAS = {"attention_block_fwd": _attention_block_fwd_flop, "attention_block_bwd": _attention_block_bwd_flop}

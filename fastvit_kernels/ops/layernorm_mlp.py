@@ -21,7 +21,7 @@ pre-activation, and so every gradient, is bit-identical to the default's; with a
 differences).
 
 References: Vaswani et al. 2017 (transformer MLP), Hendrycks & Gimpel 2016 (GELU), Ba et al. 2016 (LayerNorm);
-fusion plan from DESIGN.md.
+the GEMM fusions: docs/design.md, "The GEMM core".
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .._checks import (autocast_inputs, check_gelu_approximate, check_layernorm_
                        check_triton_dtype)
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
+from ._layout import rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,7 +48,10 @@ def _layernorm_mlp_fwd(
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
     eps: float, add_residual: bool, recompute: bool, approximate: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (M, D), preact (M, D_hidden), or (0, D_hidden) with ``recompute``, mean (M,), rstd (M,))."""
+    """Triton forward of :func:`layernorm_mlp` on 2-D tokens: x (M, D) -> (out (M, D), preact (M, D_hidden) the
+    fc1 pre-activation, or an empty (0, D_hidden) with ``recompute``, mean (M,) fp32, rstd (M,) fp32 norm2's row
+    statistics); out and preact in x's dtype; out is the branch alone when ``add_residual`` is False. All but
+    out are kept for the backward and not differentiable."""
     from ..kernels.layernorm import row_stats
     from ..kernels.matmul import LayerNormPrologue, Operand, linear
 
@@ -207,15 +211,30 @@ def layernorm_mlp(
         return reference.layernorm_mlp_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                            eps, add_residual, approximate)
     check_triton_dtype("x", x)
-    x2d = x.reshape(-1, D)
-    if x2d.stride(-1) != 1 or x2d.stride(0) != D:
-        x2d = x2d.contiguous()
-    out = _layernorm_mlp_fwd(x2d, norm_weight, norm_bias, fc1_weight.contiguous(), fc1_bias,
+    out = _layernorm_mlp_fwd(rows(x, D), norm_weight, norm_bias, fc1_weight.contiguous(), fc1_bias,
                              fc2_weight.contiguous(), fc2_bias, float(eps), bool(add_residual), bool(recompute),
                              approximate)[0]
     return out.view(x.shape)
 
 
-def layernorm_mlp_flops(M: int, D: int, D_hidden: int) -> int:
-    """Forward FLOPs of the two GEMMs for M tokens (2 per multiply-add): 4 * M * D * D_hidden."""
+def mlp_flops(M: int, D: int, D_hidden: int) -> int:
+    """Model FLOPs of the MLP's two GEMMs over M tokens, fc1 (D -> D_hidden) and fc2 (D_hidden -> D), 2 per
+    multiply-add: ``4 * M * D * D_hidden`` (an int). The backward counts 2x this; GELU and LayerNorm are not
+    counted (Chowdhery et al., PaLM 2022, appendix B)."""
     return 4 * M * D * D_hidden
+
+
+# FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by
+# fastvit_kernels.ops.register_flop_formulas
+def _layernorm_mlp_fwd_flop(x, norm_weight, norm_bias, fc1_weight, *args, out_shape=None, **kwargs) -> int:
+    M, D = x
+    return mlp_flops(M, D, fc1_weight[0])
+
+
+def _layernorm_mlp_bwd_flop(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, *args,
+                            out_shape=None, **kwargs) -> int:
+    M, D = x
+    return 2 * mlp_flops(M, D, fc1_weight[0])
+
+
+FLOP_FORMULAS = {"layernorm_mlp_fwd": _layernorm_mlp_fwd_flop, "layernorm_mlp_bwd": _layernorm_mlp_bwd_flop}

@@ -11,8 +11,8 @@
   which also yields db from the row sums of its dY^T tiles; the residual's gradient is dY itself (no kernel).
   Saved for backward: x.
 
-References: Ba et al. 2016 (LayerNorm), Vaswani et al. 2017 (residual pre-norm transformer block); fusion plan
-from DESIGN.md ("norm1 + qkv" and "proj" rows of the GEMM-core table).
+References: Ba et al. 2016 (LayerNorm), Vaswani et al. 2017 (residual pre-norm transformer block); the GEMM
+fusions: docs/design.md, "The GEMM core" (the "norm1 + qkv" and "proj" rows of its table).
 """
 
 from __future__ import annotations
@@ -25,14 +25,7 @@ from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
-
-
-def _rows(x: torch.Tensor, D: int) -> torch.Tensor:
-    """x (..., D) as a (M, D) matrix with unit column stride and row stride D (copies only when needed)."""
-    x2d = x.reshape(-1, D)
-    if x2d.stride(-1) != 1 or x2d.stride(0) != D:
-        x2d = x2d.contiguous()
-    return x2d
+from ._layout import rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -44,6 +37,9 @@ def _layernorm_linear_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
     bias: Optional[torch.Tensor], eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton forward of :func:`layernorm_linear` on 2-D tokens: x (M, D) -> (out (M, N_out) in x's dtype,
+    mean (M,) fp32, rstd (M,) fp32); mean and rstd (the LayerNorm row statistics, rstd = 1 / sqrt(var + eps))
+    are kept for the backward and not differentiable."""
     from ..kernels.layernorm import row_stats
     from ..kernels.matmul import LayerNormPrologue, linear
 
@@ -128,6 +124,8 @@ _layernorm_linear_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_co
 def _linear_residual_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
 ) -> torch.Tensor:
+    """Triton forward of :func:`linear_residual` on 2-D tokens: x (M, K), residual (M, N_out) -> out (M, N_out)
+    in x's dtype (one tensor, not a tuple; the backward keeps x and the weight)."""
     from ..kernels.matmul import Operand, linear
 
     return linear(x, weight, bias, residual=Operand.matrix(residual))
@@ -214,11 +212,18 @@ def layernorm_linear(
         (B, N, N_out) in x's dtype. Under ``torch.autocast`` inputs are cast to the autocast dtype first.
         LayerNorm statistics and the GEMM accumulation are fp32; gradients are deterministic (no atomics).
 
+    Copies: on the Triton path x is viewed as an (M, D) matrix (M = B * N) and the weight passed as
+    ``weight.contiguous()``; each is copied only when its strides do not allow that (e.g. a transposed weight
+    view: one (N_out, D) copy per call, its gradient flowing back through the copy).
+
     Raises:
         TypeError: a non-floating input; bf16 on the CPU interpreter.
         ValueError: shapes that do not chain (names the argument, expected and actual shape), mixed dtypes or
             devices, eps <= 0.
         RuntimeError: backend="triton" where Triton cannot run.
+
+    Source: LayerNorm by Ba et al. 2016 (timm's ``nn.LayerNorm`` norm1, then the packed qkv ``nn.Linear``);
+    fused as the "norm1 + qkv" GEMM of docs/design.md, "The GEMM core".
     """
     x, norm_weight, norm_bias, weight, bias = autocast_inputs(x, norm_weight, norm_bias, weight, bias)
     D = check_layernorm_input(x, norm_weight, norm_bias, eps)
@@ -230,7 +235,7 @@ def layernorm_linear(
     if resolve_backend(x.device, backend) == "torch":
         return reference.layernorm_linear_ref(x, norm_weight, norm_bias, weight, bias, eps)
     check_triton_dtype("x", x)
-    out = _layernorm_linear_fwd(_rows(x, D), norm_weight, norm_bias, weight.contiguous(), bias, float(eps))[0]
+    out = _layernorm_linear_fwd(rows(x, D), norm_weight, norm_bias, weight.contiguous(), bias, float(eps))[0]
     return out.view(*x.shape[:-1], N_out)
 
 
@@ -256,11 +261,20 @@ def linear_residual(
         Accumulation is fp32 (bias and residual added to the fp32 accumulator, one rounding to x's dtype);
         gradients are deterministic (no atomics).
 
+    Copies: on the Triton path x and residual are viewed as (M, K) / (M, N_out) matrices (M = the product of the
+    leading dims) and the weight passed as ``weight.contiguous()``; each is copied only when its strides do not
+    allow that (e.g. a transposed weight view: one (N_out, K) copy per call, its gradient flowing back through the
+    copy).
+
     Raises:
         TypeError: a non-floating input; bf16 on the CPU interpreter.
         ValueError: shapes that do not chain (names the argument, expected and actual shape), mixed dtypes or
             devices.
         RuntimeError: backend="triton" where Triton cannot run.
+
+    Source: the residual connection of the pre-norm transformer block (Vaswani et al. 2017; ViT, Dosovitskiy et
+    al. 2021, eq. 2: ``z' = MSA(LN(z)) + z``, here its projection and add); fused as the "proj" GEMM of
+    docs/design.md, "The GEMM core".
     """
     x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
     check_tensor("x", x)
@@ -277,6 +291,44 @@ def linear_residual(
     if resolve_backend(x.device, backend) == "torch":
         return reference.linear_residual_ref(x, weight, bias, residual)
     check_triton_dtype("x", x)
-    out = _linear_residual_fwd(_rows(x, K), weight.contiguous(), bias, _rows(residual, N_out))
+    out = _linear_residual_fwd(rows(x, K), weight.contiguous(), bias, rows(residual, N_out))
     return out.view(out_shape)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------------------------
+def linear_flops(M: int, K: int, N: int) -> int:
+    """Model FLOPs of ``(M, K) @ (K, N)`` (a Linear of K -> N features over M tokens), 2 per multiply-add:
+    ``2 * M * K * N`` (an int). The backward (input gradient + weight gradient) counts 2x this."""
+    return 2 * M * K * N
+
+
+# FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by
+# fastvit_kernels.ops.register_flop_formulas
+def _layernorm_linear_fwd_flop(x, norm_weight, norm_bias, weight, *args, out_shape=None, **kwargs) -> int:
+    M, D = x
+    return linear_flops(M, D, weight[0])
+
+
+def _layernorm_linear_bwd_flop(dout, x, mean, rstd, norm_weight, norm_bias, weight, *args, out_shape=None,
+                               **kwargs) -> int:
+    M, D = x
+    return 2 * linear_flops(M, D, weight[0])
+
+
+def _linear_residual_fwd_flop(x, weight, *args, out_shape=None, **kwargs) -> int:
+    M, K = x
+    return linear_flops(M, K, weight[0])
+
+
+def _linear_residual_bwd_flop(dout, x, weight, *args, out_shape=None, **kwargs) -> int:
+    M, K = x
+    return 2 * linear_flops(M, K, weight[0])
+
+
+FLOP_FORMULAS = {
+    "layernorm_linear_fwd": _layernorm_linear_fwd_flop, "layernorm_linear_bwd": _layernorm_linear_bwd_flop,
+    "linear_residual_fwd": _linear_residual_fwd_flop, "linear_residual_bwd": _linear_residual_bwd_flop,
+}

@@ -243,5 +243,28 @@ def patch_embed(
 
 
 def patch_embed_flops(B: int, num_patches: int, D: int, C: int, P: int) -> int:
-    """Forward FLOPs of the patch-embedding GEMM (2 per multiply-add): 2 * B * N * D * C * P * P."""
+    """Model FLOPs of the patch-embedding GEMM over B images (2 per multiply-add): 2 * B * num_patches * D * C * P^2.
+
+    Args: B images, num_patches patches per image, D = embed_dim, C = in_chans, P = patch side in pixels.
+    Returns: an int. The backward in training (weight gradient only: images need no gradient) is as many again.
+    """
     return 2 * B * num_patches * D * C * P * P
+
+
+# FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by
+# fastvit_kernels.ops.register_flop_formulas
+def _patch_embed_fwd_flop(images, weight, *args, out_shape=None, **kwargs) -> int:
+    B, C, H, W = images
+    D, _, P, _ = weight
+    # an image whose side is not a multiple of P is zero-padded to the next patch (dynamic_img_pad)
+    return patch_embed_flops(B, (-(-H // P)) * (-(-W // P)), D, C, P)
+
+
+def _patch_embed_bwd_flop(dout, images, weight, *args, out_shape=None, **kwargs) -> int:
+    # the op's last argument is needs_images_grad (the image gradient is a second GEMM of the same size)
+    needs_images_grad = kwargs.get("needs_images_grad", args[-1] if args and isinstance(args[-1], bool) else False)
+    wgrad = _patch_embed_fwd_flop(images, weight)
+    return 2 * wgrad if needs_images_grad else wgrad
+
+
+FLOP_FORMULAS = {"patch_embed_fwd": _patch_embed_fwd_flop, "patch_embed_bwd": _patch_embed_bwd_flop}

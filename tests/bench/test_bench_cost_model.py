@@ -13,9 +13,10 @@ from fastvit_kernels import create_model
 from fastvit_kernels.bench import cost_model as cm
 from fastvit_kernels.bench.devices import Peak, resolve_peak
 from fastvit_kernels.bench.flops import ViTShape, model_flops
-from fastvit_kernels.bench.profile import param_groups, trace_step
+from fastvit_kernels.bench.profile import trace_step
 from fastvit_kernels.configs import get_config
 from fastvit_kernels.reference import VisionTransformer
+from fastvit_kernels.train import param_groups
 
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton path on the CPU interpreter")
 

@@ -107,22 +107,45 @@ def test_flop_counter_counts_fastvit_custom_ops():
     assert counter.get_total_flops() == attention_half  # the same 2 x 17 tokens as the images above
 
 
-def test_registration_needs_no_triton_import():
-    # fastvit_kernels must not import triton (torch.utils.flop_counter does): the formulas are registered when
-    # flop_counter is imported later, or at once when it already is
-    later = ("import sys, torch, fastvit_kernels\n"
-             "assert 'triton' not in sys.modules and 'torch.utils.flop_counter' not in sys.modules\n"
+def test_registration_needs_no_triton_import_nor_import_hooks():
+    # importing fastvit_kernels imports neither triton nor torch.utils.flop_counter (which imports triton) and
+    # installs no import hook; the formulas are registered as soon as flop_counter is loaded and the package or a
+    # FastViT is built, or on request
+    names = ("'patch_embed_fwd', 'patch_embed_bwd', 'attention_fwd', 'attention_bwd', 'layernorm_mlp_fwd', "
+             "'layernorm_mlp_bwd', 'layernorm_linear_fwd', 'layernorm_linear_bwd', 'linear_residual_fwd', "
+             "'linear_residual_bwd', 'attention_block_fwd', 'attention_block_bwd'")
+    registered = f"all(getattr(torch.ops.fastvit, n) in flop_registry for n in ({names}))"
+    later = ("import sys, torch\nn = len(sys.meta_path)\nimport fastvit_kernels\n"
+             "assert len(sys.meta_path) == n and 'triton' not in sys.modules\n"
+             "assert 'torch.utils.flop_counter' not in sys.modules\n"
              "from torch.utils.flop_counter import flop_registry\n"
-             "assert all(getattr(torch.ops.fastvit, n) in flop_registry for n in "
-             "('patch_embed_fwd', 'patch_embed_bwd', 'attention_fwd', 'attention_bwd', 'layernorm_mlp_fwd', "
-             "'layernorm_mlp_bwd'))\n")
+             f"assert not any(getattr(torch.ops.fastvit, n) in flop_registry for n in ({names}))\n"
+             "fastvit_kernels.create_model('vit_digits', depth=1)\n"
+             f"assert {registered}\n")
     earlier = ("import torch\nfrom torch.utils.flop_counter import flop_registry\nimport fastvit_kernels\n"
-               "assert torch.ops.fastvit.attention_bwd in flop_registry\n"
-               "from fastvit_kernels.bench.flops import register_flop_formulas\n"
-               "assert register_flop_formulas() == []  # idempotent\n")
+               f"assert {registered}\n"
+               "assert fastvit_kernels.ops.register_flop_formulas() == []  # idempotent\n")
+    on_request = ("import sys, torch, fastvit_kernels\n"
+                  "assert len(fastvit_kernels.ops.register_flop_formulas()) == 12\n"
+                  "from torch.utils.flop_counter import flop_registry\n"
+                  f"assert {registered}\n")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    for code in (later, earlier):
+    for code in (later, earlier, on_request):
         subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_flop_formulas_as_custom_mapping():
+    # the formulas without the global registry: FlopCounterMode(custom_mapping=...) on shapes alone
+    from fastvit_kernels import ops
+
+    table = ops.flop_formulas()
+    assert len(table) == 12
+    fwd = table[torch.ops.fastvit.attention_block_fwd]
+    B, N, D, H = 2, 17, 96, 3
+    expect = 2 * B * N * D * 3 * D + 4 * B * H * N * N * (D // H) + 2 * B * N * D * D
+    assert fwd((B, N, D), (D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,), H, 0.1, 1e-6) == expect
+    assert table[torch.ops.fastvit.layernorm_mlp_bwd]((B * N, D), (B * N, D), (B * N, 4 * D), None, None, None,
+                                                      None, (4 * D, D)) == 2 * 4 * B * N * D * 4 * D
 
 
 def test_vitshape_checks_and_from_model():

@@ -356,6 +356,27 @@ def test_attention_configs_pruned(kernel, dtype):
     assert len(attention_configs(kernel, hd, F16, None, 512)) > 1  # a real choice at ViT-H/14's N = 257
 
 
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq", "fused"])
+def test_autotune_off_takes_the_first_candidate(kernel, monkeypatch):
+    """FASTVIT_AUTOTUNE=0 (README): the GPU autotuner's pruning keeps only the first candidate of
+    attention_configs (Triton runs a single candidate without benchmarking); unset, every kept candidate is tuned.
+    The GPU decoration is built here on the CPU (AUTOTUNE forced on) and only its pruning is called."""
+    from fastvit_kernels.kernels import attention as attn
+
+    monkeypatch.setattr(attn, "AUTOTUNE", True)
+    tuned = attn._autotuned(kernel)(attn._attention_fwd_kernel)
+    qkv = torch.empty(2, 257, 3 * 64, dtype=F16)
+    expected = attn.attention_configs(kernel, 64, F16, None, 512)
+    assert len(expected) > 1
+    monkeypatch.delenv("FASTVIT_AUTOTUNE", raising=False)
+    kept = tuned.early_config_prune(tuned.configs, {"QKV": qkv, "N_BUCKET": 512}, HEAD_DIM=64)
+    assert [str(c) for c in kept] == [str(c) for c in expected]
+    for off in ("0", "OFF", "false"):
+        monkeypatch.setenv("FASTVIT_AUTOTUNE", off)
+        kept = tuned.early_config_prune(tuned.configs, {"QKV": qkv, "N_BUCKET": 512}, HEAD_DIM=64)
+        assert [str(c) for c in kept] == [str(expected[0])]
+
+
 @pytest.mark.parametrize("N,head_dim,dtype", [(17, 80, F32), (197, 64, F16), (257, 80, F16)])
 def test_fused_and_split_backward_plans_agree(device, N, head_dim, dtype):
     """The one-program-per-head backward runs the same block loops as the three-launch plan: on the interpreter
