@@ -21,8 +21,14 @@ Numerics:
   q_i . k_j))`` = natural-log LSE * log2(e). ``P_ij = exp2(qk_scale * q_i . k_j - lse_i)``.
 * Key tails are masked with a finite value (-1e30), never -inf, so no NaN/Inf for any N >= 1 (N = 1 included).
 * fp32 accumulators and softmax statistics; P and dS are cast to the input dtype before their dots so fp16/bf16
-  use tensor cores. fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``, no TF32), so fp32 results match
-  an fp32 reference up to summation order.
+  use tensor cores. fp32 inputs follow PyTorch's fp32 matmul setting, as cuBLAS and SDPA's math path do
+  (:func:`fastvit_kernels.kernels._common.dot_precision`, read at each launch): IEEE fp32 dots under the default
+  ``torch.set_float32_matmul_precision("highest")``, so fp32 results match an fp32 reference up to summation
+  order; TF32 dots (10-bit mantissa products) when the user allows TF32 ("high" / "medium", or
+  ``torch.backends.cuda.matmul.allow_tf32 = True``). The precision is a constexpr and part of the autotune key.
+* Addressing: row offsets ``row * stride_n`` are int64 (a strided qkv view can put (N - 1) * stride_n past 2**31),
+  batch offsets too; the grids have one axis (:func:`block_head_grid`), so no batch size meets CUDA's 65,535 cap
+  on grid axes 1 / 2.
 
 Head dim (2026-11): split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
 the binary decomposition of head_dim rounded up to 16, the smallest ``tl.dot`` edge), so at most 8 columns of any
@@ -130,7 +136,8 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
     fp16 / bf16: the M side of every dot (fwd / dq: BLOCK_M, dkdv: BLOCK_N) is 64 or 128 rows, so sm_90 uses
     warpgroup MMA. BLOCK_N = 256 is the one-pass forward tile (a whole head's K and V in one step) for N <= 256
     (ViT-B/L at 224 px: N = 197); it is listed but pruned by :func:`keep` (it spills). IEEE fp32 dots run on the
-    FMA units with their operand tiles in registers, hence the small fp32 tiles.
+    FMA units with their operand tiles in registers, hence the small fp32 tiles; the same tiles serve fp32 with TF32
+    dots (the AOT check builds fp32 at PyTorch's default precision, IEEE).
     """
     low = [] if dtype == torch.float32 else {
         "fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 1), (64, 256, 8, 2),
@@ -209,7 +216,7 @@ def _autotuned(kernel: str):
         return attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
 
     return triton.autotune(configs=attention_configs(kernel, None, None, None, None),
-                           key=["N_BUCKET", "N_ALIGN", "HEAD_DIM"],  # + the tensors' dtypes (added by Triton)
+                           key=["N_BUCKET", "N_ALIGN", "HEAD_DIM", "INPUT_PRECISION"],  # + the tensors' dtypes
                            prune_configs_by={"early_config_prune": prune})
 
 
@@ -217,13 +224,22 @@ def _autotuned(kernel: str):
 # helpers (device side): a (rows, head_dim) tile as up to three power-of-two column chunks c0 | c1 | c2
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_ptrs(base, offs_rows, stride_n):
+    """Pointers to the first column of rows ``offs_rows`` (int32 row indices, row stride ``stride_n``): the row
+    offsets are formed in int64, since ``(N - 1) * stride_n`` passes 2**31 for large strided inputs (a
+    sequence-first qkv view: stride_n = B * 3 * D) while each factor fits in int32. Only this (rows,) product is
+    64-bit; the column offsets stay int32."""
+    return base + offs_rows.to(tl.int64) * stride_n
+
+
+@triton.jit
 def _load_chunk(base, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
                 EVEN_N: tl.constexpr):
     """Load columns [COL, COL + WIDTH) of rows ``offs_rows`` (row stride ``stride_n``, columns contiguous from
     ``base``), zero-filling rows >= N (unless EVEN_N) and columns >= HEAD_DIM (masks only where needed)."""
     EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
     offs_d = COL + tl.arange(0, WIDTH)
-    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]
+    ptrs = _row_ptrs(base, offs_rows, stride_n)[:, None] + offs_d[None, :]
     if EVEN_N:
         if EVEN_D:
             tile = tl.load(ptrs)
@@ -243,7 +259,7 @@ def _store_chunk(base, tile, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: t
     """Store ``tile`` (rows, WIDTH) as columns [COL, COL + WIDTH), skipping rows >= N and columns >= HEAD_DIM."""
     EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
     offs_d = COL + tl.arange(0, WIDTH)
-    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]
+    ptrs = _row_ptrs(base, offs_rows, stride_n)[:, None] + offs_d[None, :]
     tile = tile.to(base.dtype.element_ty)
     if EVEN_N:
         if EVEN_D:
@@ -281,6 +297,16 @@ def _store_chunks(base, c0, c1, c2, offs_rows, stride_n, N, HEAD_DIM: tl.constex
         _store_chunk(base, c1, offs_rows, stride_n, N, D0, D1, HEAD_DIM, EVEN_N)
     if D2 > 0:
         _store_chunk(base, c2, offs_rows, stride_n, N, D0 + D1, D2, HEAD_DIM, EVEN_N)
+
+
+@triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr):
+    """(row block, batch * head) of this program in a :func:`block_head_grid` launch: the one grid axis counts row
+    blocks fastest, so the programs of one head are adjacent (scheduled together, sharing its K / V in L2)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    pid_bh = pid // num_blocks
+    return pid - pid_bh * num_blocks, pid_bh
 
 
 @triton.jit
@@ -430,11 +456,10 @@ def _attention_fwd_kernel(
     N_ALIGN: tl.constexpr,  # n_align(N): largest power of two <= 256 dividing N (1 if < 16)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)  # no sequence-tail masks
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
@@ -491,8 +516,7 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
 ):
     EVEN_N: tl.constexpr = N_ALIGN % BLOCK_M == 0
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -530,11 +554,10 @@ def _attention_bwd_dkdv_kernel(
     N_ALIGN: tl.constexpr,  # n_align(N)
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows per program
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _block_and_head(N, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
@@ -577,11 +600,10 @@ def _attention_bwd_dq_kernel(
     N_ALIGN: tl.constexpr,  # n_align(N)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
@@ -625,7 +647,7 @@ def _attention_bwd_fused_kernel(
     N_ALIGN: tl.constexpr,  # n_align(N)
     BLOCK_M: tl.constexpr,  # query rows per block
     BLOCK_N: tl.constexpr,  # key rows per block
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     """The whole attention backward of one (batch, head) in one program: delta = rowsum(dO * O) for every query
     block (into Delta, read back after a barrier), then dK / dV key block by key block, then dQ query block by query
@@ -679,6 +701,36 @@ def _attention_bwd_fused_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on gridDim.x (gridDim.y / z: 65,535, which B * H exceeds in training)
+
+
+def block_head_grid(B: int, H: int, N: int, block: int) -> tuple[int]:
+    """Grid of the kernels with a program per (row block of ``block`` rows, batch * head): forward, delta pre-pass,
+    dK / dV and dQ. One axis of ``cdiv(N, block) * B * H`` programs, decoded in the kernel by ``_block_and_head``
+    (row block fastest). B * H is not a grid axis of its own: CUDA caps axes 1 and 2 at 65,535, which
+    ViT-L/16 (16 heads) passes from batch 4096 (the same limit as triton-lang/triton#3299).
+
+    Raises:
+        ValueError: more than 2**31 - 1 programs (far beyond any tensor that fits a GPU)."""
+    n = triton.cdiv(N, block) * B * H
+    if n > MAX_GRID_X:
+        raise ValueError(f"attention launch needs {n} programs (B={B}, H={H}, N={N}, {block}-row blocks); CUDA allows "
+                         f"at most {MAX_GRID_X}")
+    return (n,)
+
+
+def head_grid(B: int, H: int) -> tuple[int]:
+    """Grid of the one-program-per-(batch, head) backward: (B * H,), on axis 0 for the reason given in
+    :func:`block_head_grid`.
+
+    Raises:
+        ValueError: B * H > 2**31 - 1."""
+    if B * H > MAX_GRID_X:
+        raise ValueError(f"attention backward needs B * H = {B * H} programs (B={B}, H={H}); CUDA allows at most "
+                         f"{MAX_GRID_X}")
+    return (B * H,)
+
+
 def _tiles(N: int) -> dict:
     """Launch keyword arguments for the autotuned kernels: none on a GPU (the autotuner picks), the fixed
     interpreter config otherwise."""
@@ -707,8 +759,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
     assert qkv.dim() == 3 and qkv.stride(-1) == 1, (tuple(qkv.shape), qkv.stride())
     assert three_d == 3 * D and D == num_heads * head_dim and N >= 1
     d0, d1, d2 = head_dim_chunks(head_dim)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * num_heads)  # noqa: E731
-    _attention_fwd_kernel[grid](
+    _attention_fwd_kernel[lambda meta: block_head_grid(B, num_heads, N, meta["BLOCK_M"])](
         qkv, out, lse, float(scale) * LOG2E,
         qkv.stride(0), qkv.stride(1),
         out.stride(0), out.stride(1),
@@ -758,7 +809,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (interpreting() or fused_bwd_builds(head_dim, qkv.dtype))
     if fused:
         delta = torch.empty_like(lse)  # scratch, (B, H, N) fp32 like lse (the kernel shares their strides)
-        _attention_bwd_fused_kernel[(B * num_heads,)](
+        _attention_bwd_fused_kernel[head_grid(B, num_heads)](
             qkv, out, dout, lse, delta, dqkv, qk_scale, float(scale),
             qkv.stride(0), qkv.stride(1),
             out.stride(0), out.stride(1),
@@ -773,7 +824,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     # The pre-pass is memory-bound (one multiply-add per element read): one fixed tile, not autotuned.
     pre_m = 16 if N <= 16 else 32 if N <= 32 else 64
     delta = torch.empty_like(lse)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(N, pre_m), B * num_heads)](
+    _attention_bwd_preprocess_kernel[block_head_grid(B, num_heads, N, pre_m)](
         out, dout, delta,
         out.stride(0), out.stride(1),
         dout.stride(0), dout.stride(1),
@@ -793,6 +844,6 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         N, num_heads, D, n_bucket(N),
     )
     meta = dict(**chunks, INPUT_PRECISION=dot_precision(qkv.dtype), **_tiles(N))
-    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * num_heads)](*args, **meta)
-    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * num_heads)](*args, **meta)
+    _attention_bwd_dkdv_kernel[lambda m: block_head_grid(B, num_heads, N, m["BLOCK_N"])](*args, **meta)
+    _attention_bwd_dq_kernel[lambda m: block_head_grid(B, num_heads, N, m["BLOCK_M"])](*args, **meta)
     return dqkv
