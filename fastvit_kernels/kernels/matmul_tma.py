@@ -183,7 +183,7 @@ def _tma_tile(
     acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
                              STORE_PREACT, GELU_TANH)
     if HAS_RESIDUAL:
-        r_offs = offs_m.to(tl.int64)[:, None] * stride_r_m + offs_n.to(tl.int64)[None, :] * stride_r_n
+        r_offs = offs_m.to(tl.int64)[:, None] * stride_r_m + offs_n[None, :] * stride_r_n
         acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
     c_desc.store([off_m, off_n], acc.to(c_desc.dtype))  # the TMA store clips rows / columns outside (M, N)
 
