@@ -159,7 +159,7 @@ def test_row_offsets_past_2_31_elements(device):
     touched, so little is committed), starting at element 2**31: an offset wrapped in int32 arithmetic (row 2 ->
     -2**31) still lands inside the buffer, on elements the test never wrote, so the old int32 code computed wrong
     values instead of faulting. Each result must equal the same kernels' on contiguous copies of the rows (bit for
-    bit under the interpreter; to the dtype's tolerance on a GPU, where the two may be tuned apart)."""
+    bit under the interpreter; to the dtype's tolerance on a GPU, where the strides specialise separate builds)."""
     from fastvit_kernels.kernels.attention import attention_bwd, attention_fwd
 
     N, H, hd = 3, 1, 16
