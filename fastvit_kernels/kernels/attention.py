@@ -26,9 +26,10 @@ Numerics:
   ``torch.set_float32_matmul_precision("highest")``, so fp32 results match an fp32 reference up to summation
   order; TF32 dots (10-bit mantissa products) when the user allows TF32 ("high" / "medium", or
   ``torch.backends.cuda.matmul.allow_tf32 = True``). The precision is a constexpr and part of the autotune key.
-* Addressing: row offsets ``row * stride_n`` are int64 (a strided qkv view can put (N - 1) * stride_n past 2**31),
-  batch offsets too; the grids have one axis (:func:`block_head_grid`), so no batch size meets CUDA's 65,535 cap
-  on grid axes 1 / 2.
+* Addressing: batch offsets are int64; row offsets ``row * stride_n`` are int64 when some tensor's
+  ``(N - 1) * stride_n`` reaches 2**31 (a strided view, e.g. sequence-first qkv: the constexpr ROW64, see
+  :func:`needs_row64`; that variant is not in the AOT check's trace), int32 otherwise. The grids have one axis
+  (:func:`block_head_grid`), so no batch size meets CUDA's 65,535 cap on grid axes 1 / 2.
 
 Head dim (2026-11): split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
 the binary decomposition of head_dim rounded up to 16, the smallest ``tl.dot`` edge), so at most 8 columns of any
@@ -216,7 +217,7 @@ def _autotuned(kernel: str):
         return attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
 
     return triton.autotune(configs=attention_configs(kernel, None, None, None, None),
-                           key=["N_BUCKET", "N_ALIGN", "HEAD_DIM", "INPUT_PRECISION"],  # + the tensors' dtypes
+                           key=["N_BUCKET", "N_ALIGN", "HEAD_DIM", "ROW64", "INPUT_PRECISION"],  # + dtypes
                            prune_configs_by={"early_config_prune": prune})
 
 
@@ -224,12 +225,15 @@ def _autotuned(kernel: str):
 # helpers (device side): a (rows, head_dim) tile as up to three power-of-two column chunks c0 | c1 | c2
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _row_ptrs(base, offs_rows, stride_n):
-    """Pointers to the first column of rows ``offs_rows`` (int32 row indices, row stride ``stride_n``): the row
-    offsets are formed in int64, since ``(N - 1) * stride_n`` passes 2**31 for large strided inputs (a
-    sequence-first qkv view: stride_n = B * 3 * D) while each factor fits in int32. Only this (rows,) product is
-    64-bit; the column offsets stay int32."""
-    return base + offs_rows.to(tl.int64) * stride_n
+def _rows(start, BLOCK: tl.constexpr, ROW64: tl.constexpr):
+    """Row indices ``start .. start + BLOCK - 1``: int64 when ROW64, so that every offset ``row * stride_n`` formed
+    from them is 64-bit, else int32. ROW64 is set by the launcher (:func:`needs_row64`) only for inputs whose
+    ``(N - 1) * stride_n`` reaches 2**31 (e.g. a sequence-first qkv view, stride_n = B * 3 * D); the int32 form
+    keeps the usual launches' registers as they were (int64 offsets cost a dK / dV tile 16 B of spills on sm_80)."""
+    offs = start + tl.arange(0, BLOCK)
+    if ROW64:
+        offs = offs.to(tl.int64)
+    return offs
 
 
 @triton.jit
@@ -239,7 +243,7 @@ def _load_chunk(base, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: tl.const
     ``base``), zero-filling rows >= N (unless EVEN_N) and columns >= HEAD_DIM (masks only where needed)."""
     EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
     offs_d = COL + tl.arange(0, WIDTH)
-    ptrs = _row_ptrs(base, offs_rows, stride_n)[:, None] + offs_d[None, :]
+    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]  # int64 when the rows are (see _rows)
     if EVEN_N:
         if EVEN_D:
             tile = tl.load(ptrs)
@@ -259,7 +263,7 @@ def _store_chunk(base, tile, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: t
     """Store ``tile`` (rows, WIDTH) as columns [COL, COL + WIDTH), skipping rows >= N and columns >= HEAD_DIM."""
     EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
     offs_d = COL + tl.arange(0, WIDTH)
-    ptrs = _row_ptrs(base, offs_rows, stride_n)[:, None] + offs_d[None, :]
+    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]  # int64 when the rows are (see _rows)
     tile = tile.to(base.dtype.element_ty)
     if EVEN_N:
         if EVEN_D:
@@ -381,11 +385,12 @@ def _delta_rows(o_base, do0, do1, do2, offs_rows, stride_o_n, N, HEAD_DIM: tl.co
 @triton.jit
 def _dkdv_block(q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
                 stride_do_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                ROW64: tl.constexpr):
     """dK (unscaled) and dV of one key block (rows ``offs_n``, k / v chunks loaded) over every query block of one
     (batch, head): (dk0, dk1, dk2, dv0, dv1, dv2) fp32. ``lse_ptrs`` / ``delta_ptrs``: that head's rows
     [0, BLOCK_M) of lse and delta (the loop steps them by BLOCK_M)."""
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = _rows(0, BLOCK_M, ROW64)
     dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
     dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
     for start_m in range(0, N, BLOCK_M):
@@ -413,10 +418,10 @@ def _dkdv_block(q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v
 @triton.jit
 def _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D, HEAD_DIM: tl.constexpr,
               D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
     """dQ (unscaled) of one query block (q / dO chunks, lse and delta loaded) over every key block of one
     (batch, head): (dq0, dq1, dq2) fp32."""
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = _rows(0, BLOCK_N, ROW64)
     dq0, dq1, dq2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
     for start_n in range(0, N, BLOCK_N):
         offs_kn = start_n + offs_n
@@ -454,6 +459,7 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N): largest power of two <= 256 dividing N (1 if < 16)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
@@ -463,8 +469,8 @@ def _attention_fwd_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
+    offs_n = _rows(0, BLOCK_N, ROW64)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + D
     v_base = q_base + 2 * D
@@ -513,13 +519,14 @@ def _attention_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # rows per program
 ):
     EVEN_N: tl.constexpr = N_ALIGN % BLOCK_M == 0
     pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
     do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
                                  D2, EVEN_N)
     delta = _delta_rows(Out + b * stride_out_b + h * HEAD_DIM, do0, do1, do2, offs_m, stride_out_n, N, HEAD_DIM, D0,
@@ -552,6 +559,7 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows per program
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
@@ -561,7 +569,7 @@ def _attention_bwd_dkdv_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = _rows(pid_n * BLOCK_N, BLOCK_N, ROW64)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
     k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -570,7 +578,7 @@ def _attention_bwd_dkdv_kernel(
     dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
         q_base, do_base, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
         Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-        stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
     dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
     _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -598,6 +606,7 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
@@ -607,7 +616,7 @@ def _attention_bwd_dq_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
@@ -616,7 +625,7 @@ def _attention_bwd_dq_kernel(
     delta = _load_row(Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
 
     dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
-                              HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+                              HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
     dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
     _store_chunks(DQKV + b * stride_dqkv_b + h * HEAD_DIM, dq0, dq1, dq2, offs_m, stride_dqkv_n, N, HEAD_DIM, D0, D1,
                   D2, EVEN_N)
@@ -645,6 +654,7 @@ def _attention_bwd_fused_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per block
     BLOCK_N: tl.constexpr,  # key rows per block
     INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
@@ -660,7 +670,7 @@ def _attention_bwd_fused_kernel(
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = _rows(0, BLOCK_M, ROW64)
     lse_ptrs = Lse + b * stride_lse_b + h * stride_lse_h + offs_m
     delta_ptrs = Delta + b * stride_lse_b + h * stride_lse_h + offs_m
 
@@ -676,12 +686,12 @@ def _attention_bwd_fused_kernel(
     tl.debug_barrier()  # every thread of the program sees every delta row before the loops read them
 
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = _rows(start_n, BLOCK_N, ROW64)
         k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
             q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-            stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+            stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
         dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
         _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -693,7 +703,7 @@ def _attention_bwd_fused_kernel(
         lse = _load_row(lse_ptrs + start_m, offs_qm, N, EVEN_N)
         delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
         dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
-                                  HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+                                  HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
         dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
         _store_chunks(dqkv_base, dq0, dq1, dq2, offs_qm, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
@@ -731,6 +741,14 @@ def head_grid(B: int, H: int) -> tuple[int]:
     return (B * H,)
 
 
+def needs_row64(N: int, *tensors: torch.Tensor) -> bool:
+    """Whether a launch over N rows of these (B, N, width) tensors needs int64 row offsets (the kernels' ROW64):
+    the offset of some last row's last element, ``(N - 1) * stride(1) + width - 1``, exceeds 2**31 - 1 (Triton
+    forms ``row * stride_n + column`` in int32 when both factors fit in int32). Batch offsets are int64 in every
+    case (``b`` is widened in the kernels)."""
+    return any((N - 1) * t.stride(1) + t.shape[2] - 1 > 2**31 - 1 for t in tensors)
+
+
 def _tiles(N: int) -> dict:
     """Launch keyword arguments for the autotuned kernels: none on a GPU (the autotuner picks), the fixed
     interpreter config otherwise."""
@@ -765,7 +783,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
         out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1),
         N, num_heads, D, n_bucket(N),
-        HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N), INPUT_PRECISION=dot_precision(qkv.dtype),
+        HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N), ROW64=needs_row64(N, qkv, out),
+        INPUT_PRECISION=dot_precision(qkv.dtype),
         **_tiles(N),
     )
     return out, lse
@@ -801,9 +820,9 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     assert dout.shape == out.shape == (B, N, D) and dout.dtype == out.dtype == qkv.dtype
     assert lse.shape == (B, num_heads, N) and lse.dtype == torch.float32 and lse.stride(-1) == 1
     d0, d1, d2 = head_dim_chunks(head_dim)
-    chunks = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N))
-
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    chunks = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N),
+                  ROW64=needs_row64(N, qkv, out, dout, dqkv))
     qk_scale = float(scale) * LOG2E
     if fused is None:  # the interpreter has no register budget: there the rule only asks for enough heads
         fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (interpreting() or fused_bwd_builds(head_dim, qkv.dtype))

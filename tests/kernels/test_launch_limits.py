@@ -99,6 +99,25 @@ def test_attention_grid_past_cuda_limit_raises():
         attn.head_grid(2**22, 2**10)
 
 
+def test_row64_only_for_rows_past_int32(monkeypatch):
+    """int64 row offsets (the kernels' ROW64) exactly when some (N - 1) * stride_n + width passes 2**31 - 1: never
+    for dense ViT activations (ViT-H/14, batch 8192, N = 5477: 21 M elements per row span), always for a
+    sequence-first view of a large batch."""
+    caps = _capture_attention(monkeypatch)
+    B, N, H, hd = 8192, 5477, 16, 80
+    qkv = torch.empty((B, N, 3 * H * hd), device="meta", dtype=torch.float16)
+    out, lse = attn.attention_fwd(qkv, H, 0.1)
+    attn.attention_bwd(torch.empty_like(out), qkv, out, lse, H, 0.1, fused=False)
+    seq_first = torch.empty((N, B, 3 * H * hd), device="meta", dtype=torch.float16).transpose(0, 1)
+    attn.attention_fwd(seq_first, H, 0.1)
+    row64 = {name: [kw["ROW64"] for _, kw in cap.calls] for name, cap in caps.items() if cap.calls}
+    assert row64 == {"_attention_fwd_kernel": [False, True], "_attention_bwd_preprocess_kernel": [False],
+                     "_attention_bwd_dkdv_kernel": [False], "_attention_bwd_dq_kernel": [False]}
+    edge = torch.empty((1, 3, 48), device="meta").as_strided((1, 3, 48), (0, 2**30 - 24, 1))
+    assert not attn.needs_row64(3, edge)  # last element at 2 * (2**30 - 24) + 47 = 2**31 - 1
+    assert attn.needs_row64(3, edge.as_strided((1, 3, 48), (0, 2**30 - 23, 1)))
+
+
 def test_cublas_path_elementwise_grids_within_cuda_limits(monkeypatch):
     """The cuBLAS path's prologue / epilogue kernels on a (64, 2**23) operand / product: 131,072 column tiles (a
     token-major operand used transposed, 8192 images x 1024 tokens)."""
