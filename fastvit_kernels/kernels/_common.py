@@ -1,5 +1,5 @@
 """Helpers shared by the kernels: GELU (exact erf, or the tanh approximation) and its derivative, and the dot
-precision per dtype."""
+precision per dtype (fp32: PyTorch's fp32 matmul setting, as cuBLAS follows it)."""
 
 from __future__ import annotations
 
@@ -65,9 +65,34 @@ def gelu_grad(x, TANH: tl.constexpr):
         return gelu_erf_grad(x)
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether PyTorch currently lets fp32 matmuls on CUDA run as TF32, read the way cuBLAS reads it.
+
+    The source is ``torch.backends.cuda.matmul.fp32_precision`` (PyTorch >= 2.9): "tf32" when the user allowed TF32
+    through any of the APIs (``torch.set_float32_matmul_precision("high" | "medium")``,
+    ``torch.backends.cuda.matmul.allow_tf32 = True``, ``torch.backends.fp32_precision = "tf32"`` or the attribute
+    itself), "ieee" / "none" otherwise ("highest", PyTorch's default). Older PyTorch: the legacy
+    ``torch.backends.cuda.matmul.allow_tf32``. That attribute is always readable, whereas
+    ``torch.get_float32_matmul_precision()`` raises once the legacy and new APIs have been mixed."""
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting is not None:
+        return setting == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` for tl.dot: exact IEEE for fp32 operands (no TF32), the default for fp16/bf16."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``input_precision`` for the ``tl.dot`` of a launch whose operands have ``dtype``, decided on the host at
+    launch time and passed as a constexpr (so it is part of the compile and autotune keys).
+
+    fp32: "tf32" when PyTorch allows TF32 for fp32 matmuls (:func:`fp32_matmul_allows_tf32`, the setting cuBLAS and
+    PyTorch's SDPA math path follow: ``torch.set_float32_matmul_precision("high")`` or
+    ``torch.backends.cuda.matmul.allow_tf32 = True``), else "ieee" (exact fp32 products; the default,
+    ``"highest"``). fp16 / bf16: "tf32", Triton's default, which has no effect on 16-bit operands. The Triton CPU
+    interpreter ignores the precision (its dots are numpy fp32 matmuls)."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if fp32_matmul_allows_tf32() else "ieee"
 
 
 @triton.jit

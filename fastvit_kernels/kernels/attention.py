@@ -21,8 +21,15 @@ Numerics:
   q_i . k_j))`` = natural-log LSE * log2(e). ``P_ij = exp2(qk_scale * q_i . k_j - lse_i)``.
 * Key tails are masked with a finite value (-1e30), never -inf, so no NaN/Inf for any N >= 1 (N = 1 included).
 * fp32 accumulators and softmax statistics; P and dS are cast to the input dtype before their dots so fp16/bf16
-  use tensor cores. fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``, no TF32), so fp32 results match
-  an fp32 reference up to summation order.
+  use tensor cores. fp32 inputs follow PyTorch's fp32 matmul setting, as cuBLAS and SDPA's math path do
+  (:func:`fastvit_kernels.kernels._common.dot_precision`, read at each launch): IEEE fp32 dots under the default
+  ``torch.set_float32_matmul_precision("highest")``, so fp32 results match an fp32 reference up to summation
+  order; TF32 dots (10-bit mantissa products) when the user allows TF32 ("high" / "medium", or
+  ``torch.backends.cuda.matmul.allow_tf32 = True``). The precision is a constexpr and part of the autotune key.
+* Addressing: batch offsets are int64; row offsets ``row * stride_n`` are int64 when some tensor's
+  ``(N - 1) * stride_n`` reaches 2**31 (a strided view, e.g. sequence-first qkv: the constexpr ROW64, see
+  :func:`needs_row64`; that variant is not in the AOT check's trace), int32 otherwise. The grids have one axis
+  (:func:`block_head_grid`), so no batch size meets CUDA's 65,535 cap on grid axes 1 / 2.
 
 Head dim (2026-11): split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
 the binary decomposition of head_dim rounded up to 16, the smallest ``tl.dot`` edge), so at most 8 columns of any
@@ -132,7 +139,8 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
     fp16 / bf16: the M side of every dot (fwd / dq: BLOCK_M, dkdv: BLOCK_N) is 64 or 128 rows, so sm_90 uses
     warpgroup MMA. BLOCK_N = 256 is the one-pass forward tile (a whole head's K and V in one step) for N <= 256
     (ViT-B/L at 224 px: N = 197); it is listed but pruned by :func:`keep` (it spills). IEEE fp32 dots run on the
-    FMA units with their operand tiles in registers, hence the small fp32 tiles.
+    FMA units with their operand tiles in registers, hence the small fp32 tiles; the same tiles serve fp32 with TF32
+    dots (the AOT check builds fp32 at PyTorch's default precision, IEEE).
     """
     low = [] if dtype == torch.float32 else {
         "fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 1), (64, 256, 8, 2),
@@ -213,7 +221,7 @@ def _autotuned(kernel: str):
         kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
         return kept if autotune_requested() else kept[:1]
 
-    key = ["N_BUCKET", "N_ALIGN", "HEAD_DIM"]  # + the tensors' dtypes (added by Triton)
+    key = ["N_BUCKET", "N_ALIGN", "HEAD_DIM", "ROW64", "INPUT_PRECISION"]  # + the tensors' dtypes (added by Triton)
     # the tuning record, when one is active, picks the candidate untimed (kernels/tuning_record.py)
     return triton.autotune(configs=attention_configs(kernel, None, None, None, None), key=key,
                            do_bench=tuning_record.bench, prune_configs_by={
@@ -224,13 +232,26 @@ def _autotuned(kernel: str):
 # helpers (device side): a (rows, head_dim) tile as up to three power-of-two column chunks c0 | c1 | c2
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _rows(start, BLOCK: tl.constexpr, ROW64: tl.constexpr):
+    """Row indices ``start .. start + BLOCK - 1``: int64 when ROW64, so that every offset ``row * stride_n`` formed
+    from them is 64-bit, else int32. ROW64 is set by the launcher (:func:`needs_row64`) only for inputs whose
+    ``(N - 1) * stride_n`` reaches 2**31 (e.g. a sequence-first qkv view, stride_n = B * 3 * D); the int32 form
+    keeps the usual launches' registers as they were (always-int64 offsets left 16 B per thread on the stack in the
+    64 x 128 dK / dV tile on sm_80: AOT check, bf16, ViT-B/16, Triton 3.9)."""
+    offs = start + tl.arange(0, BLOCK)
+    if ROW64:
+        offs = offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
 def _load_chunk(base, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
                 EVEN_N: tl.constexpr):
     """Load columns [COL, COL + WIDTH) of rows ``offs_rows`` (row stride ``stride_n``, columns contiguous from
     ``base``), zero-filling rows >= N (unless EVEN_N) and columns >= HEAD_DIM (masks only where needed)."""
     EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
     offs_d = COL + tl.arange(0, WIDTH)
-    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]
+    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]  # int64 when the rows are (see _rows)
     if EVEN_N:
         if EVEN_D:
             tile = tl.load(ptrs)
@@ -250,7 +271,7 @@ def _store_chunk(base, tile, offs_rows, stride_n, N, COL: tl.constexpr, WIDTH: t
     """Store ``tile`` (rows, WIDTH) as columns [COL, COL + WIDTH), skipping rows >= N and columns >= HEAD_DIM."""
     EVEN_D: tl.constexpr = COL + WIDTH <= HEAD_DIM
     offs_d = COL + tl.arange(0, WIDTH)
-    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]
+    ptrs = base + offs_rows[:, None] * stride_n + offs_d[None, :]  # int64 when the rows are (see _rows)
     tile = tile.to(base.dtype.element_ty)
     if EVEN_N:
         if EVEN_D:
@@ -288,6 +309,16 @@ def _store_chunks(base, c0, c1, c2, offs_rows, stride_n, N, HEAD_DIM: tl.constex
         _store_chunk(base, c1, offs_rows, stride_n, N, D0, D1, HEAD_DIM, EVEN_N)
     if D2 > 0:
         _store_chunk(base, c2, offs_rows, stride_n, N, D0 + D1, D2, HEAD_DIM, EVEN_N)
+
+
+@triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr):
+    """(row block, batch * head) of this program in a :func:`block_head_grid` launch: the one grid axis counts row
+    blocks fastest, so the programs of one head are adjacent (scheduled together, sharing its K / V in L2)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    pid_bh = pid // num_blocks
+    return pid - pid_bh * num_blocks, pid_bh
 
 
 @triton.jit
@@ -362,11 +393,12 @@ def _delta_rows(o_base, do0, do1, do2, offs_rows, stride_o_n, N, HEAD_DIM: tl.co
 @triton.jit
 def _dkdv_block(q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
                 stride_do_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                ROW64: tl.constexpr):
     """dK (unscaled) and dV of one key block (rows ``offs_n``, k / v chunks loaded) over every query block of one
     (batch, head): (dk0, dk1, dk2, dv0, dv1, dv2) fp32. ``lse_ptrs`` / ``delta_ptrs``: that head's rows
     [0, BLOCK_M) of lse and delta (the loop steps them by BLOCK_M)."""
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = _rows(0, BLOCK_M, ROW64)
     dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
     dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
     for start_m in range(0, N, BLOCK_M):
@@ -394,10 +426,10 @@ def _dkdv_block(q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v
 @triton.jit
 def _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D, HEAD_DIM: tl.constexpr,
               D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
     """dQ (unscaled) of one query block (q / dO chunks, lse and delta loaded) over every key block of one
     (batch, head): (dq0, dq1, dq2) fp32."""
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = _rows(0, BLOCK_N, ROW64)
     dq0, dq1, dq2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
     for start_n in range(0, N, BLOCK_N):
         offs_kn = start_n + offs_n
@@ -435,18 +467,18 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N): largest power of two <= 256 dividing N (1 if < 16)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)  # no sequence-tail masks
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
+    offs_n = _rows(0, BLOCK_N, ROW64)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + D
     v_base = q_base + 2 * D
@@ -495,14 +527,14 @@ def _attention_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # rows per program
 ):
     EVEN_N: tl.constexpr = N_ALIGN % BLOCK_M == 0
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
     do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
                                  D2, EVEN_N)
     delta = _delta_rows(Out + b * stride_out_b + h * HEAD_DIM, do0, do1, do2, offs_m, stride_out_n, N, HEAD_DIM, D0,
@@ -535,17 +567,17 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows per program
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _block_and_head(N, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = _rows(pid_n * BLOCK_N, BLOCK_N, ROW64)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
     k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -554,7 +586,7 @@ def _attention_bwd_dkdv_kernel(
     dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
         q_base, do_base, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
         Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-        stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+        stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
     dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
     _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -582,17 +614,17 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
@@ -601,7 +633,7 @@ def _attention_bwd_dq_kernel(
     delta = _load_row(Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
 
     dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
-                              HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+                              HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
     dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
     _store_chunks(DQKV + b * stride_dqkv_b + h * HEAD_DIM, dq0, dq1, dq2, offs_m, stride_dqkv_n, N, HEAD_DIM, D0, D1,
                   D2, EVEN_N)
@@ -630,9 +662,10 @@ def _attention_bwd_fused_kernel(
     HEAD_DIM: tl.constexpr,  # per-head width
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
     N_ALIGN: tl.constexpr,  # n_align(N)
+    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
     BLOCK_M: tl.constexpr,  # query rows per block
     BLOCK_N: tl.constexpr,  # key rows per block
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else "tf32" (ignored)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
 ):
     """The whole attention backward of one (batch, head) in one program: delta = rowsum(dO * O) for every query
     block (into Delta, read back after a barrier), then dK / dV key block by key block, then dQ query block by query
@@ -645,7 +678,7 @@ def _attention_bwd_fused_kernel(
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = _rows(0, BLOCK_M, ROW64)
     lse_ptrs = Lse + b * stride_lse_b + h * stride_lse_h + offs_m
     delta_ptrs = Delta + b * stride_lse_b + h * stride_lse_h + offs_m
 
@@ -661,12 +694,12 @@ def _attention_bwd_fused_kernel(
     tl.debug_barrier()  # every thread of the program sees every delta row before the loops read them
 
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = _rows(start_n, BLOCK_N, ROW64)
         k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
             q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-            stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+            stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
         dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
         _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
@@ -678,7 +711,7 @@ def _attention_bwd_fused_kernel(
         lse = _load_row(lse_ptrs + start_m, offs_qm, N, EVEN_N)
         delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
         dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
-                                  HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+                                  HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
         dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
         _store_chunks(dqkv_base, dq0, dq1, dq2, offs_qm, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
@@ -686,6 +719,44 @@ def _attention_bwd_fused_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on gridDim.x (gridDim.y / z: 65,535, which B * H exceeds in training)
+
+
+def block_head_grid(B: int, H: int, N: int, block: int) -> tuple[int]:
+    """Grid of the kernels with a program per (row block of ``block`` rows, batch * head): forward, delta pre-pass,
+    dK / dV and dQ. One axis of ``cdiv(N, block) * B * H`` programs, decoded in the kernel by ``_block_and_head``
+    (row block fastest). B * H is not a grid axis of its own: CUDA caps axes 1 and 2 at 65,535, which
+    ViT-L/16 (16 heads) passes from batch 4096 (the same limit as triton-lang/triton#3299).
+
+    Raises:
+        ValueError: more than 2**31 - 1 programs (far beyond any tensor that fits a GPU)."""
+    n = triton.cdiv(N, block) * B * H
+    if n > MAX_GRID_X:
+        raise ValueError(f"attention launch needs {n} programs (B={B}, H={H}, N={N}, {block}-row blocks); CUDA allows "
+                         f"at most {MAX_GRID_X}")
+    return (n,)
+
+
+def head_grid(B: int, H: int) -> tuple[int]:
+    """Grid of the one-program-per-(batch, head) backward: (B * H,), on axis 0 for the reason given in
+    :func:`block_head_grid`.
+
+    Raises:
+        ValueError: B * H > 2**31 - 1."""
+    if B * H > MAX_GRID_X:
+        raise ValueError(f"attention backward needs B * H = {B * H} programs (B={B}, H={H}); CUDA allows at most "
+                         f"{MAX_GRID_X}")
+    return (B * H,)
+
+
+def needs_row64(N: int, *tensors: torch.Tensor) -> bool:
+    """Whether a launch over N rows of these (B, N, width) tensors needs int64 row offsets (the kernels' ROW64):
+    the offset of some last row's last element, ``(N - 1) * stride(1) + width - 1``, exceeds 2**31 - 1 (Triton
+    forms ``row * stride_n + column`` in int32 when both factors fit in int32). Batch offsets are int64 in every
+    case (``b`` is widened in the kernels)."""
+    return any((N - 1) * t.stride(1) + t.shape[2] - 1 > 2**31 - 1 for t in tensors)
+
+
 def _tiles(N: int) -> dict:
     """Launch keyword arguments for the autotuned kernels: none on a GPU (the autotuner picks), the fixed
     interpreter config otherwise."""
@@ -714,14 +785,14 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
     assert qkv.dim() == 3 and qkv.stride(-1) == 1, (tuple(qkv.shape), qkv.stride())
     assert three_d == 3 * D and D == num_heads * head_dim and N >= 1
     d0, d1, d2 = head_dim_chunks(head_dim)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * num_heads)  # noqa: E731
-    _attention_fwd_kernel[grid](
+    _attention_fwd_kernel[lambda meta: block_head_grid(B, num_heads, N, meta["BLOCK_M"])](
         qkv, out, lse, float(scale) * LOG2E,
         qkv.stride(0), qkv.stride(1),
         out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1),
         N, num_heads, D, n_bucket(N),
-        HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N), INPUT_PRECISION=dot_precision(qkv.dtype),
+        HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N), ROW64=needs_row64(N, qkv, out),
+        INPUT_PRECISION=dot_precision(qkv.dtype),
         **_tiles(N),
     )
     return out, lse
@@ -757,15 +828,15 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     assert dout.shape == out.shape == (B, N, D) and dout.dtype == out.dtype == qkv.dtype
     assert lse.shape == (B, num_heads, N) and lse.dtype == torch.float32 and lse.stride(-1) == 1
     d0, d1, d2 = head_dim_chunks(head_dim)
-    chunks = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N))
-
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    chunks = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, N_ALIGN=n_align(N),
+                  ROW64=needs_row64(N, qkv, out, dout, dqkv))
     qk_scale = float(scale) * LOG2E
     if fused is None:  # the interpreter has no register budget: there the rule only asks for enough heads
         fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (interpreting() or fused_bwd_builds(head_dim, qkv.dtype))
     if fused:
         delta = torch.empty_like(lse)  # scratch, (B, H, N) fp32 like lse (the kernel shares their strides)
-        _attention_bwd_fused_kernel[(B * num_heads,)](
+        _attention_bwd_fused_kernel[head_grid(B, num_heads)](
             qkv, out, dout, lse, delta, dqkv, qk_scale, float(scale),
             qkv.stride(0), qkv.stride(1),
             out.stride(0), out.stride(1),
@@ -780,7 +851,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     # The pre-pass is memory-bound (one multiply-add per element read): one fixed tile, not autotuned.
     pre_m = 16 if N <= 16 else 32 if N <= 32 else 64
     delta = torch.empty_like(lse)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(N, pre_m), B * num_heads)](
+    _attention_bwd_preprocess_kernel[block_head_grid(B, num_heads, N, pre_m)](
         out, dout, delta,
         out.stride(0), out.stride(1),
         dout.stride(0), dout.stride(1),
@@ -800,6 +871,6 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         N, num_heads, D, n_bucket(N),
     )
     meta = dict(**chunks, INPUT_PRECISION=dot_precision(qkv.dtype), **_tiles(N))
-    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * num_heads)](*args, **meta)
-    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * num_heads)](*args, **meta)
+    _attention_bwd_dkdv_kernel[lambda m: block_head_grid(B, num_heads, N, m["BLOCK_N"])](*args, **meta)
+    _attention_bwd_dq_kernel[lambda m: block_head_grid(B, num_heads, N, m["BLOCK_M"])](*args, **meta)
     return dqkv

@@ -168,6 +168,22 @@ def choose_for_launch(device: torch.device, dtype: torch.dtype, M: int, N: int, 
 # ----------------------------------------------------------------------------------------------------------------
 # the elementwise kernels of the cuBLAS path
 # ----------------------------------------------------------------------------------------------------------------
+def tile_grid(R: int, C: int, block_r: int, block_c: int) -> tuple[int]:
+    """Grid of the elementwise kernels below: one program per (block_r x block_c) tile of an (R, C) matrix, on one
+    axis (column tile fastest; decoded by ``_tile_of_program``). A 2-D grid would put one extent on axis 1, which
+    CUDA caps at 65,535 (4.2 M columns at 64 per tile, e.g. a transposed token operand); axis 0 allows 2**31 - 1."""
+    return (triton.cdiv(R, block_r) * triton.cdiv(C, block_c),)
+
+
+@triton.jit
+def _tile_of_program(C, BLOCK_C: tl.constexpr):
+    """(row tile, column tile) of this program in a :func:`tile_grid` launch over C columns."""
+    pid = tl.program_id(0)
+    n_c = tl.cdiv(C, BLOCK_C)
+    pid_r = pid // n_c
+    return pid_r, pid - pid_r * n_c
+
+
 @triton.jit
 def _operand_prologue_kernel(
     x_ptr,  # logical (R, C) operand, strides (stride_r, stride_c)
@@ -178,8 +194,9 @@ def _operand_prologue_kernel(
     LN: tl.constexpr, GELU: tl.constexpr, GELU_TANH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r, pid_c = _tile_of_program(C, BLOCK_C)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c, mask=mask,
                 other=0.0).to(tl.float32)
@@ -207,8 +224,9 @@ def _gemm_epilogue_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # the GEMM core's epilogue, in its order, on a product read from memory
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = _tile_of_program(N, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     m64 = offs_m.to(tl.int64)[:, None]
@@ -233,8 +251,7 @@ def _prologue(x: torch.Tensor, ln, gelu_on: bool, gelu_tanh: bool, dtype: torch.
     if R == 0 or C == 0:
         return out
     dummy = out
-    grid = (triton.cdiv(R, 32), triton.cdiv(C, 64))
-    _operand_prologue_kernel[grid](
+    _operand_prologue_kernel[tile_grid(R, C, 32, 64)](
         x, out, ln.mean if ln else dummy, ln.rstd if ln else dummy, ln.weight if ln else dummy,
         ln.bias if ln else dummy, R, C, x.stride(0), x.stride(1),
         LN=ln is not None, GELU=gelu_on, GELU_TANH=gelu_tanh, BLOCK_R=32, BLOCK_C=64,
@@ -281,8 +298,7 @@ def cublas_gemm(a, b, c, M: int, N: int, K: int, *, a_ln=None, b_ln=None, a_gelu
     aux = dgelu_preact if dgelu_preact is not None else store_preact
     R = _view(residual, M, N) if residual is not None else None
     dummy = P
-    grid = (triton.cdiv(M, 32), triton.cdiv(N, 64))
-    _gemm_epilogue_kernel[grid](
+    _gemm_epilogue_kernel[tile_grid(M, N, 32, 64)](
         P, C, bias if bias is not None else dummy, aux if aux is not None else dummy, R if R is not None else dummy,
         M, N, C.stride(0), C.stride(1), R.stride(0) if R is not None else 0, R.stride(1) if R is not None else 0,
         HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu_on,

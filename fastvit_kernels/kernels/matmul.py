@@ -37,7 +37,8 @@ bucket, N, K, the operand dtypes and every constexpr flag; ``FASTVIT_AUTOTUNE=0`
 instead, and the interpreter always runs one fixed configuration (``INTERPRETER_CONFIG``: few, large tiles = few
 Python steps). Every candidate is compiled for sm_80 / sm_90 by ``python -m fastvit_kernels.aot check`` (no spills).
 Which candidate wins is a GPU measurement; none has been made yet (2026-11: no GPU available to this work).
-Accumulation is fp32; fp32 operands use IEEE dots (no TF32) so the CPU interpreter tests can be tight.
+Accumulation is fp32; fp32 operands use IEEE dots unless PyTorch's fp32 matmul setting allows TF32, as cuBLAS
+(``_common.dot_precision``, read at each launch; ``DOT_PRECISION`` is in the autotune key).
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def _gemm_tile(
     GELU_TANH: tl.constexpr,  # every GELU of this launch (prologue, epilogue, GELU') is the tanh approximation
     A_ROWSUM: tl.constexpr,  # the pid_n == 0 programs also write the row sums of A (a bias gradient, for free)
     IMG_BOUNDS: tl.constexpr,  # 0 none; image-bounds mask on 1 A (m x k), 2 B (k x n), 3 C (m x n)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+    DOT_PRECISION: tl.constexpr,  # _common.dot_precision: fp32 "ieee" or "tf32" (PyTorch's setting)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of C: the whole body of ``_matmul_kernel`` (arguments as there), shared with

@@ -151,6 +151,47 @@ def test_strided_qkv_inputs(device):
     _check_against_ref(transposed, H, dout)
 
 
+def test_row_offsets_past_2_31_elements(device):
+    """Row offsets ``row * stride_n`` past 2**31 elements, forward and both backward plans (delta pre-pass, dK / dV,
+    dQ, fused). A sequence-first qkv view ``(N, B, 3 * D).transpose(0, 1)`` has stride_n = B * 3 * D; here
+    stride_n = 2**30, so row 2 of qkv, out and dout starts at element 2**31 while every factor fits in int32. The
+    views live in one fp16 buffer of 2**32 + 80 elements (8 GiB of address space; only the rows written here are
+    touched, so little is committed), starting at element 2**31: an offset wrapped in int32 arithmetic (row 2 ->
+    -2**31) still lands inside the buffer, on elements the test never wrote, so the old int32 code computed wrong
+    values instead of faulting. Each result must equal the same kernels' on contiguous copies of the rows (bit for
+    bit under the interpreter; to the dtype's tolerance on a GPU, where the strides specialise separate builds)."""
+    from fastvit_kernels.kernels.attention import attention_bwd, attention_fwd
+
+    N, H, hd = 3, 1, 16
+    D, row, start = H * hd, 2**30, 2**31
+    buf = torch.empty(start + (N - 1) * row + 5 * D, device=device, dtype=F16)
+
+    def view(col: int, width: int) -> torch.Tensor:  # (1, N, width) at columns [col, col + width) of each row
+        return torch.as_strided(buf, (1, N, width), (N * row, row, 1), start + col)
+
+    qkv, out_v, dout_v = view(0, 3 * D), view(3 * D, D), view(4 * D, D)
+    assert qkv.storage_offset() + (N - 1) * qkv.stride(1) == 2**32 > 2**31 > qkv.stride(1)
+    qkv.copy_(torch.randn(1, N, 3 * D, device=device))
+    dout_v.copy_(torch.randn(1, N, D, device=device))
+    qkv_c, dout_c = qkv.contiguous(), dout_v.contiguous()
+    scale = hd**-0.5
+
+    out_c, lse_c = attention_fwd(qkv_c, H, scale)
+    out, lse = attention_fwd(qkv, H, scale)
+    same = torch.equal if device == "cpu" else (lambda a, b: torch.allclose(a, b, **TOLERANCES[a.dtype]))
+    assert same(out, out_c) and same(lse, lse_c)
+    assert same(attention(qkv, H, backend="triton"), out_c)  # the op passes such a view to the kernels as is
+    ref = attention_ref(qkv_c.double(), H, scale)
+    assert_close_to_ref(out, ref, attention_ref(qkv_c, H, scale), name="out")
+
+    out_v.copy_(out_c)
+    for fused in (False, True):
+        dqkv = attention_bwd(dout_v, qkv, out_v, lse_c, H, scale, fused=fused)
+        dqkv_c = attention_bwd(dout_c, qkv_c, out_c, lse_c, H, scale, fused=fused)
+        assert same(dqkv, dqkv_c), f"fused={fused}"
+    del qkv, out_v, dout_v, buf  # the views hold the buffer: release all of them
+
+
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_bit_identical_repeats(device, dtype, bwd_plan):
     qkv = torch.randn(2, 50, 3 * 2 * 80, device=device, dtype=dtype)
