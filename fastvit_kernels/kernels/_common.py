@@ -63,6 +63,19 @@ def gelu_grad(x, TANH: tl.constexpr):
         return gelu_erf_grad(x)
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton: the candidate lists prune by it, because register allocation (and so
+    which tiles spill) differs between Triton releases."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+# Candidate lists are checked spill-free (``python -m fastvit_kernels.aot check``) on Triton 3.4, 3.6 and 3.9; the
+# releases before NEWER_TRITON get the extra prunes the 3.4 / 3.6 checks called for (3.7 / 3.8 are not checked:
+# they take those prunes too, the safer side).
+NEWER_TRITON = (3, 9)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for tl.dot: exact IEEE for fp32 operands (no TF32), the default for fp16/bf16."""
     return "ieee" if dtype == torch.float32 else "tf32"

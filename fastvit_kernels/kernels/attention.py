@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreting
+from ._common import NEWER_TRITON, dot_precision, interpreting, triton_version
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 # Finite "minus infinity" for masked scores: exp2(MASK_VALUE - m) == 0, and never inf - inf = NaN.
@@ -165,6 +165,9 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
     * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80.
     * fused: only the two tiles that build clean are listed (see :func:`fused_bwd_builds`).
+    * Triton before ``NEWER_TRITON``: dkdv at a chunked width above 64 (head_dim 80) with BLOCK_M = 64 spilled
+      16-24 B per thread (64 x 64 and 64 x 128, 8 warps: sm_80; 64 x 128: sm_90; AOT check, Triton 3.6); the
+      32-row tiles built clean.
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = sum(head_dim_chunks(head_dim))
@@ -175,6 +178,8 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     if kernel == "fwd" and bn == 256:
         return False
     if kernel == "dq" and (bm, bn) == (64, 128):
+        return False
+    if kernel == "dkdv" and width > 64 and bm == 64 and triton_version() < NEWER_TRITON:
         return False
     return True
 
