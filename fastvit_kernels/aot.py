@@ -3,6 +3,7 @@
 Command::
 
     python -m fastvit_kernels.aot check --arch sm_80 --arch sm_90 [--json] [--model NAME ...] [--dtype bf16 ...]
+    python -m fastvit_kernels.aot grids [--json] [--model NAME ...] [--batch 8192 ...] [--img 1024 ...]
 
 How it works (no GPU, no CUDA driver):
 
@@ -23,6 +24,11 @@ How it works (no GPU, no CUDA driver):
    Triton's dynamic shared memory (``metadata.shared``) plus the cubin's static shared memory. Theoretical occupancy
    is computed from registers, shared memory and warps with the per-SM limits of the CUDA programming guide
    (table "Technical Specifications per Compute Capability"); it is a static calculation, not a measurement.
+5. **Grids.** Every launch's grid is evaluated for each configuration it may run with and checked against CUDA's
+   limits (:func:`grid_problems`). Grids need no compile, so :func:`trace_grids` runs the ops again over a wider
+   workload (``GRID_BATCHES`` up to 8192 images, ``GRID_IMG_SIZES`` up to 1024 px) on meta tensors, which have
+   shapes but no memory; ``check`` reports the largest grid per kernel (``python -m fastvit_kernels.aot grids``:
+   this step alone).
 
 What it cannot tell: speed. Nothing runs; a kernel that builds without spills and with tensor-core instructions can
 still be slow (bad tiles, memory-bound, low occupancy) or wrong (correctness is the interpreter tests' job).
