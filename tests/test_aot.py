@@ -102,7 +102,7 @@ def test_grid_check_traces_the_large_shapes(report):
     per ROWS rows (2 at D = 1280), so ViT-H/14 at 1022 px (73 x 73 + 1 = 5330 tokens) x 8192 images gives
     8192 * 5330 / 2 programs."""
     grids = {g["name"]: g for g in report["grids"]}
-    assert {k.split(":")[1] for k in aot.package_kernels()} - set(grids) == set()  # every kernel's grid recorded
+    assert {r["name"] for r in report["rows"]} <= set(grids)  # every compiled kernel's grids were recorded too
     stats = grids["_layernorm_stats_kernel"]
     assert stats["grid"] == [8192 * 5330 // 2, 1, 1], stats
     assert stats["at"][0].startswith("H/14") and "B=8192 img=1022" in stats["at"][0], stats["at"]
