@@ -792,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda text: ", ".join(map(str, text))  # noqa: E731
     for q in (p, g):
         q.add_argument("--model", action="append", help=f"model config name (repeatable; default {', '.join(MODELS)})")
-        q.add_argument("--dtype", action="append", choices=list(DTYPES), help="activation dtype (default bf16 fp16 fp32)")
+        q.add_argument("--dtype", action="append", choices=list(DTYPES),
+                       help="activation dtype (default bf16 fp16 fp32)")
         q.add_argument("--mode", action="append", choices=list(MODES), help="train and / or infer (default both)")
         q.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--arch", action="append", choices=list(ARCHS), help="target (repeatable; default both)")

@@ -70,10 +70,11 @@ def triton_version() -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-# Candidate lists are checked spill-free (``python -m fastvit_kernels.aot check``) on Triton 3.4, 3.6 and 3.9; the
-# releases before NEWER_TRITON get the extra prunes the 3.4 / 3.6 checks called for (3.7 / 3.8 are not checked:
-# they take those prunes too, the safer side).
+# Candidate lists are checked spill-free (``python -m fastvit_kernels.aot check``) on Triton 3.4, 3.6 and 3.9: the
+# releases before NEWER_TRITON get the extra prunes the 3.6 check called for, those before TRITON_3_6 also the ones
+# the 3.4 check called for (3.5, 3.7, 3.8 are not checked: they take the prunes of the next older checked release).
 NEWER_TRITON = (3, 9)
+TRITON_3_6 = (3, 6)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
