@@ -58,7 +58,7 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
     if first is None:
         return tensors
     dev = first.device.type
-    if not torch.is_autocast_enabled(dev):
+    if dev == "meta" or not torch.is_autocast_enabled(dev):  # meta (shape-only) tensors: torch has no autocast there
         return tensors
     dtype = torch.get_autocast_dtype(dev)
     return tuple(

@@ -3,6 +3,7 @@
 Command::
 
     python -m fastvit_kernels.aot check --arch sm_80 --arch sm_90 [--json] [--model NAME ...] [--dtype bf16 ...]
+    python -m fastvit_kernels.aot grids [--json] [--model NAME ...] [--batch 8192 ...] [--img 1024 ...]
 
 How it works (no GPU, no CUDA driver):
 
@@ -23,6 +24,11 @@ How it works (no GPU, no CUDA driver):
    Triton's dynamic shared memory (``metadata.shared``) plus the cubin's static shared memory. Theoretical occupancy
    is computed from registers, shared memory and warps with the per-SM limits of the CUDA programming guide
    (table "Technical Specifications per Compute Capability"); it is a static calculation, not a measurement.
+5. **Grids.** Every launch's grid is evaluated for each configuration it may run with and checked against CUDA's
+   limits (:func:`grid_problems`). Grids need no compile, so :func:`trace_grids` runs the ops again over a wider
+   workload (``GRID_BATCHES`` up to 8192 images, ``GRID_IMG_SIZES`` up to 1024 px) on meta tensors, which have
+   shapes but no memory; ``check`` reports the largest grid per kernel (``python -m fastvit_kernels.aot grids``:
+   this step alone).
 
 What it cannot tell: speed. Nothing runs; a kernel that builds without spills and with tensor-core instructions can
 still be slow (bad tiles, memory-bound, low occupancy) or wrong (correctness is the interpreter tests' job).
@@ -46,6 +52,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # --------------------------------------------------------------------------------------------------------------
 # targets and what is checked
@@ -69,10 +76,16 @@ SHORT_MODEL = {"vit_base_patch16_224": "B/16", "vit_large_patch16_224": "L/16", 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("train", "infer")
 DEFAULT_BATCHES = (64,)  # per-GPU batch; the batch only changes whether B * N is a multiple of 16
+# The grid check's workload (grids need no compile, so it spans far more than the compiled set): per-GPU batches up
+# to 8192 and inputs at the config's size (0) and 1024 px (N = 4097 tokens at patch 16, 5330 at patch 14).
+GRID_BATCHES = (1, 64, 1024, 4096, 8192)
+GRID_IMG_SIZES = (0, 1024)
 
 # Kernels whose fp16 / bf16 builds must use tensor cores (the GEMM core and the attention kernels with tl.dot).
 TENSOR_CORE_KERNELS = ("_matmul_kernel", "_matmul_tma_kernel", "_attention_fwd_kernel",
                        "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_fused_kernel")
+# CUDA's largest launch grid, blocks per axis (x, y, z); see grid_problems
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
 _CONFIG_NAMES = ("GROUP_M", "ROWS", "GROUP")  # constexprs that are tile configuration (with BLOCK*), not specialisation
 _OPTION_SHORT = {"num_warps": "w", "num_stages": "s", "num_ctas": "ctas", "maxnreg": "maxnreg"}
 
@@ -155,6 +168,7 @@ class Job:
     spec: str = ""  # readable specialisation (dtypes + non-config constexprs)
     config: str = ""  # readable tile configuration (BLOCK_*, GROUP_M, ROWS, warps, stages)
     uses: list = field(default_factory=list)  # "model dtype mode: ops/file.py:line" for each launch site
+    grid: list = field(default_factory=lambda: [0, 0, 0])  # largest extent of each grid axis over its launches
 
     def key(self) -> tuple:
         """Identity of the compiled binary: two launches with equal keys compile to the same cubin."""
@@ -249,17 +263,58 @@ def _describe(module, fn, signature: dict, constexprs: dict, options: dict) -> t
     return " ".join(spec), " ".join(cfg)
 
 
-class _Recorder:
-    """Stands in for a kernel while the ops are traced: ``kernel[grid](*args, **kwargs)`` binds the arguments for
-    every target with Triton's binder and stores a :class:`Job` per target instead of launching."""
+def grid_problems(grid) -> list[str]:
+    """What is wrong with one launch grid ``(x, y, z)`` (empty list: CUDA can launch it): an extent above the
+    CUDA limit of its axis, ``GRID_LIMITS`` (2^31 - 1 blocks on axis 0, 65,535 on axes 1 and 2; CUDA C++
+    Programming Guide, "Technical Specifications per Compute Capability", maximum x- / y- / z-dimension of a grid
+    of thread blocks, the same on sm_80 and sm_90)."""
+    return [f"grid axis {axis} = {extent:,} > {limit:,}" for axis, (extent, limit) in enumerate(zip(grid, GRID_LIMITS))
+            if extent > limit]
 
-    def __init__(self, kernel, module, archs: list[int], jobs: dict, label: list):
+
+def _pack_args(fn, backend, kwargs: dict, bound_args: dict, specialization: list, options) -> tuple:
+    """(signature, constexprs, attrs) of one bound launch, as ``JITFunction.run`` computes them before compiling.
+    Triton 3.6 and 3.9 have this step as ``JITFunction._pack_args``; Triton 3.4 inlines it in ``run`` (its lines
+    are repeated below), so the check runs on every supported Triton."""
+    if hasattr(fn, "_pack_args"):
+        _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+        return signature, constexprs, attrs
+    from triton.runtime.jit import find_paths_if, get_iterable_path
+
+    sigvals = [x[0] for x in specialization]
+    signature = dict(zip([p.name for p in fn.params], sigvals))
+    constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+    constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
+    attrvals = [x[1] for x in specialization]
+    attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
+    return signature, constexprs, attrs
+
+
+def _grid3(grid, kernel: str) -> tuple[int, int, int]:
+    """A launch grid as Triton accepts it (1 to 3 ints) padded to (x, y, z). Raises TypeError otherwise."""
+    if isinstance(grid, int) or not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3:
+        raise TypeError(f"{kernel}: a launch grid must be a tuple of 1 to 3 ints; got {grid!r}")
+    return tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+
+
+class _Recorder:
+    """Stands in for a kernel while the ops are traced: ``kernel[grid](*args, **kwargs)`` evaluates the grid for
+    every configuration the launch may run with (each autotune candidate: a grid that is a function of the config
+    gives each its own extents) and records the largest extent of each axis in ``grids``; for every target in
+    ``archs`` it also binds the arguments with Triton's binder and stores a :class:`Job` per target instead of
+    launching (``archs`` empty: grids only, nothing is bound, so the tensors may be on the meta device)."""
+
+    def __init__(self, kernel, module, archs: list[int], jobs: dict, label: list, grids: dict | None = None):
         self.kernel, self.module, self.archs, self.jobs, self.label = kernel, module, archs, jobs, label
+        self.grids = {} if grids is None else grids
         self.launched = 0
         self._binders: dict = {}  # (kernel id, arch) -> (backend, binder)
 
     def __getitem__(self, grid):
-        return self._record
+        def launch(*args, **kwargs):
+            self._record(grid, args, kwargs)
+        return launch
 
     def _variants(self, args, kwargs):
         """(JITFunction, kwargs) per autotune candidate (pruned as the autotuner prunes), or the launch itself; an
@@ -289,15 +344,32 @@ class _Recorder:
                 c.pre_hook({**dict(zip(k.arg_names, args)), **kw})
             yield k.fn, kw
 
-    def _record(self, *args, **kwargs):
+    def _grid_of(self, fn, grid, args, kw) -> tuple[int, int, int]:
+        """The launch grid for one configuration: ``grid`` itself, or ``grid(meta)`` with ``meta`` the arguments by
+        name plus the configuration's keywords (what ``JITFunction.run`` passes a grid function)."""
+        if callable(grid):
+            grid = grid({**dict(zip(fn.arg_names, args)), **kw})
+        return _grid3(grid, f"{self.module.__name__}.{fn.__name__}")
+
+    def _note_grid(self, name: str, grid: tuple, use: str) -> None:
+        rec = self.grids.setdefault(name, dict(module=self.module.__name__, name=name, grid=[0, 0, 0],
+                                               at=["", "", ""], launches=0))
+        rec["launches"] += 1
+        for axis, extent in enumerate(grid):
+            if extent > rec["grid"][axis]:
+                rec["grid"][axis], rec["at"][axis] = extent, use
+
+    def _record(self, grid, args, kwargs):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
 
         self.launched += 1
-        site = _call_site()
+        use = f"{' '.join(self.label)}: {_call_site()}"
         min_arch = getattr(self.module, "MIN_ARCH", 0)  # a module of kernels for newer GPUs only (matmul_tma: 90)
         for fn, kw in self._variants(args, kwargs):
+            launch_grid = self._grid_of(fn, grid, args, kw)
+            self._note_grid(fn.__name__, launch_grid, use)
             param_names = {p.name for p in fn.params}
             for arch in (a for a in self.archs if a >= min_arch):
                 # Triton's binder for this target: the same specialisation JITFunction.run computes before compiling
@@ -307,29 +379,30 @@ class _Recorder:
                                                                                           backend)
                 backend, binder = self._binders[id(fn), arch]
                 bound, specialization, opts = binder(*args, **kw)
-                _, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, opts)
+                signature, constexprs, attrs = _pack_args(fn, backend, kw, bound, specialization, opts)
                 options = {k: v for k, v in kw.items() if k not in param_names}
                 spec, cfg = _describe(self.module, fn, signature, constexprs, options)
                 job = Job(self.module.__name__, fn.__name__, arch, signature, constexprs, attrs, options, spec, cfg)
                 job = self.jobs.setdefault(job.key(), job)
-                use = f"{' '.join(self.label)}: {site}"
+                job.grid = [max(a, b) for a, b in zip(job.grid, launch_grid)]
                 if use not in job.uses:
                     job.uses.append(use)
 
 
 @contextmanager
-def _recording(archs: list[int], jobs: dict, label: list):
+def _recording(archs: list[int], jobs: dict, label: list, grids: dict | None = None):
     """Swap every package kernel for a :class:`_Recorder`, and let the public ops take the Triton path on CPU
     tensors (their backend choice and CPU-bfloat16 guard exist for the interpreter, which is not used here).
     Yields {kernel id: recorder}; restores everything on exit."""
     from . import ops as ops_pkg
 
     recorders, saved = {}, []
+    grids = {} if grids is None else grids
     try:
         for kid, kernel in package_kernels().items():
             mod_name, name = kid.split(":")
             mod = sys.modules[mod_name]
-            recorders[kid] = _Recorder(kernel, mod, archs, jobs, label)
+            recorders[kid] = _Recorder(kernel, mod, archs, jobs, label, grids)
             saved.append((mod, name, kernel))
             setattr(mod, name, recorders[kid])
         for info in pkgutil.iter_modules(ops_pkg.__path__):
@@ -345,31 +418,55 @@ def _recording(archs: list[int], jobs: dict, label: list):
             setattr(mod, name, obj)
 
 
-def _vit_shapes(model: str) -> dict:
+class _RunOpsOnMeta(TorchDispatchMode):
+    """Inside it, a ``fastvit::*`` custom op on meta tensors runs its real implementation (the launchers, which
+    only allocate outputs and launch, here into recorders) instead of its fake; every other op runs as usual. A
+    meta tensor has shape and strides but no memory, so the grid trace can run the ops at sizes (a ViT-H qkv at
+    batch 8192 and 1024 px: 0.3 TB) that could never be allocated."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library.custom_ops import _maybe_get_opdef
+
+        kwargs = kwargs or {}
+        opdef = _maybe_get_opdef(func) if func.namespace == "fastvit" else None
+        if opdef is not None:
+            with self:  # the mode is off inside this method; nested ops (none today) would need it again
+                return opdef._init_fn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _vit_shapes(model: str, img_size: int | None = None) -> dict:
     """Sizes of a named ViT: B-independent dims D, H, head_dim, P, C, img, num_patches, N (with class token),
-    hidden (MLP width)."""
+    hidden (MLP width). ``img_size``: the input side in pixels (default the config's), rounded down to a multiple
+    of the patch size."""
     from .configs import get_config
 
     cfg = get_config(model)
-    D, P, img = cfg["embed_dim"], cfg["patch_size"], cfg["img_size"]
+    D, P = cfg["embed_dim"], cfg["patch_size"]
+    img = (img_size or cfg["img_size"]) // P * P
+    if img < P:
+        raise ValueError(f"img_size must be at least the patch size {P} of {model}; got {img_size}")
     npatch = (img // P) ** 2
     return dict(D=D, H=cfg["num_heads"], head_dim=D // cfg["num_heads"], P=P, C=cfg.get("in_chans", 3), img=img,
                 num_patches=npatch, N=npatch + 1, hidden=int(D * cfg.get("mlp_ratio", 4.0)))
 
 
-def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list[tuple[str, object]]:
+def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_size: int | None = None,
+                  device: str = "cpu") -> list[tuple[str, object]]:
     """The op calls of one ViT step: [(label, thunk)], each thunk running one public op (and, for ``mode="train"``,
-    its autograd backward) on uninitialised CPU tensors of the model's shapes. Add a line here when the model
-    starts using a new op; ``check`` reports any package kernel that no workload launches."""
+    its autograd backward) on uninitialised tensors of the model's shapes (``img_size``: input side in pixels,
+    default the config's; ``device``: "cpu", or "meta" for the grid trace, run inside :class:`_RunOpsOnMeta`).
+    Add a line here when the model starts using a new op; ``check`` reports any package kernel that no workload
+    launches."""
     from . import ops
     from .backend import use_gemm_impl, use_gemm_kernel
 
-    s = _vit_shapes(model)
+    s = _vit_shapes(model, img_size)
     B, D, N, hidden = batch, s["D"], s["N"], s["hidden"]
     train = mode == "train"
 
     def t(*shape, grad=train, dt=dtype):
-        return torch.empty(*shape, dtype=dt).requires_grad_(grad)
+        return torch.empty(*shape, dtype=dt, device=device).requires_grad_(grad)
 
     def run(fn, *inputs, **kw):
         def thunk():
@@ -432,7 +529,7 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str) -> list
 def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, batches=DEFAULT_BATCHES
           ) -> tuple[list[Job], list[str]]:
     """Record every kernel launch of the workloads. Returns (unique jobs in first-launch order, ids of package
-    kernels that no workload launched)."""
+    kernels that no workload launched). Each job's ``grid`` is the largest extent per axis of its launches."""
     jobs: dict = {}
     label: list = []
     with _recording(archs, jobs, label) as recorders:
@@ -445,6 +542,34 @@ def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), mode
                             thunk()
         never = [kid for kid, r in recorders.items() if r.launched == 0]
     return list(jobs.values()), never
+
+
+def trace_grids(models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, batches=GRID_BATCHES,
+                img_sizes=GRID_IMG_SIZES) -> list[dict]:
+    """The largest launch grid of every kernel over the workloads at every batch and input size: the ops run on
+    meta tensors (no memory, nothing compiled), each launch's grid is evaluated for every configuration it may run
+    with (each autotune candidate). ``img_sizes``: input sides in pixels, 0 for each model's own.
+
+    Returns: one dict per launched kernel, sorted by module and name: ``module``, ``name``, ``grid`` ([x, y, z],
+    the largest extent of each axis), ``at`` (for each axis, the first launch that reached it: "model dtype B=...
+    img=... mode op: call site"), ``launches`` (recorded launch x candidate count) and ``problems``
+    (:func:`grid_problems` of ``grid``)."""
+    grids: dict = {}
+    label: list = []
+    with _recording([], {}, label, grids), _RunOpsOnMeta():
+        for model in models:
+            for img in img_sizes:
+                px = _vit_shapes(model, img or None)["img"]
+                for dt in dtypes:
+                    for batch in batches:
+                        for mode in modes:
+                            for what, thunk in vit_workloads(model, DTYPES[dt], batch, mode, px, device="meta"):
+                                label[:] = [SHORT_MODEL.get(model, model), dt, f"B={batch}", f"img={px}", mode, what]
+                                thunk()
+    rows = sorted(grids.values(), key=lambda r: (r["module"], r["name"]))
+    for r in rows:
+        r["problems"] = grid_problems(r["grid"])
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -528,11 +653,12 @@ def compile_all(jobs: list[Job], num_procs: int, progress: bool = False) -> list
 # --------------------------------------------------------------------------------------------------------------
 def problems(row: dict) -> list[str]:
     """What is wrong with one compiled variant (empty list: it passes): a compile failure, spill / stack bytes,
-    shared memory over the per-block limit, or (fp16 / bf16 GEMM-core and attention kernels) no tensor-core
-    instructions; on sm_90 those kernels must use warpgroup MMA (HGMMA)."""
+    shared memory over the per-block limit, (fp16 / bf16 GEMM-core and attention kernels) no tensor-core
+    instructions (on sm_90 those kernels must use warpgroup MMA, HGMMA), or a launch grid over CUDA's limits
+    (``row["grid"]``, see :func:`grid_problems`)."""
+    out = grid_problems(row.get("grid") or ())
     if row["error"]:
-        return [f"compile failed: {row['error']}"]
-    out = []
+        return out + [f"compile failed: {row['error']}"]
     if row["stack"]:
         out.append(f"{row['stack']} stack (spill) bytes")
     if row["smem"] > ARCH_LIMITS[row["arch"]]["smem_per_block"]:
@@ -576,23 +702,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
-def check(archs=("sm_80", "sm_90"), models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES,
-          batches=DEFAULT_BATCHES, num_procs: int | None = None, progress: bool = False) -> dict:
-    """Trace, compile and inspect; see the module docstring.
+def format_grid_table(grid_rows: list[dict]) -> str:
+    """A plain-text table of :func:`trace_grids` rows: per kernel the largest extent of each grid axis, where the
+    largest one was launched (the axis closest to its limit), and the verdict."""
+    head = ("kernel", "max grid (x, y, z)", "largest relative to its limit at", "verdict")
+    lines = []
+    for r in grid_rows:
+        # the axis nearest its limit; an axis of extent 1 is not in use
+        axis = max((a for a in range(3) if r["grid"][a] > 1 or a == 0), key=lambda a: r["grid"][a] / GRID_LIMITS[a])
+        lines.append((r["name"].strip("_"), " x ".join(f"{g:,}" for g in r["grid"]), r["at"][axis],
+                      "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])))
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
-    Args:
-        archs: target names from ``ARCHS`` ("sm_80", "sm_90"); models: names from ``configs.MODEL_CONFIGS``;
-        dtypes: keys of ``DTYPES``; modes: "train" (forward + backward) and / or "infer" (forward);
-        batches: batch sizes to trace; num_procs: compile processes (default: CPU count).
 
-    Returns:
-        {"rows": [one dict per compiled variant, see :func:`compile_job`, plus "problems"], "not_traced": [kernel
-        ids no workload launched], "failures": number of rows with problems, "seconds": wall time}.
-
-    Raises:
-        ValueError: an unknown arch, model, dtype or mode; a batch size < 1. RuntimeError: kernels defined under
-            the interpreter.
-    """
+def _validate(archs=(), models=(), dtypes=(), modes=(), batches=(), img_sizes=()) -> None:
     from .configs import MODEL_CONFIGS
 
     for name, values, known in (("arch", archs, ARCHS), ("model", models, MODEL_CONFIGS), ("dtype", dtypes, DTYPES),
@@ -602,13 +727,53 @@ def check(archs=("sm_80", "sm_90"), models=MODELS, dtypes=("bf16", "fp16", "fp32
             raise ValueError(f"unknown {name} {bad}; expected any of {list(known)}")
     if any(b < 1 for b in batches):
         raise ValueError(f"batch sizes must be >= 1; got {list(batches)}")
+    if any(i < 0 for i in img_sizes):
+        raise ValueError(f"image sizes must be >= 0 (0: the model's own); got {list(img_sizes)}")
+
+
+def check(archs=("sm_80", "sm_90"), models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES,
+          batches=DEFAULT_BATCHES, num_procs: int | None = None, progress: bool = False,
+          grid_batches=GRID_BATCHES, grid_img_sizes=GRID_IMG_SIZES) -> dict:
+    """Trace, compile and inspect; check every launch grid; see the module docstring.
+
+    Args:
+        archs: target names from ``ARCHS`` ("sm_80", "sm_90"); models: names from ``configs.MODEL_CONFIGS``;
+        dtypes: keys of ``DTYPES``; modes: "train" (forward + backward) and / or "infer" (forward);
+        batches: batch sizes to trace and compile; num_procs: compile processes (default: CPU count);
+        grid_batches, grid_img_sizes: the grid check's extra batches and input sides in pixels (0: the model's
+        own), traced on meta tensors together with ``batches`` (:func:`trace_grids`; nothing compiled).
+
+    Returns:
+        {"rows": [one dict per compiled variant, see :func:`compile_job`, plus "grid" and "problems"], "grids":
+        [the largest grid per kernel, see :func:`trace_grids`], "not_traced": [kernel ids no workload launched],
+        "failures": number of rows and grid rows with problems, "seconds": wall time}.
+
+    Raises:
+        ValueError: an unknown arch, model, dtype or mode; a batch size < 1; an image size < 0. RuntimeError:
+            kernels defined under the interpreter.
+    """
+    _validate(archs, models, dtypes, modes, [*batches, *grid_batches], grid_img_sizes)
     _quiet_triton()
     start = time.perf_counter()
     jobs, never = trace([ARCHS[a] for a in archs], models, dtypes, modes, batches)
+    grid_rows = trace_grids(models, dtypes, modes, sorted({*batches, *grid_batches}), grid_img_sizes)
     rows = compile_all(jobs, num_procs or os.cpu_count() or 1, progress)
     for r in rows:
         r["problems"] = problems(r)
-    return dict(rows=rows, not_traced=never, failures=sum(bool(r["problems"]) for r in rows),
+    failures = sum(bool(r["problems"]) for r in rows) + sum(bool(g["problems"]) for g in grid_rows)
+    return dict(rows=rows, grids=grid_rows, not_traced=never, failures=failures,
+                seconds=round(time.perf_counter() - start, 1))
+
+
+def check_grids(models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, batches=GRID_BATCHES,
+                img_sizes=GRID_IMG_SIZES) -> dict:
+    """The grid check alone (no compiler needed; seconds): :func:`trace_grids` over the arguments (see
+    :func:`check`). Returns {"grids": rows, "failures": rows with problems, "seconds": wall time}. Raises
+    ValueError for an unknown model, dtype or mode, a batch < 1 or an image size < 0."""
+    _validate(models=models, dtypes=dtypes, modes=modes, batches=batches, img_sizes=img_sizes)
+    start = time.perf_counter()
+    grid_rows = trace_grids(models, dtypes, modes, batches, img_sizes)
+    return dict(grids=grid_rows, failures=sum(bool(g["problems"]) for g in grid_rows),
                 seconds=round(time.perf_counter() - start, 1))
 
 
@@ -621,27 +786,47 @@ def _jsonable(obj):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0: every variant passes; 1: a failure or an untraced
-    kernel; 2: the tools are missing or a bad argument)."""
+    """Command-line entry point; returns the exit status (0: every variant and grid passes; 1: a failure or an
+    untraced kernel; 2: the tools are missing or a bad argument)."""
     parser = argparse.ArgumentParser(prog="python -m fastvit_kernels.aot", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="compile every kernel variant the ViT configs use and inspect the cubins")
+    p = sub.add_parser("check", help="compile every kernel variant the ViT configs use and inspect the cubins; "
+                                     "check every launch grid against CUDA's limits")
+    g = sub.add_parser("grids", help="only the launch-grid check (seconds; no compiler)")
+    ints = lambda text: ", ".join(map(str, text))  # noqa: E731
+    for q in (p, g):
+        q.add_argument("--model", action="append", help=f"model config name (repeatable; default {', '.join(MODELS)})")
+        q.add_argument("--dtype", action="append", choices=list(DTYPES),
+                       help="activation dtype (default bf16 fp16 fp32)")
+        q.add_argument("--mode", action="append", choices=list(MODES), help="train and / or infer (default both)")
+        q.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--arch", action="append", choices=list(ARCHS), help="target (repeatable; default both)")
-    p.add_argument("--model", action="append", help=f"model config name (repeatable; default {', '.join(MODELS)})")
-    p.add_argument("--dtype", action="append", choices=list(DTYPES), help="activation dtype (default bf16 fp16 fp32)")
-    p.add_argument("--mode", action="append", choices=list(MODES), help="train and / or infer (default both)")
-    p.add_argument("--batch", action="append", type=int, help=f"batch size (repeatable; default {' '.join(map(str, DEFAULT_BATCHES))})")
+    p.add_argument("--batch", action="append", type=int,
+                   help=f"batch size to compile for (repeatable; default {ints(DEFAULT_BATCHES)})")
+    p.add_argument("--grid-batch", action="append", type=int,
+                   help=f"extra batch size of the grid check (repeatable; default {ints(GRID_BATCHES)})")
+    p.add_argument("--grid-img", action="append", type=int,
+                   help=f"input side in pixels of the grid check, 0: the model's own (default {ints(GRID_IMG_SIZES)})")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPU count)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    g.add_argument("--batch", action="append", type=int, help=f"batch size (repeatable; default {ints(GRID_BATCHES)})")
+    g.add_argument("--img", action="append", type=int,
+                   help=f"input side in pixels, 0: the model's own (repeatable; default {ints(GRID_IMG_SIZES)})")
     args = parser.parse_args(argv)
 
     missing = missing_tools()
+    if args.command == "grids":
+        missing = [m for m in missing if m == "triton"]
     if missing:
         print(f"AOT check unavailable: missing {', '.join(missing)} (Triton's bundled CUDA tools)", file=sys.stderr)
         return 2
+    common = (args.model or MODELS, args.dtype or ["bf16", "fp16", "fp32"], args.mode or MODES)
     try:
-        result = check(args.arch or list(ARCHS), args.model or MODELS, args.dtype or ["bf16", "fp16", "fp32"],
-                       args.mode or MODES, args.batch or DEFAULT_BATCHES, args.jobs, progress=not args.json)
+        if args.command == "grids":
+            result = check_grids(*common, args.batch or GRID_BATCHES, args.img or GRID_IMG_SIZES)
+        else:
+            result = check(args.arch or list(ARCHS), *common, args.batch or DEFAULT_BATCHES, args.jobs,
+                           progress=not args.json, grid_batches=args.grid_batch or GRID_BATCHES,
+                           grid_img_sizes=args.grid_img or GRID_IMG_SIZES)
     except ValueError as e:  # a bad --model / --batch value
         parser.error(str(e))
     import triton
@@ -649,13 +834,17 @@ def main(argv: list[str] | None = None) -> int:
     result["triton"] = triton.__version__
     if args.json:
         print(json.dumps(_jsonable(result), indent=1))
-    else:
-        print(format_table(result["rows"]))
-        print(f"\n{len(result['rows'])} variants, {result['failures']} failing, triton {triton.__version__}, "
-              f"{result['seconds']} s")
-        if result["not_traced"]:
-            print(f"kernels no workload launches (add them to vit_workloads): {result['not_traced']}")
-    return 1 if result["failures"] or result["not_traced"] else 0
+        return 1 if result["failures"] or result.get("not_traced") else 0
+    if "rows" in result:
+        print(format_table(result["rows"]) + "\n")
+    print(format_grid_table(result["grids"]))
+    bad_grids = sum(bool(r["problems"]) for r in result["grids"])
+    variants = f"{len(result['rows'])} variants, " if "rows" in result else ""
+    print(f"\n{variants}{len(result['grids'])} kernels' grids, {result['failures']} failing ({bad_grids} of them "
+          f"grids), triton {triton.__version__}, {result['seconds']} s")
+    if result.get("not_traced"):
+        print(f"kernels no workload launches (add them to vit_workloads): {result['not_traced']}")
+    return 1 if result["failures"] or result.get("not_traced") else 0
 
 
 if __name__ == "__main__":

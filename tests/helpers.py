@@ -92,6 +92,15 @@ _NO_LAUNCH_OPS = {"aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", 
                   "aten.empty_like", "aten.new_empty", "aten.new_empty_strided"}
 
 
+def _counting_getitem(real_getitem, counting):
+    """``__getitem__`` whose launcher goes through ``counting`` (see :func:`count_launches`)."""
+    def getitem(self, grid):
+        launch = real_getitem(self, grid)
+        counted = counting(lambda _self, *args, **kwargs: launch(*args, **kwargs))
+        return lambda *args, **kwargs: counted(self, *args, **kwargs)
+    return getitem
+
+
 @contextlib.contextmanager
 def count_launches(monkeypatch):
     """Count the device kernel launches made inside the block: Triton kernels by name (``"_column_sum_kernel"``;
@@ -116,7 +125,10 @@ def count_launches(monkeypatch):
         return run
 
     for cls in (InterpretedFunction, JITFunction):
-        monkeypatch.setattr(cls, "run", counting(cls.run))
+        if hasattr(cls, "run"):
+            monkeypatch.setattr(cls, "run", counting(cls.run))
+        else:  # Triton 3.4's InterpretedFunction: ``run`` is set per instance; ``kernel[grid]`` launches
+            monkeypatch.setattr(cls, "__getitem__", _counting_getitem(cls.__getitem__, counting))
 
     class _Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -86,7 +86,27 @@ def test_gemm_and_attention_use_tensor_cores(report):
 
 
 def test_report_verdicts_agree(report):
-    assert report["failures"] == sum(bool(r["problems"]) for r in report["rows"]) == 0
+    assert report["failures"] == (sum(bool(r["problems"]) for r in report["rows"])
+                                  + sum(bool(g["problems"]) for g in report["grids"])) == 0
+
+
+def test_launch_grids_within_cuda_limits(report):
+    """Every launch of the package, each autotune candidate, at batches up to 8192 and 1024-px inputs, fits CUDA's
+    grid (axis 0 <= 2^31 - 1, axes 1 and 2 <= 65,535)."""
+    over = [f"{g['name']} {g['grid']} at {g['at']}: {g['problems']}" for g in report["grids"] if g["problems"]]
+    assert not over, "\n".join(over)
+
+
+def test_grid_check_traces_the_large_shapes(report):
+    """The grid check really ran the ops at batch 8192 and 1024 px: LayerNorm's row statistics launch one program
+    per ROWS rows (2 at D = 1280), so ViT-H/14 at 1022 px (73 x 73 + 1 = 5330 tokens) x 8192 images gives
+    8192 * 5330 / 2 programs."""
+    grids = {g["name"]: g for g in report["grids"]}
+    assert {r["name"] for r in report["rows"]} <= set(grids)  # every compiled kernel's grids were recorded too
+    stats = grids["_layernorm_stats_kernel"]
+    assert stats["grid"] == [8192 * 5330 // 2, 1, 1], stats
+    assert stats["at"][0].startswith("H/14") and "B=8192 img=1022" in stats["at"][0], stats["at"]
+    assert all(r["grid"][0] >= 1 for r in report["rows"])  # the compiled variants carry their launches' grids too
 
 
 # ---- the static analysis itself, on fixed inputs (fast, no compiler) ----------------------------------------------
@@ -130,6 +150,10 @@ def _row(**kw):
 
 @pytest.mark.parametrize("changes,expect", [
     ({}, []),
+    ({"grid": [2**31 - 1, 65535, 65535]}, []),
+    ({"grid": [2**31, 1, 1]}, ["grid axis 0 = 2,147,483,648 > 2,147,483,647"]),
+    ({"grid": [1, 65536, 1]}, ["grid axis 1 = 65,536 > 65,535"]),
+    ({"grid": [4, 1, 131072], "stack": 8}, ["grid axis 2 = 131,072 > 65,535", "8 stack"]),
     ({"stack": 16}, ["16 stack (spill) bytes"]),
     ({"smem": 228 * 1024}, ["shared memory"]),
     ({"tensor_cores": {"HMMA": 8}}, ["no HGMMA (warpgroup MMA) on sm_90; HMMA only"]),
@@ -190,3 +214,55 @@ def test_autotune_candidates_are_each_compiled(tmp_path):
     assert sorted((a, c) for a, c, _, _ in rows) == [(80, "BLOCK=128 s3 w4"), (80, "BLOCK=64 s3 w2"),
                                                      (90, "BLOCK=128 s3 w4"), (90, "BLOCK=64 s3 w2")]
     assert all(err is None and regs > 0 for _, _, err, regs in rows)
+
+
+_GRIDS = '''
+import json, torch, autotuned
+from fastvit_kernels import aot
+grids = {}
+rec = aot._Recorder(autotuned._double_kernel, autotuned, [], {}, ["test"], grids)
+x = torch.empty(1, device="meta")
+n = 1 << 20
+rec[lambda meta: (triton_cdiv(n, meta["BLOCK"]), 70000)](x, x, n)        # B * H = 70000 on axis 1: too many
+rec[(3, 2)](x, x, 5)                                                    # a plain tuple
+print(json.dumps(list(grids.values())))
+'''.replace("triton_cdiv", "(lambda a, b: -(-a // b))")
+
+
+def test_grid_check_catches_a_bad_grid(tmp_path):
+    """A synthetic launch whose grid is a function of the tile: the recorder evaluates it for every autotune
+    candidate (the smallest kept tile, BLOCK=64, gives the largest axis 0), keeps the largest extent of each axis,
+    and the verdict names the axis over CUDA's limit (axis 1 = 70,000 > 65,535). No compiler needed."""
+    pytest.importorskip("triton")
+    (tmp_path / "autotuned.py").write_text(_AUTOTUNED)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _GRIDS], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads(proc.stdout)
+    assert rec["name"] == "_double_kernel" and rec["launches"] == 4  # 2 launches x 2 kept candidates
+    assert rec["grid"] == [(1 << 20) // 64, 70000, 1]
+    assert aot.grid_problems(rec["grid"]) == ["grid axis 1 = 70,000 > 65,535"]
+    assert aot.grid_problems([3, 2, 1]) == []
+
+
+_BIG_TRACE = '''
+import json, resource
+from fastvit_kernels import aot
+rows = aot.trace_grids(models=["vit_huge_patch14_224"], dtypes=["bf16"], modes=["train"], batches=[8192],
+                       img_sizes=[1024])
+print(json.dumps([{r["name"]: r["grid"] for r in rows}, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+'''
+
+
+def test_grid_trace_allocates_nothing_at_large_shapes():
+    """ViT-H/14 training at batch 8192 and 1024 px (qkv alone 8192 x 5330 x 3840 bf16 = 335 GB) is traced on meta
+    tensors: the process stays under 4 GB of resident memory and still records the launches."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _BIG_TRACE], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grids, max_rss_kb = json.loads(proc.stdout)
+    assert max_rss_kb < 4 * 1024 * 1024, f"{max_rss_kb / 1024:.0f} MB resident"
+    assert grids["_layernorm_stats_kernel"] == [8192 * 5330 // 2, 1, 1]
+    assert grids["_prefix_rows_kernel"] == [8192, 1, 1]  # (B, class token)

@@ -81,6 +81,20 @@ def fp32_matmul_allows_tf32() -> bool:
     return bool(matmul.allow_tf32)
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton: the candidate lists prune by it, because register allocation (and so
+    which tiles spill) differs between Triton releases."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+# Candidate lists are checked spill-free (``python -m fastvit_kernels.aot check``) on Triton 3.4, 3.6 and 3.9: the
+# releases before NEWER_TRITON get the extra prunes the 3.6 check called for, those before TRITON_3_6 also the ones
+# the 3.4 check called for (3.5, 3.7, 3.8 are not checked: they take the prunes of the next older checked release).
+NEWER_TRITON = (3, 9)
+TRITON_3_6 = (3, 6)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for the ``tl.dot`` of a launch whose operands have ``dtype``, decided on the host at
     launch time and passed as a constexpr (so it is part of the compile and autotune keys).

@@ -52,7 +52,8 @@ import triton.language as tl
 
 from .._checks import check_gelu_approximate
 from . import tuning_record
-from ._common import bias_gelu_epilogue, dot_precision, gelu, interpreting, ln_cols, ln_rows
+from ._common import (NEWER_TRITON, TRITON_3_6, bias_gelu_epilogue, dot_precision, gelu, interpreting, ln_cols, ln_rows,
+                      triton_version)
 
 PROLOGUE_NONE, PROLOGUE_LN, PROLOGUE_GELU, PROLOGUE_CAST, PROLOGUE_AFFINE = 0, 1, 2, 3, 4
 IMAGE_BOUNDS_OPERAND = {None: 0, "a": 1, "b": 2, "c": 3}
@@ -92,57 +93,80 @@ def _image_mask(tok, pix, T_D1, T_D2, P_D1, P_D2, img_h, img_w):
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
 
 
-def keep(cfg: triton.Config, dtype: torch.dtype, split: bool) -> bool:
+def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = False, b_gelu: bool = False) -> bool:
     """Whether candidate ``cfg`` stays in the autotune set for operands of ``dtype`` (``split``: an index is
-    split, the patch-embed GEMMs). Each prune below says what found the problem.
+    split, the patch-embed GEMMs; ``dgelu``: the GELU' epilogue; ``b_gelu``: GELU on B's load, fc2's weight
+    gradient). Each prune below says what found the problem.
 
     * fp32 (IEEE dots on the FMA units, operand tiles in registers): 4 warps spilled 300-2600 B per thread with a
       B-operand prologue (LayerNorm / GELU) or a split index (AOT check, sm_80 / sm_90, Triton 3.9).
     * split indices: the earlier 128 x 64 / BLOCK_K 16 special cases were needed while ``_split_offsets`` divided
       in int64 (subroutine calls, 24-1400 B spills); with int32 divisions the normal tiles build without spills
-      (AOT check, 2026-11). A deeper K step still does not fit: 128 x 128 x 64 with 8 warps spilled 24-264 B per
-      thread in the patch-embed forward (split m / k + bias + residual, 255 registers) on sm_80 and sm_90.
+      (AOT check, Triton 3.9). A deeper K step still does not fit: 128 x 128 x 64 with 8 warps spilled 24-264 B
+      per thread in the patch-embed forward (split m / k + bias + residual, 255 registers) on sm_80 and sm_90.
+    * Triton before ``NEWER_TRITON`` (AOT check, Triton 3.6, ViT-B/16 + ViT-H/14 bf16, sm_80 / sm_90): with a split
+      index both 16-bit tiles of the newer list spilled 8-640 B per thread (patch 14 worst), while 128 x 64 x 32
+      with 8 warps and 64 x 64 x 32 with 4 warps (3 stages) built clean: those are the split list there (see
+      :func:`gemm_configs`); the GELU' epilogue spilled 8 B with 128 x 128 x 32 on sm_80.
+    * Triton before ``TRITON_3_6`` (AOT check, Triton 3.4, same workload): GELU on B's load with A's row sums
+      spilled 8 B with 128 x 64 x 32 / 4 warps on sm_80.
     """
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     if dtype == torch.float32 and cfg.num_warps < 8:
         return False
-    if split and cfg.kwargs["BLOCK_K"] >= 64 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] >= 128 * 128:
+    if split and bk >= 64 and bm * bn >= 128 * 128:
         return False
+    if triton_version() < NEWER_TRITON and dtype != torch.float32:
+        if split and (bm, bn, bk, cfg.num_warps) in ((128, 128, 32, 8), (128, 64, 32, 4)):
+            return False
+        if dgelu and (bm, bn, bk) == (128, 128, 32):
+            return False
+        if b_gelu and cfg.num_warps < 8 and triton_version() < TRITON_3_6:
+            return False
     return True
 
 
-def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = None) -> list[triton.Config]:
+def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = None,
+                 dgelu: bool = False, b_gelu: bool = False) -> list[triton.Config]:
     """Autotune candidates for the GEMM core, the default candidate first: ``triton.Config`` with BLOCK_M / BLOCK_N /
     BLOCK_K / GROUP_M, num_warps, num_stages. ``dtype``: the dot's operand dtype (fp16 and bf16 share a list);
-    ``split``: an index is split; ``arch``: compute capability (80, 90, ...) — the lists are the same for sm_80 and
-    sm_90 today (the AOT check builds every candidate for both; the recorder that traces the launches has no
-    device to ask), the argument is there for a target-specific list when measurements call for one.
+    ``split``: an index is split; ``dgelu``, ``b_gelu``: as in :func:`keep`; ``arch``: compute capability (80,
+    90, ...) — the lists are the same for sm_80 and sm_90 today (the AOT check builds every candidate for both; the
+    recorder that traces the launches has no device to ask), the argument is there for a target-specific list when
+    measurements call for one.
 
     fp32 (IEEE dots, the FMA units): one 64 x 64 x 32 tile with 8 warps; 2 stages, but 1 stage where an index is
     split: the patch-embed fp32 launches left 8-16 B on the stack with 2 stages (AOT check, sm_80 / sm_90, Triton
-    3.9, 2026-11), none with 1.
+    3.9), none with 1.
 
     The 16-bit list starts from Triton's matmul tutorial (03) tiles: 128 x 128 x 32 with 8 warps and 3 stages
-    (the tile v1 shipped), a deeper K step, and a narrower N tile with 4 warps for launches with few tiles.
+    (the tile v1 shipped), a deeper K step, and a narrower N tile with 4 warps for launches with few tiles. Triton
+    before ``NEWER_TRITON`` adds two smaller tiles for split indices, the only ones that build clean there (see
+    :func:`keep`).
     """
     del arch  # same candidates on every target (see docstring)
     if dtype == torch.float32:
         cands = [(64, 64, 32, 8, 1)] if split else [(64, 64, 32, 8, 2)]
     else:
         cands = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
+        if split and triton_version() < NEWER_TRITON:
+            cands += [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
     out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
            for bm, bn, bk, w, st in cands]
-    out = [c for c in out if keep(c, dtype, split)]
-    assert out, f"no GEMM configuration survives keep() for {dtype}, split={split}"
+    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu)]
+    assert out, f"no GEMM configuration survives keep() for {dtype}, split={split}, dgelu={dgelu}, " \
+                f"b_gelu={b_gelu}"
     return out
 
 
-def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, split: bool = False) -> dict:
+def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, split: bool = False, dgelu: bool = False,
+                b_gelu: bool = False) -> dict:
     """The configuration one launch uses without autotuning, as launch keywords: ``INTERPRETER_CONFIG`` under the
     interpreter, else the first surviving candidate of :func:`gemm_configs`. M, N, K: the problem size (unused
     today; kept for shape-dependent defaults)."""
     if interpreting():
         return dict(INTERPRETER_CONFIG)
-    c = gemm_configs(dtype, split)[0]
+    c = gemm_configs(dtype, split, dgelu=dgelu, b_gelu=b_gelu)[0]
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
@@ -152,7 +176,8 @@ def _config_id(c: triton.Config) -> tuple:
 
 # the union of every dtype's / split's candidates: what the autotuner holds; _prune_configs picks one list per launch
 _ALL_CONFIGS = list({_config_id(c): c for dt in (torch.float32, torch.float16) for sp in (False, True)
-                     for c in gemm_configs(dt, sp)}.values())
+                     for dg in (False, True) for bg in (False, True)
+                     for c in gemm_configs(dt, sp, dgelu=dg, b_gelu=bg)}.values())
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -162,7 +187,9 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     dtype = named_args["b_ptr" if a_converted else "a_ptr"].dtype
     split = bool(kwargs.get("SPLIT_M") or kwargs.get("SPLIT_N") or kwargs.get("SPLIT_K"))
     by_id = {_config_id(c): c for c in configs}
-    return [by_id[_config_id(c)] for c in gemm_configs(dtype, split) if _config_id(c) in by_id]
+    cands = gemm_configs(dtype, split, dgelu=bool(kwargs.get("DGELU")),
+                         b_gelu=kwargs.get("B_PROLOGUE") == PROLOGUE_GELU)
+    return [by_id[_config_id(c)] for c in cands if _config_id(c) in by_id]
 
 
 def _autotune_enabled() -> bool:
@@ -329,8 +356,10 @@ _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_PAIR_FL
 def pair_configs(dtype: torch.dtype) -> list[triton.Config]:
     """Candidates of the pointer kernel's pair form: those of :func:`gemm_configs` for unsplit operands, without the
     4-warp tile (128 x 64 x 32, 4 warps, 4 stages left 8 B per thread on the stack in the proj pair on sm_80: AOT
-    check, Triton 3.9)."""
-    return [c for c in gemm_configs(dtype) if c.num_warps >= 8]
+    check, Triton 3.9); before ``NEWER_TRITON`` also without the deep K step (128 x 128 x 64 left 8 B in the qkv
+    pair, LayerNorm prologue + row sums, on sm_80: AOT check, Triton 3.6)."""
+    old = triton_version() < NEWER_TRITON
+    return [c for c in gemm_configs(dtype) if c.num_warps >= 8 and not (old and c.kwargs["BLOCK_K"] >= 64)]
 
 
 def _prune_pair_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -666,7 +695,8 @@ class _Launch:
         if _autotune_enabled():
             return _matmul_kernel, {}
         cfg = gemm_config(self.M, self.N, self.K, self.compute_dtype,
-                          split=(self.m_split, self.n_split, self.k_split) != (None, None, None))
+                          split=(self.m_split, self.n_split, self.k_split) != (None, None, None),
+                          dgelu=bool(self.flags["DGELU"]), b_gelu=self.b_prologue == PROLOGUE_GELU)
         return getattr(_matmul_kernel, "fn", _matmul_kernel), cfg
 
 
@@ -802,6 +832,12 @@ def gemm_pair(first: dict, second: dict) -> None:
         if p0.compute_dtype == torch.float32:
             # the TMA kernel's fp32 pair form (IEEE dots on the FMA units) left 8-16 B per thread on the stack on
             # sm_90 (AOT check, Triton 3.9): fp32 pairs run one by one there
+            _run(p0)
+            _run(p1)
+            return
+        if triton_version() < TRITON_3_6 and PROLOGUE_GELU in (p0.b_prologue, p1.b_prologue):
+            # fc2's pair (dW2 with GELU on load, dH with GELU') spilled 8-96 B per thread with every candidate on
+            # sm_90 (AOT check, Triton 3.4): there those two run one by one
             _run(p0)
             _run(p1)
             return

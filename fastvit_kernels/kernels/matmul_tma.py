@@ -87,10 +87,13 @@ def tma_configs(dtype: torch.dtype, pair: bool = False) -> list[triton.Config]:
     """Candidates of the TMA kernel (``pair``: of the pair kernel), default first (the 16-bit tiles of
     :func:`matmul.gemm_configs`, with deeper pipelines: TMA copies need no registers in flight); each carries the
     block-shape ``pre_hook``."""
+    from ._common import TRITON_3_6, triton_version
     from .matmul import gemm_configs
 
     out = []
     for c in gemm_configs(dtype):
+        if pair and c.kwargs["BLOCK_K"] >= 64 and triton_version() < TRITON_3_6:
+            continue  # the qkv pair (LayerNorm prologue + row sums) spilled 424 B on sm_90 (AOT check, Triton 3.4)
         stages = c.num_stages if dtype == torch.float32 else max(c.num_stages, 3)
         out.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages,
                                  pre_hook=_set_pair_block_shapes if pair else _set_block_shapes))

@@ -1,0 +1,76 @@
+"""Candidate lists per Triton release: the tiles that spilled in the AOT check on Triton 3.6 (patch-embed split
+GEMMs, the GELU' epilogue, the qkv pair's deep K step, the dK / dV kernel at head_dim 80) are pruned before
+``NEWER_TRITON`` and kept on newer releases, and every list stays non-empty with sm_90 warpgroup-MMA shapes. Which
+tiles build clean is the AOT check's job (``.ci/oldest-triton`` runs it on the oldest supported Triton)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastvit_kernels.kernels import _common, attention, matmul  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def _tiles(configs):
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in configs}
+
+
+@pytest.fixture(params=[(3, 4), (3, 6), (3, 9), (3, 10)])
+def version(request, monkeypatch):
+    for mod in (matmul, attention, _common):
+        monkeypatch.setattr(mod, "triton_version", lambda: request.param)
+    return request.param
+
+
+def test_gemm_lists(version):
+    old = version < _common.NEWER_TRITON
+    split = _tiles(matmul.gemm_configs(BF16, split=True))
+    dgelu = _tiles(matmul.gemm_configs(BF16, dgelu=True))
+    pair = _tiles(matmul.pair_configs(BF16))
+    spilled_split = {(128, 128, 32, 8), (128, 64, 32, 4)}  # 8-640 B per thread on Triton 3.6
+    assert split and all(bm % 64 == 0 and w % 4 == 0 for bm, _, _, w in split)
+    assert (split & spilled_split == set()) == old
+    assert ((128, 128, 32, 8) in dgelu) != old
+    assert pair and any(bk >= 64 for _, _, bk, _ in pair) != old
+    assert _tiles(matmul.gemm_configs(BF16)) == {(128, 128, 32, 8), (128, 128, 64, 8), (128, 64, 32, 4)}
+    # the autotuner's early prune hands a GELU' launch the GELU' list
+    a = torch.empty(1, dtype=BF16)
+    ids = [matmul._config_id(c) for c in matmul._prune_configs(matmul._ALL_CONFIGS, {"a_ptr": a, "b_ptr": a},
+                                                                DGELU=True)]
+    assert ids == [matmul._config_id(c) for c in matmul.gemm_configs(BF16, dgelu=True)]
+
+
+def test_dkdv_list_at_head_dim_80(version):
+    old = version < _common.NEWER_TRITON
+    for bucket in (256, 512):
+        kept = attention.attention_configs("dkdv", 80, BF16, None, bucket)
+        assert len(kept) > 1 and all(c.kwargs["BLOCK_N"] % 64 == 0 for c in kept)
+        assert any(c.kwargs["BLOCK_M"] == 64 for c in kept) != old
+    # at head_dim 64 the 64-row tiles spilled on Triton 3.4 only
+    hd64 = attention.attention_configs("dkdv", 64, BF16, None, 256)
+    assert any(c.kwargs["BLOCK_M"] == 64 for c in hd64) == (version >= _common.TRITON_3_6)
+
+
+def test_oldest_triton_prunes(version):
+    """The Triton 3.4 findings: GELU on B's load without the 4-warp tile, no TMA pair with a deep K step, no dq
+    128 x 32 and no fwd 128 x 128 at head_dim 80; newer releases keep them."""
+    from fastvit_kernels.kernels import matmul_tma
+
+    oldest = version < _common.TRITON_3_6
+    assert any(w < 8 for *_, w in _tiles(matmul.gemm_configs(BF16, b_gelu=True))) != oldest
+    fwd80 = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+             for c in attention.attention_configs("fwd", 80, BF16, None, 256)}
+    dq = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in attention.attention_configs("dq", 64, BF16, None, 256)}
+    assert ((128, 128) in fwd80) != oldest and ((128, 32) in dq) != oldest
+    pair_k = {c.kwargs["BLOCK_K"] for c in matmul_tma.tma_configs(BF16, pair=True)}
+    assert pair_k and (64 in pair_k) != oldest  # tma_configs reads _common.triton_version at call time
+
+
+def test_triton_version_parses_releases(monkeypatch):
+    import triton
+
+    for text, want in (("3.4.0", (3, 4)), ("3.9.0", (3, 9)), ("3.10.1+git1234", (3, 10)), ("3.6.0rc1", (3, 6))):
+        monkeypatch.setattr(triton, "__version__", text)
+        assert _common.triton_version() == want
