@@ -175,11 +175,12 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
     * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80.
     * fused: only the two tiles that build clean are listed (see :func:`fused_bwd_builds`).
-    * Triton before ``NEWER_TRITON``: dkdv at a chunked width above 64 (head_dim 80) with BLOCK_M = 64 spilled
-      16-24 B per thread (64 x 64 and 64 x 128, 8 warps: sm_80; 64 x 128: sm_90; AOT check, Triton 3.6); the
-      32-row tiles built clean.
+    * dkdv at a chunked width above 64 (head_dim 80) with BLOCK_M = 64: spilled 16-24 B per thread on Triton 3.6
+      (64 x 64 and 64 x 128, 8 warps: sm_80; 64 x 128: sm_90) and 16 B on Triton 3.9 (64 x 128, 8 warps, sm_80,
+      with the one-axis grid's decode); the 32-row tiles build clean on every version.
     * Triton before ``TRITON_3_6`` (AOT check, Triton 3.4, sm_80): dkdv with BLOCK_M = 64 also at head_dim 64
-      (24 B), dq 128 x 32 with 4 warps (8 B), fwd 128 x 128 at head_dim 80 (56 B).
+      (24 B), dq 128 x 32 with 4 warps (8 B), fwd 128 x 128 at head_dim 80 (56 B), dq 128 x 64 with 8 warps at
+      head_dim 80 (16 B, with the one-axis grid's (row block, batch * head) decode).
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = sum(head_dim_chunks(head_dim))
@@ -191,11 +192,14 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
         return False
     if kernel == "dq" and (bm, bn) == (64, 128):
         return False
+    if kernel == "dkdv" and bm == 64 and width > 64:
+        return False
     if triton_version() < NEWER_TRITON:
         oldest = triton_version() < TRITON_3_6
-        if kernel == "dkdv" and bm == 64 and (width > 64 or oldest):
+        if kernel == "dkdv" and bm == 64 and oldest:
             return False
         if oldest and ((kernel == "dq" and (bm, bn) == (128, 32))
+                       or (kernel == "dq" and (bm, bn) == (128, 64) and width > 64)
                        or (kernel == "fwd" and (bm, bn) == (128, 128) and width > 64)):
             return False
     return True

@@ -43,11 +43,11 @@ def test_gemm_lists(version):
 
 
 def test_dkdv_list_at_head_dim_80(version):
-    old = version < _common.NEWER_TRITON
+    # the 64-row tiles spilled at head_dim 80 on every checked Triton (3.6: 64 x 64 and 64 x 128; 3.9: 64 x 128)
     for bucket in (256, 512):
         kept = attention.attention_configs("dkdv", 80, BF16, None, bucket)
         assert len(kept) > 1 and all(c.kwargs["BLOCK_N"] % 64 == 0 for c in kept)
-        assert any(c.kwargs["BLOCK_M"] == 64 for c in kept) != old
+        assert all(c.kwargs["BLOCK_M"] == 32 for c in kept)
     # at head_dim 64 the 64-row tiles spilled on Triton 3.4 only
     hd64 = attention.attention_configs("dkdv", 64, BF16, None, 256)
     assert any(c.kwargs["BLOCK_M"] == 64 for c in hd64) == (version >= _common.TRITON_3_6)
