@@ -6,7 +6,7 @@ be set any time before that first launch. Under the interpreter, importing this 
 installed Triton and NumPy can run the kernels' loops (:func:`check_interpreter`).
 """
 
-import os
+from .._env import interpreter_enabled
 
 
 def check_interpreter(probe=None) -> None:
@@ -47,5 +47,5 @@ def _range_probe() -> None:
     probe[(1,)](2)
 
 
-if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+if interpreter_enabled():
     check_interpreter()
