@@ -17,7 +17,6 @@ Nothing here queries a CUDA device at import time; Triton's availability is chec
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
@@ -76,108 +75,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return backend
 
 
-GEMM_IMPLS = ("auto", "triton", "cublas", "measure")
-GEMM_KERNELS = ("auto", "tma", "pointer")
-GEMM_PAIRS = ("auto", "off")
-_overrides: dict[str, str] = {}  # environment variable -> value set by use_gemm_impl / _kernel / _pairs
-
-
-def _setting(env: str, allowed: tuple) -> str:
-    """The override of ``env`` if one is active, else the environment variable, else "auto"; validated."""
-    value = (_overrides.get(env) or os.environ.get(env, "auto") or "auto").lower()
-    if value not in allowed:
-        raise ValueError(f"{env} must be one of {allowed}; got {value!r}")
-    return value
-
-
-@contextlib.contextmanager
-def _override(env: str, arg: str, value: str, allowed: tuple):
-    """Force the setting ``env`` to ``value`` inside the block (process-wide); ``arg`` names the argument in the
-    error."""
-    if value not in allowed:
-        raise ValueError(f"{arg} must be one of {allowed}; got {value!r}")
-    old = _overrides.get(env)
-    _overrides[env] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            _overrides.pop(env, None)
-        else:
-            _overrides[env] = old
-
-
-def gemm_impl() -> str:
-    """How the Triton backend runs each GEMM: the :func:`use_gemm_impl` setting, else ``FASTVIT_GEMM_IMPL``, else
-    "auto".
-
-    * ``"auto"``: per GEMM, never timed: the path in the active tuning record (:mod:`fastvit_kernels.tuning`),
-      else the choice recorded in :data:`fastvit_kernels.kernels.gemm_impl.MEASURED_CHOICES` for that GPU, dtype,
-      shape and fusion, else the fused Triton GEMM.
-    * ``"measure"``: on a GPU, time both paths the first time each (shape, fusion) is seen and keep the faster
-      for the rest of the process (like autotuning; on the CPU interpreter and during CUDA graph capture: "auto").
-    * ``"triton"`` / ``"cublas"``: force one path wherever it can run (split-index and converting GEMMs, i.e.
-      the patch embedding, always use the Triton core).
-
-    Raises:
-        ValueError: ``FASTVIT_GEMM_IMPL`` holds another name.
-    """
-    return _setting("FASTVIT_GEMM_IMPL", GEMM_IMPLS)
-
-
-def use_gemm_impl(impl: str):
-    """Context manager forcing :func:`gemm_impl` to ``impl`` (one of ``GEMM_IMPLS``) for the GEMMs launched inside
-    it (process-wide, not per thread).
-
-    Raises:
-        ValueError: ``impl`` is not one of ``GEMM_IMPLS``.
-    """
-    return _override("FASTVIT_GEMM_IMPL", "impl", impl, GEMM_IMPLS)
-
-
-def gemm_kernel() -> str:
-    """Which Triton GEMM kernel a plain GEMM on the Triton path uses: the :func:`use_gemm_kernel` setting, else
-    ``FASTVIT_GEMM_KERNEL``, else "auto".
-
-    * ``"auto"``: the TMA-descriptor persistent kernel (:mod:`fastvit_kernels.kernels.matmul_tma`) on CUDA devices
-      of compute capability 9.0 and newer (Hopper) when the installed Triton has host tensor descriptors and the
-      operands are TMA-describable; the pointer kernel (``matmul._matmul_kernel``, the Ampere path) otherwise.
-    * ``"tma"``: the TMA kernel wherever the operands allow it, on any device (the interpreter tests use this).
-    * ``"pointer"``: always the pointer kernel.
-
-    Split-index and converting GEMMs (the patch embedding) always use the pointer kernel.
-
-    Raises:
-        ValueError: ``FASTVIT_GEMM_KERNEL`` holds another name.
-    """
-    return _setting("FASTVIT_GEMM_KERNEL", GEMM_KERNELS)
-
-
-def use_gemm_kernel(kernel: str):
-    """Context manager forcing :func:`gemm_kernel` to ``kernel`` (one of ``GEMM_KERNELS``) inside it (process-wide).
-
-    Raises:
-        ValueError: ``kernel`` is not one of ``GEMM_KERNELS``.
-    """
-    return _override("FASTVIT_GEMM_KERNEL", "kernel", kernel, GEMM_KERNELS)
-
-
-def gemm_pairs() -> str:
-    """Whether two independent backward GEMMs that read the same gradient run as one launch
-    (:func:`fastvit_kernels.kernels.matmul.gemm_pair`): the :func:`use_gemm_pairs` setting, else
-    ``FASTVIT_GEMM_PAIRS``, else "auto" (pair wherever gemm_pair's conditions hold); "off": one launch per GEMM
-    (the comparison a GPU benchmark needs: nothing has been timed yet).
-
-    Raises:
-        ValueError: ``FASTVIT_GEMM_PAIRS`` holds another name.
-    """
-    return _setting("FASTVIT_GEMM_PAIRS", GEMM_PAIRS)
-
-
-def use_gemm_pairs(pairs: str):
-    """Context manager forcing :func:`gemm_pairs` to ``pairs`` (one of ``GEMM_PAIRS``) inside it (process-wide).
-
-    Raises:
-        ValueError: ``pairs`` is not one of ``GEMM_PAIRS``.
-    """
-    return _override("FASTVIT_GEMM_PAIRS", "pairs", pairs, GEMM_PAIRS)
+# The GEMM settings live in _env (the kernels read them; nothing below this module imports it); re-exported here as
+# the public switches.
+from ._env import (GEMM_IMPLS, GEMM_KERNELS, GEMM_PAIRS, gemm_impl, gemm_kernel, gemm_pairs,  # noqa: E402,F401
+                   use_gemm_impl, use_gemm_kernel, use_gemm_pairs)

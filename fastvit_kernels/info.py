@@ -152,10 +152,10 @@ def _autotune() -> dict:
     """Autotuning of the GEMM core and the attention kernels under the current settings."""
     if backend.interpreter_enabled():
         return dict(gemm="off (interpreter: one fixed tile)", attention="off (interpreter: one fixed tile)")
-    from .kernels import matmul
+    from .kernels import gemm_configs
 
-    gemm = ("on (GPU): each shape times the candidates of matmul.gemm_configs on its first launch"
-            if matmul._autotune_enabled() else "off (FASTVIT_AUTOTUNE=0: the first candidate)")
+    gemm = ("on (GPU): each shape times the candidates of kernels.gemm_configs on its first launch"
+            if gemm_configs.autotune_enabled() else "off (FASTVIT_AUTOTUNE=0: the first candidate)")
     return dict(gemm=gemm, attention="on (GPU): each (head_dim, dtype, N bucket) on its first launch")
 
 

@@ -65,7 +65,7 @@ def _autotuners() -> dict:
         mod = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for name, obj in vars(mod).items():
             kernel = getattr(getattr(obj, "early_config_prune", None), "kernel", None)
-            if name.endswith("_kernel") and isinstance(kernel, str) and isinstance(getattr(obj, "cache", None), dict):
+            if isinstance(kernel, str) and isinstance(getattr(obj, "cache", None), dict):
                 out[kernel] = obj
     return out
 

@@ -45,9 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backend
+from .._env import gemm_impl as gemm_impl_setting
+from .._env import interpreter_enabled
 from . import tuning_record
-from ._common import bias_gelu_epilogue, gelu, interpreting
+from ._common import gelu
+from ._launch import launch
+from .fusion import PROLOGUE_GELU, PROLOGUE_LN, Fusion, Gemm, epilogue
 from .reduce import column_sum
 
 log = logging.getLogger("fastvit_kernels")
@@ -82,15 +85,6 @@ def reset_decisions() -> None:
     _memo.clear()
 
 
-def fusion_name(*, a_ln: bool, b_ln: bool, a_gelu: bool, b_gelu: bool, bias: bool, dgelu: bool, gelu_store: bool,
-                gelu_only: bool, residual: bool, gelu_tanh: bool, a_rowsum: bool) -> str:
-    """A launch's fusion flags as a stable string key part, e.g. "a_ln+bias+gelu_store" ("plain" for none)."""
-    parts = [n for n, on in (("a_ln", a_ln), ("b_ln", b_ln), ("a_gelu", a_gelu), ("b_gelu", b_gelu),
-                             ("bias", bias), ("dgelu", dgelu), ("gelu_store", gelu_store), ("gelu", gelu_only),
-                             ("residual", residual), ("tanh", gelu_tanh), ("a_rowsum", a_rowsum)) if on]
-    return "+".join(parts) or "plain"
-
-
 def gemm_key(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, fusion: str) -> tuple:
     """(arch, dtype, M bucket, N, K, fusion): arch "sm_90" etc. for CUDA devices, "cpu" otherwise; M rounded up to
     a power of two (one decision per bucket, as the autotune key)."""
@@ -105,7 +99,7 @@ def gemm_key(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, f
 def _can_measure(device: torch.device) -> bool:
     """Timings mean something on a GPU only (the interpreter's are Python's), and cannot be taken while a CUDA graph
     is being captured."""
-    return device.type == "cuda" and not interpreting() and not torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and not interpreter_enabled() and not torch.cuda.is_current_stream_capturing()
 
 
 def _time_ms(fn) -> float:
@@ -122,7 +116,7 @@ def choose(key: tuple, device: torch.device, run_triton, run_cublas) -> str:
     Raises:
         ValueError: a bad ``FASTVIT_GEMM_IMPL``.
     """
-    setting = backend.gemm_impl()
+    setting = gemm_impl_setting()
     if setting in ("triton", "cublas"):
         return setting
     known = _decisions.get(key)
@@ -145,22 +139,22 @@ def choose(key: tuple, device: torch.device, run_triton, run_cublas) -> str:
     return decision.impl
 
 
-def choose_for_launch(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, flags: dict, run_triton,
+def choose_for_launch(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, fusion: Fusion, run_triton,
                       run_cublas) -> str:
-    """:func:`choose` for one launch described by its shape and ``flags`` (the keyword arguments of
-    :func:`fusion_name`), memoised: the key is built and the rule consulted on the first sighting of a
-    (setting, device, dtype, M, N, K, flags) only, so the per-launch cost on the hot path is one dict lookup.
+    """:func:`choose` for one launch described by its shape and ``fusion`` (:class:`fusion.Fusion`), memoised: the
+    key is built and the rule consulted on the first sighting of a (setting, device, dtype, M, N, K, fusion) only,
+    so the per-launch cost on the hot path is one dict lookup.
 
     Raises:
         ValueError: a bad ``FASTVIT_GEMM_IMPL``.
     """
-    setting = backend.gemm_impl()
+    setting = gemm_impl_setting()
     if setting in ("triton", "cublas"):
         return setting
-    raw = (setting, device, dtype, M, N, K, tuple(flags.items()))
+    raw = (setting, device, dtype, M, N, K, fusion)
     impl = _memo.get(raw)
     if impl is None:
-        key = gemm_key(device, dtype, M, N, K, fusion_name(**flags))
+        key = gemm_key(device, dtype, M, N, K, fusion.name)
         impl = _memo[raw] = choose(key, device, run_triton, run_cublas)
     return impl
 
@@ -231,8 +225,8 @@ def _gemm_epilogue_kernel(
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     m64 = offs_m.to(tl.int64)[:, None]
     acc = tl.load(p_ptr + m64 * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
-                             STORE_PREACT, GELU_TANH)
+    acc = epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU, STORE_PREACT,
+                   GELU_TANH)
     n64 = offs_n.to(tl.int64)[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + m64 * stride_r_m + n64 * stride_r_n, mask=mask, other=0.0).to(tl.float32)
@@ -245,64 +239,56 @@ def _view(op, R: int, C: int) -> torch.Tensor:
     return torch.as_strided(t, (R, C), (op.rows, op.cols), t.storage_offset())
 
 
-def _prologue(x: torch.Tensor, ln, gelu_on: bool, gelu_tanh: bool, dtype: torch.dtype) -> torch.Tensor:
+def _prologue(x: torch.Tensor, kind: int, ln, gelu_tanh: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The operand ``x`` (R, C) with its prologue (``kind``: fusion.PROLOGUE_LN / _GELU) applied, contiguous."""
     R, C = x.shape
     out = torch.empty((R, C), device=x.device, dtype=dtype)
     if R == 0 or C == 0:
         return out
     dummy = out
-    _operand_prologue_kernel[tile_grid(R, C, 32, 64)](
-        x, out, ln.mean if ln else dummy, ln.rstd if ln else dummy, ln.weight if ln else dummy,
-        ln.bias if ln else dummy, R, C, x.stride(0), x.stride(1),
-        LN=ln is not None, GELU=gelu_on, GELU_TANH=gelu_tanh, BLOCK_R=32, BLOCK_C=64,
-    )
+    launch(_operand_prologue_kernel, tile_grid(R, C, 32, 64), x, out, ln.mean if ln else dummy,
+           ln.rstd if ln else dummy, ln.weight if ln else dummy, ln.bias if ln else dummy, R, C, x.stride(0),
+           x.stride(1), LN=kind == PROLOGUE_LN, GELU=kind == PROLOGUE_GELU, GELU_TANH=gelu_tanh, BLOCK_R=32,
+           BLOCK_C=64)
     return out
 
 
-def cublas_gemm(a, b, c, M: int, N: int, K: int, *, a_ln=None, b_ln=None, a_gelu=False, b_gelu=False, bias=None,
-                dgelu_preact=None, gelu_on=False, store_preact=None, residual=None, gelu_tanh=False,
-                a_rowsum=None) -> torch.Tensor:
-    """The cuBLAS path of one GEMM-core launch: ``C = epilogue(prologue(A) @ prologue(B))`` (see the module
-    docstring), the same computation as :func:`fastvit_kernels.kernels.matmul.gemm` with the same arguments.
-
-    Args:
-        a, b, c: unsplit ``Operand``s viewed as logical (M, K), (K, N), (M, N), one dtype (fp32 | fp16 | bf16);
-            c is written.
-        a_ln / b_ln: ``LayerNormPrologue`` (fp32 (rows,) mean / rstd, (cols,) gamma / beta) applied to A's rows
-            or B's rows (k) before the product; a_gelu / b_gelu: GELU of that operand.
-        bias: (N,); dgelu_preact: (M, N) contiguous, the product is multiplied by GELU'(it); gelu_on: GELU of the
-            result, storing the pre-activation to store_preact (M, N) contiguous when given; residual: logical
-            (M, N) Operand added last; gelu_tanh: the tanh form for every GELU; a_rowsum: (M,) contiguous output,
-            ``sum_k prologue(A)[m, k]`` in fp32 accumulation.
+def cublas_gemm(g: Gemm) -> torch.Tensor:
+    """The cuBLAS path of one GEMM-core launch: ``C = epilogue(prologue(A) @ prologue(B))`` as the plain
+    :class:`fusion.Gemm` ``g`` describes it (see the module docstring), the same computation as
+    :func:`fastvit_kernels.kernels.matmul.gemm` of ``g``: a LayerNorm / GELU prologue by one elementwise kernel
+    per operand, ``torch.mm``, the epilogue steps by one elementwise kernel, A's row sums by one column sum.
 
     Returns:
-        ``c.tensor``. The product is rounded to the operand dtype before the epilogue (as eager ``F.linear``).
+        ``g.c.tensor``. The product is rounded to the operand dtype before the epilogue (as eager ``F.linear``).
+
+    Raises:
+        ValueError: ``g`` is not plain (a split index, conversion or image bounds: no cuBLAS form).
     """
-    dtype = a.tensor.dtype
-    A = _view(a, M, K)
-    B = _view(b, K, N)
-    if a_ln is not None or a_gelu:
-        A = _prologue(A, a_ln, a_gelu, gelu_tanh, dtype)
-    if b_ln is not None or b_gelu:
-        B = _prologue(B, b_ln, b_gelu, gelu_tanh, dtype)
-    if a_rowsum is not None:  # sum over k of prologue(A): the columns of A^T (K, M)
-        a_rowsum.copy_(column_sum(A.t(), torch.float32))
-    C = _view(c, M, N)
-    if bias is None and dgelu_preact is None and not gelu_on and residual is None:
+    f, ep, M, N, K = g.fusion, g.epilogue, g.M, g.N, g.K
+    if not f.plain:
+        raise ValueError(f"g: cublas_gemm takes plain GEMMs only; got fusion {f}")
+    dtype = g.a.tensor.dtype
+    A = _view(g.a, M, K)
+    B = _view(g.b, K, N)
+    if f.a_prologue:
+        A = _prologue(A, f.a_prologue, g.a_prologue if f.a_prologue == PROLOGUE_LN else None, f.gelu_tanh, dtype)
+    if f.b_prologue:
+        B = _prologue(B, f.b_prologue, g.b_prologue if f.b_prologue == PROLOGUE_LN else None, f.gelu_tanh, dtype)
+    if ep.a_rowsum is not None:  # sum over k of prologue(A): the columns of A^T (K, M)
+        ep.a_rowsum.copy_(column_sum(A.t(), torch.float32))
+    C = _view(g.c, M, N)
+    if not (f.bias or f.gelu_grad or f.gelu or f.residual):
         if C.is_contiguous():
             torch.mm(A, B, out=C)
         else:
             C.copy_(torch.mm(A, B))
-        return c.tensor
+        return g.c.tensor
     P = torch.mm(A, B).contiguous()
-    aux = dgelu_preact if dgelu_preact is not None else store_preact
-    R = _view(residual, M, N) if residual is not None else None
-    dummy = P
-    _gemm_epilogue_kernel[tile_grid(M, N, 32, 64)](
-        P, C, bias if bias is not None else dummy, aux if aux is not None else dummy, R if R is not None else dummy,
-        M, N, C.stride(0), C.stride(1), R.stride(0) if R is not None else 0, R.stride(1) if R is not None else 0,
-        HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu_on,
-        STORE_PREACT=store_preact is not None, HAS_RESIDUAL=residual is not None, GELU_TANH=gelu_tanh,
-        BLOCK_M=32, BLOCK_N=64,
-    )
-    return c.tensor
+    R = _view(ep.residual, M, N) if ep.residual is not None else None
+    bias, _, aux, *_ = g.pointers()
+    launch(_gemm_epilogue_kernel, tile_grid(M, N, 32, 64), P, C, bias, aux, R if R is not None else P, M, N,
+           C.stride(0), C.stride(1), R.stride(0) if R is not None else 0, R.stride(1) if R is not None else 0,
+           HAS_BIAS=f.bias, DGELU=f.gelu_grad, ACT_GELU=f.gelu, STORE_PREACT=f.store_preact, HAS_RESIDUAL=f.residual,
+           GELU_TANH=f.gelu_tanh, BLOCK_M=32, BLOCK_N=64)
+    return g.c.tensor

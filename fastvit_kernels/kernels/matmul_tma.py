@@ -3,8 +3,9 @@
 Same contract as :func:`fastvit_kernels.kernels.matmul.gemm` for a *plain* GEMM (no split index, no conversion,
 no image bounds: every block GEMM of the ViT and its backward): ``C = epilogue(prologue(A) @ prologue(B))`` with
 the LayerNorm / GELU prologues on A or B, and bias, GELU' (backward), GELU with the pre-activation stored,
-residual add and A row sums (bias gradients) in the epilogue — the flags, their meaning and their numerics are
-those of ``_matmul_kernel`` (the helpers below are shared with it).
+residual add and A row sums (bias gradients) in the epilogue, as one :class:`fusion.Gemm` describes them — the
+flags, their meaning and their numerics are those of ``matmul._matmul_kernel`` (both call the steps of
+:mod:`.fusion`).
 
 What differs is how tiles move:
 
@@ -28,8 +29,8 @@ partials ``_split_k_reduce_kernel`` sums in a fixed order, so the programs' load
 When it runs (:func:`fastvit_kernels.backend.gemm_kernel`): ``"auto"`` on a CUDA device of compute capability 9.0+
 with a Triton that has host tensor descriptors, for launches whose operands TMA can describe
 (:func:`tma_compatible`); ``"tma"`` forces it wherever the operands allow (the interpreter tests, the AOT check);
-``"pointer"`` never. No GPU timing of this kernel exists yet (2026-11: no GPU available to this work); the AOT
-check builds it for sm_90 and asserts HGMMA and no spills.
+``"pointer"`` never. Whether it beats the pointer kernel is a GPU measurement (README lists the measurements
+made); the AOT check builds it for sm_90 and asserts HGMMA and no spills.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._env import interpreter_enabled
+from . import gemm_configs as cfgs
 from . import tuning_record
-from ._common import bias_gelu_epilogue, gelu, interpreting, ln_cols, ln_rows
+from ._launch import launch as _launch
+from .fusion import Gemm, accumulate, apply_prologues, epilogue, prologue_setup, store_rowsum, tile_coords
 
 try:  # host-side descriptors: Triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -51,18 +55,6 @@ except ImportError:  # pragma: no cover - older Triton: the pointer kernel runs 
 
 MIN_ARCH = 90  # TMA and warpgroup MMA: Hopper and newer (the AOT check builds this module's kernel for sm_90 only)
 INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: fewer than the tiles, so each walks several
-
-
-@triton.jit
-def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of linear tile index ``tile`` in the grouped order: GROUP_M row tiles share B column tiles."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-    pid_n = (tile % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -84,51 +76,31 @@ def _set_pair_block_shapes(nargs: dict) -> None:
 
 
 def tma_configs(dtype: torch.dtype, pair: bool = False) -> list[triton.Config]:
-    """Candidates of the TMA kernel (``pair``: of the pair kernel), default first (the 16-bit tiles of
-    :func:`matmul.gemm_configs`, with deeper pipelines: TMA copies need no registers in flight); each carries the
-    block-shape ``pre_hook``."""
-    from ._common import TRITON_3_6, triton_version
-    from .matmul import gemm_configs
-
-    out = []
-    for c in gemm_configs(dtype):
-        if pair and c.kwargs["BLOCK_K"] >= 64 and triton_version() < TRITON_3_6:
-            continue  # the qkv pair (LayerNorm prologue + row sums) spilled 424 B on sm_90 (AOT check, Triton 3.4)
-        stages = c.num_stages if dtype == torch.float32 else max(c.num_stages, 3)
-        out.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages,
-                                 pre_hook=_set_pair_block_shapes if pair else _set_block_shapes))
-    return out
+    """Candidates of the TMA kernel (``pair``: of the pair kernel), default first
+    (:func:`gemm_configs.tma_configs`), each carrying this module's block-shape ``pre_hook``."""
+    return cfgs.tma_configs(dtype, pair, _set_pair_block_shapes if pair else _set_block_shapes)
 
 
-def _config_id(c: triton.Config) -> tuple:
-    from .matmul import _config_id as config_id
-
-    return config_id(c)
-
-
-_ALL_TMA_CONFIGS = list({_config_id(c): c for dt in (torch.float32, torch.float16) for c in tma_configs(dt)}.values())
+_ALL_TMA_CONFIGS = cfgs.union(tma_configs(dt) for dt in (torch.float32, torch.float16))
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune``: the candidates of this launch's operand dtype, in :func:`tma_configs` order."""
-    dtype = named_args["a_desc"].base.dtype
-    ids = {_config_id(c) for c in tma_configs(dtype)}
-    return [c for c in configs if _config_id(c) in ids]
+    return cfgs.pick(configs, tma_configs(named_args["a_desc"].base.dtype))
 
 
 _TMA_KEY = ["M_BUCKET", "N", "K", "A_T", "B_T", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "ACT_GELU",
             "STORE_PREACT", "HAS_RESIDUAL", "GELU_TANH", "A_ROWSUM", "DOT_PRECISION"]
-_ALL_TMA_PAIR_CONFIGS = list({_config_id(c): c for dt in (torch.float32, torch.float16)
-                              for c in tma_configs(dt, pair=True)}.values())
-_TMA_PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", "A_T", "B_T", "A_PROLOGUE", "B_PROLOGUE",
-                                                       "HAS_BIAS", "DGELU", "A_ROWSUM")]
+_ALL_TMA_PAIR_CONFIGS = cfgs.union(tma_configs(dt, pair=True) for dt in (torch.float32, torch.float16))
+# the pair kernel's per-problem fusion flags (pairs carry the backward fusions only: fusion.pair_plan)
+_TMA_PAIR_FLAGS = ("A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "A_ROWSUM")
+_TMA_PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", "A_T", "B_T", *_TMA_PAIR_FLAGS)]
 _TMA_PAIR_KEY += ["SPLIT0", "GELU_TANH", "DOT_PRECISION"]
 
 
 def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of the pair kernel: the candidates of the operand dtype."""
-    ids = {_config_id(c) for c in tma_configs(named_args["a0_desc"].base.dtype)}
-    return [c for c in configs if _config_id(c) in ids]
+    return cfgs.pick(configs, tma_configs(named_args["a0_desc"].base.dtype, pair=True))
 
 
 @triton.jit
@@ -150,19 +122,15 @@ def _tma_tile(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+    pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if A_PROLOGUE == 1:
-        a_mean = tl.load(mean_ptr + offs_m, mask=mask_m, other=0.0)
-        a_rstd = tl.load(rstd_ptr + offs_m, mask=mask_m, other=0.0)
-    if B_PROLOGUE == 1:
-        b_gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        b_beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    p0, p1, p2, p3 = prologue_setup(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, 1,
+                                    A_PROLOGUE, B_PROLOGUE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PARTIAL:
@@ -181,21 +149,12 @@ def _tma_tile(
             b = b_desc.load([off_n, off_k]).T
         else:
             b = b_desc.load([off_k, off_n])
-        if A_PROLOGUE != 0 or B_PROLOGUE == 1:
-            offs_k = off_k + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-        if A_PROLOGUE == 1:
-            a = ln_rows(a, a_mean, a_rstd, gamma_ptr, beta_ptr, offs_k, mask_k, b.dtype)
-        elif A_PROLOGUE == 2:
-            a = gelu(a.to(tl.float32), GELU_TANH).to(b.dtype)  # TMA zero fill: GELU(0) = 0
-        if B_PROLOGUE == 1:
-            b = ln_cols(b, mean_ptr, rstd_ptr, b_gamma, b_beta, offs_k, mask_k, a.dtype)
-        elif B_PROLOGUE == 2:
-            b = gelu(b.to(tl.float32), GELU_TANH).to(a.dtype)
-        if A_ROWSUM:
-            if pid_n == 0:  # one program per row tile sums its A rows over the whole K loop: no partials
-                a_sum += tl.sum(a.to(tl.float32), axis=1)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        offs_k = off_k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        # the TMA copy zero-fills outside the operands, which the prologues keep at 0; no tile masks (no affine)
+        a, b = apply_prologues(a, b, mask_k, mask_k, offs_k, mask_k, 1, p0, p1, p2, p3, mean_ptr, rstd_ptr,
+                               gamma_ptr, beta_ptr, A_PROLOGUE, B_PROLOGUE, GELU_TANH)
+        acc, a_sum = accumulate(acc, a_sum, a, b, pid_n, A_ROWSUM, DOT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if PARTIAL:
@@ -207,11 +166,9 @@ def _tma_tile(
         tl.store(ws_ptr + ws_offs, acc, mask=mask)
     else:
         # ---- epilogue (the flags of _matmul_kernel) ----
-        if A_ROWSUM:
-            if pid_n == 0:
-                tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
-        acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
-                                 STORE_PREACT, GELU_TANH)
+        store_rowsum(rowsum_ptr, a_sum, offs_m, mask_m, pid_n, A_ROWSUM)
+        acc = epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
+                       STORE_PREACT, GELU_TANH)
         if HAS_RESIDUAL:
             r_offs = offs_m.to(tl.int64)[:, None] * stride_r_m + offs_n[None, :] * stride_r_n
             acc += tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
@@ -229,7 +186,7 @@ def _matmul_tma_kernel(
     M_BUCKET,  # next power of two >= M: autotune key only
     stride_r_m, stride_r_n,  # residual strides (elements)
     A_T: tl.constexpr, B_T: tl.constexpr,  # the operand is stored transposed (its descriptor is in storage order)
-    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr,  # 0 none, 1 LayerNorm, 2 GELU (matmul.PROLOGUE_*)
+    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr,  # fusion.PROLOGUE_NONE / _LN / _GELU
     HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr, A_ROWSUM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -317,8 +274,7 @@ def _split_k_reduce_kernel(
             for s in range(0, S):
                 rs += tl.load(ws_rowsum_ptr + (s * M + offs_m), mask=mask_m, other=0.0)
             tl.store(rowsum_ptr + offs_m, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
-    acc = bias_gelu_epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, False, False,
-                             GELU_TANH)
+    acc = epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, False, False, GELU_TANH)
     c_offs = offs_m.to(tl.int64)[:, None] * stride_c_m + offs_n[None, :].to(tl.int64) * stride_c_n
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -466,7 +422,7 @@ def _num_sms(device: torch.device) -> int:
     """Persistent programs of a launch: the device's SMs; ``INTERPRETER_PROGRAMS`` under the interpreter;
     ``REFERENCE_SMS`` for a launch traced on the CPU without it (the AOT check: the schedule, and so which kernel
     variants are built, is that of a Hopper GPU)."""
-    if interpreting():
+    if interpreter_enabled():
         return INTERPRETER_PROGRAMS
     if device.type != "cuda":
         return REFERENCE_SMS
@@ -486,43 +442,30 @@ def _descriptors(a, b, c, M: int, N: int, K: int) -> tuple:
     return a_desc, b_desc, c_desc, a_t, b_t
 
 
-def _pointers(c, bias, aux, a_rowsum, ln) -> tuple:
-    """bias, aux, rowsum, mean, rstd, gamma, beta pointers (C's storage as the dummy for the unused ones)."""
-    dummy = c.tensor
-    return (bias if bias is not None else dummy, aux if aux is not None else dummy,
-            a_rowsum if a_rowsum is not None else dummy,
-            *((ln.mean, ln.rstd, ln.weight, ln.bias) if ln is not None else (dummy,) * 4))
-
-
-def launch(a, b, c, M: int, N: int, K: int, *, bias, residual, aux, a_rowsum, ln, a_prologue: int, b_prologue: int,
-           flags: dict, dot_precision: str, autotune: bool, config: dict) -> None:
-    """Launch the TMA kernel for operands that :func:`tma_compatible` accepted. ``flags``: the epilogue constexprs
-    (HAS_BIAS, DGELU, ACT_GELU, STORE_PREACT, HAS_RESIDUAL, GELU_TANH, A_ROWSUM); ``autotune``: let
-    ``triton.autotune`` pick the tiles, else use ``config`` (launch keywords of :func:`matmul.gemm_config`)."""
-    a_desc, b_desc, c_desc, a_t, b_t = _descriptors(a, b, c, M, N, K)
-    n_sms = _num_sms(c.tensor.device)
+def launch(g: Gemm, *, dot_precision: str, autotune: bool, config: dict) -> None:
+    """Launch the TMA kernel for the GEMM ``g`` (plain, operands :func:`tma_compatible` accepted). ``autotune``: let
+    ``triton.autotune`` pick the tiles, else use ``config`` (launch keywords, :func:`gemm_configs.fixed_config`)."""
+    a_desc, b_desc, c_desc, a_t, b_t = _descriptors(g.a, g.b, g.c, g.M, g.N, g.K)
+    n_sms = _num_sms(g.c.tensor.device)
+    M, N, r = g.M, g.N, g.epilogue.residual
 
     def grid(meta):
         return (min(n_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    ptrs = _pointers(c, bias, aux, a_rowsum, ln)
-    args = (a_desc, b_desc, c_desc, ptrs[0], residual.tensor if residual is not None else c.tensor, *ptrs[1:],
-            M, N, K, triton.next_power_of_2(M),
-            residual.rows if residual is not None else 0, residual.cols if residual is not None else 0)
-    kw = dict(A_T=a_t, B_T=b_t, A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, DOT_PRECISION=dot_precision, **flags)
+    args = (a_desc, b_desc, c_desc, *g.pointers(), M, N, g.K, triton.next_power_of_2(M), r.rows if r else 0,
+            r.cols if r else 0)
+    kw = dict(A_T=a_t, B_T=b_t, DOT_PRECISION=dot_precision, **g.fusion.constexprs())
     if autotune:
-        _matmul_tma_kernel[grid](*args, **kw)
+        _launch(_matmul_tma_kernel, grid, *args, **kw)
     else:
-        kernel = getattr(_matmul_tma_kernel, "fn", _matmul_tma_kernel)  # the plain kernel, fixed configuration
         cfg = dict(config)
         _set_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, **cfg})
-        kernel[grid](*args, **kw, **cfg)
+        _launch(_matmul_tma_kernel.fn, grid, *args, **kw, **cfg)
 
 
-def launch_pair(first: dict, second: dict, *, dot_precision: str, autotune: bool, config: dict) -> None:
-    """Launch the pair kernel: two independent problems, each given as the keywords of :func:`launch` (``a, b, c,
-    M, N, K, bias, residual (None), aux, a_rowsum, ln, a_prologue, b_prologue, flags``), in one persistent launch.
-    Both must be TMA-compatible, without residual / GELU epilogue, with the same GELU form.
+def launch_pair(g0: Gemm, g1: Gemm, *, dot_precision: str, autotune: bool, config: dict) -> None:
+    """Launch the pair kernel: two independent GEMMs (both TMA-compatible, without residual / GELU epilogue, with
+    the same GELU form: :func:`fusion.pair_plan`) in one persistent launch.
 
     :func:`pair_schedule` (for this device's SM count and the launch's tiles: ``config``'s, or under autotuning
     the first candidate's) orders the problems longest units first and may split that problem into k-slices;
@@ -531,59 +474,46 @@ def launch_pair(first: dict, second: dict, *, dot_precision: str, autotune: bool
     allocates it from the graph's pool) and a second launch (``_split_k_reduce_kernel``) sums them in slice order
     and applies that problem's epilogue and row sums. The results are deterministic (bit-identical reruns) but,
     split, not bit-identical to one-by-one launches: the k sum is grouped by slice."""
-    dtype = first["a"].tensor.dtype
-    if autotune:
-        tiles_cfg = tma_configs(dtype, pair=True)[0].kwargs
-    else:
-        tiles_cfg = config
-    n_sms = _num_sms(first["c"].tensor.device)
-    sched = pair_schedule(((first["M"], first["N"], first["K"]), (second["M"], second["N"], second["K"])), n_sms,
-                          tiles_cfg["BLOCK_M"], tiles_cfg["BLOCK_N"], tiles_cfg["BLOCK_K"])
-    problems = (first, second) if sched.first == 0 else (second, first)
-    split = sched.split
-    args, kw, tiles = [], {}, []
-    descs = {}
-    for i, p in enumerate(problems):
-        assert p["residual"] is None and not p["flags"]["ACT_GELU"] and not p["flags"]["STORE_PREACT"]
-        a_desc, b_desc, c_desc, a_t, b_t = _descriptors(p["a"], p["b"], p["c"], p["M"], p["N"], p["K"])
+    tiles_cfg = tma_configs(g0.compute_dtype, pair=True)[0].kwargs if autotune else config
+    n_sms = _num_sms(g0.c.tensor.device)
+    sched = pair_schedule(((g0.M, g0.N, g0.K), (g1.M, g1.N, g1.K)), n_sms, tiles_cfg["BLOCK_M"],
+                          tiles_cfg["BLOCK_N"], tiles_cfg["BLOCK_K"])
+    problems = (g0, g1) if sched.first == 0 else (g1, g0)
+    split, long = sched.split, problems[0]
+    args, kw, descs = [], {}, {}
+    for i, g in enumerate(problems):
+        a_desc, b_desc, c_desc, a_t, b_t = _descriptors(g.a, g.b, g.c, g.M, g.N, g.K)
         descs.update({f"a{i}_desc": a_desc, f"b{i}_desc": b_desc, f"c{i}_desc": c_desc})
-        args += [a_desc, b_desc, c_desc, *_pointers(p["c"], p["bias"], p["aux"], p["a_rowsum"], p["ln"]),
-                 p["M"], p["N"], p["K"], triton.next_power_of_2(p["M"])]
-        f = p["flags"]
-        kw.update({f"A_T{i}": a_t, f"B_T{i}": b_t, f"A_PROLOGUE{i}": p["a_prologue"],
-                   f"B_PROLOGUE{i}": p["b_prologue"], f"HAS_BIAS{i}": f["HAS_BIAS"], f"DGELU{i}": f["DGELU"],
-                   f"A_ROWSUM{i}": f["A_ROWSUM"]})
-        tiles.append((p["M"], p["N"]))
-    assert first["flags"]["GELU_TANH"] == second["flags"]["GELU_TANH"]
-    long = problems[0]
+        bias, _, aux, rowsum, *ln = g.pointers()
+        args += [a_desc, b_desc, c_desc, bias, aux, rowsum, *ln, g.M, g.N, g.K, triton.next_power_of_2(g.M)]
+        f = g.fusion.constexprs()
+        kw.update({f"A_T{i}": a_t, f"B_T{i}": b_t, **{f"{k}{i}": f[k] for k in _TMA_PAIR_FLAGS}})
     if split > 1:
-        dev = long["c"].tensor.device
-        ws = torch.empty((split, long["M"], long["N"]), device=dev, dtype=torch.float32)
-        ws_rowsum = torch.empty((split, long["M"]), device=dev, dtype=torch.float32) if long["a_rowsum"] is not None \
-            else ws
+        dev = long.c.tensor.device
+        ws = torch.empty((split, long.M, long.N), device=dev, dtype=torch.float32)
+        ws_rowsum = torch.empty((split, long.M), device=dev, dtype=torch.float32) \
+            if long.epilogue.a_rowsum is not None else ws
     else:
-        ws = ws_rowsum = long["c"].tensor  # unused (PARTIAL0 off)
+        ws = ws_rowsum = long.c.tensor  # unused (PARTIAL0 off)
     args += [split, ws, ws_rowsum]
-    kw.update(PARTIAL0=split > 1, GELU_TANH=first["flags"]["GELU_TANH"], DOT_PRECISION=dot_precision)
+    kw.update(PARTIAL0=split > 1, GELU_TANH=g0.fusion.gelu_tanh, DOT_PRECISION=dot_precision)
+    (m0, n0), (m1, n1) = [(g.M, g.N) for g in problems]
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        (m0, n0), (m1, n1) = tiles
         units = triton.cdiv(m0, bm) * triton.cdiv(n0, bn) * split + triton.cdiv(m1, bm) * triton.cdiv(n1, bn)
         return (min(n_sms, units),)
 
     if autotune:
-        _matmul_tma_pair_kernel[grid](*args, **kw)
+        _launch(_matmul_tma_pair_kernel, grid, *args, **kw)
     else:
-        kernel = getattr(_matmul_tma_pair_kernel, "fn", _matmul_tma_pair_kernel)
         cfg = dict(config)
         _set_pair_block_shapes({**descs, **cfg})
-        kernel[grid](*args, **kw, **cfg)
+        _launch(_matmul_tma_pair_kernel.fn, grid, *args, **kw, **cfg)
     if split > 1:
-        c, f = long["c"], long["flags"]
-        ptrs = _pointers(c, long["bias"], long["aux"], long["a_rowsum"], None)
-        rgrid = (triton.cdiv(long["M"], REDUCE_BLOCK_M), triton.cdiv(long["N"], REDUCE_BLOCK_N))
-        _split_k_reduce_kernel[rgrid](ws, ws_rowsum, c.tensor, *ptrs[:3], long["M"], long["N"], split, c.rows,
-                                      c.cols, HAS_BIAS=f["HAS_BIAS"], DGELU=f["DGELU"], A_ROWSUM=f["A_ROWSUM"],
-                                      GELU_TANH=f["GELU_TANH"], BLOCK_M=REDUCE_BLOCK_M, BLOCK_N=REDUCE_BLOCK_N,
-                                      num_warps=REDUCE_WARPS)
+        c, f = long.c, long.fusion
+        bias, _, aux, rowsum, *_ = long.pointers()
+        _launch(_split_k_reduce_kernel, (triton.cdiv(long.M, REDUCE_BLOCK_M), triton.cdiv(long.N, REDUCE_BLOCK_N)),
+                ws, ws_rowsum, c.tensor, bias, aux, rowsum, long.M, long.N, split, c.rows, c.cols, HAS_BIAS=f.bias,
+                DGELU=f.gelu_grad, A_ROWSUM=f.a_rowsum, GELU_TANH=f.gelu_tanh, BLOCK_M=REDUCE_BLOCK_M,
+                BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_WARPS)

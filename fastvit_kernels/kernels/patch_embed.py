@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul import ChannelAffine, ImageBounds, Operand, gemm
+from .fusion import Cast, ChannelAffine, Epilogue, Gemm, ImageBounds, IndexMap, Operand
+from .matmul import gemm
 from .reduce import column_sum, column_sum_tail
 
 
@@ -80,11 +81,11 @@ def grid_size(H: int, W: int, P: int) -> tuple[int, int]:
     return -(-H // P), -(-W // P)
 
 
-def _load_flags(images, weight, norm, operand: str) -> dict:
-    """gemm() keywords that convert the image operand ("a" or "b") on load: channel affine or plain cast."""
+def _load_prologue(images, weight, norm) -> ChannelAffine | Cast | None:
+    """The image operand's prologue: the channel affine (then a cast), a plain cast, or none (same dtypes)."""
     if norm is not None:
-        return {f"{operand}_affine": ChannelAffine(norm[0], norm[1])}
-    return {f"{operand}_cast": images.dtype != weight.dtype}
+        return ChannelAffine(norm[0], norm[1])
+    return Cast() if images.dtype != weight.dtype else None
 
 
 def _bounds(images, P: int, operand: str) -> ImageBounds | None:
@@ -107,17 +108,15 @@ def patch_embed_fwd(images, weight, bias, pos_embed, cls_token, reg_token, norm,
     out = torch.empty((B, prefix + Np, D), device=images.device, dtype=weight.dtype)
     patches_out = out[:, prefix:]
     pos = pos_embed[:, pos_prefix:]
-    gemm(
+    gemm(Gemm(
         _image_operand(images, P),
         Operand(weight, _weight_features(weight), weight.stride(0)),
         Operand(patches_out, _token_rows(patches_out, gw), out.stride(2)),
         B * Np, D, C * P * P,
-        m_split=(Np, gw), k_split=(P * P, P),
-        bias=bias,
-        residual=Operand(pos, (0, gw * pos.stride(1), pos.stride(1)), pos.stride(2)),
-        image_bounds=_bounds(images, P, "a"),
-        **_load_flags(images, weight, norm, "a"),
-    )
+        a_prologue=_load_prologue(images, weight, norm),
+        epilogue=Epilogue(bias=bias, residual=Operand(pos, (0, gw * pos.stride(1), pos.stride(1)), pos.stride(2))),
+        index=IndexMap(m_split=(Np, gw), k_split=(P * P, P), image_bounds=_bounds(images, P, "a")),
+    ))
     if prefix:
         reg = reg_token[0].contiguous() if reg_token is not None else weight  # dummy when unused
         cls = cls_token if cls_token is not None else weight
@@ -156,26 +155,24 @@ def patch_embed_bwd(dout, images, weight, norm, num_cls: int, num_reg: int, no_e
     dweight = dout.new_empty(0)
     if needs_weight_grad:
         dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        gemm(
+        gemm(Gemm(
             Operand(dpatch, dout.stride(2), _token_rows(dpatch, gw)),
             _image_operand(images, P),
             Operand(dweight, dweight.stride(0), _weight_features(dweight)),
             D, C * P * P, B * Np,
-            n_split=(P * P, P), k_split=(Np, gw),
-            image_bounds=_bounds(images, P, "b"),
-            **_load_flags(images, weight, norm, "b"),
-        )
+            b_prologue=_load_prologue(images, weight, norm),
+            index=IndexMap(n_split=(P * P, P), k_split=(Np, gw), image_bounds=_bounds(images, P, "b")),
+        ))
     dimages = dout.new_empty(0)
     if needs_images_grad:
         # d(x * scale[c] + shift[c]) / dx = scale[c]: fold the scale into the (small) weight instead of the image
         w = weight if norm is None else (weight.float() * norm[0].view(1, C, 1, 1)).to(wdt)
         dimages = torch.empty_like(images)  # every pixel lies in exactly one patch: fully written
-        gemm(
+        gemm(Gemm(
             Operand(dpatch, _token_rows(dpatch, gw), dout.stride(2)),
             Operand(w, w.stride(0), _weight_features(w)),
             _image_operand(dimages, P),
             B * Np, C * P * P, D,
-            m_split=(Np, gw), n_split=(P * P, P),
-            image_bounds=_bounds(images, P, "c"),
-        )
+            index=IndexMap(m_split=(Np, gw), n_split=(P * P, P), image_bounds=_bounds(images, P, "c")),
+        ))
     return dimages, dweight, dbias, dpos, dcls, dreg

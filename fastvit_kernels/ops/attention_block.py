@@ -49,12 +49,13 @@ def _attention_block_fwd(
     are kept for the backward and not differentiable."""
     from ..kernels.attention import attention_fwd
     from ..kernels.layernorm import row_stats
-    from ..kernels.matmul import LayerNormPrologue, Operand, linear
+    from ..kernels.fusion import LayerNorm, Operand
+    from ..kernels.matmul import linear
 
     B, N, D = x.shape
     x2d = x.view(B * N, D)
     mean, rstd = row_stats(x2d, eps)
-    qkv = linear(x2d, qkv_weight, qkv_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
+    qkv = linear(x2d, qkv_weight, qkv_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias))
     qkv = qkv.view(B, N, 3 * D)
     o, lse = attention_fwd(qkv, num_heads, scale)
     out = linear(o.view(B * N, D), proj_weight, proj_bias, residual=Operand.matrix(x2d))

@@ -53,11 +53,12 @@ def _layernorm_mlp_fwd(
     statistics); out and preact in x's dtype; out is the branch alone when ``add_residual`` is False. All but
     out are kept for the backward and not differentiable."""
     from ..kernels.layernorm import row_stats
-    from ..kernels.matmul import LayerNormPrologue, Operand, linear
+    from ..kernels.fusion import LayerNorm, Operand
+    from ..kernels.matmul import linear
 
     mean, rstd = row_stats(x, eps)
     preact = torch.empty((0 if recompute else x.shape[0], fc1_weight.shape[0]), device=x.device, dtype=x.dtype)
-    act = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), gelu=True,
+    act = linear(x, fc1_weight, fc1_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias), gelu=True,
                  store_preact=None if recompute else preact, gelu_approximate=approximate)
     out = linear(act, fc2_weight, fc2_bias, residual=Operand.matrix(x) if add_residual else None)
     return out, preact, mean, rstd
@@ -82,30 +83,27 @@ def _layernorm_mlp_bwd(
     """Gradients (dx, dgamma, dbeta, dW1, db1, dW2, db2). ``recompute``: ``preact`` is empty and is recomputed
     here by the forward's fc1 GEMM without its GELU (fc1_bias is only read then)."""
     from ..kernels.layernorm import layernorm_bwd
-    from ..kernels.matmul import LayerNormPrologue, Operand, gemm_pair, linear
+    from ..kernels.fusion import Gelu, LayerNorm
+    from ..kernels.matmul import linear, linear_backward
 
     M, D = x.shape
     Dh = fc1_weight.shape[0]
     wdt = fc1_weight.dtype
     if recompute:  # the same launch as the forward's fc1 GEMM, minus the GELU
-        preact = linear(x, fc1_weight, fc1_bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
+        preact = linear(x, fc1_weight, fc1_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias))
     # fc2, one launch for two GEMMs that read dY: dW2 = dY^T @ GELU(preact) (GELU recomputed on load) with
     # db2 = sum_m dY from its A tiles, and dH = (dY @ W2) * GELU'(preact)
     dw2 = torch.empty((D, Dh), device=x.device, dtype=wdt)
     db2 = torch.empty((D,), device=x.device, dtype=wdt)
     dh = torch.empty((M, Dh), device=x.device, dtype=x.dtype)
-    gemm_pair(dict(a=Operand.matrix_t(dout), b=Operand.matrix(preact), c=Operand.matrix(dw2), M=D, N=Dh, K=M,
-                   b_gelu=True, a_rowsum=db2, gelu_approximate=approximate),
-              dict(a=Operand.matrix(dout), b=Operand.matrix(fc2_weight), c=Operand.matrix(dh), M=M, N=Dh, K=D,
-                   dgelu_preact=preact, gelu_approximate=approximate))
+    linear_backward(dout, preact, fc2_weight, dh, dw2, db2, x_prologue=Gelu(), dx_gelu_grad_of=preact,
+                    gelu_approximate=approximate)
     # fc1, one launch for two GEMMs that read dH: dW1 = dH^T @ LayerNorm(x) (normalisation recomputed on load)
     # with db1 = sum_m dH from its A tiles, and d LayerNorm(x) = dH @ W1
     dw1 = torch.empty((Dh, D), device=x.device, dtype=wdt)
     db1 = torch.empty((Dh,), device=x.device, dtype=wdt)
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
-    gemm_pair(dict(a=Operand.matrix_t(dh), b=Operand.matrix(x), c=Operand.matrix(dw1), M=Dh, N=D, K=M,
-                   b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db1),
-              dict(a=Operand.matrix(dh), b=Operand.matrix(fc1_weight), c=Operand.matrix(dln), M=M, N=D, K=Dh))
+    linear_backward(dh, x, fc1_weight, dln, dw1, db1, x_prologue=LayerNorm(mean, rstd, norm_weight, norm_bias))
     # LayerNorm backward (+ dY through the residual)
     dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dout if add_residual else None)
     return dx, dgamma, dbeta, dw1, db1, dw2, db2

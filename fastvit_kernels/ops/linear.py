@@ -41,10 +41,11 @@ def _layernorm_linear_fwd(
     mean (M,) fp32, rstd (M,) fp32); mean and rstd (the LayerNorm row statistics, rstd = 1 / sqrt(var + eps))
     are kept for the backward and not differentiable."""
     from ..kernels.layernorm import row_stats
-    from ..kernels.matmul import LayerNormPrologue, linear
+    from ..kernels.fusion import LayerNorm
+    from ..kernels.matmul import linear
 
     mean, rstd = row_stats(x, eps)
-    out = linear(x, weight, bias, a_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias))
+    out = linear(x, weight, bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias))
     return out, mean, rstd
 
 
@@ -63,7 +64,8 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
     bias. Launches: the dW / d LayerNorm(x) GEMM pair (one, or two where ``gemm_pair`` runs them one by one), the
     fill of the LayerNorm backward's ticket counters, the LayerNorm backward."""
     from ..kernels.layernorm import layernorm_bwd
-    from ..kernels.matmul import LayerNormPrologue, Operand, gemm_pair
+    from ..kernels.fusion import LayerNorm
+    from ..kernels.matmul import linear_backward
 
     M, D = x.shape
     N = weight.shape[0]
@@ -73,9 +75,8 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
     dw = torch.empty((N, D), device=x.device, dtype=wdt)
     db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
-    gemm_pair(dict(a=Operand.matrix_t(dout), b=Operand.matrix(x), c=Operand.matrix(dw), M=N, N=D, K=M,
-                   b_ln=LayerNormPrologue(mean, rstd, norm_weight, norm_bias), a_rowsum=db if has_bias else None),
-              dict(a=Operand.matrix(dout), b=Operand.matrix(weight), c=Operand.matrix(dln), M=M, N=D, K=N))
+    linear_backward(dout, x, weight, dln, dw, db if has_bias else None,
+                    x_prologue=LayerNorm(mean, rstd, norm_weight, norm_bias))
     dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dres)
     return dx, dgamma, dbeta, dw, db
 
@@ -126,7 +127,8 @@ def _linear_residual_fwd(
 ) -> torch.Tensor:
     """Triton forward of :func:`linear_residual` on 2-D tokens: x (M, K), residual (M, N_out) -> out (M, N_out)
     in x's dtype (one tensor, not a tuple; the backward keeps x and the weight)."""
-    from ..kernels.matmul import Operand, linear
+    from ..kernels.fusion import Operand
+    from ..kernels.matmul import linear
 
     return linear(x, weight, bias, residual=Operand.matrix(residual))
 
@@ -139,7 +141,7 @@ def _(x, weight, bias, residual):
 def linear_grads(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool) -> tuple:
     """Triton backward of ``Linear(x)``: dout (M, N_out), x (M, K) -> (dx, dW, db), db (0,) without a bias; one
     launch (the dx / dW GEMM pair)."""
-    from ..kernels.matmul import Operand, gemm_pair
+    from ..kernels.matmul import linear_backward
 
     M, K = x.shape
     N = weight.shape[0]
@@ -150,9 +152,7 @@ def linear_grads(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
     dw = torch.empty((N, K), device=x.device, dtype=wdt)
     db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
-    gemm_pair(dict(a=Operand.matrix_t(dout), b=Operand.matrix(x), c=Operand.matrix(dw), M=N, N=K, K=M,
-                   a_rowsum=db if has_bias else None),
-              dict(a=Operand.matrix(dout), b=Operand.matrix(weight), c=Operand.matrix(dx), M=M, N=K, K=N))
+    linear_backward(dout, x, weight, dx, dw, db if has_bias else None)
     return dx, dw, db
 
 

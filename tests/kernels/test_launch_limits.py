@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fastvit_kernels.kernels import _common, gemm_impl, matmul
+from fastvit_kernels.kernels.fusion import PROLOGUE_GELU, Epilogue, Gemm, Operand
 from fastvit_kernels.kernels import attention as attn
 
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -125,12 +126,13 @@ def test_cublas_path_elementwise_grids_within_cuda_limits(monkeypatch):
     for name, cap in caps.items():
         monkeypatch.setattr(gemm_impl, name, cap)
     R, C = 64, 2**23
-    gemm_impl._prologue(torch.empty((R, C), device="meta", dtype=torch.float16), None, True, False, torch.float16)
+    gemm_impl._prologue(torch.empty((R, C), device="meta", dtype=torch.float16), PROLOGUE_GELU.value, None, False,
+                        torch.float16)
     a = torch.empty((R, 64), device="meta", dtype=torch.float16)
     b = torch.empty((64, C), device="meta", dtype=torch.float16)
     c = torch.empty((R, C), device="meta", dtype=torch.float16)
-    gemm_impl.cublas_gemm(matmul.Operand.matrix(a), matmul.Operand.matrix(b), matmul.Operand.matrix(c), R, C, 64,
-                          bias=torch.empty(C, device="meta", dtype=torch.float16))
+    gemm_impl.cublas_gemm(Gemm(Operand.matrix(a), Operand.matrix(b), Operand.matrix(c), R, C, 64,
+                               epilogue=Epilogue(bias=torch.empty(C, device="meta", dtype=torch.float16))))
     for name, cap in caps.items():
         assert len(cap.calls) == 1, name
         _assert_within_limits(cap.calls[0][0], name)
@@ -214,7 +216,8 @@ def test_attention_launches_pass_the_fp32_precision(monkeypatch, restore_matmul_
 @pytest.mark.parametrize("setting,expected", SETTINGS[:3], ids=SETTING_IDS[:3])
 def test_gemm_launch_passes_the_fp32_precision(monkeypatch, restore_matmul_precision, setting, expected):
     cap = _Capture()
-    monkeypatch.setattr(matmul, "_matmul_kernel", cap)
+    cap.fn = cap  # stands in for the autotuner and, without autotuning, for its kernel
+    monkeypatch.setattr(matmul, "_matmul_autotuned", cap)
     monkeypatch.setenv("FASTVIT_GEMM_IMPL", "triton")
     monkeypatch.setenv("FASTVIT_GEMM_KERNEL", "pointer")
     setting()

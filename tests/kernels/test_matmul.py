@@ -118,7 +118,8 @@ def test_tma_refuses_undescribable_operands(device):
 
 
 def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device, K=K, M=M, a_t=False, b_t=False, N=N):
-    from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
+    from fastvit_kernels.kernels.fusion import Epilogue, Gelu, Gemm, LayerNorm, Operand
+    from fastvit_kernels.kernels.matmul import gemm
 
     a = torch.randn(M, K, device=device)
     b = torch.randn(K, N, device=device) / K**0.5
@@ -157,20 +158,17 @@ def _check_flags(a_pro, b_pro, epilogue, dtype, approximate, device, K=K, M=M, a
 
     c = torch.empty(M, N, device=device, dtype=dtype)
     pre = torch.empty(M, N, device=device, dtype=dtype) if ref_pre is not None else None
-    kw = {}
-    if a_pro == "ln":
-        kw["a_ln"] = LayerNormPrologue(*a_stats, a_aff[0].to(dtype), a_aff[1].to(dtype))
-    if b_pro == "ln":
-        kw["b_ln"] = LayerNormPrologue(*b_stats, b_aff[0].to(dtype), b_aff[1].to(dtype))
+    prologue = {"none": lambda stats, aff: None, "gelu": lambda stats, aff: Gelu(),
+                "ln": lambda stats, aff: LayerNorm(*stats, aff[0].to(dtype), aff[1].to(dtype))}
     a_op = Operand.matrix_t(a.to(dtype).t().contiguous()) if a_t else Operand.matrix(a.to(dtype))
     b_op = Operand.matrix_t(b.to(dtype).t().contiguous()) if b_t else Operand.matrix(b.to(dtype))
-    gemm(a_op, b_op, Operand.matrix(c), M, N, K,
-         a_gelu=a_pro == "gelu", b_gelu=b_pro == "gelu",
-         bias=bias.to(dtype) if epilogue in ("bias", "bias_gelu_residual") else None,
-         dgelu_preact=pre_in.to(dtype) if epilogue == "dgelu" else None,
-         gelu=ref_pre is not None, store_preact=pre,
-         residual=Operand.matrix(res.to(dtype)) if epilogue == "bias_gelu_residual" else None,
-         gelu_approximate=approximate, **kw)
+    gemm(Gemm(a_op, b_op, Operand.matrix(c), M, N, K, a_prologue=prologue[a_pro](a_stats, a_aff),
+              b_prologue=prologue[b_pro](b_stats, b_aff),
+              epilogue=Epilogue(bias=bias.to(dtype) if epilogue in ("bias", "bias_gelu_residual") else None,
+                                gelu_grad_of=pre_in.to(dtype) if epilogue == "dgelu" else None,
+                                gelu=ref_pre is not None, store_preact=pre,
+                                residual=Operand.matrix(res.to(dtype)) if epilogue == "bias_gelu_residual" else None),
+              gelu_approximate=approximate))
     # low precision: the kernel casts prologue outputs to fp16 before the dot; allow fp16 rounding of the inputs
     # of a K=50 dot (rtol ~ 2^-10 * sqrt(K)) instead of the 2x rule (there is no PyTorch op for this fusion)
     if dtype == torch.float32:
@@ -201,37 +199,44 @@ def _check_rowsum(b_pro, dtype, device, Nout=70):
     bias gradient) from the A tiles it loads; exact against an fp64 sum of the same values up to fp32 rounding,
     bit-identical across runs, and the GEMM's own output unchanged by the flag. Rows ragged against the tile (70 =
     64 + 6), K = 197 tokens."""
-    from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand, gemm
+    from fastvit_kernels.kernels.fusion import Epilogue, Gelu, Gemm, LayerNorm, Operand
+    from fastvit_kernels.kernels.matmul import gemm
 
     Mt, Kin = 197, 40  # tokens (GEMM K), input features (GEMM N)
     dy = torch.randn(Mt, Nout, device=device).to(dtype)
     x = torch.randn(Mt, Kin, device=device).to(dtype)
-    kw = {}
+    b_prologue = None
     if b_pro == "ln":
         affine = [torch.randn(Kin, device=device).to(dtype) for _ in range(2)]
-        kw["b_ln"] = LayerNormPrologue(torch.randn(Mt, device=device), torch.rand(Mt, device=device) + 0.5, *affine)
+        b_prologue = LayerNorm(torch.randn(Mt, device=device), torch.rand(Mt, device=device) + 0.5, *affine)
     elif b_pro == "gelu":
-        kw["b_gelu"] = True
+        b_prologue = Gelu()
+
+    def dw_gemm(dw, db, n=Kin):
+        return Gemm(Operand.matrix_t(dy), Operand.matrix(x[:, :n]), Operand.matrix(dw), Nout, n, Mt,
+                    b_prologue=b_prologue, epilogue=Epilogue(a_rowsum=db))
+
     outs = []
     for _ in range(2):
         dw = torch.empty(Nout, Kin, device=device, dtype=dtype)
         db = torch.empty(Nout, device=device, dtype=torch.float32)
-        gemm(Operand.matrix_t(dy), Operand.matrix(x), Operand.matrix(dw), Nout, Kin, Mt, a_rowsum=db, **kw)
+        gemm(dw_gemm(dw, db))
         outs.append((dw, db))
     ref_db = dy.double().sum(0)
     torch.testing.assert_close(outs[0][1].double(), ref_db, atol=1e-4, rtol=1e-5)
     assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
     plain = torch.empty_like(outs[0][0])
-    gemm(Operand.matrix_t(dy), Operand.matrix(x), Operand.matrix(plain), Nout, Kin, Mt, **kw)
+    gemm(dw_gemm(plain, None))
     assert torch.equal(plain, outs[0][0])
-    # N == 0 launches no program, so nothing could compute the row sums: the launcher refuses
-    with pytest.raises(AssertionError, match="a_rowsum"):
-        gemm(Operand.matrix_t(dy), Operand.matrix(x[:, :0]), Operand.matrix(dw[:, :0]), Nout, 0, Mt, a_rowsum=db)
+    # N == 0 launches no program, so nothing could compute the row sums: the description refuses
+    with pytest.raises(ValueError, match="a_rowsum"):
+        dw_gemm(dw[:, :0], db, n=0)
 
 
 def test_three_level_splits_gather_and_scatter(device):
     """Split indices walk a strided 5-D layout on every operand: a (B, Hp, Wp) x (C, P, P) im2col gather."""
-    from fastvit_kernels.kernels.matmul import Operand, gemm
+    from fastvit_kernels.kernels.fusion import Gemm, IndexMap, Operand
+    from fastvit_kernels.kernels.matmul import gemm
 
     B, C, gh, gw, P, D = 2, 3, 3, 2, 4, 24
     images = torch.randn(B, C, gh * P, gw * P, device=device)
@@ -241,14 +246,16 @@ def test_three_level_splits_gather_and_scatter(device):
     ref = patches @ w.reshape(D, -1).t()
     sB, sC, sH, sW = images.stride()
     out = torch.empty(B * gh * gw, D, device=device)
-    gemm(Operand(images, (sB, P * sH, P * sW), (sC, sH, sW)), Operand(w, (P * P, P, 1), C * P * P),
-         Operand.matrix(out), B * gh * gw, D, C * P * P, m_split=(gh * gw, gw), k_split=(P * P, P))
+    gemm(Gemm(Operand(images, (sB, P * sH, P * sW), (sC, sH, sW)), Operand(w, (P * P, P, 1), C * P * P),
+              Operand.matrix(out), B * gh * gw, D, C * P * P,
+              index=IndexMap(m_split=(gh * gw, gw), k_split=(P * P, P))))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # scatter back through a split C operand: every pixel written once
     back = torch.zeros_like(images)
     eye = torch.eye(C * P * P, device=device)
-    gemm(Operand.matrix(patches.contiguous()), Operand.matrix(eye), Operand(back, (sB, P * sH, P * sW), (sC, sH, sW)),
-         B * gh * gw, C * P * P, C * P * P, m_split=(gh * gw, gw), n_split=(P * P, P))
+    gemm(Gemm(Operand.matrix(patches.contiguous()), Operand.matrix(eye),
+              Operand(back, (sB, P * sH, P * sW), (sC, sH, sW)), B * gh * gw, C * P * P, C * P * P,
+              index=IndexMap(m_split=(gh * gw, gw), n_split=(P * P, P))))
     torch.testing.assert_close(back, images, atol=1e-6, rtol=0)
 
 
@@ -265,39 +272,44 @@ def test_row_stats_and_column_sum(device):
 
 
 def test_autotune_candidates_and_key():
-    """Candidates: non-empty per dtype / split, pruned by keep(), the default first; the autotuner's early prune
-    hands each launch its own dtype's list; every constexpr flag (not the tile sizes) is in the autotune key;
-    the interpreter runs its one fixed configuration."""
+    """Candidates: non-empty per dtype / split, pruned by keep(), the default first; the autotuners' early prunes
+    hand each launch its own dtype's list; every constexpr flag (not the tile sizes) of each pointer kernel is in
+    its autotune key; the interpreter runs its one fixed configuration."""
     import inspect
 
     import triton
 
+    from fastvit_kernels.kernels import gemm_configs as cfgs
     from fastvit_kernels.kernels import matmul as mm
+    from fastvit_kernels.kernels.fusion import PROLOGUE_CAST
 
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for split in (False, True):
-            cands = mm.gemm_configs(dt, split)
-            assert cands and all(mm.keep(c, dt, split) for c in cands)
+            cands = cfgs.gemm_configs(dt, split)
+            assert cands and all(cfgs.keep(c, dt, split) for c in cands)
             assert all(c.num_warps >= 8 for c in cands) or dt != torch.float32  # the fp32 spill prune
-    assert mm.gemm_configs(torch.float16) == mm.gemm_configs(torch.bfloat16)
+    assert cfgs.gemm_configs(torch.float16) == cfgs.gemm_configs(torch.bfloat16)
     deep_k = triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3)
-    assert mm.keep(deep_k, torch.float16, False) and not mm.keep(deep_k, torch.float16, True)  # split spills
+    assert cfgs.keep(deep_k, torch.float16, False) and not cfgs.keep(deep_k, torch.float16, True)  # split spills
     a16, a32 = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
-    ids = [mm._config_id(c) for c in mm._prune_configs(mm._ALL_CONFIGS, {"a_ptr": a16, "b_ptr": a16}, SPLIT_M=True)]
-    assert ids == [mm._config_id(c) for c in mm.gemm_configs(torch.float16, True)]
+    ids = [cfgs.config_id(c) for c in mm._prune_split(mm._ALL_CONFIGS, {"a_ptr": a16, "b_ptr": a16}, SPLIT_M=True)]
+    assert ids == [cfgs.config_id(c) for c in cfgs.gemm_configs(torch.float16, True)]
     # A converted on load (fp32 image against fp16 weights): the dot runs in B's dtype
-    ids = [mm._config_id(c) for c in mm._prune_configs(mm._ALL_CONFIGS, {"a_ptr": a32, "b_ptr": a16},
-                                                           A_PROLOGUE=mm.PROLOGUE_CAST)]
-    assert ids == [mm._config_id(c) for c in mm.gemm_configs(torch.float16)]
-    params = inspect.signature(inspect.unwrap(mm._matmul_kernel.fn.fn)).parameters
-    flags = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    ids = [cfgs.config_id(c) for c in mm._prune_split(mm._ALL_CONFIGS, {"a_ptr": a32, "b_ptr": a16},
+                                                      A_PROLOGUE=PROLOGUE_CAST.value)]
+    assert ids == [cfgs.config_id(c) for c in cfgs.gemm_configs(torch.float16)]
+    ids = [cfgs.config_id(c) for c in mm._prune_plain(mm._ALL_CONFIGS, {"a_ptr": a32, "b_ptr": a32})]
+    assert ids == [cfgs.config_id(c) for c in cfgs.gemm_configs(torch.float32)]
     tiles = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
-    assert flags - tiles <= set(mm._matmul_kernel.keys), f"constexprs missing from the key: {flags - tiles}"
-    assert {"M_BUCKET", "N", "K"} <= set(mm._matmul_kernel.keys)
-    assert len(flags - tiles) == 14, sorted(flags)  # the constexpr detection itself works
-    if mm.interpreting():
-        assert mm.gemm_config(70, 40, 50, torch.float16) == mm.INTERPRETER_CONFIG
-        assert not mm._autotune_enabled()
+    for tuner, n_flags in ((mm._matmul_autotuned, 10), (mm._matmul_split_kernel, 14), (mm._matmul_pair_kernel, 19)):
+        params = inspect.signature(inspect.unwrap(tuner.fn.fn)).parameters
+        flags = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        assert flags - tiles <= set(tuner.keys), f"constexprs missing from the key: {flags - tiles}"
+        assert len(flags - tiles) == n_flags, sorted(flags)  # the constexpr detection itself works
+    assert {"M_BUCKET", "N", "K"} <= set(mm._matmul_autotuned.keys)
+    if cfgs.interpreter_enabled():
+        assert cfgs.fixed_config(cfgs.gemm_configs(torch.float16)) == cfgs.INTERPRETER_CONFIG
+        assert not cfgs.autotune_enabled()
 
 
 @pytest.mark.parametrize("programs", [3, None])
@@ -356,9 +368,8 @@ PAIRS = ["fc2", "fc1", "proj", "qkv"]
 
 
 def _pair_specs(name, dtype, device, M_P=M_P):
-    """The keywords of the two gemm() calls of one backward pair (``M_P`` token rows), with fresh outputs
-    (returned too)."""
-    from fastvit_kernels.kernels.matmul import LayerNormPrologue, Operand
+    """The two GEMMs (fusion.Gemm) of one backward pair (``M_P`` token rows), with fresh outputs (returned too)."""
+    from fastvit_kernels.kernels.fusion import Epilogue, Gelu, Gemm, LayerNorm, Operand
 
     g = torch.Generator().manual_seed(PAIRS.index(name))
 
@@ -366,28 +377,26 @@ def _pair_specs(name, dtype, device, M_P=M_P):
         return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
 
     x, dy, pre, w = r(M_P, D_P), r(M_P, D_P), r(M_P, DH_P), r(D_P, DH_P)
-    ln = LayerNormPrologue(torch.randn(M_P, generator=g).to(device), torch.rand(M_P, generator=g).to(device) + 0.5,
+    ln = LayerNorm(torch.randn(M_P, generator=g).to(device), torch.rand(M_P, generator=g).to(device) + 0.5,
                            r(D_P), r(D_P))
     outs = dict(dw=r(D_P, DH_P), db=r(D_P), dh=r(M_P, DH_P), dwT=r(DH_P, D_P), dbh=r(DH_P), dx=r(M_P, D_P),
                 dwsq=r(D_P, D_P), dbsq=r(D_P))
-    m = Operand.matrix
+    m, mt = Operand.matrix, Operand.matrix_t
     if name == "fc2":  # dW2 = dY^T GELU(H) (+ db2), dH = dY W2 * GELU'(H)
-        return (dict(a=Operand.matrix_t(dy), b=m(pre), c=m(outs["dw"]), M=D_P, N=DH_P, K=M_P, b_gelu=True,
-                     a_rowsum=outs["db"]),
-                dict(a=m(dy), b=m(w), c=m(outs["dh"]), M=M_P, N=DH_P, K=D_P, dgelu_preact=pre)), outs
+        return (Gemm(mt(dy), m(pre), m(outs["dw"]), D_P, DH_P, M_P, b_prologue=Gelu(),
+                     epilogue=Epilogue(a_rowsum=outs["db"])),
+                Gemm(m(dy), m(w), m(outs["dh"]), M_P, DH_P, D_P, epilogue=Epilogue(gelu_grad_of=pre))), outs
     if name == "fc1":  # dW1 = dH^T LN(x) (+ db1), dLN = dH W1
-        return (dict(a=Operand.matrix_t(pre), b=m(x), c=m(outs["dwT"]), M=DH_P, N=D_P, K=M_P, b_ln=ln,
-                     a_rowsum=outs["dbh"]),
-                dict(a=m(pre), b=Operand.matrix_t(w), c=m(outs["dx"]), M=M_P, N=D_P, K=DH_P)), outs
+        return (Gemm(mt(pre), m(x), m(outs["dwT"]), DH_P, D_P, M_P, b_prologue=ln,
+                     epilogue=Epilogue(a_rowsum=outs["dbh"])),
+                Gemm(m(pre), mt(w), m(outs["dx"]), M_P, D_P, DH_P)), outs
     sq = r(D_P, D_P)
     if name == "proj":  # dx = dY W, dW = dY^T x (+ db)
-        return (dict(a=m(dy), b=m(sq), c=m(outs["dx"]), M=M_P, N=D_P, K=D_P),
-                dict(a=Operand.matrix_t(dy), b=m(x), c=m(outs["dwsq"]), M=D_P, N=D_P, K=M_P,
-                     a_rowsum=outs["dbsq"])), outs
+        return (Gemm(m(dy), m(sq), m(outs["dx"]), M_P, D_P, D_P),
+                Gemm(mt(dy), m(x), m(outs["dwsq"]), D_P, D_P, M_P, epilogue=Epilogue(a_rowsum=outs["dbsq"]))), outs
     # qkv (square here): dW = dY^T LN(x) (+ db), dLN = dY W
-    return (dict(a=Operand.matrix_t(dy), b=m(x), c=m(outs["dwsq"]), M=D_P, N=D_P, K=M_P, b_ln=ln,
-                 a_rowsum=outs["dbsq"]),
-            dict(a=m(dy), b=m(sq), c=m(outs["dx"]), M=M_P, N=D_P, K=D_P)), outs
+    return (Gemm(mt(dy), m(x), m(outs["dwsq"]), D_P, D_P, M_P, b_prologue=ln, epilogue=Epilogue(a_rowsum=outs["dbsq"])),
+            Gemm(m(dy), m(sq), m(outs["dx"]), M_P, D_P, D_P)), outs
 
 
 def _count_gemm_launches(monkeypatch) -> list:
@@ -417,8 +426,8 @@ def test_gemm_pair_is_one_launch_and_bit_identical(name, kernel, dtype, device, 
     calls = _count_gemm_launches(monkeypatch)
     with backend.use_gemm_impl("triton"), backend.use_gemm_kernel(kernel):
         (s0, s1), ref = _pair_specs(name, dtype, device)
-        gemm(**s0)
-        gemm(**s1)
+        gemm(s0)
+        gemm(s1)
         assert calls == [kernel] * 2
         calls.clear()
         (s0, s1), out = _pair_specs(name, dtype, device)
@@ -440,8 +449,11 @@ def test_gemm_pair_is_one_launch_and_bit_identical(name, kernel, dtype, device, 
 def test_gemm_pair_runs_separately_when_it_cannot_share_a_launch(device, monkeypatch):
     """A pair whose GEMMs the shape-aware rule sends to cuBLAS, or that carries a fusion the pair kernel lacks (a
     residual), runs as two launches, with the same results."""
+    import dataclasses
+
     from fastvit_kernels import backend
-    from fastvit_kernels.kernels.matmul import Operand, gemm_pair
+    from fastvit_kernels.kernels.fusion import Epilogue, Operand
+    from fastvit_kernels.kernels.matmul import gemm_pair
 
     calls = _count_gemm_launches(monkeypatch)
     (s0, s1), _ = _pair_specs("proj", torch.float32, device)
@@ -451,11 +463,11 @@ def test_gemm_pair_runs_separately_when_it_cannot_share_a_launch(device, monkeyp
     calls.clear()
     (s0, s1), out = _pair_specs("proj", torch.float32, device)
     res = torch.randn(M_P, D_P, device=device)
-    s0 = dict(s0, residual=Operand.matrix(res))
+    s0 = dataclasses.replace(s0, epilogue=Epilogue(residual=Operand.matrix(res)))
     with backend.use_gemm_impl("triton"), backend.use_gemm_kernel("pointer"):
         gemm_pair(s0, s1)
     assert calls == ["pointer", "pointer"]
-    a, w = s0["a"].tensor, s0["b"].tensor
+    a, w = s0.a.tensor, s0.b.tensor
     torch.testing.assert_close(out["dx"], a @ w + res, atol=1e-4, rtol=1e-4)
 
 
@@ -474,8 +486,8 @@ def test_gemm_pair_after_a_tma_build_failure(name, device, monkeypatch):
 
     with backend.use_gemm_impl("triton"), backend.use_gemm_kernel("pointer"):
         (s0, s1), ref = _pair_specs(name, torch.float16, device)
-        gemm(**s0)
-        gemm(**s1)
+        gemm(s0)
+        gemm(s1)
     calls = _count_gemm_launches(monkeypatch)
     monkeypatch.setattr(matmul_tma, "launch_pair", broken)
     monkeypatch.setattr(matmul, "_TMA_FAILED", False)
@@ -496,33 +508,35 @@ M_SPLIT = 1512
 
 
 def _spec_ref(spec):
-    """fp32 reference (computed in float64) of one gemm() spec of the pair fusions: (C, row sums or None)."""
+    """fp32 reference (computed in float64) of one fusion.Gemm of the pair fusions: (C, row sums or None)."""
+    from fastvit_kernels.kernels.fusion import Gelu, LayerNorm
+
     def logical(op, R, C):
         return torch.as_strided(op.tensor, (R, C), (op.rows, op.cols)).double().cpu()
 
-    M, N, K = spec["M"], spec["N"], spec["K"]
-    a, b = logical(spec["a"], M, K), logical(spec["b"], K, N)
-    if spec.get("b_gelu"):
+    M, N, K, ep = spec.M, spec.N, spec.K, spec.epilogue
+    a, b = logical(spec.a, M, K), logical(spec.b, K, N)
+    if isinstance(spec.b_prologue, Gelu):
         b = F.gelu(b)
-    if spec.get("b_ln") is not None:
-        ln = spec["b_ln"]
+    if isinstance(spec.b_prologue, LayerNorm):
+        ln = spec.b_prologue
         b = _ln(b, ln.mean.double().cpu(), ln.rstd.double().cpu(), ln.weight.double().cpu(), ln.bias.double().cpu())
     c = a @ b
-    if spec.get("bias") is not None:
-        c = c + spec["bias"].double().cpu()
-    if spec.get("dgelu_preact") is not None:
-        c = c * _gelu_grad(spec["dgelu_preact"].cpu()).double()
-    return c.float(), (a.sum(1).float() if spec.get("a_rowsum") is not None else None)
+    if ep.bias is not None:
+        c = c + ep.bias.double().cpu()
+    if ep.gelu_grad_of is not None:
+        c = c * _gelu_grad(ep.gelu_grad_of.cpu()).double()
+    return c.float(), (a.sum(1).float() if ep.a_rowsum is not None else None)
 
 
 def _launch_tma_pair(s0, s1):
-    """The TMA pair kernel on two gemm() specs (any dtype: gemm_pair itself runs fp32 pairs one by one)."""
-    from fastvit_kernels.kernels import matmul, matmul_tma
+    """The TMA pair kernel on two fusion.Gemm (any dtype: gemm_pair itself runs fp32 pairs one by one)."""
+    from fastvit_kernels.kernels import matmul_tma
     from fastvit_kernels.kernels._common import dot_precision
+    from fastvit_kernels.kernels.gemm_configs import INTERPRETER_CONFIG
 
-    p0, p1 = matmul._prepare(**s0), matmul._prepare(**s1)
-    matmul_tma.launch_pair(p0.tma_kw(), p1.tma_kw(), dot_precision=dot_precision(p0.compute_dtype),
-                           autotune=False, config=dict(matmul.INTERPRETER_CONFIG))
+    matmul_tma.launch_pair(s0, s1, dot_precision=dot_precision(s0.compute_dtype), autotune=False,
+                           config=dict(INTERPRETER_CONFIG))
 
 
 def _count_reduce_launches(monkeypatch) -> list:
@@ -587,9 +601,9 @@ def test_split_pair_matches_reference_and_is_deterministic(name, dtype, device, 
 
     (s0, s1), _ = _pair_specs(name, dtype, device, M_P=M_SPLIT)
     cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    sched = pair_schedule(tuple((s["M"], s["N"], s["K"]) for s in (s0, s1)), INTERPRETER_PROGRAMS,
+    sched = pair_schedule(tuple((s.M, s.N, s.K) for s in (s0, s1)), INTERPRETER_PROGRAMS,
                           cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
-    wgrad = 0 if s0["K"] == M_SPLIT else 1
+    wgrad = 0 if s0.K == M_SPLIT else 1
     assert sched.split > 1 and sched.first == wgrad and sched.efficiency > sched.baseline_efficiency
     reduces = _count_reduce_launches(monkeypatch)
     runs = []
@@ -603,13 +617,13 @@ def test_split_pair_matches_reference_and_is_deterministic(name, dtype, device, 
     with backend.use_gemm_impl("triton"), backend.use_gemm_kernel("tma"):
         alone, _ = _pair_specs(name, dtype, device, M_P=M_SPLIT)
         for spec in alone:
-            gemm(**spec)
+            gemm(spec)
     assert len(reduces) == 2  # one by one: whole tiles, no reduction
     for spec, one in zip(runs[0][0], alone):
         ref, ref_rowsum = _spec_ref(spec)
-        got = [(spec["c"].tensor, ref, one["c"].tensor)]
+        got = [(spec.c.tensor, ref, one.c.tensor)]
         if ref_rowsum is not None:
-            got.append((spec["a_rowsum"], ref_rowsum, one["a_rowsum"]))
+            got.append((spec.epilogue.a_rowsum, ref_rowsum, one.epilogue.a_rowsum))
         for actual, r, lone in got:
             # fp16: the one-by-one launch (same kernel, whole K loop) is the low-precision error to stay within
             assert_close_to_ref(actual.cpu(), r, None if dtype == torch.float32 else lone.cpu(), name=name)
@@ -620,7 +634,7 @@ def test_split_pair_matches_reference_and_is_deterministic(name, dtype, device, 
 def test_split_pair_epilogues(device, monkeypatch):
     """The reduction applies the split problem's whole epilogue: bias, GELU' (tanh form) and the A row sums, on a
     weight-grad-shaped problem; the short problem keeps its own (bias) in the pair kernel."""
-    from fastvit_kernels.kernels.matmul import Operand
+    from fastvit_kernels.kernels.fusion import Epilogue, Gemm, Operand
 
     g = torch.Generator().manual_seed(7)
 
@@ -629,9 +643,9 @@ def test_split_pair_epilogues(device, monkeypatch):
 
     dy, x, w = r(M_SPLIT, 48), r(M_SPLIT, 40), r(48, 40)
     c0, c1, rs, pre, b0, b1 = r(48, 40), r(M_SPLIT, 40), r(48), r(48, 40), r(40), r(40)
-    s0 = dict(a=Operand.matrix_t(dy), b=Operand.matrix(x), c=Operand.matrix(c0), M=48, N=40, K=M_SPLIT, bias=b0,
-              dgelu_preact=pre, gelu_approximate="tanh", a_rowsum=rs)
-    s1 = dict(a=Operand.matrix(dy), b=Operand.matrix(w), c=Operand.matrix(c1), M=M_SPLIT, N=40, K=48, bias=b1,
+    s0 = Gemm(Operand.matrix_t(dy), Operand.matrix(x), Operand.matrix(c0), 48, 40, M_SPLIT,
+              epilogue=Epilogue(bias=b0, gelu_grad_of=pre, a_rowsum=rs), gelu_approximate="tanh")
+    s1 = Gemm(Operand.matrix(dy), Operand.matrix(w), Operand.matrix(c1), M_SPLIT, 40, 48, epilogue=Epilogue(bias=b1),
               gelu_approximate="tanh")
     reduces = _count_reduce_launches(monkeypatch)
     _launch_tma_pair(s0, s1)

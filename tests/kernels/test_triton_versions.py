@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastvit_kernels.kernels import _common, attention, matmul  # noqa: E402
+from fastvit_kernels.kernels import _common, attention, gemm_configs, matmul  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -19,27 +19,27 @@ def _tiles(configs):
 
 @pytest.fixture(params=[(3, 4), (3, 6), (3, 9), (3, 10)])
 def version(request, monkeypatch):
-    for mod in (matmul, attention, _common):
+    for mod in (gemm_configs, matmul, attention, _common):
         monkeypatch.setattr(mod, "triton_version", lambda: request.param)
     return request.param
 
 
 def test_gemm_lists(version):
     old = version < _common.NEWER_TRITON
-    split = _tiles(matmul.gemm_configs(BF16, split=True))
-    dgelu = _tiles(matmul.gemm_configs(BF16, dgelu=True))
-    pair = _tiles(matmul.pair_configs(BF16))
+    split = _tiles(gemm_configs.gemm_configs(BF16, split=True))
+    dgelu = _tiles(gemm_configs.gemm_configs(BF16, dgelu=True))
+    pair = _tiles(gemm_configs.pair_configs(BF16))
     spilled_split = {(128, 128, 32, 8), (128, 64, 32, 4)}  # 8-640 B per thread on Triton 3.6
     assert split and all(bm % 64 == 0 and w % 4 == 0 for bm, _, _, w in split)
     assert (split & spilled_split == set()) == old
     assert ((128, 128, 32, 8) in dgelu) != old
     assert pair and any(bk >= 64 for _, _, bk, _ in pair) != old
-    assert _tiles(matmul.gemm_configs(BF16)) == {(128, 128, 32, 8), (128, 128, 64, 8), (128, 64, 32, 4)}
+    assert _tiles(gemm_configs.gemm_configs(BF16)) == {(128, 128, 32, 8), (128, 128, 64, 8), (128, 64, 32, 4)}
     # the autotuner's early prune hands a GELU' launch the GELU' list
     a = torch.empty(1, dtype=BF16)
-    ids = [matmul._config_id(c) for c in matmul._prune_configs(matmul._ALL_CONFIGS, {"a_ptr": a, "b_ptr": a},
+    ids = [gemm_configs.config_id(c) for c in matmul._prune_plain(matmul._ALL_CONFIGS, {"a_ptr": a, "b_ptr": a},
                                                                 DGELU=True)]
-    assert ids == [matmul._config_id(c) for c in matmul.gemm_configs(BF16, dgelu=True)]
+    assert ids == [gemm_configs.config_id(c) for c in gemm_configs.gemm_configs(BF16, dgelu=True)]
 
 
 def test_dkdv_list_at_head_dim_80(version):
@@ -59,7 +59,7 @@ def test_oldest_triton_prunes(version):
     from fastvit_kernels.kernels import matmul_tma
 
     oldest = version < _common.TRITON_3_6
-    assert any(w < 8 for *_, w in _tiles(matmul.gemm_configs(BF16, b_gelu=True))) != oldest
+    assert any(w < 8 for *_, w in _tiles(gemm_configs.gemm_configs(BF16, b_gelu=True))) != oldest
     fwd80 = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
              for c in attention.attention_configs("fwd", 80, BF16, None, 256)}
     dq = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in attention.attention_configs("dq", 64, BF16, None, 256)}

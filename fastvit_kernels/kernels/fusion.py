@@ -1,0 +1,508 @@
+"""The GEMM core's fusion description: one typed record of a GEMM launch that every form of the core reads.
+
+A launch computes ``C = epilogue(prologue_A(A) @ prologue_B(B))`` (docs/design.md, "The GEMM core"). It is
+described once, by :class:`Gemm`:
+
+* operands (:class:`Operand`): a tensor viewed as a logical matrix through its strides, optionally walked through
+  the three-level index split of :class:`IndexMap` (the patch embedding's im2col-in-the-load) with
+  :class:`ImageBounds` (zero padding of an image operand);
+* one prologue per operand, applied as a tile is loaded: :class:`LayerNorm`, :class:`Gelu`, :class:`Cast` or
+  :class:`ChannelAffine` (or none);
+* the :class:`Epilogue` steps, in this order: + bias, * GELU'(pre-activation) (activation derivative), GELU with
+  the pre-activation stored, + residual; and A's row sums (a bias gradient) from the A tiles the main loop loads.
+
+Readers: the pointer kernels and the TMA kernel of :mod:`~fastvit_kernels.kernels.matmul` /
+:mod:`~fastvit_kernels.kernels.matmul_tma` take :meth:`Fusion.constexprs`, the cuBLAS path
+(:func:`fastvit_kernels.kernels.gemm_impl.cublas_gemm`) runs the same steps around ``torch.mm``, the path rule keys
+on :attr:`Fusion.name`, and the cost model (:mod:`fastvit_kernels.bench.cost_model`) and the pair launchers ask
+:func:`pair_plan` whether two backward GEMMs share a launch. :class:`Fusion` is the tensor-free part (kinds and
+flags only), so the cost model and the AOT recorder can build and read it without tensors.
+
+The device side of the description is here too: the prologue kinds are the named constexpr constants
+``PROLOGUE_*`` (never bare numbers), and the prologue / epilogue steps are the ``@triton.jit`` helpers below, which
+every kernel form calls, so a new step is written once for the Triton forms (docs/design.md, "Adding a fusion").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_gelu_approximate
+from ._common import gelu, gelu_grad
+
+# operand prologue kinds: the A_PROLOGUE / B_PROLOGUE constexprs of every GEMM kernel
+PROLOGUE_NONE = tl.constexpr(0)
+PROLOGUE_LN = tl.constexpr(1)  # LayerNorm from fp32 row statistics (stats along the operand's rows, affine along cols)
+PROLOGUE_GELU = tl.constexpr(2)  # GELU recomputed from a stored pre-activation
+PROLOGUE_CAST = tl.constexpr(3)  # conversion to the other operand's dtype
+PROLOGUE_AFFINE = tl.constexpr(4)  # per-channel v * scale[c] + shift[c] in fp32, then that conversion
+PROLOGUE_NAMES = {0: "none", 1: "ln", 2: "gelu", 3: "cast", 4: "affine"}
+
+# which operand carries the image bounds: the IMG_BOUNDS constexpr of the split-index kernel
+BOUNDS_NONE = tl.constexpr(0)
+BOUNDS_A = tl.constexpr(1)
+BOUNDS_B = tl.constexpr(2)
+BOUNDS_C = tl.constexpr(3)
+BOUNDS_OF = {None: 0, "a": 1, "b": 2, "c": 3}  # ImageBounds.operand -> IMG_BOUNDS
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# host side: the description
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Operand:
+    """A tensor viewed as a logical matrix. ``rows`` / ``cols`` give each axis's strides in elements: an int for a
+    plain axis (expanded to (D1 * s, D2 * s, s) when that index is split, so plain and split operands can share an
+    index), or an (s1, s2, s3) triple for an axis walked through the three-level split of :class:`IndexMap`."""
+
+    tensor: torch.Tensor
+    rows: int | tuple
+    cols: int | tuple
+
+    @staticmethod
+    def matrix(t: torch.Tensor) -> "Operand":
+        """A 2-D tensor as it is: (R, C)."""
+        assert t.dim() == 2
+        return Operand(t, t.stride(0), t.stride(1))
+
+    @staticmethod
+    def matrix_t(t: torch.Tensor) -> "Operand":
+        """A 2-D tensor transposed: logical (C, R), no copy."""
+        assert t.dim() == 2
+        return Operand(t, t.stride(1), t.stride(0))
+
+    def t(self) -> "Operand":
+        """The transposed view of this operand."""
+        return Operand(self.tensor, self.cols, self.rows)
+
+    @property
+    def plain(self) -> bool:
+        """Both axes have one stride (no three-level split)."""
+        return isinstance(self.rows, int) and isinstance(self.cols, int)
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """Prologue: ``(v - mean[r]) * rstd[r] * weight[f] + bias[f]`` in fp32 on the operand's tile, with the fp32
+    statistics along the operand's rows r (A: m; B: k) and the affine along its features f (A: k; B: n), so the
+    normalised activations never reach device memory (Ba et al. 2016)."""
+
+    mean: torch.Tensor  # (rows,) fp32
+    rstd: torch.Tensor  # (rows,) fp32
+    weight: torch.Tensor  # (features,)
+    bias: torch.Tensor  # (features,)
+    kind = PROLOGUE_LN.value
+
+
+@dataclass(frozen=True)
+class Gelu:
+    """Prologue: GELU of the loaded values (recomputing an activation from its stored pre-activation), in the
+    launch's GELU form (:attr:`Gemm.gelu_approximate`)."""
+
+    kind = PROLOGUE_GELU.value
+
+
+@dataclass(frozen=True)
+class Cast:
+    """Prologue: convert the loaded values to the other operand's dtype (the dot runs in that dtype)."""
+
+    kind = PROLOGUE_CAST.value
+
+
+@dataclass(frozen=True)
+class ChannelAffine:
+    """Prologue: per-channel ``v * scale[c] + shift[c]`` in fp32, then the conversion of :class:`Cast`; channel
+    ``c = feature // D1`` of the split feature index (k for A, n for B)."""
+
+    scale: torch.Tensor  # (channels,) fp32
+    shift: torch.Tensor  # (channels,) fp32
+    kind = PROLOGUE_AFFINE.value
+
+
+Prologue = LayerNorm | Gelu | Cast | ChannelAffine | None
+
+
+@dataclass(frozen=True)
+class ImageBounds:
+    """Pixels outside a height x width image, on the operand ("a", "b" or "c") whose rows are split patch tokens
+    and whose columns are split pixels: read as 0 after the prologue (A, B) or not written (C)."""
+
+    operand: str
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    """How logical indices reach memory. ``m_split`` / ``n_split`` / ``k_split``: (D1, D2) three-level split of
+    that index, ``t -> (t // D1) * s1 + ((t % D1) // D2) * s2 + (t % D2) * s3`` with the operand's stride triple
+    (None: one stride); ``image_bounds``: zero padding of an image operand (needs the token and pixel splits)."""
+
+    m_split: tuple | None = None
+    n_split: tuple | None = None
+    k_split: tuple | None = None
+    image_bounds: ImageBounds | None = None
+
+    @property
+    def split(self) -> bool:
+        return (self.m_split, self.n_split, self.k_split) != (None, None, None)
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """The epilogue steps of a launch, applied in this order to the fp32 product tile:
+
+    * ``bias``: (N,) added per column;
+    * ``gelu_grad_of``: (M, N) contiguous pre-activation; the tile is multiplied by GELU'(it) (the backward of
+      GELU; the activation derivative);
+    * ``gelu``: GELU of the tile, first storing the pre-activation to ``store_preact`` ((M, N) contiguous) when
+      given (the activation with its stored pre-activation);
+    * ``residual``: a logical (M, N) :class:`Operand` added last (may broadcast over the batch, e.g. pos_embed);
+
+    and ``a_rowsum``: (M,) contiguous output written with ``sum_k prologue(A)[m, k]`` (fp32 accumulation, one
+    program per row tile, fixed order): a weight-grad GEMM ``dW = dY^T @ X`` yields the bias gradient from the dY
+    tiles it already loads."""
+
+    bias: torch.Tensor | None = None
+    gelu_grad_of: torch.Tensor | None = None
+    gelu: bool = False
+    store_preact: torch.Tensor | None = None
+    residual: Operand | None = None
+    a_rowsum: torch.Tensor | None = None
+
+    @property
+    def aux(self) -> torch.Tensor | None:
+        """The (M, N) pre-activation buffer: read (GELU') or written (GELU with the pre-activation stored)."""
+        return self.gelu_grad_of if self.gelu_grad_of is not None else self.store_preact
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The tensor-free part of a launch's description: prologue kinds, epilogue steps present, GELU form, and
+    whether an index is split / bounded. What the kernels' constexprs, the path rule's key, the pair plan, the cost
+    model and the AOT recorder read."""
+
+    a_prologue: int = 0
+    b_prologue: int = 0
+    bias: bool = False
+    gelu_grad: bool = False
+    gelu: bool = False
+    store_preact: bool = False
+    residual: bool = False
+    a_rowsum: bool = False
+    gelu_tanh: bool = False
+    split: bool = False
+    image_bounds: str | None = None
+
+    @property
+    def converts(self) -> bool:
+        """An operand is converted on load (cast or channel affine)."""
+        return bool({self.a_prologue, self.b_prologue} & {PROLOGUE_CAST.value, PROLOGUE_AFFINE.value})
+
+    @property
+    def plain(self) -> bool:
+        """No split index, conversion or image bounds: the TMA kernel, the cuBLAS path and pairs apply."""
+        return not (self.split or self.converts or self.image_bounds is not None)
+
+    def constexprs(self) -> dict:
+        """The prologue / epilogue constexprs every GEMM kernel form takes, by name."""
+        return dict(A_PROLOGUE=self.a_prologue, B_PROLOGUE=self.b_prologue, HAS_BIAS=self.bias,
+                    DGELU=self.gelu_grad, ACT_GELU=self.gelu, STORE_PREACT=self.store_preact,
+                    HAS_RESIDUAL=self.residual, GELU_TANH=self.gelu_tanh, A_ROWSUM=self.a_rowsum)
+
+    @property
+    def name(self) -> str:
+        """The fusion as a stable string, e.g. "a_ln+bias+gelu_store" ("plain" for none): the path rule's key part
+        (:func:`fastvit_kernels.kernels.gemm_impl.gemm_key`) and the cost model's label."""
+        parts = [f"a_{PROLOGUE_NAMES[self.a_prologue]}" if self.a_prologue else "",
+                 f"b_{PROLOGUE_NAMES[self.b_prologue]}" if self.b_prologue else "",
+                 "bias" if self.bias else "", "dgelu" if self.gelu_grad else "",
+                 "gelu_store" if self.store_preact else ("gelu" if self.gelu else ""),
+                 "residual" if self.residual else "", "tanh" if self.gelu_tanh else "",
+                 "a_rowsum" if self.a_rowsum else ""]
+        return "+".join(p for p in parts if p) or "plain"
+
+
+def _err(arg: str, expected: str, got) -> ValueError:
+    return ValueError(f"{arg}: expected {expected}; got {got}")
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One launch of the GEMM core: ``c = epilogue(a_prologue(a) @ b_prologue(b))`` with a logical (M, K), b
+    (K, N), c (M, N) (:class:`Operand`), addressed through ``index`` (:class:`IndexMap`). ``gelu_approximate``:
+    "none" (exact erf) or "tanh": the form of every GELU of the launch (a :class:`Gelu` prologue, the GELU epilogue
+    and GELU'). c is written and must not alias an operand (autotuning reruns the launch).
+
+    Raises (on construction, before anything launches):
+        ValueError: an argument combination the core cannot run (named in the message): two converted operands, a
+            conversion beside the other operand's LayerNorm / GELU, mixed operand dtypes without a conversion, a
+            channel affine without its feature split, image bounds without the token / pixel splits, a split whose
+            D2 does not divide D1, a GELU' with a GELU, a stored pre-activation without GELU, a row-sum or
+            pre-activation buffer of the wrong size or layout, or a bad ``gelu_approximate``.
+    """
+
+    a: Operand
+    b: Operand
+    c: Operand
+    M: int
+    N: int
+    K: int
+    a_prologue: Prologue = None
+    b_prologue: Prologue = None
+    epilogue: Epilogue = field(default_factory=Epilogue)
+    index: IndexMap = field(default_factory=IndexMap)
+    gelu_approximate: str = "none"
+
+    def __post_init__(self):
+        ep, ix = self.epilogue, self.index
+        a_conv, b_conv = _converts(self.a_prologue), _converts(self.b_prologue)
+        if a_conv and b_conv:
+            raise _err("a_prologue / b_prologue", "at most one converted operand (Cast / ChannelAffine)",
+                       (self.a_prologue, self.b_prologue))
+        if (a_conv and self.b_prologue is not None) or (b_conv and self.a_prologue is not None):
+            raise _err("a_prologue / b_prologue", "no prologue on the operand beside a converted one",
+                       (type(self.a_prologue).__name__, type(self.b_prologue).__name__))
+        if not (a_conv or b_conv) and self.a.tensor.dtype != self.b.tensor.dtype:
+            raise _err("a / b", "one dtype, or Cast / ChannelAffine on one of them",
+                       (self.a.tensor.dtype, self.b.tensor.dtype))
+        if isinstance(self.a_prologue, ChannelAffine) and ix.k_split is None:
+            raise _err("index.k_split", "a split feature index for A's ChannelAffine", None)
+        if isinstance(self.b_prologue, ChannelAffine) and ix.n_split is None:
+            raise _err("index.n_split", "a split feature index for B's ChannelAffine", None)
+        for name, sp in (("m_split", ix.m_split), ("n_split", ix.n_split), ("k_split", ix.k_split)):
+            if sp is not None and not (sp[1] > 0 and sp[0] % sp[1] == 0):
+                raise _err(f"index.{name}", "(D1, D2) with D2 > 0 dividing D1", sp)
+        if ix.image_bounds is not None:
+            op = ix.image_bounds.operand
+            need = {"a": (ix.m_split, ix.k_split), "b": (ix.k_split, ix.n_split), "c": (ix.m_split, ix.n_split)}
+            if op not in need:
+                raise _err("index.image_bounds.operand", "'a', 'b' or 'c'", repr(op))
+            if any(s is None for s in need[op]):
+                raise _err("index.image_bounds", f"the token and pixel splits of operand {op!r}", ix)
+        if ep.gelu_grad_of is not None and ep.gelu:
+            raise _err("epilogue", "GELU' (gelu_grad_of) or GELU, not both", ep)
+        if ep.store_preact is not None and not ep.gelu:
+            raise _err("epilogue.store_preact", "gelu=True (the pre-activation of the GELU epilogue)", False)
+        aux = ep.aux
+        if aux is not None and not (aux.is_contiguous() and aux.numel() == self.M * self.N):
+            raise _err("epilogue pre-activation", f"a contiguous ({self.M}, {self.N}) tensor",
+                       f"shape {tuple(aux.shape)}, strides {aux.stride()}")
+        if ep.a_rowsum is not None:
+            if not (ep.a_rowsum.is_contiguous() and ep.a_rowsum.numel() == self.M):
+                raise _err("epilogue.a_rowsum", f"a contiguous ({self.M},) tensor", tuple(ep.a_rowsum.shape))
+            if self.N <= 0:
+                raise _err("N", "N > 0 with a_rowsum (the programs of the first column tile compute it)", self.N)
+        check_gelu_approximate(self.gelu_approximate)
+
+    @property
+    def fusion(self) -> Fusion:
+        """The tensor-free description (:class:`Fusion`)."""
+        ep, ix = self.epilogue, self.index
+        return Fusion(a_prologue=_kind(self.a_prologue), b_prologue=_kind(self.b_prologue),
+                      bias=ep.bias is not None, gelu_grad=ep.gelu_grad_of is not None, gelu=ep.gelu,
+                      store_preact=ep.store_preact is not None, residual=ep.residual is not None,
+                      a_rowsum=ep.a_rowsum is not None, gelu_tanh=self.gelu_approximate == "tanh",
+                      split=ix.split, image_bounds=ix.image_bounds.operand if ix.image_bounds else None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the dot's operands: B's when A is converted on load, else A's."""
+        return self.b.tensor.dtype if _converts(self.a_prologue) else self.a.tensor.dtype
+
+    @property
+    def empty(self) -> bool:
+        return self.M == 0 or self.N == 0
+
+    @property
+    def ln(self) -> LayerNorm | None:
+        """The LayerNorm prologue of either operand, if any (one kernel argument set serves both)."""
+        for p in (self.a_prologue, self.b_prologue):
+            if isinstance(p, LayerNorm):
+                return p
+        return None
+
+    def pointers(self) -> tuple:
+        """The kernels' tensor arguments besides the operands, in their order: bias, residual, aux
+        (pre-activation), rowsum, mean, rstd, gamma, beta (LayerNorm weight / bias or channel scale / shift). An
+        absent one is C's tensor (never read: its flag is off)."""
+        ep, dummy = self.epilogue, self.c.tensor
+        ln = self.ln
+        affine = next((p for p in (self.a_prologue, self.b_prologue) if isinstance(p, ChannelAffine)), None)
+        params = (ln.weight, ln.bias) if ln else (affine.scale, affine.shift) if affine else (dummy, dummy)
+        return (_or(ep.bias, dummy), ep.residual.tensor if ep.residual is not None else dummy, _or(ep.aux, dummy),
+                _or(ep.a_rowsum, dummy), *((ln.mean, ln.rstd) if ln else (dummy, dummy)), *params)
+
+
+def _or(t, dummy):
+    return t if t is not None else dummy
+
+
+def _kind(p: Prologue) -> int:
+    return 0 if p is None else p.kind
+
+
+def _converts(p: Prologue) -> bool:
+    return isinstance(p, (Cast, ChannelAffine))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the pair plan: which backward GEMMs share a launch
+# ------------------------------------------------------------------------------------------------------------------
+PAIR_FORMS = ("tma", "pointer")
+
+
+def pair_plan(f0: Fusion, f1: Fusion, *, form: str, dtype: torch.dtype, triton_version: tuple) -> str | None:
+    """Whether two independent GEMMs with fusions ``f0`` / ``f1`` run as ONE launch of the pair kernel of kernel
+    ``form`` ("tma" or "pointer") for operands of ``dtype`` on Triton ``triton_version`` ((major, minor)):
+    None when they do, else why not (a sentence). Called by :func:`fastvit_kernels.kernels.matmul.gemm_pair` and
+    by the cost model, so the plan they describe is the one that runs.
+
+    The pair kernels carry the backward GEMMs' fusions only (LayerNorm / GELU prologues, bias, GELU', A row sums)
+    with one GELU form; the remaining exclusions are register spills the AOT check found (``python -m
+    fastvit_kernels.aot check``):
+
+    * TMA form, fp32 operands: 8-16 B per thread on the stack on sm_90 (Triton 3.9);
+    * TMA form, Triton before 3.6, GELU on B's load (fc2's dW2 with dH): 8-96 B with every candidate on sm_90
+      (Triton 3.4);
+    * pointer form, a GELU prologue (fc2's pair): 8 B with every candidate on sm_90 (Triton 3.9).
+
+    Raises:
+        ValueError: ``form`` is not one of ``PAIR_FORMS``.
+    """
+    if form not in PAIR_FORMS:
+        raise _err("form", f"one of {PAIR_FORMS}", repr(form))
+    for f in (f0, f1):
+        if not f.plain or f.residual or f.gelu or f.store_preact:
+            return "a fusion the pair kernels do not carry (split index, conversion, residual or GELU epilogue)"
+    if f0.gelu_tanh != f1.gelu_tanh:
+        return "the two GEMMs use different GELU forms"
+    gelu_pro = PROLOGUE_GELU.value in (f0.a_prologue, f0.b_prologue, f1.a_prologue, f1.b_prologue)
+    if form == "tma":
+        if dtype == torch.float32:
+            return "fp32 pairs on the TMA kernel spilled on sm_90 (AOT check, Triton 3.9)"
+        if tuple(triton_version) < (3, 6) and PROLOGUE_GELU.value in (f0.b_prologue, f1.b_prologue):
+            return "GELU on B's load in a TMA pair spilled on sm_90 before Triton 3.6 (AOT check, Triton 3.4)"
+    elif gelu_pro:
+        return "a GELU prologue in a pointer-kernel pair spilled on sm_90 (AOT check, Triton 3.9)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# device side: the steps, shared by every Triton form of the core
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of linear tile index ``tile`` in the grouped order: GROUP_M row tiles share their B column
+    tiles in L2 (Triton's matmul tutorial)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def prologue_setup(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, N_D1,
+                   A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr):
+    """What the prologues need per output tile, loaded once before the k loop: (p0, p1, p2, p3) = A's LayerNorm
+    mean / rstd of rows ``offs_m`` and B's LayerNorm gamma / beta, or channel scale / shift (channel
+    ``n // N_D1``), of columns ``offs_n`` (0.0 where unused)."""
+    p0 = 0.0
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    if A_PROLOGUE == PROLOGUE_LN:
+        p0 = tl.load(mean_ptr + offs_m, mask=mask_m, other=0.0)
+        p1 = tl.load(rstd_ptr + offs_m, mask=mask_m, other=0.0)
+    if B_PROLOGUE == PROLOGUE_LN:
+        p2 = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        p3 = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    elif B_PROLOGUE == PROLOGUE_AFFINE:
+        p2 = tl.load(gamma_ptr + offs_n // N_D1, mask=mask_n, other=0.0).to(tl.float32)
+        p3 = tl.load(beta_ptr + offs_n // N_D1, mask=mask_n, other=0.0).to(tl.float32)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def apply_prologues(a, b, a_mask, b_mask, offs_k, mask_k, K_D1, p0, p1, p2, p3, mean_ptr, rstd_ptr, gamma_ptr,
+                    beta_ptr, A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr):
+    """A's and B's prologues on one k step's tiles (a: BLOCK_M x BLOCK_K, b: BLOCK_K x BLOCK_N), each converted to
+    the dot's dtype; ``p0`` .. ``p3`` from :func:`prologue_setup`. Masked (padding) elements come out 0: the
+    LayerNorm of A multiplies by gamma = 0 and adds beta = 0 on padded k, B's LayerNorm and the affines zero them
+    explicitly (beta / shift would leak in), GELU(0) = 0."""
+    if A_PROLOGUE == PROLOGUE_LN:
+        g = tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        bt = tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        af = (a.to(tl.float32) - p0[:, None]) * p1[:, None]
+        a = (af * g[None, :] + bt[None, :]).to(b.dtype)
+    elif A_PROLOGUE == PROLOGUE_GELU:
+        a = gelu(a.to(tl.float32), GELU_TANH).to(b.dtype)
+    elif A_PROLOGUE == PROLOGUE_CAST:
+        a = a.to(b.dtype)
+    elif A_PROLOGUE == PROLOGUE_AFFINE:
+        a_scale = tl.load(gamma_ptr + offs_k // K_D1, mask=mask_k, other=0.0).to(tl.float32)
+        a_shift = tl.load(beta_ptr + offs_k // K_D1, mask=mask_k, other=0.0).to(tl.float32)
+        af = a.to(tl.float32) * a_scale[None, :] + a_shift[None, :]
+        a = tl.where(a_mask, af, 0.0).to(b.dtype)
+    if B_PROLOGUE == PROLOGUE_LN:
+        mu = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0)
+        rs = tl.load(rstd_ptr + offs_k, mask=mask_k, other=0.0)
+        bf = (b.to(tl.float32) - mu[:, None]) * rs[:, None]
+        bf = bf * p2[None, :] + p3[None, :]
+        b = tl.where(mask_k[:, None], bf, 0.0).to(a.dtype)
+    elif B_PROLOGUE == PROLOGUE_GELU:
+        b = gelu(b.to(tl.float32), GELU_TANH).to(a.dtype)
+    elif B_PROLOGUE == PROLOGUE_CAST:
+        b = b.to(a.dtype)
+    elif B_PROLOGUE == PROLOGUE_AFFINE:
+        bf = b.to(tl.float32) * p2[None, :] + p3[None, :]
+        b = tl.where(b_mask, bf, 0.0).to(a.dtype)
+    return a, b
+
+
+@triton.jit
+def accumulate(acc, a_sum, a, b, pid_n, A_ROWSUM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One k step of a tile: ``acc += a @ b`` (fp32 accumulator); with A_ROWSUM the programs of the first column
+    tile (``pid_n == 0``) also add the rows of ``a`` (after its prologue) to ``a_sum`` in fp32: one program per row
+    tile sums its A rows over the whole K loop, so the row sums need no partials or atomics."""
+    if A_ROWSUM:
+        if pid_n == 0:
+            a_sum += tl.sum(a.to(tl.float32), axis=1)
+    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc, a_sum
+
+
+@triton.jit
+def store_rowsum(rowsum_ptr, a_sum, offs_m, mask_m, pid_n, A_ROWSUM: tl.constexpr):
+    """Write the row sums :func:`accumulate` gathered (the ``pid_n == 0`` programs), in ``rowsum_ptr``'s dtype."""
+    if A_ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS: tl.constexpr, DGELU: tl.constexpr,
+             ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr, GELU_TANH: tl.constexpr):
+    """The epilogue steps of :class:`Epilogue` up to the residual add, in their order, on an fp32 (rows, cols) tile
+    at rows ``offs_m`` / columns ``offs_n`` of an (M, N) product: + bias[n]; * GELU'(aux[m, n]) (DGELU); GELU,
+    first storing the pre-activation to aux (ACT_GELU, STORE_PREACT). ``aux_ptr``: (M, N) contiguous. The
+    residual add comes last and each form loads the residual tile itself, right there (its addressing differs, and
+    loading it earlier would keep a second tile live across these steps). Called by the pointer and TMA kernels,
+    the pair form's split-K reduction and the cuBLAS path's epilogue kernel."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    aux_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if DGELU:
+        acc = acc * gelu_grad(tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32), GELU_TANH)
+    if ACT_GELU:
+        if STORE_PREACT:
+            tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        acc = gelu(acc, GELU_TANH)
+    return acc
