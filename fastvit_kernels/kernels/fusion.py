@@ -208,6 +208,23 @@ class Fusion:
         """No split index, conversion or image bounds: the TMA kernel, the cuBLAS path and pairs apply."""
         return not (self.split or self.converts or self.image_bounds is not None)
 
+    @staticmethod
+    def from_constexprs(kw: dict, suffix: str = "") -> "Fusion":
+        """The fusion a kernel launch's constexpr keywords ``kw`` describe (the inverse of :meth:`constexprs`;
+        ``suffix``: "0" / "1" for a pair kernel's problem). What the AOT recorder names a GEMM variant by. Flags a
+        kernel form does not take (the pair forms carry no residual / GELU epilogue) read as off."""
+        def get(name, default=False):
+            v = kw.get(name + suffix, kw.get(name, default))
+            return getattr(v, "value", v)
+
+        split = any(get(k) for k in ("SPLIT_M", "SPLIT_N", "SPLIT_K"))
+        bounds = {v: k for k, v in BOUNDS_OF.items()}[int(get("IMG_BOUNDS", 0))]
+        return Fusion(a_prologue=int(get("A_PROLOGUE", 0)), b_prologue=int(get("B_PROLOGUE", 0)),
+                      bias=bool(get("HAS_BIAS")), gelu_grad=bool(get("DGELU")), gelu=bool(get("ACT_GELU")),
+                      store_preact=bool(get("STORE_PREACT")), residual=bool(get("HAS_RESIDUAL")),
+                      a_rowsum=bool(get("A_ROWSUM")), gelu_tanh=bool(get("GELU_TANH")), split=split,
+                      image_bounds=bounds)
+
     def constexprs(self) -> dict:
         """The prologue / epilogue constexprs every GEMM kernel form takes, by name."""
         return dict(A_PROLOGUE=self.a_prologue, B_PROLOGUE=self.b_prologue, HAS_BIAS=self.bias,
