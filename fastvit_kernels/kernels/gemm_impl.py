@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from . import tuning_record
+from . import _launch, tuning_record
 from ._common import bias_gelu_epilogue, gelu, interpreting
 from .reduce import column_sum
 
@@ -251,7 +251,8 @@ def _prologue(x: torch.Tensor, ln, gelu_on: bool, gelu_tanh: bool, dtype: torch.
     if R == 0 or C == 0:
         return out
     dummy = out
-    _operand_prologue_kernel[tile_grid(R, C, 32, 64)](
+    _launch.launch(
+        _operand_prologue_kernel, tile_grid(R, C, 32, 64),
         x, out, ln.mean if ln else dummy, ln.rstd if ln else dummy, ln.weight if ln else dummy,
         ln.bias if ln else dummy, R, C, x.stride(0), x.stride(1),
         LN=ln is not None, GELU=gelu_on, GELU_TANH=gelu_tanh, BLOCK_R=32, BLOCK_C=64,
@@ -298,7 +299,8 @@ def cublas_gemm(a, b, c, M: int, N: int, K: int, *, a_ln=None, b_ln=None, a_gelu
     aux = dgelu_preact if dgelu_preact is not None else store_preact
     R = _view(residual, M, N) if residual is not None else None
     dummy = P
-    _gemm_epilogue_kernel[tile_grid(M, N, 32, 64)](
+    _launch.launch(
+        _gemm_epilogue_kernel, tile_grid(M, N, 32, 64),
         P, C, bias if bias is not None else dummy, aux if aux is not None else dummy, R if R is not None else dummy,
         M, N, C.stride(0), C.stride(1), R.stride(0) if R is not None else 0, R.stride(1) if R is not None else 0,
         HAS_BIAS=bias is not None, DGELU=dgelu_preact is not None, ACT_GELU=gelu_on,

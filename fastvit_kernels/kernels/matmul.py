@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_gelu_approximate
-from . import tuning_record
+from . import _launch, tuning_record
 from ._common import (NEWER_TRITON, TRITON_3_6, bias_gelu_epilogue, dot_precision, gelu, interpreting, ln_cols, ln_rows,
                       triton_version)
 
@@ -707,7 +707,7 @@ def _launch_pointer(p: _Launch) -> None:
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    kernel[grid](*p.pointer_args(), **p.pointer_kw(), **cfg)
+    _launch.launch(kernel, grid, *p.pointer_args(), **p.pointer_kw(), **cfg)
 
 
 def _try_tma(launch_tma) -> bool:
@@ -889,8 +889,8 @@ def _launch_pointer_pair(p0: _Launch, p1: _Launch) -> None:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         return (triton.cdiv(p0.M, bm) * triton.cdiv(p0.N, bn) + triton.cdiv(p1.M, bm) * triton.cdiv(p1.N, bn),)
 
-    kernel[grid](*problem(p0), *problem(p1), **flags(p0, 0), **flags(p1, 1), GELU_TANH=p0.flags["GELU_TANH"],
-                 DOT_PRECISION=dot_precision(p0.compute_dtype), **cfg)
+    _launch.launch(kernel, grid, *problem(p0), *problem(p1), **flags(p0, 0), **flags(p1, 1),
+                   GELU_TANH=p0.flags["GELU_TANH"], DOT_PRECISION=dot_precision(p0.compute_dtype), **cfg)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **fusions) -> torch.Tensor:

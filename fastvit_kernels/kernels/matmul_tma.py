@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning_record
+from . import _launch, tuning_record
 from ._common import bias_gelu_epilogue, gelu, interpreting, ln_cols, ln_rows
 
 try:  # host-side descriptors: Triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
@@ -511,12 +511,12 @@ def launch(a, b, c, M: int, N: int, K: int, *, bias, residual, aux, a_rowsum, ln
             residual.rows if residual is not None else 0, residual.cols if residual is not None else 0)
     kw = dict(A_T=a_t, B_T=b_t, A_PROLOGUE=a_prologue, B_PROLOGUE=b_prologue, DOT_PRECISION=dot_precision, **flags)
     if autotune:
-        _matmul_tma_kernel[grid](*args, **kw)
+        _launch.launch(_matmul_tma_kernel, grid, *args, **kw)
     else:
         kernel = getattr(_matmul_tma_kernel, "fn", _matmul_tma_kernel)  # the plain kernel, fixed configuration
         cfg = dict(config)
         _set_block_shapes({"a_desc": a_desc, "b_desc": b_desc, "c_desc": c_desc, **cfg})
-        kernel[grid](*args, **kw, **cfg)
+        _launch.launch(kernel, grid, *args, **kw, **cfg)
 
 
 def launch_pair(first: dict, second: dict, *, dot_precision: str, autotune: bool, config: dict) -> None:
@@ -573,17 +573,16 @@ def launch_pair(first: dict, second: dict, *, dot_precision: str, autotune: bool
         return (min(n_sms, units),)
 
     if autotune:
-        _matmul_tma_pair_kernel[grid](*args, **kw)
+        _launch.launch(_matmul_tma_pair_kernel, grid, *args, **kw)
     else:
         kernel = getattr(_matmul_tma_pair_kernel, "fn", _matmul_tma_pair_kernel)
         cfg = dict(config)
         _set_pair_block_shapes({**descs, **cfg})
-        kernel[grid](*args, **kw, **cfg)
+        _launch.launch(kernel, grid, *args, **kw, **cfg)
     if split > 1:
         c, f = long["c"], long["flags"]
         ptrs = _pointers(c, long["bias"], long["aux"], long["a_rowsum"], None)
         rgrid = (triton.cdiv(long["M"], REDUCE_BLOCK_M), triton.cdiv(long["N"], REDUCE_BLOCK_N))
-        _split_k_reduce_kernel[rgrid](ws, ws_rowsum, c.tensor, *ptrs[:3], long["M"], long["N"], split, c.rows,
-                                      c.cols, HAS_BIAS=f["HAS_BIAS"], DGELU=f["DGELU"], A_ROWSUM=f["A_ROWSUM"],
-                                      GELU_TANH=f["GELU_TANH"], BLOCK_M=REDUCE_BLOCK_M, BLOCK_N=REDUCE_BLOCK_N,
-                                      num_warps=REDUCE_WARPS)
+        _launch.launch(_split_k_reduce_kernel, rgrid, ws, ws_rowsum, c.tensor, *ptrs[:3], long["M"], long["N"], split,
+                       c.rows, c.cols, HAS_BIAS=f["HAS_BIAS"], DGELU=f["DGELU"], A_ROWSUM=f["A_ROWSUM"],
+                       GELU_TANH=f["GELU_TANH"], BLOCK_M=REDUCE_BLOCK_M, BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_WARPS)
