@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from .backend import launches_recorded as _launches_recorded
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -68,8 +70,10 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
 
 
 def check_triton_dtype(name: str, t: torch.Tensor) -> None:
-    """Raise ``TypeError`` for bfloat16 under the Triton interpreter, which mis-handles it (adds bit patterns)."""
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+    """Raise ``TypeError`` for bfloat16 under the Triton interpreter, which mis-handles it (adds bit patterns).
+    While launches are only recorded (:func:`fastvit_kernels.backend.launches_recorded`: nothing is interpreted)
+    bfloat16 CPU tensors pass."""
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16 and not _launches_recorded():
         raise TypeError(
             f"{name} is bfloat16 on the CPU: the Triton interpreter does not support bfloat16; "
             "use float32/float16 there, backend='torch', or a GPU"

@@ -9,11 +9,14 @@ How it works (no GPU, no CUDA driver):
 
 1. **Trace.** The public ops (``patch_embed``, ``attention``, ``layernorm_mlp``) run forward and, for training,
    autograd backward, on CPU tensors that are allocated but never read (``torch.empty``), at the shapes ViT-B/16,
-   ViT-L/16 and ViT-H/14 use. Every ``*_kernel`` object of :mod:`fastvit_kernels.kernels` is swapped for a recorder
-   while they run, so the launchers choose tiles exactly as they would on a GPU (``gemm_config``,
-   ``attention_configs``, ``_rows_per_program``, the column-sum block choice, every constexpr flag) and the recorder
-   keeps the launch arguments instead of launching. The configurations checked are therefore the ones the
-   launchers use, not a copied list; an autotuned kernel (``triton.autotune``) is expanded into every candidate.
+   ViT-L/16 and ViT-H/14 use, inside the launch hook :func:`fastvit_kernels.kernels._launch.recording`: every
+   launcher calls ``_launch.launch``, which hands the kernel, grid and arguments to the recorder instead of
+   launching, so the launchers choose tiles exactly as they would on a GPU (``gemm_config``,
+   ``attention_configs``, ``_rows_per_program``, the column-sum block choice, every constexpr flag). While a
+   recorder is active the ops take the Triton path on CPU and meta tensors (the rule of
+   :func:`fastvit_kernels.backend.resolve_backend`); nothing in the package is replaced. The configurations
+   checked are therefore the ones the launchers use, not a copied list; an autotuned kernel (``triton.autotune``)
+   is expanded into every candidate.
 2. **Specialise.** The arguments are bound with Triton's own binder for the target (the code path of
    ``JITFunction.run``: 16-byte pointer alignment, integers divisible by 16, integers equal to 1 as constants), so
    each compiled variant is the one a real launch at that shape would compile.
@@ -198,9 +201,15 @@ def package_kernels() -> dict[str, object]:
     Raises RuntimeError if the kernels were defined under the Triton interpreter (TRITON_INTERPRET=1)."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    from triton.runtime.autotuner import Autotuner
+
     out = {}
     for mod in _kernel_modules():
-        for name, obj in vars(mod).items():
+        # an autotuner is named by its kernel (it may be bound to another name) and replaces the kernel's entry
+        items = sorted(vars(mod).items(), key=lambda kv: isinstance(kv[1], Autotuner))
+        for name, obj in items:
+            if isinstance(obj, Autotuner):
+                name = obj.fn.__name__
             if not name.endswith("_kernel"):
                 continue
             if isinstance(obj, InterpretedFunction) or isinstance(getattr(obj, "fn", None), InterpretedFunction):
@@ -213,27 +222,32 @@ def package_kernels() -> dict[str, object]:
 
 
 def _call_site() -> str:
-    """``ops/<file>.py:<line>`` of the innermost op frame on the stack (else the launcher's), for the report."""
+    """``ops/<file>.py:<line>`` of the innermost op frame on the stack (else the launcher's, the frame that called
+    ``_launch.launch``), for the report."""
     frame = sys._getframe(2)
     fallback = ""
     while frame is not None:
         path = frame.f_code.co_filename.replace(os.sep, "/")
         if "/fastvit_kernels/ops/" in path:
             return f"ops/{os.path.basename(path)}:{frame.f_lineno}"
-        if not fallback and "/fastvit_kernels/kernels/" in path:
+        if not fallback and "/fastvit_kernels/kernels/" in path and not path.endswith("/_launch.py"):
             fallback = f"kernels/{os.path.basename(path)}:{frame.f_lineno}"
         frame = frame.f_back
     return fallback
 
 
 def _enum_name(module, param: str, value) -> str:
-    """Readable value of an int constexpr that has named module constants (``A_PROLOGUE=1`` -> ``A_PROLOGUE=LN``
-    via ``PROLOGUE_LN = 1`` in the kernel's module)."""
+    """Readable value of an int constexpr that has named constants in the kernel's module or in
+    :mod:`~fastvit_kernels.kernels.fusion` (``A_PROLOGUE=1`` -> ``A_PROLOGUE=LN`` via ``PROLOGUE_LN``)."""
+    from .kernels import fusion
+
     prefix = param.split("_")[-1] + "_"
     if isinstance(value, int) and not isinstance(value, bool):
-        for k, v in vars(module).items():
-            if k.startswith(prefix) and v == value and isinstance(v, int):
-                return f"{param}={k[len(prefix):]}"
+        for mod in (module, fusion):
+            for k, v in vars(mod).items():
+                v = getattr(v, "value", v)  # tl.constexpr constants
+                if k.startswith(prefix) and isinstance(v, int) and not isinstance(v, bool) and v == value:
+                    return f"{param}={k[len(prefix):]}"
     return f"{param}={value}"
 
 
@@ -260,6 +274,12 @@ def _describe(module, fn, signature: dict, constexprs: dict, options: dict) -> t
             spec.append(_enum_name(module, name, value))
     cfg += [f"{_OPTION_SHORT[k]}{v}" for k, v in sorted(options.items())
             if k in _OPTION_SHORT and v is not None and not (k == "num_ctas" and v == 1)]
+    named = {names[idx]: value for (idx,), value in constexprs.items()}
+    if "A_PROLOGUE" in named or "A_PROLOGUE0" in named:  # a GEMM-core launch: its fusion description's name
+        from .kernels.fusion import Fusion
+
+        parts = [""] if "A_PROLOGUE" in named else ["0", "1"]
+        spec.insert(1, "fusion=" + "|".join(Fusion.from_constexprs(named, p).name for p in parts))
     return " ".join(spec), " ".join(cfg)
 
 
@@ -299,30 +319,60 @@ def _grid3(grid, kernel: str) -> tuple[int, int, int]:
 
 
 class _Recorder:
-    """Stands in for a kernel while the ops are traced: ``kernel[grid](*args, **kwargs)`` evaluates the grid for
-    every configuration the launch may run with (each autotune candidate: a grid that is a function of the config
-    gives each its own extents) and records the largest extent of each axis in ``grids``; for every target in
-    ``archs`` it also binds the arguments with Triton's binder and stores a :class:`Job` per target instead of
-    launching (``archs`` empty: grids only, nothing is bound, so the tensors may be on the meta device)."""
+    """The launch recorder of the trace (``recorder(kernel, grid, args, kwargs)``, installed with
+    :func:`fastvit_kernels.kernels._launch.recording`): for each launch it evaluates the grid for every
+    configuration the launch may run with (each autotune candidate: a grid that is a function of the config gives
+    each its own extents) and records the largest extent of each axis in ``grids``; for every target in ``archs``
+    it also binds the arguments with Triton's binder and stores a :class:`Job` per target (``archs`` empty: grids
+    only, nothing is bound, so the tensors may be on the meta device).
 
-    def __init__(self, kernel, module, archs: list[int], jobs: dict, label: list, grids: dict | None = None):
-        self.kernel, self.module, self.archs, self.jobs, self.label = kernel, module, archs, jobs, label
-        self.grids = {} if grids is None else grids
-        self.launched = 0
-        self._binders: dict = {}  # (kernel id, arch) -> (backend, binder)
+    ``kernels``: the inventory ({"module:name": kernel}, :func:`package_kernels`) that names the launched kernels
+    and counts their launches in ``launched``; a kernel outside it (a test's own) is named by its function's module.
+    An autotuned kernel is expanded into its candidates whether the launcher hands over the ``Autotuner`` or, with a
+    fixed configuration (``FASTVIT_AUTOTUNE=0``), its plain kernel: a GPU autotunes by default, so every candidate
+    is what can run."""
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self._record(grid, args, kwargs)
-        return launch
-
-    def _variants(self, args, kwargs):
-        """(JITFunction, kwargs) per autotune candidate (pruned as the autotuner prunes), or the launch itself; an
-        iterator: a candidate's ``pre_hook`` (TMA descriptor block shapes) mutates arguments shared by all
-        candidates, so each candidate is bound before the next hook runs."""
+    def __init__(self, archs: list[int], jobs: dict, label: list, grids: dict | None = None,
+                 kernels: dict | None = None):
         from triton.runtime.autotuner import Autotuner
 
-        k = self.kernel
+        self.archs, self.jobs, self.label = archs, jobs, label
+        self.grids = {} if grids is None else grids
+        self.launched = {kid: 0 for kid in kernels or {}}  # kernel id -> launches recorded
+        self._binders: dict = {}  # (kernel id, arch) -> (backend, binder)
+        self._known: dict = {}  # id(launched object) -> (kernel id, module, Autotuner or None)
+        for kid, obj in (kernels or {}).items():
+            mod = sys.modules[kid.split(":")[0]]
+            tuner = obj if isinstance(obj, Autotuner) else None
+            self._known[id(obj)] = (kid, mod, tuner)
+            if tuner is not None:  # its plain kernel, launched with a fixed configuration
+                self._known[id(tuner.fn)] = (kid, mod, tuner)
+
+    def _identify(self, kernel) -> tuple:
+        """(kernel id, module, Autotuner or None) of a launched kernel object."""
+        from triton.runtime.autotuner import Autotuner
+
+        known = self._known.get(id(kernel))
+        if known is not None:
+            return known
+        tuner = kernel if isinstance(kernel, Autotuner) else None
+        fn = kernel.fn if tuner is not None else kernel
+        mod = sys.modules[getattr(fn, "module", None) or fn.fn.__module__]
+        known = self._known[id(kernel)] = (f"{mod.__name__}:{fn.__name__}", mod, tuner)
+        return known
+
+    def __call__(self, kernel, grid, args: tuple, kwargs: dict) -> None:
+        kid, module, tuner = self._identify(kernel)
+        self.launched[kid] = self.launched.get(kid, 0) + 1
+        self._record(module, tuner or kernel, grid, args, kwargs)
+
+    @staticmethod
+    def _variants(k, args, kwargs):
+        """(JITFunction, kwargs) per autotune candidate of ``k`` (pruned as the autotuner prunes), or the launch
+        itself for a plain kernel; an iterator: a candidate's ``pre_hook`` (TMA descriptor block shapes) mutates
+        arguments shared by all candidates, so each candidate is bound before the next hook runs."""
+        from triton.runtime.autotuner import Autotuner
+
         if not isinstance(k, Autotuner):
             return [(k, kwargs)]
         configs = k.configs
@@ -333,7 +383,7 @@ class _Recorder:
             configs = prune(configs, dict(zip(k.arg_names, args)), **kwargs)
         if not hasattr(k.fn, "params"):
             raise TypeError(f"{k.fn!r}: only triton.autotune over a plain @triton.jit kernel is supported")
-        return self._each(k, configs, args, kwargs)
+        return _Recorder._each(k, configs, args, kwargs)
 
     @staticmethod
     def _each(k, configs, args, kwargs):
@@ -344,32 +394,32 @@ class _Recorder:
                 c.pre_hook({**dict(zip(k.arg_names, args)), **kw})
             yield k.fn, kw
 
-    def _grid_of(self, fn, grid, args, kw) -> tuple[int, int, int]:
+    @staticmethod
+    def _grid_of(module, fn, grid, args, kw) -> tuple[int, int, int]:
         """The launch grid for one configuration: ``grid`` itself, or ``grid(meta)`` with ``meta`` the arguments by
         name plus the configuration's keywords (what ``JITFunction.run`` passes a grid function)."""
         if callable(grid):
             grid = grid({**dict(zip(fn.arg_names, args)), **kw})
-        return _grid3(grid, f"{self.module.__name__}.{fn.__name__}")
+        return _grid3(grid, f"{module.__name__}.{fn.__name__}")
 
-    def _note_grid(self, name: str, grid: tuple, use: str) -> None:
-        rec = self.grids.setdefault(name, dict(module=self.module.__name__, name=name, grid=[0, 0, 0],
+    def _note_grid(self, module, name: str, grid: tuple, use: str) -> None:
+        rec = self.grids.setdefault(name, dict(module=module.__name__, name=name, grid=[0, 0, 0],
                                                at=["", "", ""], launches=0))
         rec["launches"] += 1
         for axis, extent in enumerate(grid):
             if extent > rec["grid"][axis]:
                 rec["grid"][axis], rec["at"][axis] = extent, use
 
-    def _record(self, grid, args, kwargs):
+    def _record(self, module, kernel, grid, args, kwargs):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
 
-        self.launched += 1
         use = f"{' '.join(self.label)}: {_call_site()}"
-        min_arch = getattr(self.module, "MIN_ARCH", 0)  # a module of kernels for newer GPUs only (matmul_tma: 90)
-        for fn, kw in self._variants(args, kwargs):
-            launch_grid = self._grid_of(fn, grid, args, kw)
-            self._note_grid(fn.__name__, launch_grid, use)
+        min_arch = getattr(module, "MIN_ARCH", 0)  # a module of kernels for newer GPUs only (matmul_tma: 90)
+        for fn, kw in self._variants(kernel, args, kwargs):
+            launch_grid = self._grid_of(module, fn, grid, args, kw)
+            self._note_grid(module, fn.__name__, launch_grid, use)
             param_names = {p.name for p in fn.params}
             for arch in (a for a in self.archs if a >= min_arch):
                 # Triton's binder for this target: the same specialisation JITFunction.run computes before compiling
@@ -381,8 +431,8 @@ class _Recorder:
                 bound, specialization, opts = binder(*args, **kw)
                 signature, constexprs, attrs = _pack_args(fn, backend, kw, bound, specialization, opts)
                 options = {k: v for k, v in kw.items() if k not in param_names}
-                spec, cfg = _describe(self.module, fn, signature, constexprs, options)
-                job = Job(self.module.__name__, fn.__name__, arch, signature, constexprs, attrs, options, spec, cfg)
+                spec, cfg = _describe(module, fn, signature, constexprs, options)
+                job = Job(module.__name__, fn.__name__, arch, signature, constexprs, attrs, options, spec, cfg)
                 job = self.jobs.setdefault(job.key(), job)
                 job.grid = [max(a, b) for a, b in zip(job.grid, launch_grid)]
                 if use not in job.uses:
@@ -391,31 +441,16 @@ class _Recorder:
 
 @contextmanager
 def _recording(archs: list[int], jobs: dict, label: list, grids: dict | None = None):
-    """Swap every package kernel for a :class:`_Recorder`, and let the public ops take the Triton path on CPU
-    tensors (their backend choice and CPU-bfloat16 guard exist for the interpreter, which is not used here).
-    Yields {kernel id: recorder}; restores everything on exit."""
-    from . import ops as ops_pkg
+    """Record the launches made inside the block into a :class:`_Recorder` over the package's kernels, through the
+    launch hook :func:`fastvit_kernels.kernels._launch.recording` (nothing is launched). While it records, the
+    public ops take the Triton path on CPU and meta tensors, bfloat16 included (the rule of
+    :func:`fastvit_kernels.backend.resolve_backend`; the CPU-bfloat16 guard is for the interpreter, which does not
+    run here). Yields the recorder."""
+    from .kernels import _launch
 
-    recorders, saved = {}, []
-    grids = {} if grids is None else grids
-    try:
-        for kid, kernel in package_kernels().items():
-            mod_name, name = kid.split(":")
-            mod = sys.modules[mod_name]
-            recorders[kid] = _Recorder(kernel, mod, archs, jobs, label, grids)
-            saved.append((mod, name, kernel))
-            setattr(mod, name, recorders[kid])
-        for info in pkgutil.iter_modules(ops_pkg.__path__):
-            mod = importlib.import_module(f"{ops_pkg.__name__}.{info.name}")
-            for name, repl in (("resolve_backend", lambda device, backend=None: "triton"),
-                               ("check_triton_dtype", lambda name, t: None)):
-                if hasattr(mod, name):
-                    saved.append((mod, name, getattr(mod, name)))
-                    setattr(mod, name, repl)
-        yield recorders
-    finally:
-        for mod, name, obj in reversed(saved):
-            setattr(mod, name, obj)
+    recorder = _Recorder(archs, jobs, label, grids, package_kernels())
+    with _launch.recording(recorder):
+        yield recorder
 
 
 class _RunOpsOnMeta(TorchDispatchMode):
@@ -532,7 +567,7 @@ def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), mode
     kernels that no workload launched). Each job's ``grid`` is the largest extent per axis of its launches."""
     jobs: dict = {}
     label: list = []
-    with _recording(archs, jobs, label) as recorders:
+    with _recording(archs, jobs, label) as recorder:
         for model in models:
             for dt in dtypes:
                 for batch in batches:
@@ -540,7 +575,7 @@ def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), mode
                         for what, thunk in vit_workloads(model, DTYPES[dt], batch, mode):
                             label[:] = [SHORT_MODEL.get(model, model), dt, f"B={batch}", mode, what]
                             thunk()
-        never = [kid for kid, r in recorders.items() if r.launched == 0]
+        never = [kid for kid, n in recorder.launched.items() if n == 0]
     return list(jobs.values()), never
 
 

@@ -6,6 +6,10 @@ Rules (docs/design.md, "Backends"):
 * CPU tensors run the reference in :mod:`fastvit_kernels.reference`, unless the Triton interpreter is on
   (``TRITON_INTERPRET=1`` in the environment before the first kernel is used), in which case the same Triton
   kernels run on the CPU. That is how the tests exercise the kernels on machines without a GPU.
+* Meta and CPU tensors also run the Triton kernels while a launch recorder is active
+  (:func:`fastvit_kernels.kernels._launch.recording`, what the AOT check traces the ops under): nothing is
+  launched then, only recorded, so neither a GPU nor the interpreter is needed, and the recorder sees the launches
+  the launchers would make on a GPU.
 * An explicit choice overrides the rule: the ``backend=`` argument of every op and of :class:`FastViT`, else the
   ``FASTVIT_BACKEND`` environment variable; each is ``"auto"``, ``"triton"`` or ``"torch"``.
 * Inside the Triton backend, each GEMM runs either on the fused Triton GEMM core or as cuBLAS (``torch.matmul``)
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -36,8 +41,15 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
+def launches_recorded() -> bool:
+    """Whether a launch recorder is active (:func:`fastvit_kernels.kernels._launch.recording`): then kernel launches
+    are recorded, not run. Imports nothing: without the recording module loaded no recorder can be active."""
+    launch_module = sys.modules.get("fastvit_kernels.kernels._launch")
+    return launch_module is not None and launch_module.recording_active()
+
+
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """Pick the implementation for tensors on ``device``.
+    """Pick the implementation for tensors on ``device`` (the rules of the module docstring).
 
     Args:
         device: the device of the op's input tensors.
@@ -49,7 +61,8 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     Raises:
         ValueError: ``backend`` (or ``FASTVIT_BACKEND``) is not one of the three names.
         RuntimeError: ``"triton"`` was asked for where it cannot run (Triton missing; CPU tensors without the
-            interpreter; a device other than CPU/CUDA).
+            interpreter; a device other than CPU/CUDA; while launches are recorded, a device other than CPU, CUDA or
+            meta).
     """
     source = "backend"
     if backend is None:
@@ -60,7 +73,9 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         raise ValueError(f"{source} must be one of {BACKENDS}; got {backend!r}")
     device = torch.device(device)
     can_triton = triton_available() and (
-        device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+        device.type == "cuda"
+        or (device.type == "cpu" and interpreter_enabled())
+        or (device.type in ("cpu", "meta") and launches_recorded())
     )
     if backend == "auto":
         return "triton" if can_triton else "torch"

@@ -192,10 +192,11 @@ def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 _RECORD = '''
 import json, torch, autotuned
 from fastvit_kernels import aot
+from fastvit_kernels.kernels import _launch
 jobs = {}
-rec = aot._Recorder(autotuned._double_kernel, autotuned, [80, 90], jobs, ["test"])
 x = torch.empty(1000)
-rec[(16,)](x, x, 1000)
+with _launch.recording(aot._Recorder([80, 90], jobs, ["test"])):
+    _launch.launch(autotuned._double_kernel, (16,), x, x, 1000)
 print(json.dumps([[r["arch"], r["config"], r["error"], r["regs"]] for r in aot.compile_all(list(jobs.values()), 1)]))
 '''
 
@@ -219,12 +220,17 @@ def test_autotune_candidates_are_each_compiled(tmp_path):
 _GRIDS = '''
 import json, torch, autotuned
 from fastvit_kernels import aot
+from fastvit_kernels.kernels import _launch
 grids = {}
-rec = aot._Recorder(autotuned._double_kernel, autotuned, [], {}, ["test"], grids)
+k = autotuned._double_kernel
+rec = aot._Recorder([], {}, ["test"], grids, {"autotuned:_double_kernel": k})  # the inventory names and links k.fn
 x = torch.empty(1, device="meta")
 n = 1 << 20
-rec[lambda meta: (triton_cdiv(n, meta["BLOCK"]), 70000)](x, x, n)        # B * H = 70000 on axis 1: too many
-rec[(3, 2)](x, x, 5)                                                    # a plain tuple
+with _launch.recording(rec):
+    _launch.launch(k, lambda meta: (triton_cdiv(n, meta["BLOCK"]), 70000), x, x, n)  # B * H = 70000 on axis 1
+    _launch.launch(k, (3, 2), x, x, 5)                                               # a plain tuple
+    _launch.launch(k.fn, (1,), x, x, 5, BLOCK=64)  # its plain kernel, fixed config: expanded like the autotuner
+assert rec.launched == {"autotuned:_double_kernel": 3}, rec.launched
 print(json.dumps(list(grids.values())))
 '''.replace("triton_cdiv", "(lambda a, b: -(-a // b))")
 
@@ -240,7 +246,7 @@ def test_grid_check_catches_a_bad_grid(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _GRIDS], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = json.loads(proc.stdout)
-    assert rec["name"] == "_double_kernel" and rec["launches"] == 4  # 2 launches x 2 kept candidates
+    assert rec["name"] == "_double_kernel" and rec["launches"] == 6  # 3 launches x 2 kept candidates
     assert rec["grid"] == [(1 << 20) // 64, 70000, 1]
     assert aot.grid_problems(rec["grid"]) == ["grid axis 1 = 70,000 > 65,535"]
     assert aot.grid_problems([3, 2, 1]) == []

@@ -35,6 +35,35 @@ def test_env_override_and_bad_names(monkeypatch):
         bk.resolve_backend(torch.device("meta"), "triton")
 
 
+def test_meta_and_cpu_take_triton_while_launches_are_recorded(monkeypatch):
+    """The documented rule for the AOT trace: while a launch recorder is active nothing runs, so meta and CPU
+    tensors (interpreter off) resolve to "triton" under "auto", an explicit "torch" still wins, and the CPU-bfloat16
+    guard (an interpreter limit) lets bfloat16 through; outside recording the usual rules hold."""
+    from fastvit_kernels._checks import check_triton_dtype
+    from fastvit_kernels.kernels import _launch
+
+    monkeypatch.delenv("FASTVIT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    bf16 = torch.zeros(2, dtype=torch.bfloat16)
+    assert not bk.launches_recorded()
+    assert bk.resolve_backend(meta) == bk.resolve_backend(cpu) == "torch"
+    with pytest.raises(TypeError, match="bfloat16"):
+        check_triton_dtype("x", bf16)
+    with _launch.recording(lambda *call: None):
+        assert bk.launches_recorded()
+        assert bk.resolve_backend(meta) == bk.resolve_backend(cpu) == "triton"
+        assert bk.resolve_backend(meta, "triton") == "triton"
+        assert bk.resolve_backend(meta, "torch") == "torch"
+        check_triton_dtype("x", bf16)
+        with pytest.raises(RuntimeError, match="not supported by the Triton kernels"):
+            bk.resolve_backend(torch.device("mps"), "triton")
+    assert not bk.launches_recorded()
+    assert bk.resolve_backend(meta) == "torch"
+    with pytest.raises(RuntimeError, match="not supported by the Triton kernels"):
+        bk.resolve_backend(meta, "triton")
+
+
 def test_import_is_lazy():
     code = (
         "import sys, torch, fastvit_kernels\n"

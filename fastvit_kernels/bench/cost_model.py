@@ -397,8 +397,8 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
            ("_matmul_kernel", 2 * B * Np * D * CPP, img * e + D * CPP * e + D * e + Np * D * e, B * Np * D * e, T,
             "pixels gathered in the A load; bias + pos_embed epilogue"),
            ("_prefix_rows_kernel", 0, 2 * D * e, B * D * e, T, "class row: cls_token + pos_embed[0]"))
-    # the attention half's kernels (model.py: one fastvit::attention_block op; the profiler's instrumented step and
-    # blocks with LayerScale / qk_norm / dropout: its three ops), each with its op class
+    # the attention half's kernels (model.py: one fastvit::attention_block op; blocks with LayerScale / qk_norm /
+    # dropout: its three ops), each with its op class
     qkv_fwd = [("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T, "norm1 row statistics", "ln_qkv"),
                (GK, 2 * M * D * 3 * D, M * D * e + 2 * M * F32 + 2 * D * e + 3 * D * D * e + 3 * D * e,
                 M * 3 * D * e, T, "LayerNorm prologue; bias epilogue", "ln_qkv")]
@@ -504,7 +504,8 @@ def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "f
         optimizer: include the AdamW step (train mode only).
         weight_decay: the decay group's weight decay (0 drops its multiply).
         attention_block: FastViT's attention half as one ``fastvit::attention_block`` op (model.py); False: as
-            its three ops (the profiler's instrumented step), with the gradient-accumulation add that implies.
+            its three ops (a block with LayerScale / qk_norm / dropout), with the gradient-accumulation add that
+            implies.
         gemm_kernel: FastViT's block-GEMM kernel form: "tma" (Hopper: ``_matmul_tma_kernel`` and its pair form)
             or "pointer" (Ampere / Ada, the CPU interpreter: ``_matmul_kernel``, with fc2's backward pair as two
             launches); see :func:`fastvit_kernels.backend.gemm_kernel`. fp32 pairs on "tma" are two launches.

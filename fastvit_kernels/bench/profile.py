@@ -6,15 +6,17 @@ Method:
 
 1. warm-up steps (compilation, autotuning), then ``iters`` plain steps timed as a whole (CUDA events on a GPU,
    ``time.perf_counter`` on the CPU): the measured step time.
-2. one instrumented step: a ``TorchDispatchMode`` sees every op PyTorch dispatches (aten ops and the
-   ``fastvit::*`` custom ops) and times it (a CUDA event after each op on a GPU; wall clock on the CPU). Each
-   op is given an op class: in the forward from the module it runs in (``torch.utils.module_tracker``), the
-   public op it runs under (``fastvit_kernels.ops.patch_embed`` / ``layernorm_linear`` / ``attention`` /
-   ``linear_residual`` / ``layernorm_mlp`` are wrapped for the duration of the step; ``attention_block``, one op
-   in the timed steps, runs as its three ops here, which adds one gradient-accumulation add per block to the
-   instrumented step only) or, for inline Linears (a
-   block's proj under LayerScale / dropout), its shapes; in the backward from
-   the autograd node that runs it (a pre-hook on every node the forward created carries the forward op's class).
+2. one instrumented step, the same computation as the timed ones: a ``TorchDispatchMode`` sees every op PyTorch
+   dispatches (aten ops and the ``fastvit::*`` custom ops) and times it (a CUDA event after each op on a GPU; wall
+   clock on the CPU). Each op is given an op class: in the forward from the public op it runs under (the ops'
+   instrumentation hook, :func:`fastvit_kernels.ops._instrument.observing`: ``patch_embed`` / ``layernorm_linear``
+   / ``attention`` / ``linear_residual`` / ``layernorm_mlp`` report themselves), else from the module it runs in
+   (``torch.utils.module_tracker``) or, for inline Linears (a block's proj under LayerScale / dropout), its
+   shapes; in the backward from the autograd node that runs it (a pre-hook on every node the forward created
+   carries the forward op's class). ``attention_block``, one op, reports its three phases (norm1 + qkv,
+   attention, proj) in forward and backward as the ops they equal; a phase that runs inside a custom op's
+   implementation, where the dispatch mode sees no ops, is timed by a mark at its end and recorded as
+   ``"<custom op>/<public op>"`` (e.g. ``"fastvit.attention_block_fwd/attention"``).
 3. each class's share of the instrumented step, applied to the measured step time. The instrumentation adds
    CPU work per op, so the shares of classes made of many small ops are over-stated a little.
 
@@ -74,11 +76,12 @@ class _OpClassMode(TorchDispatchMode):
         self.tracker = tracker
         self.timer = timer
         self.phase = "forward"
-        self.scope: list[str] = []  # classes pushed by the wrapped public ops
+        self.scope: list[str] = []  # classes of the public ops (and fused-op phases) running now, innermost last
         self.bwd_class: str | None = None  # set by autograd-node pre-hooks
         self.seen_block = False
         self.last_class = "patch_embed"
         self.records: list[tuple[str, str]] = []  # (op name, op class)
+        self.dispatching: list[str] = []  # the ops whose implementation runs now (innermost last)
 
     # ---- classification ----
     def _module_class(self, op: str, args, out) -> str:
@@ -126,15 +129,44 @@ class _OpClassMode(TorchDispatchMode):
 
     # ---- dispatch ----
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.timer.mark()
         name = str(getattr(func, "overloadpacket", func))
+        self.dispatching.append(name)
+        try:
+            out = func(*args, **(kwargs or {}))
+        finally:
+            self.dispatching.pop()
+        self.timer.mark()
         cls = self.classify(name, args, out)
         if cls == "<prev>":
             cls = self.last_class
         self.last_class = cls
         self.records.append((name, cls))
         return out
+
+    # ---- the ops' instrumentation hook ----
+    def observe(self, op: str):
+        """The observer of :func:`fastvit_kernels.ops._instrument.observing`: a context manager over public op (or
+        fused-op phase) ``op`` that makes what runs inside it count for the op's class (no class of its own:
+        ``attention_block``, whose phases report themselves)."""
+        cls = _PUBLIC_OPS.get(op)
+        return contextlib.nullcontext() if cls is None else self._op_scope(op, cls)
+
+    @contextlib.contextmanager
+    def _op_scope(self, op: str, cls: str):
+        self.scope.append(cls)
+        seen = len(self.records)
+        try:
+            yield
+        finally:
+            self.scope.pop()
+        if len(self.records) == seen:
+            # nothing dispatched was seen: the scope ran inside a custom op's implementation (a fused op's phase,
+            # the mode is off there), so its time ends here, as one record of its class
+            self.timer.mark()
+            self.records.append((f"{self.dispatching[-1] if self.dispatching else 'ops'}/{op}", cls))
+            self.last_class = cls
+            if self.phase == "backward":  # what runs after it in the same node, as after the op it equals
+                self.bwd_class = cls
 
     def make_prehook(self, cls: str):
         """An autograd-node pre-hook that makes the ops of that node (and of the untagged nodes run after it)
@@ -170,38 +202,6 @@ class _GradFnTagger(TorchFunctionMode):
                 self.keep.append(node)
                 stack.extend(fn for fn, _ in node.next_functions)
         return out
-
-
-@contextlib.contextmanager
-def _public_op_scopes(mode: _OpClassMode):
-    """Wrap the public ops of ``_PUBLIC_OPS`` in fastvit_kernels.ops (which model.py looks up at call time)
-    so that the ops they dispatch, whatever the backend, take their class; restored on exit."""
-    from .. import ops
-
-    saved = {n: getattr(ops, n) for n in _PUBLIC_OPS}
-
-    def wrap(fn, cls):
-        def wrapped(*a, **k):
-            mode.scope.append(cls)
-            try:
-                return fn(*a, **k)
-            finally:
-                mode.scope.pop()
-        return wrapped
-
-    for n, cls in _PUBLIC_OPS.items():
-        setattr(ops, n, wrap(saved[n], cls))
-    # the attention half (one op in the timed steps) runs as its three ops, each under its own class
-    from ..ops.attention_block import attention_block_as_three_ops
-
-    saved_block = ops.attention_block
-    ops.attention_block = attention_block_as_three_ops
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(ops, n, fn)
-        ops.attention_block = saved_block
 
 
 def _pct(x: float) -> str:
@@ -266,13 +266,17 @@ def trace_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     """Run one instrumented training step (forward, cross-entropy, backward, ``optimizer.step()``) and return
     ``(op, op class, seconds)`` for every op PyTorch dispatched, in order (op named like
     ``str(func.overloadpacket)``, e.g. "aten.addmm", "fastvit.attention_fwd"; times from CUDA events on a GPU,
-    the wall clock on the CPU). Gradients are set to None before and after."""
+    the wall clock on the CPU), and for every phase of a fused op that ran inside its custom op's implementation
+    (named ``"<custom op>/<public op>"``, e.g. "fastvit.attention_block_bwd/attention"; its custom op's own
+    record then holds only what ran after the phases). Gradients are set to None before and after."""
     from torch.utils.module_tracker import ModuleTracker
+
+    from ..ops._instrument import observing
 
     timer = _Timer(images.device.type == "cuda")
     mode = _OpClassMode(shape or ViTShape.from_model(model), None, timer)
     optimizer.zero_grad(set_to_none=True)
-    with _GradFnTagger(mode), mode, _public_op_scopes(mode):
+    with _GradFnTagger(mode), mode, observing(mode.observe):
         timer.mark()
         with ModuleTracker() as tracker:
             mode.tracker = tracker
@@ -332,7 +336,8 @@ def profile_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     counts = {c: 0 for c in per_class}
     for name, cls, dt in records:
         per_class[cls if cls in per_class else "other"] += dt
-        counts[cls if cls in per_class else "other"] += 1
+        if "/" not in name:  # a fused op's phase is time, not a dispatched op
+            counts[cls if cls in per_class else "other"] += 1
     total = sum(per_class.values()) or 1.0
     flops = flops_by_class(shape, B, "train")
     dtype = next(model.parameters()).dtype
@@ -342,5 +347,5 @@ def profile_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         by_class = {}
     rows = [ProfileRow(c, per_class[c] / total * step_s, per_class[c] / total, flops.get(c, 0),
                        by_class.get(c, {}).get("bytes", 0), counts[c])
-            for c in (*OP_CLASSES, "other") if counts[c] or flops.get(c, 0)]
+            for c in (*OP_CLASSES, "other") if counts[c] or per_class[c] or flops.get(c, 0)]
     return ProfileResult(rows, step_s, B, sum(flops.values()), peak, label)

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .._env import autotune_requested
-from . import tuning_record
+from . import _launch, tuning_record
 from ._common import NEWER_TRITON, TRITON_3_6, dot_precision, interpreting, triton_version
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -801,7 +801,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torc
     assert qkv.dim() == 3 and qkv.stride(-1) == 1, (tuple(qkv.shape), qkv.stride())
     assert three_d == 3 * D and D == num_heads * head_dim and N >= 1
     d0, d1, d2 = head_dim_chunks(head_dim)
-    _attention_fwd_kernel[lambda meta: block_head_grid(B, num_heads, N, meta["BLOCK_M"])](
+    _launch.launch(
+        _attention_fwd_kernel, lambda meta: block_head_grid(B, num_heads, N, meta["BLOCK_M"]),
         qkv, out, lse, float(scale) * LOG2E,
         qkv.stride(0), qkv.stride(1),
         out.stride(0), out.stride(1),
@@ -852,7 +853,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (interpreting() or fused_bwd_builds(head_dim, qkv.dtype))
     if fused:
         delta = torch.empty_like(lse)  # scratch, (B, H, N) fp32 like lse (the kernel shares their strides)
-        _attention_bwd_fused_kernel[head_grid(B, num_heads)](
+        _launch.launch(
+            _attention_bwd_fused_kernel, head_grid(B, num_heads),
             qkv, out, dout, lse, delta, dqkv, qk_scale, float(scale),
             qkv.stride(0), qkv.stride(1),
             out.stride(0), out.stride(1),
@@ -867,7 +869,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     # The pre-pass is memory-bound (one multiply-add per element read): one fixed tile, not autotuned.
     pre_m = 16 if N <= 16 else 32 if N <= 32 else 64
     delta = torch.empty_like(lse)
-    _attention_bwd_preprocess_kernel[block_head_grid(B, num_heads, N, pre_m)](
+    _launch.launch(
+        _attention_bwd_preprocess_kernel, block_head_grid(B, num_heads, N, pre_m),
         out, dout, delta,
         out.stride(0), out.stride(1),
         dout.stride(0), dout.stride(1),
@@ -887,6 +890,6 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         N, num_heads, D, n_bucket(N),
     )
     meta = dict(**chunks, INPUT_PRECISION=dot_precision(qkv.dtype), **_tiles(N))
-    _attention_bwd_dkdv_kernel[lambda m: block_head_grid(B, num_heads, N, m["BLOCK_N"])](*args, **meta)
-    _attention_bwd_dq_kernel[lambda m: block_head_grid(B, num_heads, N, m["BLOCK_M"])](*args, **meta)
+    _launch.launch(_attention_bwd_dkdv_kernel, lambda m: block_head_grid(B, num_heads, N, m["BLOCK_N"]), *args, **meta)
+    _launch.launch(_attention_bwd_dq_kernel, lambda m: block_head_grid(B, num_heads, N, m["BLOCK_M"]), *args, **meta)
     return dqkv

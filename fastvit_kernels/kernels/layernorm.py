@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 
 @triton.jit
 def _layernorm_stats_kernel(
@@ -152,7 +154,8 @@ def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     rows, block_d = _rows_per_program(D)
-    _layernorm_stats_kernel[(triton.cdiv(M, rows),)](x, mean, rstd, M, D, x.stride(0), eps, ROWS=rows, BLOCK_D=block_d)
+    _launch.launch(_layernorm_stats_kernel, (triton.cdiv(M, rows),), x, mean, rstd, M, D, x.stride(0), eps, ROWS=rows,
+                   BLOCK_D=block_d)
     return mean, rstd
 
 
@@ -203,7 +206,8 @@ def layernorm_bwd(
     group_part = torch.empty((n_groups, 2 * D), device=x.device, dtype=torch.float32)
     dgamma = torch.empty(D, device=x.device, dtype=gamma.dtype)
     dbeta = torch.empty(D, device=x.device, dtype=gamma.dtype)
-    _layernorm_bwd_kernel[(n_prog,)](
+    _launch.launch(
+        _layernorm_bwd_kernel, (n_prog,),
         x, dy, dres if dres is not None else dy, gamma, mean, rstd, dx, part, group_part, dgamma, dbeta, counter,
         M, D, x.stride(0), dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
         HAS_DRES=dres is not None, ROWS=rows, BLOCK_D=block_d, GROUP=BWD_GROUP,

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from .fusion import Cast, ChannelAffine, Epilogue, Gemm, ImageBounds, IndexMap, Operand
 from .matmul import gemm
 from .reduce import column_sum, column_sum_tail
@@ -120,7 +121,8 @@ def patch_embed_fwd(images, weight, bias, pos_embed, cls_token, reg_token, norm,
     if prefix:
         reg = reg_token[0].contiguous() if reg_token is not None else weight  # dummy when unused
         cls = cls_token if cls_token is not None else weight
-        _prefix_rows_kernel[(B, prefix)](
+        _launch.launch(
+            _prefix_rows_kernel, (B, prefix),
             out, cls, reg, pos_embed, D, out.stride(0), out.stride(1), pos_embed.stride(1),
             NUM_CLS=n_cls, ADD_POS=not no_embed_class, BLOCK_D=triton.next_power_of_2(D),
         )

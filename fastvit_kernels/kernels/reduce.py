@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 
 @triton.jit
 def _column_sum_kernel(
@@ -94,7 +96,8 @@ def column_sum(x: torch.Tensor, out_dtype: torch.dtype | None = None, split: int
         assert 0 <= copy_from < N, f"copy_from must lie in [0, {N}); got {copy_from}"
         copy = torch.empty(N - copy_from, device=x.device, dtype=copy_dtype)
     block_m, block_n = _blocks(M, N)
-    _column_sum_kernel[(triton.cdiv(N, block_n),)](
+    _launch.launch(
+        _column_sum_kernel, (triton.cdiv(N, block_n),),
         x, out, out2, copy if copy_dtype is not None else out, M, N, split, copy_from, x.stride(0), x.stride(1),
         HAS_COPY=copy_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n,
     )
@@ -116,7 +119,8 @@ def column_sum_tail(x: torch.Tensor, head: int, out_dtype: torch.dtype, head_spl
     first = torch.empty((head_split, N), device=x.device, dtype=out_dtype)
     second = torch.empty((head - head_split, N), device=x.device, dtype=out_dtype)
     block_m, block_n = _blocks(M - head, N)
-    _column_sum_tail_kernel[(triton.cdiv(N, block_n),)](
+    _launch.launch(
+        _column_sum_tail_kernel, (triton.cdiv(N, block_n),),
         x, out, first if head_split else out, second if head > head_split else out,
         M, N, head, head_split, x.stride(0), x.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HEAD=triton.next_power_of_2(max(head, 1)),

@@ -11,6 +11,11 @@ kernels launch on that device and its current stream whichever device is current
 * :func:`attention_block` — ``x + proj(MSA(LayerNorm(x)))``, the three above as one op (the residual's gradient
   added inside the LayerNorm backward).
 
+Instrumentation: every op above runs inside :func:`fastvit_kernels.ops._instrument.op_scope` of its name, and
+:func:`attention_block` reports its three phases the same way, for an observer installed with
+:func:`fastvit_kernels.ops._instrument.observing` (the training-step profiler); without one, a scope costs one global
+check.
+
 FLOPs: each op module defines its op's model-FLOP count (``linear_flops``, ``attention_flops``, ``mlp_flops``,
 ``patch_embed_flops``) and the ``FlopCounterMode`` formulas of its ``fastvit::*`` custom ops
 (``FLOP_FORMULAS``); :func:`flop_formulas` collects them and :func:`register_flop_formulas` hands them to

@@ -19,6 +19,7 @@ from .. import reference
 from .._checks import autocast_inputs, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
+from ._instrument import instrumented
 
 MAX_HEAD_DIM = 128  # head_dim must be a multiple of 8 and at most this (BLOCK_D <= 128 keeps the tiles in registers)
 
@@ -119,6 +120,7 @@ def check_heads(width: int, num_heads, scale, where: str, got: tuple, groups: in
     return num_heads, scale
 
 
+@instrumented("attention")
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, backend: str | None = None
               ) -> torch.Tensor:
     """Multi-head softmax attention on the packed output of a ViT's qkv Linear.

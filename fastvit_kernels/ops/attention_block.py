@@ -15,6 +15,10 @@ three launches, see :func:`fastvit_kernels.kernels.attention.attention_bwd`); th
 Saved for backward (the same tensors the three ops keep): x, qkv, the attention output, its log-sum-exp and the
 LayerNorm row statistics.
 
+Instrumentation: forward and backward report their three phases (norm1 + qkv, attention, proj + residual) through
+:func:`fastvit_kernels.ops._instrument.op_scope` under the names of the public ops they equal, so an observer (the
+training-step profiler) can time the op classes of the attention half separately although it is one op.
+
 References: Dosovitskiy et al. 2021 (ViT block, eq. 2), Ba et al. 2016 (LayerNorm), Dao 2023 (FlashAttention-2);
 the GEMM fusions: docs/design.md, "The GEMM core".
 """
@@ -29,6 +33,7 @@ from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
+from ._instrument import instrumented, op_scope
 from .attention import attention_flops, check_heads
 from .linear import layernorm_linear_grads, linear_flops, linear_grads
 
@@ -54,11 +59,15 @@ def _attention_block_fwd(
 
     B, N, D = x.shape
     x2d = x.view(B * N, D)
-    mean, rstd = row_stats(x2d, eps)
-    qkv = linear(x2d, qkv_weight, qkv_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias))
-    qkv = qkv.view(B, N, 3 * D)
-    o, lse = attention_fwd(qkv, num_heads, scale)
-    out = linear(o.view(B * N, D), proj_weight, proj_bias, residual=Operand.matrix(x2d))
+    # each phase reports as the public op it computes (ops._instrument), so an observer can tell them apart
+    with op_scope("layernorm_linear"):
+        mean, rstd = row_stats(x2d, eps)
+        qkv = linear(x2d, qkv_weight, qkv_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias))
+        qkv = qkv.view(B, N, 3 * D)
+    with op_scope("attention"):
+        o, lse = attention_fwd(qkv, num_heads, scale)
+    with op_scope("linear_residual"):
+        out = linear(o.view(B * N, D), proj_weight, proj_bias, residual=Operand.matrix(x2d))
     return out.view(B, N, D), qkv, o, lse, mean, rstd
 
 
@@ -83,12 +92,15 @@ def _attention_block_bwd(
     B, N, D = x.shape
     M = B * N
     dout2d = dout.view(M, D)
-    do, dw_proj, db_proj = linear_grads(dout2d, o.view(M, D), proj_weight, has_proj_bias)
-    dqkv = attention_bwd(do.view(B, N, D), qkv, o, lse, num_heads, scale)
-    # the residual's gradient (dY) is added by the LayerNorm-backward kernel as it writes dx
-    dx, dgamma, dbeta, dw_qkv, db_qkv = layernorm_linear_grads(dqkv.view(M, 3 * D), x.view(M, D), mean, rstd,
-                                                               norm_weight, norm_bias, qkv_weight, has_qkv_bias,
-                                                               dres=dout2d)
+    with op_scope("linear_residual"):
+        do, dw_proj, db_proj = linear_grads(dout2d, o.view(M, D), proj_weight, has_proj_bias)
+    with op_scope("attention"):
+        dqkv = attention_bwd(do.view(B, N, D), qkv, o, lse, num_heads, scale)
+    with op_scope("layernorm_linear"):
+        # the residual's gradient (dY) is added by the LayerNorm-backward kernel as it writes dx
+        dx, dgamma, dbeta, dw_qkv, db_qkv = layernorm_linear_grads(dqkv.view(M, 3 * D), x.view(M, D), mean, rstd,
+                                                                   norm_weight, norm_bias, qkv_weight, has_qkv_bias,
+                                                                   dres=dout2d)
     return dx.view(B, N, D), dgamma, dbeta, dw_qkv, db_qkv, dw_proj, db_proj
 
 
@@ -129,6 +141,7 @@ _attention_block_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 # public op
 # ----------------------------------------------------------------------------------------------------------------
+@instrumented("attention_block")
 def attention_block(
     x: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -190,25 +203,15 @@ def attention_block(
     check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, qkv_weight=qkv_weight, qkv_bias=qkv_bias,
                proj_weight=proj_weight, proj_bias=proj_bias)
     if resolve_backend(x.device, backend) == "torch":
-        qkv = reference.layernorm_linear_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
-        return reference.linear_residual_ref(reference.attention_ref(qkv, num_heads, scale), proj_weight, proj_bias,
-                                             x)
+        with op_scope("layernorm_linear"):
+            qkv = reference.layernorm_linear_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
+        with op_scope("attention"):
+            o = reference.attention_ref(qkv, num_heads, scale)
+        with op_scope("linear_residual"):
+            return reference.linear_residual_ref(o, proj_weight, proj_bias, x)
     check_triton_dtype("x", x)
     return _attention_block_fwd(x.contiguous(), norm_weight, norm_bias, qkv_weight.contiguous(), qkv_bias,
                                 proj_weight.contiguous(), proj_bias, num_heads, scale, float(eps))[0]
-
-
-def attention_block_as_three_ops(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads,
-                                 scale=None, eps=1e-6, *, backend=None) -> torch.Tensor:
-    """:func:`attention_block` computed by the three ops it fuses (``ops.layernorm_linear``, ``ops.attention``,
-    ``ops.linear_residual``, looked up at call time): the same values, one more launch in the backward. The
-    profiler runs its instrumented step through this form so each op class gets its own time. Arguments, result and
-    errors as :func:`attention_block`."""
-    from .. import ops
-
-    qkv = ops.layernorm_linear(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps, backend=backend)
-    o = ops.attention(qkv, num_heads, scale, backend=backend)
-    return ops.linear_residual(o, proj_weight, proj_bias, x, backend=backend)
 
 
 # FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by

@@ -35,6 +35,7 @@ from .._checks import (autocast_inputs, check_gelu_approximate, check_layernorm_
                        check_triton_dtype)
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
+from ._instrument import instrumented
 from ._layout import rows
 
 
@@ -149,6 +150,7 @@ _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 # public op
 # ----------------------------------------------------------------------------------------------------------------
+@instrumented("layernorm_mlp")
 def layernorm_mlp(
     x: torch.Tensor,
     norm_weight: torch.Tensor,

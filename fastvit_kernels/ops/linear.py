@@ -25,6 +25,7 @@ from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
+from ._instrument import instrumented
 from ._layout import rows
 
 
@@ -188,6 +189,7 @@ _linear_residual_fwd.register_autograd(_res_backward, setup_context=_res_setup_c
 # ----------------------------------------------------------------------------------------------------------------
 # public ops
 # ----------------------------------------------------------------------------------------------------------------
+@instrumented("layernorm_linear")
 def layernorm_linear(
     x: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -239,6 +241,7 @@ def layernorm_linear(
     return out.view(*x.shape[:-1], N_out)
 
 
+@instrumented("linear_residual")
 def linear_residual(
     x: torch.Tensor,
     weight: torch.Tensor,

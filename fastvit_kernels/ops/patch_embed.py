@@ -16,6 +16,7 @@ from .. import reference
 from .._checks import autocast_inputs, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
+from ._instrument import instrumented
 
 IMAGE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 
@@ -144,6 +145,7 @@ def normalization_constants(mean, std, C: int, uint8: bool, device) -> torch.Ten
     return _norm_tensor(mean_t, std_t, uint8, device)
 
 
+@instrumented("patch_embed")
 def patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,

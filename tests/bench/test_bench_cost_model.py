@@ -56,7 +56,7 @@ def test_launch_counts_by_hand():
     assert n("eager", "train") == fwd_e + bwd_e + opt == 73
     assert n("fastvit", "train") == fwd_f + bwd_f + opt == 53
     # the pointer (Ampere) GEMM form runs fc2's backward pair as two launches; the attention half as three ops
-    # (the profiler's instrumented step) adds the gradient-accumulation add
+    # (a block with LayerScale / qk_norm / dropout) adds the gradient-accumulation add
     assert len(cm.step_launches(SMALL, B, "bf16", "fastvit", gemm_kernel="pointer")) == 54
     assert len(cm.step_launches(SMALL, B, "bf16", "fastvit", attention_block=False)) == 54
 
@@ -268,12 +268,25 @@ def test_profiler_classes_match_the_plan(path):
     records = trace_step(model, torch.randn(2, 3, 16, 16), torch.tensor([1, 7]), opt)
     assert all(dt >= 0 for _, _, dt in records)
     got = collections.Counter((_CPU_NAMES.get(n, n), c) for n, c, _ in records
-                              if n not in _NO_KERNEL and c != "optimizer")
-    # the instrumented step runs the attention half as its three ops (one op class each)
+                              if n not in _NO_KERNEL and c != "optimizer" and "/" not in n)
+    # the instrumented step runs what the timed steps run: the attention half as one op, whose custom ops' own
+    # records take the class of their last phase (what runs after it)
     plan = cm.step_launches(ViTShape.from_model(model), 2, "fp32", path, "train", optimizer=False,
-                            attention_block=False, gemm_kernel="pointer")
+                            gemm_kernel="pointer")
     calls = {ln.call: (ln.dispatch, ln.op_class) for ln in plan}
     assert got == collections.Counter(calls.values())
+    # its phases, timed inside its custom ops (the Triton path), each with the class of the op it equals
+    phases = [(n, c) for n, c, _ in records if "/" in n]
+    if path == "fastvit":
+        per_block = [("fastvit.attention_block_fwd/layernorm_linear", "ln_qkv"),
+                     ("fastvit.attention_block_fwd/attention", "attention"),
+                     ("fastvit.attention_block_fwd/linear_residual", "proj")]
+        backward = [("fastvit.attention_block_bwd/linear_residual", "proj"),
+                    ("fastvit.attention_block_bwd/attention", "attention"),
+                    ("fastvit.attention_block_bwd/layernorm_linear", "ln_qkv")]
+        assert phases == per_block * 2 + backward * 2
+    else:
+        assert phases == []
     assert {c for _, c, _ in records if c == "optimizer"}  # the AdamW step is classed as optimizer
 
 

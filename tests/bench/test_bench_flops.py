@@ -96,14 +96,15 @@ def test_flop_counter_counts_fastvit_custom_ops():
     assert ops_fwd["fastvit.layernorm_mlp_fwd"] == fb["mlp"]
     assert ops_train["fastvit.attention_block_bwd"] == 2 * attention_half
     # the three ops the attention half fuses, called on their own, are counted too
-    from fastvit_kernels.ops.attention_block import attention_block_as_three_ops
+    from fastvit_kernels import ops
 
     blk = fast.blocks[0]
     x = torch.randn(2, 17, 96)
-    args = (blk.norm1.weight, blk.norm1.bias, blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.proj.weight,
-            blk.attn.proj.bias, 3)
     with FlopCounterMode(display=False) as counter:
-        attention_block_as_three_ops(x, *args, backend="triton")
+        qkv = ops.layernorm_linear(x, blk.norm1.weight, blk.norm1.bias, blk.attn.qkv.weight, blk.attn.qkv.bias,
+                                   backend="triton")
+        ops.linear_residual(ops.attention(qkv, 3, backend="triton"), blk.attn.proj.weight, blk.attn.proj.bias, x,
+                            backend="triton")
     assert counter.get_total_flops() == attention_half  # the same 2 x 17 tokens as the images above
 
 
