@@ -5,7 +5,7 @@ MODELLED, not measured: no GPU was involved in any number this module prints.
 
 Plans (lists of :class:`Launch`, in execution order):
 
-* ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it today: the fused
+* ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it: the fused
   ``fastvit::patch_embed_*``, ``fastvit::attention_block_*`` (norm1 + qkv, attention, proj + residual; or, with
   ``attention_block=False``, its three ops ``layernorm_linear_*`` / ``attention_*`` / ``linear_residual_*`` and
   the gradient-accumulation add they need) and ``fastvit::layernorm_mlp_*`` custom ops, with one launch per Triton

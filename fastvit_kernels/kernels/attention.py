@@ -31,21 +31,21 @@ Numerics:
   :func:`needs_row64`; that variant is not in the AOT check's trace), int32 otherwise. The grids have one axis
   (:func:`block_head_grid`), so no batch size meets CUDA's 65,535 cap on grid axes 1 / 2.
 
-Head dim (2026-11): split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
+Head dim: split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
 the binary decomposition of head_dim rounded up to 16, the smallest ``tl.dot`` edge), so at most 8 columns of any
 supported head dim are padding: 80 = 64 + 16, 72 = 64 + 16 (8 masked), 88 = 64 + 32 (8 masked), 40 = 32 + 16
 (8 masked), 48 = 32 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16; 32 / 64 / 128 are one chunk. Every dot over the head dim
 is a sum of per-chunk dots (``S = q0 k0^T + q1 k1^T``), and O, dV, dK, dQ are accumulated per chunk.
 
-Tiles (2026-11): on a GPU every kernel except the delta pre-pass is a ``triton.autotune`` over the candidates of
+Tiles: on a GPU every kernel except the delta pre-pass is a ``triton.autotune`` over the candidates of
 :func:`attention_configs`, pruned per call by :func:`keep`, keyed by the sequence-length bucket ``N_BUCKET``
 (next power of two of N), ``N_ALIGN``, ``HEAD_DIM`` and the dtype, so distinct N inside a bucket re-tune or
 recompile only when their alignment class differs (``N_ALIGN``, and Triton's own N % 16 specialisation).
 ``EVEN_N`` (no sequence-tail masks) is derived inside the kernels from the constexpr ``N_ALIGN`` (the
 largest power of two <= 256 dividing N), so it is free when N is a multiple of the tiles and costs one compile per
 alignment class, not per N. Under the interpreter (``TRITON_INTERPRET=1``) one fixed small config is used
-(:func:`_interpreter_config`), so CPU tests stay fast. No GPU timing has been taken yet: the candidates were checked
-only statically (``python -m fastvit_kernels.aot check``: builds, no spills, tensor cores; see :func:`keep`).
+(:func:`_interpreter_config`), so CPU tests stay fast. The candidate lists rest on static evidence only (``python -m
+fastvit_kernels.aot check``: builds, no spills, tensor cores; see :func:`keep`), not on GPU timings.
 
 Kernel arguments (each kernel takes the ones it needs, in this order; documented once here):
 * ``QKV`` (B, N, 3 * D): the forward input q | k | v, head h of each at column h * HEAD_DIM of its third. ``Out``
@@ -66,8 +66,8 @@ Kernel arguments (each kernel takes the ones it needs, in this order; documented
   each kernel says); ``INPUT_PRECISION`` (``tl.dot``'s input_precision from
   :func:`~fastvit_kernels.kernels._common.dot_precision`: fp32 "ieee" or "tf32").
 
-Caveats: the column stride of every tensor must be 1 (the op in ``ops/`` guarantees it). The autotuned (GPU) launch
-path has only been compiled (AOT check), not run: the tests run the interpreter path.
+Caveats: the column stride of every tensor must be 1 (the op in ``ops/`` guarantees it). The tests run the
+interpreter path; the autotuned (GPU) launch path is covered by the AOT check (it compiles), not by the tests.
 """
 
 from __future__ import annotations
@@ -185,10 +185,10 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     Pruned, and why (the spill figures are from ``python -m fastvit_kernels.aot check``, Triton 3.9, bf16 at ViT-B/16
     and ViT-H/14 shapes: static, not timings). The AOT trace cannot know the GPU, so it checks the candidates kept
     for ``arch=None`` on every target; a tile that spills on one target is therefore dropped everywhere (no
-    candidate is arch-specific yet; ``arch`` is in the signature for when one is):
+    candidate is arch-specific; ``arch`` is in the signature so that one can be):
     * fp32: one tile per head dim (no tuning): 32 x 32, 8 warps, 1 stage up to a chunked width of 80 (checked at 64
-      and 80: no spills); 16 x 16 above (v1's AOT check found spills with 32 x 32 at head_dim 128). With 2 stages
-      16 x 16 spilled 8 B at head_dim 80 on sm_90, so both use 1 stage.
+      and 80: no spills); 16 x 16 above (32 x 32 spilled at head_dim 128). With 2 stages 16 x 16 spilled 8 B at
+      head_dim 80 on sm_90, so both use 1 stage.
     * tiles longer than the sequence bucket (beyond 64 rows): they only add masked work.
     * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
@@ -227,7 +227,7 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
 def fused_bwd_builds(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the one-program-per-head backward has a tile that builds without spills on sm_80 and sm_90: fp16 /
     bf16 with a chunked head dim <= 64 (ViT-B/L's 64; 32, 40, 48). Static evidence (``python -m
-    fastvit_kernels.aot``, Triton 3.9, bf16, ViT-B/16 and ViT-H/14 shapes, 2026-11): at head_dim 64 the 64 x 32
+    fastvit_kernels.aot``, Triton 3.9, bf16, ViT-B/16 and ViT-H/14 shapes): at head_dim 64 the 64 x 32
     and 32 x 64 tiles with 4 warps build clean on both; 64 x 64 spilled 16-40 B per thread on sm_80 (clean on
     sm_90), 128 x 64 184-216 B. At head_dim 80 every tile tried spilled on sm_80 (16-504 B) and all but
     64 x 64 x 8 warps on sm_90; fp32 (IEEE dots, FMA tiles) spilled 32-168 B. Those take the three-launch plan."""
@@ -271,7 +271,7 @@ def _rows(start, BLOCK: tl.constexpr, ROW64: tl.constexpr):
     """Row indices ``start .. start + BLOCK - 1``: int64 when ROW64, so that every offset ``row * stride_n`` formed
     from them is 64-bit, else int32. ROW64 is set by the launcher (:func:`needs_row64`) only for inputs whose
     ``(N - 1) * stride_n`` reaches 2**31 (e.g. a sequence-first qkv view, stride_n = B * 3 * D); the int32 form
-    keeps the usual launches' registers as they were (always-int64 offsets left 16 B per thread on the stack in the
+    saves registers in the usual launches (always-int64 offsets leave 16 B per thread on the stack in the
     64 x 128 dK / dV tile on sm_80: AOT check, bf16, ViT-B/16, Triton 3.9)."""
     offs = start + tl.arange(0, BLOCK)
     if ROW64:
