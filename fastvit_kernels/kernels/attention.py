@@ -76,9 +76,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import autotune_requested
+from .._env import autotune_requested, interpreter_enabled
 from . import tuning_record
-from ._common import NEWER_TRITON, TRITON_3_6, dot_precision, interpreting, triton_version
+from ._common import NEWER_TRITON, TRITON_3_6, dot_precision, triton_version
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 # Finite "minus infinity" for masked scores: exp2(MASK_VALUE - m) == 0, and never inf - inf = NaN.
@@ -88,7 +88,7 @@ MAX_BLOCK = 256  # the largest BLOCK_M / BLOCK_N of any candidate (N_ALIGN is ca
 # fixed number, not a device query, so a run's plan does not depend on the GPU it lands on).
 FUSED_BWD_MIN_HEADS = 256
 # Decided once, when the kernels are defined (as Triton decides between compiling and interpreting).
-AUTOTUNE = not interpreting()
+AUTOTUNE = not interpreter_enabled()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -773,7 +773,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
                   ROW64=needs_row64(N, qkv, out, dout, dqkv))
     qk_scale = float(scale) * LOG2E
     if fused is None:  # the interpreter has no register budget: there the rule only asks for enough heads
-        fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (interpreting() or fused_bwd_builds(head_dim, qkv.dtype))
+        fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (
+            interpreter_enabled() or fused_bwd_builds(head_dim, qkv.dtype))
     if fused:
         delta = torch.empty_like(lse)  # scratch, (B, H, N) fp32 like lse (the kernel shares their strides)
         _attention_bwd_fused_kernel[head_grid(B, num_heads)](

@@ -46,8 +46,9 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from .._env import interpreter_enabled
 from . import tuning_record
-from ._common import bias_gelu_epilogue, gelu, interpreting
+from ._common import bias_gelu_epilogue, gelu
 from .reduce import column_sum
 
 log = logging.getLogger("fastvit_kernels")
@@ -105,7 +106,7 @@ def gemm_key(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, f
 def _can_measure(device: torch.device) -> bool:
     """Timings mean something on a GPU only (the interpreter's are Python's), and cannot be taken while a CUDA graph
     is being captured."""
-    return device.type == "cuda" and not interpreting() and not torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and not interpreter_enabled() and not torch.cuda.is_current_stream_capturing()
 
 
 def _time_ms(fn) -> float:
