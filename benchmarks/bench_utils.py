@@ -60,6 +60,14 @@ def build_model(name: str, impl: str, param_dtype: torch.dtype = torch.float32, 
     return torch.compile(model) if impl == "compiled" else model
 
 
+def e2e_gpu_cases(fn):
+    """Decorator: the GPU end-to-end matrix, every model of :data:`E2E_BATCH` x :data:`PRECISIONS` x
+    :data:`E2E_IMPLS` (arguments ``name``, ``precision``, ``impl``); skipped without a GPU."""
+    fn = pytest.mark.parametrize("name", list(E2E_BATCH))(fn)
+    fn = pytest.mark.parametrize("precision", PRECISIONS)(fn)
+    return requires_gpu(pytest.mark.parametrize("impl", E2E_IMPLS)(fn))
+
+
 def e2e_case(name: str, impl: str, precision: str, batch: int, device: str = DEVICE):
     """(model, images, autocast) of one end-to-end case: :func:`build_model` of config ``name`` (in training mode)
     and ``batch`` random images of its size. ``precision``: "fp32" (parameters and images fp32), "bf16_autocast"

@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 
-from bench_utils import E2E_BATCH, E2E_IMPLS, PRECISIONS, e2e_case, record, requires_gpu, timed
+from bench_utils import E2E_BATCH, e2e_case, e2e_gpu_cases, record, timed
 from fastvit_kernels.bench.flops import ViTShape, model_flops
 
 
@@ -36,10 +36,7 @@ def test_cpu_smoke_forward(benchmark, impl):
            flops=model_flops(ViTShape.from_config("vit_digits"), 64, "forward"))
 
 
-@requires_gpu
-@pytest.mark.parametrize("impl", E2E_IMPLS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("name", list(E2E_BATCH))
+@e2e_gpu_cases
 def test_e2e_forward(benchmark, name, precision, impl):
     batch = E2E_BATCH[name]
     benchmark.group = f"{name} forward, batch {batch}, {precision}"

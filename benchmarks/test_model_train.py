@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import DEVICE, E2E_BATCH, E2E_IMPLS, PRECISIONS, e2e_case, record, requires_gpu, timed
+from bench_utils import DEVICE, E2E_BATCH, e2e_case, e2e_gpu_cases, record, timed
 from fastvit_kernels.bench.flops import ViTShape, model_flops
 from fastvit_kernels.train import param_groups
 from fastvit_kernels.configs import get_config
@@ -42,10 +42,7 @@ def test_cpu_smoke_train_step(benchmark, impl):
            flops=model_flops(ViTShape.from_config("vit_digits"), 32, "train"))
 
 
-@requires_gpu
-@pytest.mark.parametrize("impl", E2E_IMPLS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("name", list(E2E_BATCH))
+@e2e_gpu_cases
 def test_e2e_train_step(benchmark, name, precision, impl):
     batch = E2E_BATCH[name]
     benchmark.group = f"{name} training step, batch {batch}, {precision}"
