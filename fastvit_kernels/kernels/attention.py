@@ -430,10 +430,11 @@ def _store_row(ptrs, row, offs_rows, N, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _delta_block(o_base, do_base, delta_ptrs, offs_rows, stride_out_n, stride_do_n, N, HEAD_DIM: tl.constexpr,
+def _delta_block(o_base, do_base, delta_base, offs_rows, stride_out_n, stride_do_n, N, HEAD_DIM: tl.constexpr,
                  D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr):
-    """delta = rowsum(dO * O) (fp32) of one row block (rows ``offs_rows``) of one (batch, head), stored at
-    ``delta_ptrs`` (that block's rows of Delta)."""
+    """delta = rowsum(dO * O) (fp32) of one row block (rows ``offs_rows``) of one (batch, head), stored into that
+    head's row of Delta at ``delta_base`` (the row pointers are formed after the loads, so they hold no registers
+    across them)."""
     do0, do1, do2 = _load_chunks(do_base, offs_rows, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     o0, o1, o2 = _load_chunks(o_base, offs_rows, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
@@ -441,7 +442,7 @@ def _delta_block(o_base, do_base, delta_ptrs, offs_rows, stride_out_n, stride_do
         delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
     if D2 > 0:
         delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
-    _store_row(delta_ptrs, delta, offs_rows, N, EVEN_N)
+    _store_row(delta_base + offs_rows, delta, offs_rows, N, EVEN_N)
 
 
 @triton.jit
@@ -574,8 +575,8 @@ def _attention_bwd_preprocess_kernel(
     pid_m, b, h = _block_and_head(N, H, BLOCK_M)
     offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
     _delta_block(Out + b * stride_out_b + h * HEAD_DIM, DOut + b * stride_do_b + h * HEAD_DIM,
-                 Delta + b * stride_delta_b + h * stride_delta_h + offs_m, offs_m, stride_out_n, stride_do_n, N,
-                 HEAD_DIM, D0, D1, D2, EVEN_N)
+                 Delta + b * stride_delta_b + h * stride_delta_h, offs_m, stride_out_n, stride_do_n, N, HEAD_DIM, D0,
+                 D1, D2, EVEN_N)
 
 
 @_autotuned("dkdv")
@@ -641,8 +642,8 @@ def _attention_bwd_fused_kernel(
     delta_ptrs = Delta + b * stride_lse_b + h * stride_lse_h + offs_m
 
     for start_m in range(0, N, BLOCK_M):
-        _delta_block(Out + b * stride_out_b + h * HEAD_DIM, do_base, delta_ptrs + start_m, start_m + offs_m,
-                     stride_out_n, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        _delta_block(Out + b * stride_out_b + h * HEAD_DIM, do_base, Delta + b * stride_lse_b + h * stride_lse_h,
+                     start_m + offs_m, stride_out_n, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     tl.debug_barrier()  # every thread of the program sees every delta row before the loops read them
 
     for start_n in range(0, N, BLOCK_N):
