@@ -60,6 +60,26 @@ def build_model(name: str, impl: str, param_dtype: torch.dtype = torch.float32, 
     return torch.compile(model) if impl == "compiled" else model
 
 
+def e2e_gpu_cases(fn):
+    """Decorator: the GPU end-to-end matrix, every model of :data:`E2E_BATCH` x :data:`PRECISIONS` x
+    :data:`E2E_IMPLS` (arguments ``name``, ``precision``, ``impl``); skipped without a GPU."""
+    fn = pytest.mark.parametrize("name", list(E2E_BATCH))(fn)
+    fn = pytest.mark.parametrize("precision", PRECISIONS)(fn)
+    return requires_gpu(pytest.mark.parametrize("impl", E2E_IMPLS)(fn))
+
+
+def e2e_case(name: str, impl: str, precision: str, batch: int, device: str = DEVICE):
+    """(model, images, autocast) of one end-to-end case: :func:`build_model` of config ``name`` (in training mode)
+    and ``batch`` random images of its size. ``precision``: "fp32" (parameters and images fp32), "bf16_autocast"
+    (fp32 ones, run under bf16 autocast: ``autocast`` True) or "bf16" (both bf16)."""
+    autocast = precision == "bf16_autocast"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = build_model(name, impl, dtype, device=device)
+    cfg = get_config(name)
+    images = torch.randn(batch, cfg.get("in_chans", 3), cfg["img_size"], cfg["img_size"], device=device, dtype=dtype)
+    return model, images, autocast
+
+
 def timed(benchmark, fn, rounds: int, warmup_rounds: int = 1) -> float:
     """Call ``fn`` once untimed (compilation / autotuning), then time ``rounds`` synchronised rounds; returns the
     first call's seconds (recorded separately in ``extra_info``)."""

@@ -15,9 +15,8 @@ import contextlib
 import pytest
 import torch
 
-from bench_utils import DEVICE, E2E_BATCH, E2E_IMPLS, PRECISIONS, build_model, record, requires_gpu, timed
+from bench_utils import E2E_BATCH, e2e_case, e2e_gpu_cases, record, timed
 from fastvit_kernels.bench.flops import ViTShape, model_flops
-from fastvit_kernels.configs import get_config
 
 
 def _forward(model, images, autocast: bool):
@@ -31,26 +30,17 @@ def _forward(model, images, autocast: bool):
 @pytest.mark.parametrize("impl", ["fastvit", "eager_sdpa", "eager_naive"])
 def test_cpu_smoke_forward(benchmark, impl):
     benchmark.group = "CPU smoke: vit_digits forward, batch 64, fp32"
-    cfg = get_config("vit_digits")
-    model = build_model("vit_digits", impl, device="cpu").eval()
-    images = torch.randn(64, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-    first = timed(benchmark, _forward(model, images, False), rounds=5, warmup_rounds=0)
+    model, images, autocast = e2e_case("vit_digits", impl, "fp32", 64, device="cpu")
+    first = timed(benchmark, _forward(model.eval(), images, autocast), rounds=5, warmup_rounds=0)
     record(benchmark, impl=impl, images=64, dtype=torch.float32, first_call_s=first,
            flops=model_flops(ViTShape.from_config("vit_digits"), 64, "forward"))
 
 
-@requires_gpu
-@pytest.mark.parametrize("impl", E2E_IMPLS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("name", list(E2E_BATCH))
+@e2e_gpu_cases
 def test_e2e_forward(benchmark, name, precision, impl):
     batch = E2E_BATCH[name]
     benchmark.group = f"{name} forward, batch {batch}, {precision}"
-    autocast = precision == "bf16_autocast"
-    model = build_model(name, impl, torch.float32 if autocast else torch.bfloat16).eval()
-    cfg = get_config(name)
-    images = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], device=DEVICE,
-                         dtype=torch.float32 if autocast else torch.bfloat16)
-    first = timed(benchmark, _forward(model, images, autocast), rounds=10)
+    model, images, autocast = e2e_case(name, impl, precision, batch)
+    first = timed(benchmark, _forward(model.eval(), images, autocast), rounds=10)
     record(benchmark, impl=impl, images=batch, dtype=torch.bfloat16, first_call_s=first,
            flops=model_flops(ViTShape.from_config(name), batch, "forward"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import DEVICE, E2E_BATCH, E2E_IMPLS, PRECISIONS, build_model, record, requires_gpu, timed
+from bench_utils import DEVICE, E2E_BATCH, e2e_case, e2e_gpu_cases, record, timed
 from fastvit_kernels.bench.flops import ViTShape, model_flops
 from fastvit_kernels.train import param_groups
 from fastvit_kernels.configs import get_config
@@ -35,28 +35,19 @@ def _train_step(model, images, labels, autocast: bool):
 @pytest.mark.parametrize("impl", ["fastvit", "eager_sdpa", "eager_naive"])
 def test_cpu_smoke_train_step(benchmark, impl):
     benchmark.group = "CPU smoke: vit_digits training step, batch 32, fp32"
-    cfg = get_config("vit_digits")
-    model = build_model("vit_digits", impl, device="cpu").train()
-    images = torch.randn(32, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-    labels = torch.randint(0, cfg["num_classes"], (32,))
-    first = timed(benchmark, _train_step(model, images, labels, False), rounds=5, warmup_rounds=0)
+    model, images, autocast = e2e_case("vit_digits", impl, "fp32", 32, device="cpu")
+    labels = torch.randint(0, get_config("vit_digits")["num_classes"], (32,))
+    first = timed(benchmark, _train_step(model.train(), images, labels, autocast), rounds=5, warmup_rounds=0)
     record(benchmark, impl=impl, images=32, dtype=torch.float32, first_call_s=first,
            flops=model_flops(ViTShape.from_config("vit_digits"), 32, "train"))
 
 
-@requires_gpu
-@pytest.mark.parametrize("impl", E2E_IMPLS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("name", list(E2E_BATCH))
+@e2e_gpu_cases
 def test_e2e_train_step(benchmark, name, precision, impl):
     batch = E2E_BATCH[name]
     benchmark.group = f"{name} training step, batch {batch}, {precision}"
-    autocast = precision == "bf16_autocast"
-    model = build_model(name, impl, torch.float32 if autocast else torch.bfloat16).train()
-    cfg = get_config(name)
-    images = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], device=DEVICE,
-                         dtype=torch.float32 if autocast else torch.bfloat16)
+    model, images, autocast = e2e_case(name, impl, precision, batch)
     labels = torch.randint(0, 1000, (batch,), device=DEVICE)
-    first = timed(benchmark, _train_step(model, images, labels, autocast), rounds=10, warmup_rounds=2)
+    first = timed(benchmark, _train_step(model.train(), images, labels, autocast), rounds=10, warmup_rounds=2)
     record(benchmark, impl=impl, images=batch, dtype=torch.bfloat16, first_call_s=first,
            flops=model_flops(ViTShape.from_config(name), batch, "train"))

@@ -143,32 +143,32 @@ def _bench_stem(benchmark, shape, impl, backward, dtype, device, backend, rounds
 PASSES = [("forward", False), ("forward+backward", True)]
 
 
+def gpu_cases(shapes: list, impls: list[str]):
+    """The parametrization of one op's GPU benchmark: needs a GPU; every shape (id "a x b x ..."), pass and impl."""
+    def mark(fn):
+        fn = pytest.mark.parametrize("shape", shapes, ids=lambda s: "x".join(map(str, s)))(fn)
+        fn = pytest.mark.parametrize("which, backward", PASSES)(fn)
+        return requires_gpu(pytest.mark.parametrize("impl", impls)(fn))
+    return mark
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: the real shapes, bf16
 # ---------------------------------------------------------------------------------------------------------------
-@requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "fastvit_split_bwd", "eager_sdpa", "eager_naive"])
-@pytest.mark.parametrize("which, backward", PASSES)
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@gpu_cases(ATTENTION_SHAPES, ["fastvit", "fastvit_split_bwd", "eager_sdpa", "eager_naive"])
 def test_attention(benchmark, shape, which, backward, impl):
     benchmark.group = f"attention {shape} (B, H, N, head_dim) {which}, bf16"
     _bench_attention(benchmark, shape, impl, backward, torch.bfloat16, DEVICE, None, rounds=20)
 
 
-@requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "fastvit_recompute", "fastvit_cublas", "fastvit_pointer",
-                                  "fastvit_unpaired", "eager", "compiled"])
-@pytest.mark.parametrize("which, backward", PASSES)
-@pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@gpu_cases(MLP_SHAPES, ["fastvit", "fastvit_recompute", "fastvit_cublas", "fastvit_pointer", "fastvit_unpaired",
+                        "eager", "compiled"])
 def test_layernorm_mlp(benchmark, shape, which, backward, impl):
     benchmark.group = f"layernorm_mlp {shape} (M, D, D_hidden) {which}, bf16"
     _bench_mlp(benchmark, shape, impl, backward, torch.bfloat16, DEVICE, None, rounds=20)
 
 
-@requires_gpu
-@pytest.mark.parametrize("impl", ["fastvit", "eager"])
-@pytest.mark.parametrize("which, backward", PASSES)
-@pytest.mark.parametrize("shape", STEM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@gpu_cases(STEM_SHAPES, ["fastvit", "eager"])
 def test_patch_embed(benchmark, shape, which, backward, impl):
     benchmark.group = f"patch_embed {shape} (B, P, D) 224px {which}, bf16"
     _bench_stem(benchmark, shape, impl, backward, torch.bfloat16, DEVICE, None, rounds=20)

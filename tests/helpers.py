@@ -32,6 +32,16 @@ def assert_fwd_bwd_match(fn, ref_fn, inputs: list, dtype: torch.dtype, names: li
     return out
 
 
+def assert_fwd_bwd_deterministic(fn, inputs: list, grad_out=None, **kwargs) -> None:
+    """Run ``fn`` forward and backward twice on the same inputs (:func:`fwd_bwd`; ``kwargs`` go to ``fn``): the
+    output and every input gradient must be the same bits both times."""
+    out1, grads1 = fwd_bwd(fn, inputs, grad_out, **kwargs)
+    out2, grads2 = fwd_bwd(fn, inputs, grad_out, **kwargs)
+    assert torch.equal(out1, out2), "the output differs between two runs"
+    for i, (a, b) in enumerate(zip(grads1, grads2)):
+        assert (a is None and b is None) or torch.equal(a, b), f"the gradient of input {i} differs between two runs"
+
+
 def compare_model_with_reference(cfg: dict, device, dtype: torch.dtype = torch.float32, train: bool = False,
                                  image_hw: tuple | None = None, batch: int = 2, seed: int = 0):
     """Build the reference ViT from ``cfg``, copy it into a Triton-path FastViT, run both forward + backward on

@@ -5,7 +5,7 @@ MODELLED, not measured: no GPU was involved in any number this module prints.
 
 Plans (lists of :class:`Launch`, in execution order):
 
-* ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it today: the fused
+* ``"fastvit"``: :class:`fastvit_kernels.FastViT` as ``model.py`` runs it: the fused
   ``fastvit::patch_embed_*``, ``fastvit::attention_block_*`` (norm1 + qkv, attention, proj + residual; or, with
   ``attention_block=False``, its three ops ``layernorm_linear_*`` / ``attention_*`` / ``linear_residual_*`` and
   the gradient-accumulation add they need) and ``fastvit::layernorm_mlp_*`` custom ops, with one launch per Triton
@@ -46,12 +46,12 @@ no dropout or drop-path, a class token with 'token' pooling, ``zero_grad(set_to_
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..kernels.attention import FUSED_BWD_MIN_HEADS, fused_bwd_builds
-from ..kernels.layernorm import BWD_GROUP as LN_BWD_GROUP
+from ..kernels.layernorm import BWD_GROUP as LN_BWD_GROUP, bwd_programs as ln_bwd_programs
 from ..kernels.matmul_tma import REFERENCE_SMS, PairSchedule, pair_schedule, tma_configs
 from .devices import Peak, dtype_name
 from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, model_flops
@@ -104,6 +104,29 @@ class Launch:
         return max(self.flops / peak.flops_per_s, self.bytes / peak.bytes_per_s) + launch_overhead_s
 
 
+@dataclass(frozen=True, kw_only=True)
+class Kernel:
+    """One kernel launch as a plan writes it, before :class:`_Builder` places it in a dispatched call (which adds
+    the call index and the phase): ``name``, ``bytes_read`` / ``bytes_written`` (device memory, bytes), ``flops``
+    (executed matmul FLOPs), ``triton`` (True for this package's Triton kernels), ``note``, ``op_class`` (None: the
+    builder's current class; an op whose kernels serve several classes names each), ``schedule`` (a TMA pair
+    launch's :class:`~fastvit_kernels.kernels.matmul_tma.PairSchedule`). Fields as in :class:`Launch`."""
+
+    name: str
+    bytes_read: float
+    bytes_written: float
+    flops: int = 0
+    triton: bool = False
+    note: str = ""
+    op_class: str | None = None
+    schedule: PairSchedule | None = None
+
+
+def _triton(**fields) -> Kernel:
+    """A :class:`Kernel` of this package (``triton=True``)."""
+    return Kernel(triton=True, **fields)
+
+
 class _Builder:
     """Collects launches call by call; ``cls`` and ``phase`` are the current op class and phase."""
 
@@ -113,44 +136,42 @@ class _Builder:
         self.cls = "other"
         self.phase = "forward"
 
-    def call(self, dispatch: str, *kernels: tuple) -> None:
-        """One dispatched op; each kernel is (name, flops, bytes_read, bytes_written[, triton[, note[, op class[,
-        schedule]]]]) (the op class defaults to the current one: an op whose kernels serve several classes names
-        each)."""
+    def call(self, dispatch: str, *kernels: Kernel) -> None:
+        """One dispatched op issuing ``kernels`` in order (byte counts rounded down to whole bytes)."""
         for k in kernels:
-            name, flops, r, w = k[:4]
-            triton = k[4] if len(k) > 4 else False
-            note = k[5] if len(k) > 5 else ""
-            cls = k[6] if len(k) > 6 else self.cls
-            sched = k[7] if len(k) > 7 else None
-            self.launches.append(Launch(name, dispatch, self.n_calls, cls, self.phase, int(flops), int(r),
-                                        int(w), triton, note, sched))
+            self.launches.append(Launch(
+                kernel=k.name, dispatch=dispatch, call=self.n_calls, op_class=k.op_class or self.cls,
+                phase=self.phase, flops=int(k.flops), bytes_read=int(k.bytes_read),
+                bytes_written=int(k.bytes_written), triton=k.triton, note=k.note, schedule=k.schedule))
         self.n_calls += 1
 
     # ---- aten pieces shared by both paths (e: element size in bytes) ----
     def layer_norm(self, M: int, D: int, e: int) -> None:
-        self.call("aten.native_layer_norm", ("LayerNorm fwd", 0, M * D * e + 2 * D * e, M * D * e + 2 * M * F32))
+        self.call("aten.native_layer_norm", Kernel(name="LayerNorm fwd", bytes_read=M * D * e + 2 * D * e,
+                                                   bytes_written=M * D * e + 2 * M * F32))
 
     def layer_norm_bwd(self, M: int, D: int, e: int) -> None:
         self.call("aten.native_layer_norm_backward",
-                  ("LayerNorm bwd dx", 0, 2 * M * D * e + D * e + 2 * M * F32, M * D * e),
-                  ("LayerNorm bwd dgamma/dbeta", 0, 2 * M * D * e + 2 * M * F32, 2 * D * e))
+                  Kernel(name="LayerNorm bwd dx", bytes_read=2 * M * D * e + D * e + 2 * M * F32,
+                         bytes_written=M * D * e),
+                  Kernel(name="LayerNorm bwd dgamma/dbeta", bytes_read=2 * M * D * e + 2 * M * F32,
+                         bytes_written=2 * D * e))
 
     def addmm(self, M: int, K: int, N: int, e: int, a_bytes: int | None = None) -> None:
         a = M * K * e if a_bytes is None else a_bytes
-        self.call("aten.addmm", ("cuBLAS GEMM (+bias epilogue)", 2 * M * K * N, a + K * N * e + N * e, M * N * e))
+        self.call("aten.addmm", Kernel(name="cuBLAS GEMM (+bias epilogue)", flops=2 * M * K * N,
+                                       bytes_read=a + K * N * e + N * e, bytes_written=M * N * e))
 
     def linear_bwd(self, M: int, K: int, N: int, e: int) -> None:
         """Backward of ``y (M, N) = x (M, K) @ W^T + b``: dgrad, wgrad, bias-gradient reduction (aten order)."""
-        self.call("aten.mm", ("cuBLAS GEMM dgrad", 2 * M * N * K, M * N * e + N * K * e, M * K * e))
-        self.call("aten.mm", ("cuBLAS GEMM wgrad", 2 * M * N * K, M * N * e + M * K * e, N * K * e))
-        self.call("aten.sum", ("bias-grad reduction", 0, M * N * e, N * e))
+        self.call("aten.mm", Kernel(name="cuBLAS GEMM dgrad", flops=2 * M * N * K,
+                                    bytes_read=M * N * e + N * K * e, bytes_written=M * K * e))
+        self.call("aten.mm", Kernel(name="cuBLAS GEMM wgrad", flops=2 * M * N * K,
+                                    bytes_read=M * N * e + M * K * e, bytes_written=N * K * e))
+        self.call("aten.sum", Kernel(name="bias-grad reduction", bytes_read=M * N * e, bytes_written=N * e))
 
     def add(self, n: int, e: int, note: str = "") -> None:
-        self.call("aten.add", ("elementwise add", 0, 2 * n * e, n * e, False, note))
-
-    def zeros(self, n: int, e: int, note: str) -> None:
-        self.call("aten.zeros", ("fill", 0, 0, n * e, False, note))
+        self.call("aten.add", Kernel(name="elementwise add", bytes_read=2 * n * e, bytes_written=n * e, note=note))
 
 
 def vit_parameters(shape: ViTShape) -> list[tuple[str, tuple]]:
@@ -233,8 +254,8 @@ def _adamw(b: _Builder, shape: ViTShape, e: int, weight_decay: float) -> None:
             n_launch = multi_tensor_launches(numels, depth, scalar_list)
             # spread the op's bytes evenly over its launches (the launches are of similar size)
             r, w = len(reads) * total * e, len(writes) * total * e
-            b.call(dispatch, *[("multi_tensor_apply " + op.split(" ")[0], 0, r / n_launch, w / n_launch)
-                               for _ in range(n_launch)])
+            b.call(dispatch, *[Kernel(name="multi_tensor_apply " + op.split(" ")[0], bytes_read=r / n_launch,
+                                      bytes_written=w / n_launch) for _ in range(n_launch)])
 
 
 def _check(shape: ViTShape, batch_size: int, path: str, mode: str) -> None:
@@ -258,18 +279,21 @@ def _head_fwd(b: _Builder, s: ViTShape, B: int, e: int, loss: bool) -> None:
     b.layer_norm(M, D, e)  # final norm over all tokens, then x[:, 0] (a view)
     b.addmm(B, D, nc, e)
     if loss:
-        b.call("aten._log_softmax", ("log_softmax", 0, B * nc * e, B * nc * e))
-        b.call("aten.nll_loss_forward", ("nll_loss", 0, B * e + B * I64, 2 * e))
+        b.call("aten._log_softmax", Kernel(name="log_softmax", bytes_read=B * nc * e, bytes_written=B * nc * e))
+        b.call("aten.nll_loss_forward", Kernel(name="nll_loss", bytes_read=B * e + B * I64, bytes_written=2 * e))
 
 
 def _head_bwd(b: _Builder, s: ViTShape, B: int, e: int) -> None:
     D, nc, M = s.embed_dim, s.num_classes, B * s.tokens
     b.cls, b.phase = "head", "backward"
-    b.call("aten.ones_like", ("fill (loss seed)", 0, 0, e))
-    b.call("aten.nll_loss_backward", ("fill", 0, 0, B * nc * e), ("nll_loss bwd", 0, B * I64 + e, B * e))
-    b.call("aten._log_softmax_backward_data", ("log_softmax bwd", 0, 2 * B * nc * e, B * nc * e))
+    b.call("aten.ones_like", Kernel(name="fill (loss seed)", bytes_read=0, bytes_written=e))
+    b.call("aten.nll_loss_backward", Kernel(name="fill", bytes_read=0, bytes_written=B * nc * e),
+           Kernel(name="nll_loss bwd", bytes_read=B * I64 + e, bytes_written=B * e))
+    b.call("aten._log_softmax_backward_data",
+           Kernel(name="log_softmax bwd", bytes_read=2 * B * nc * e, bytes_written=B * nc * e))
     b.linear_bwd(B, D, nc, e)
-    b.call("aten.select_backward", ("fill", 0, 0, M * D * e), ("copy", 0, B * D * e, B * D * e))
+    b.call("aten.select_backward", Kernel(name="fill", bytes_read=0, bytes_written=M * D * e),
+           Kernel(name="copy", bytes_read=B * D * e, bytes_written=B * D * e))
     b.layer_norm_bwd(M, D, e)
 
 
@@ -281,9 +305,10 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
     # ---- forward ----
     b.cls = "patch_embed"
     b.call("aten.convolution",
-           ("cuDNN convolution", 2 * B * Np * D * CPP, img * e + D * CPP * e, B * Np * D * e),
-           ("bias add (in place)", 0, B * Np * D * e + D * e, B * Np * D * e))
-    b.call("aten.cat", ("cat [cls; patches]", 0, (B * Np * D + D) * e, M * D * e))
+           Kernel(name="cuDNN convolution", flops=2 * B * Np * D * CPP, bytes_read=img * e + D * CPP * e,
+                  bytes_written=B * Np * D * e),
+           Kernel(name="bias add (in place)", bytes_read=B * Np * D * e + D * e, bytes_written=B * Np * D * e))
+    b.call("aten.cat", Kernel(name="cat [cls; patches]", bytes_read=(B * Np * D + D) * e, bytes_written=M * D * e))
     b.add(M * D, e, "+ pos_embed (broadcast read counted as full size)")
     for _ in range(L):
         b.cls = "ln_qkv"
@@ -291,14 +316,14 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
         b.addmm(M, D, 3 * D, e)
         b.cls = "attention"
         b.call("aten._scaled_dot_product_flash_attention",
-               ("FlashAttention-2 fwd", att, 3 * M * D * e, M * D * e + lse))
+               Kernel(name="FlashAttention-2 fwd", flops=att, bytes_read=3 * M * D * e, bytes_written=M * D * e + lse))
         b.cls = "proj"
         b.addmm(M, D, D, e)
         b.add(M * D, e, "residual")
         b.cls = "mlp"
         b.layer_norm(M, D, e)
         b.addmm(M, D, Dh, e)
-        b.call("aten.gelu", ("GELU", 0, M * Dh * e, M * Dh * e))
+        b.call("aten.gelu", Kernel(name="GELU", bytes_read=M * Dh * e, bytes_written=M * Dh * e))
         b.addmm(M, Dh, D, e)
         b.add(M * D, e, "residual")
     _head_fwd(b, s, B, e, loss=train)
@@ -309,7 +334,7 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
     for _ in range(L):
         b.cls = "mlp"
         b.linear_bwd(M, Dh, D, e)  # fc2
-        b.call("aten.gelu_backward", ("GELU bwd", 0, 2 * M * Dh * e, M * Dh * e))
+        b.call("aten.gelu_backward", Kernel(name="GELU bwd", bytes_read=2 * M * Dh * e, bytes_written=M * Dh * e))
         b.linear_bwd(M, D, Dh, e)  # fc1
         b.layer_norm_bwd(M, D, e)
         b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
@@ -317,65 +342,65 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
         b.linear_bwd(M, D, D, e)
         b.cls = "attention"
         b.call("aten._scaled_dot_product_flash_attention_backward",
-               ("FlashAttention-2 bwd dO.O (+ clears fp32 dQ accumulator)", 0, 2 * M * D * e, lse + M * D * F32),
-               ("FlashAttention-2 bwd dQ dK dV", 10 * B * N * N * D, 4 * M * D * e + 2 * lse,
-                2 * M * D * e + M * D * F32),
-               ("FlashAttention-2 bwd convert dQ", 0, M * D * F32, M * D * e))
-        b.call("aten.stack", ("stack dq, dk, dv (permute copy)", 0, 3 * M * D * e, 3 * M * D * e))
-        b.call("aten.clone", ("copy to packed (B, N, 3D) (permute copy)", 0, 3 * M * D * e, 3 * M * D * e))
+               Kernel(name="FlashAttention-2 bwd dO.O (+ clears fp32 dQ accumulator)", bytes_read=2 * M * D * e,
+                      bytes_written=lse + M * D * F32),
+               Kernel(name="FlashAttention-2 bwd dQ dK dV", flops=10 * B * N * N * D,
+                      bytes_read=4 * M * D * e + 2 * lse, bytes_written=2 * M * D * e + M * D * F32),
+               Kernel(name="FlashAttention-2 bwd convert dQ", bytes_read=M * D * F32, bytes_written=M * D * e))
+        b.call("aten.stack", Kernel(name="stack dq, dk, dv (permute copy)", bytes_read=3 * M * D * e,
+                                    bytes_written=3 * M * D * e))
+        b.call("aten.clone", Kernel(name="copy to packed (B, N, 3D) (permute copy)", bytes_read=3 * M * D * e,
+                                    bytes_written=3 * M * D * e))
         b.cls = "ln_qkv"
         b.linear_bwd(M, D, 3 * D, e)
         b.layer_norm_bwd(M, D, e)
         b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
     b.cls = "patch_embed"
-    b.call("aten.sum", ("pos_embed grad (sum over batch)", 0, M * D * e, N * D * e))
-    b.call("aten.sum", ("cls_token grad (sum over batch)", 0, B * D * e, D * e))
+    b.call("aten.sum", Kernel(name="pos_embed grad (sum over batch)", bytes_read=M * D * e, bytes_written=N * D * e))
+    b.call("aten.sum", Kernel(name="cls_token grad (sum over batch)", bytes_read=B * D * e, bytes_written=D * e))
     b.call("aten.convolution_backward",
-           ("copy grad to contiguous", 0, B * Np * D * e, B * Np * D * e),
-           ("cuDNN wgrad", 2 * B * Np * D * CPP, B * Np * D * e + img * e, D * CPP * e),
-           ("bias-grad reduction", 0, B * Np * D * e, D * e))
+           Kernel(name="copy grad to contiguous", bytes_read=B * Np * D * e, bytes_written=B * Np * D * e),
+           Kernel(name="cuDNN wgrad", flops=2 * B * Np * D * CPP, bytes_read=B * Np * D * e + img * e,
+                  bytes_written=D * CPP * e),
+           Kernel(name="bias-grad reduction", bytes_read=B * Np * D * e, bytes_written=D * e))
 
 
-def _ln_bwd_programs(M: int, D: int) -> int:
-    """Programs of kernels/layernorm.py's backward (it writes one fp32 dgamma and dbeta row per program; at most
-    ``BWD_PROGRAMS`` = 256 programs, each looping over row blocks)."""
-    block_d = 1 << max(D - 1, 0).bit_length()
-    rows = max(1, min(16, 4096 // block_d))
-    return max(1, min(-(-M // rows), 256))
-
-
-def _pair(first: tuple, second: tuple, gemm_kernel: str, e: int, shapes: tuple = None,
-          num_sms: int = REFERENCE_SMS) -> list:
-    """The launches of ``matmul.gemm_pair`` for two GEMM launch tuples, as a list of (launch tuple, schedule or
-    None): one launch of the pair kernel (FLOPs and bytes the sums of the two: the operand both read -- dY or dH --
-    is counted twice, the two problems' tiles read it at different times, so no L2 reuse is assumed), or the two
-    launches where gemm_pair runs them one by one: on the pointer kernel with a GELU prologue (fc2's pair), on the
-    TMA kernel in fp32 (``e`` = 4).
+def _pair(first: Kernel, second: Kernel, gemm_kernel: str, e: int, shapes: tuple = None,
+          num_sms: int = REFERENCE_SMS) -> list[Kernel]:
+    """The launches of ``matmul.gemm_pair`` for two GEMM launches: one launch of the pair kernel (FLOPs and bytes the
+    sums of the two: the operand both read -- dY or dH -- is counted twice, the two problems' tiles read it at
+    different times, so no L2 reuse is assumed), or the two launches where gemm_pair runs them one by one: on the
+    pointer kernel with a GELU prologue (fc2's pair), on the TMA kernel in fp32 (``e`` = 4).
 
     On the TMA form, ``shapes`` ((M, N, K) of each GEMM) give the pair's schedule on ``num_sms`` programs with the
     16-bit default tile (:func:`~fastvit_kernels.kernels.matmul_tma.pair_schedule`, the launcher's own function;
-    MODELLED). When it splits the long problem into S k-slices, that problem's output becomes S fp32 partial
-    tiles (S * M * N * 4 bytes, row sums S * M * 4) written by the pair launch and read by a second launch,
-    ``_split_k_reduce_kernel``, which writes the output the pair launch would have."""
-    if (gemm_kernel == "pointer" and "GELU recomputed" in first[5] + second[5]) or (gemm_kernel == "tma" and e == 4):
-        return [(first, None), (second, None)]
+    MODELLED), set as the pair launch's ``schedule``. When it splits the long problem into S k-slices, that
+    problem's output becomes S fp32 partial tiles (S * M * N * 4 bytes, row sums S * M * 4) written by the pair
+    launch and read by a second launch, ``_split_k_reduce_kernel``, which writes the output the pair launch would
+    have."""
+    if ((gemm_kernel == "pointer" and "GELU recomputed" in first.note + second.note)
+            or (gemm_kernel == "tma" and e == 4)):
+        return [first, second]
     name = "_matmul_tma_pair_kernel" if gemm_kernel == "tma" else "_matmul_pair_kernel"
-    note = f"{first[5]} + {second[5]} (one launch)"
+    note = f"{first.note} + {second.note} (one launch)"
     if gemm_kernel != "tma":
-        return [((name, first[1] + second[1], first[2] + second[2], first[3] + second[3], True, note), None)]
+        return [_triton(name=name, flops=first.flops + second.flops, bytes_read=first.bytes_read + second.bytes_read,
+                        bytes_written=first.bytes_written + second.bytes_written, note=note)]
     cfg = tma_configs(torch.bfloat16, pair=True)[0].kwargs
     sched = pair_schedule(shapes, num_sms, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
     note += (f"; static schedule on {num_sms} SMs (modelled): {sched.baseline_efficiency:.1%} busy unbalanced, "
              f"{sched.efficiency:.1%} balanced ({sched.split} k-slice{'s' if sched.split > 1 else ''})")
-    written = first[3] + second[3]
+    written = first.bytes_written + second.bytes_written
     if sched.split == 1:
-        return [((name, first[1] + second[1], first[2] + second[2], written, True, note), sched)]
+        return [_triton(name=name, flops=first.flops + second.flops, bytes_read=first.bytes_read + second.bytes_read,
+                        bytes_written=written, note=note, schedule=sched)]
     long, (m, n, _) = (first, second)[sched.first], shapes[sched.first]
-    rowsum = "row sums" in long[5]
+    rowsum = "row sums" in long.note
     partials = sched.split * (m * n + (m if rowsum else 0)) * F32
-    return [((name, first[1] + second[1], first[2] + second[2], written - long[3] + partials, True, note), sched),
-            (("_split_k_reduce_kernel", 0, partials, long[3], True,
-              f"sums the {sched.split} fp32 partials of the pair's long problem in slice order"), None)]
+    return [_triton(name=name, flops=first.flops + second.flops, bytes_read=first.bytes_read + second.bytes_read,
+                    bytes_written=written - long.bytes_written + partials, note=note, schedule=sched),
+            _triton(name="_split_k_reduce_kernel", bytes_read=partials, bytes_written=long.bytes_written,
+                    note=f"sums the {sched.split} fp32 partials of the pair's long problem in slice order")]
 
 
 def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attention_block: bool = True,
@@ -384,27 +409,31 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
     M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
     att = 4 * B * N * N * D
     lse = B * H * N * F32
-    T = True  # Triton launch
-    # the block GEMMs' kernel form (matmul.gemm / gemm_pair; the patch embedding's GEMMs always use the pointer one)
+    # the block GEMMs' kernel form (matmul.gemm / gemm_pair); the patch embedding's GEMMs run on _matmul_split_kernel
     GK = "_matmul_tma_kernel" if gemm_kernel == "tma" else "_matmul_kernel"
 
-    def pair(first: tuple, second: tuple, shapes: tuple, cls: str = "mlp") -> list:
-        return [k + (cls, sched) for k, sched in _pair(first, second, gemm_kernel, e, shapes, num_sms)]
+    def pair(first: Kernel, second: Kernel, shapes: tuple, cls: str = "mlp") -> list[Kernel]:
+        return [replace(k, op_class=cls) for k in _pair(first, second, gemm_kernel, e, shapes, num_sms)]
 
     # ---- forward ----
     b.cls = "patch_embed"
     b.call("fastvit.patch_embed_fwd",
-           ("_matmul_kernel", 2 * B * Np * D * CPP, img * e + D * CPP * e + D * e + Np * D * e, B * Np * D * e, T,
-            "pixels gathered in the A load; bias + pos_embed epilogue"),
-           ("_prefix_rows_kernel", 0, 2 * D * e, B * D * e, T, "class row: cls_token + pos_embed[0]"))
+           _triton(name="_matmul_split_kernel", flops=2 * B * Np * D * CPP,
+                   bytes_read=img * e + D * CPP * e + D * e + Np * D * e, bytes_written=B * Np * D * e,
+                   note="pixels gathered in the A load; bias + pos_embed epilogue"),
+           _triton(name="_prefix_rows_kernel", bytes_read=2 * D * e, bytes_written=B * D * e,
+                   note="class row: cls_token + pos_embed[0]"))
     # the attention half's kernels (model.py: one fastvit::attention_block op; blocks with LayerScale / qk_norm /
     # dropout: its three ops), each with its op class
-    qkv_fwd = [("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T, "norm1 row statistics", "ln_qkv"),
-               (GK, 2 * M * D * 3 * D, M * D * e + 2 * M * F32 + 2 * D * e + 3 * D * D * e + 3 * D * e,
-                M * 3 * D * e, T, "LayerNorm prologue; bias epilogue", "ln_qkv")]
-    att_fwd = [("_attention_fwd_kernel", att, 3 * M * D * e, M * D * e + lse, T, "", "attention")]
-    proj_fwd = [(GK, 2 * M * D * D, M * D * e + D * D * e + D * e + M * D * e, M * D * e, T,
-                 "bias + residual epilogue", "proj")]
+    qkv_fwd = [_triton(name="_layernorm_stats_kernel", bytes_read=M * D * e, bytes_written=2 * M * F32,
+                       note="norm1 row statistics", op_class="ln_qkv"),
+               _triton(name=GK, flops=2 * M * D * 3 * D,
+                       bytes_read=M * D * e + 2 * M * F32 + 2 * D * e + 3 * D * D * e + 3 * D * e,
+                       bytes_written=M * 3 * D * e, note="LayerNorm prologue; bias epilogue", op_class="ln_qkv")]
+    att_fwd = [_triton(name="_attention_fwd_kernel", flops=att, bytes_read=3 * M * D * e,
+                       bytes_written=M * D * e + lse, op_class="attention")]
+    proj_fwd = [_triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e + D * e + M * D * e,
+                        bytes_written=M * D * e, note="bias + residual epilogue", op_class="proj")]
 
     def attention_half(suffix: str, parts: list) -> None:
         """The attention half's (op, kernels) parts as one fastvit::attention_block op or as its three ops."""
@@ -418,62 +447,78 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
         attention_half("fwd", [("layernorm_linear", qkv_fwd), ("attention", att_fwd), ("linear_residual", proj_fwd)])
         b.cls = "mlp"
         b.call("fastvit.layernorm_mlp_fwd",
-               ("_layernorm_stats_kernel", 0, M * D * e, 2 * M * F32, T),
-               (GK, 2 * M * D * Dh, M * D * e + 2 * M * F32 + 2 * D * e + Dh * D * e + Dh * e,
-                2 * M * Dh * e, T, "LayerNorm prologue; bias + GELU epilogue, stores the pre-activation"),
-               (GK, 2 * M * Dh * D, M * Dh * e + D * Dh * e + D * e + M * D * e, M * D * e, T,
-                "bias + residual epilogue"))
+               _triton(name="_layernorm_stats_kernel", bytes_read=M * D * e, bytes_written=2 * M * F32),
+               _triton(name=GK, flops=2 * M * D * Dh,
+                       bytes_read=M * D * e + 2 * M * F32 + 2 * D * e + Dh * D * e + Dh * e,
+                       bytes_written=2 * M * Dh * e,
+                       note="LayerNorm prologue; bias + GELU epilogue, stores the pre-activation"),
+               _triton(name=GK, flops=2 * M * Dh * D, bytes_read=M * Dh * e + D * Dh * e + D * e + M * D * e,
+                       bytes_written=M * D * e, note="bias + residual epilogue"))
     _head_fwd(b, s, B, e, loss=train)
     if not train:
         return
     # ---- backward ----
     _head_bwd(b, s, B, e)
-    P = _ln_bwd_programs(M, D)
+    P = ln_bwd_programs(M, D)
     G = -(-P // LN_BWD_GROUP)
 
-    def ln_bwd(dres: bool, cls: str) -> list:
+    def ln_bwd(dres: bool, cls: str) -> list[Kernel]:
         # x, dy (+ the residual's gradient), gamma, row stats; every program's fp32 dgamma / dbeta partial row is
         # written once and read once by its group's last program, whose group row the global last program reads.
         # Before it, the fill of its fresh int32 ticket counters (global + one per group; layernorm.ticket_counter)
         partials = 2 * (P + G) * D * F32
-        return [("fill", 0, 0, (1 + G) * 4, False, "LayerNorm-backward ticket counters", cls),
-                ("_layernorm_bwd_kernel", 0, (3 if dres else 2) * M * D * e + D * e + 2 * M * F32 + partials,
-                 M * D * e + partials + 2 * D * e, T,
-                 "dx" + (" + the residual's gradient" if dres else "") + "; dgamma / dbeta by a two-level in-kernel "
-                 "reduction of fp32 partials", cls)]
+        return [Kernel(name="fill", bytes_read=0, bytes_written=(1 + G) * 4,
+                       note="LayerNorm-backward ticket counters", op_class=cls),
+                _triton(name="_layernorm_bwd_kernel",
+                        bytes_read=(3 if dres else 2) * M * D * e + D * e + 2 * M * F32 + partials,
+                        bytes_written=M * D * e + partials + 2 * D * e,
+                        note="dx" + (" + the residual's gradient" if dres else "") + "; dgamma / dbeta by a two-level "
+                        "in-kernel reduction of fp32 partials", op_class=cls)]
 
     for _ in range(L):
         b.cls = "mlp"
         b.call("fastvit.layernorm_mlp_bwd",
-               *pair((GK, 2 * M * D * Dh, M * D * e + M * Dh * e, D * Dh * e + D * e, T,
-                      "dW2; GELU recomputed; db2 = row sums of its dY^T tiles"),
-                     (GK, 2 * M * D * Dh, M * D * e + D * Dh * e + M * Dh * e, M * Dh * e, T,
-                      "dH; GELU' epilogue"), ((D, Dh, M), (M, Dh, D))),
-               *pair((GK, 2 * M * D * Dh, M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
-                      Dh * D * e + Dh * e, T, "dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
-                     (GK, 2 * M * D * Dh, M * Dh * e + Dh * D * e, M * D * e, T, "d LayerNorm(x)"),
+               *pair(_triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + M * Dh * e,
+                             bytes_written=D * Dh * e + D * e,
+                             note="dW2; GELU recomputed; db2 = row sums of its dY^T tiles"),
+                     _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + D * Dh * e + M * Dh * e,
+                             bytes_written=M * Dh * e, note="dH; GELU' epilogue"),
+                     ((D, Dh, M), (M, Dh, D))),
+               *pair(_triton(name=GK, flops=2 * M * D * Dh,
+                             bytes_read=M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                             bytes_written=Dh * D * e + Dh * e,
+                             note="dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
+                     _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * Dh * e + Dh * D * e,
+                             bytes_written=M * D * e, note="d LayerNorm(x)"),
                      ((Dh, D, M), (M, D, Dh))),
                *ln_bwd(True, "mlp"))
-        proj_bwd = pair((GK, 2 * M * D * D, 2 * M * D * e, D * D * e + D * e, T,
-                         "dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"),
-                        (GK, 2 * M * D * D, M * D * e + D * D * e, M * D * e, T, "dx"), ((D, D, M), (M, D, D)),
-                        "proj")
+        proj_bwd = pair(_triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e,
+                                bytes_written=D * D * e + D * e,
+                                note="dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"),
+                        _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e,
+                                bytes_written=M * D * e, note="dx"),
+                        ((D, D, M), (M, D, D)), "proj")
         # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
         if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
             # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
             # program that just read them hit L2); delta written to a (B, H, N) fp32 scratch and read back (counted,
             # though it is small and L2-resident); dq, dk, dv written once
-            att_bwd = [("_attention_bwd_fused_kernel", 14 * B * N * N * D, 5 * M * D * e + 2 * lse,
-                        3 * M * D * e + lse, T, "delta, then dK/dV, then dQ per (batch, head)", "attention")]
+            att_bwd = [_triton(name="_attention_bwd_fused_kernel", flops=14 * B * N * N * D,
+                               bytes_read=5 * M * D * e + 2 * lse, bytes_written=3 * M * D * e + lse,
+                               note="delta, then dK/dV, then dQ per (batch, head)", op_class="attention")]
         else:
-            att_bwd = [("_attention_bwd_preprocess_kernel", 0, 2 * M * D * e, lse, T, "", "attention"),
-                       ("_attention_bwd_dkdv_kernel", 8 * B * N * N * D, 4 * M * D * e + 2 * lse, 2 * M * D * e, T,
-                        "", "attention"),
-                       ("_attention_bwd_dq_kernel", 6 * B * N * N * D, 4 * M * D * e + 2 * lse, M * D * e, T, "",
-                        "attention")]
-        qkv_bwd = pair((GK, 2 * M * D * 3 * D, 3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
-                        3 * D * D * e + 3 * D * e, T, "dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
-                       (GK, 2 * M * D * 3 * D, 3 * M * D * e + 3 * D * D * e, M * D * e, T, "d LayerNorm(x)"),
+            att_bwd = [_triton(name="_attention_bwd_preprocess_kernel", bytes_read=2 * M * D * e, bytes_written=lse,
+                               op_class="attention"),
+                       _triton(name="_attention_bwd_dkdv_kernel", flops=8 * B * N * N * D,
+                               bytes_read=4 * M * D * e + 2 * lse, bytes_written=2 * M * D * e, op_class="attention"),
+                       _triton(name="_attention_bwd_dq_kernel", flops=6 * B * N * N * D,
+                               bytes_read=4 * M * D * e + 2 * lse, bytes_written=M * D * e, op_class="attention")]
+        qkv_bwd = pair(_triton(name=GK, flops=2 * M * D * 3 * D,
+                               bytes_read=3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                               bytes_written=3 * D * D * e + 3 * D * e,
+                               note="dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
+                       _triton(name=GK, flops=2 * M * D * 3 * D, bytes_read=3 * M * D * e + 3 * D * D * e,
+                               bytes_written=M * D * e, note="d LayerNorm(x)"),
                        ((3 * D, D, M), (M, D, 3 * D)), "ln_qkv") + ln_bwd(attention_block, "ln_qkv")
         attention_half("bwd", [("linear_residual", proj_bwd), ("attention", att_bwd), ("layernorm_linear", qkv_bwd)])
         if not attention_block:
@@ -481,12 +526,12 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
             b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
     b.cls = "patch_embed"
     b.call("fastvit.patch_embed_bwd",
-           ("_column_sum_kernel", 0, M * D * e, N * D * F32 + N * D * e, T,
-            "fp32 sum over the batch (pos / bias / cls grads), and the pos_embed grad in the weight dtype"),
-           ("_column_sum_tail_kernel", 0, N * D * F32, D * e + D * e, T,
-            "bias grad (sum of the patch rows) and the cls_token grad in the weight dtype"),
-           ("_matmul_kernel", 2 * B * Np * D * CPP, B * Np * D * e + img * e, D * CPP * e, T,
-            "dW; patches re-gathered"))
+           _triton(name="_column_sum_kernel", bytes_read=M * D * e, bytes_written=N * D * F32 + N * D * e,
+                   note="fp32 sum over the batch (pos / bias / cls grads), and the pos_embed grad in the weight dtype"),
+           _triton(name="_column_sum_tail_kernel", bytes_read=N * D * F32, bytes_written=D * e + D * e,
+                   note="bias grad (sum of the patch rows) and the cls_token grad in the weight dtype"),
+           _triton(name="_matmul_split_kernel", flops=2 * B * Np * D * CPP, bytes_read=B * Np * D * e + img * e,
+                   bytes_written=D * CPP * e, note="dW; patches re-gathered"))
 
 
 def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit", mode: str = "train",

@@ -31,24 +31,43 @@ Numerics:
   :func:`needs_row64`; that variant is not in the AOT check's trace), int32 otherwise. The grids have one axis
   (:func:`block_head_grid`), so no batch size meets CUDA's 65,535 cap on grid axes 1 / 2.
 
-Head dim (2026-11): split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
+Head dim: split into up to three power-of-two column chunks ``D0 + D1 + D2`` (:func:`head_dim_chunks`:
 the binary decomposition of head_dim rounded up to 16, the smallest ``tl.dot`` edge), so at most 8 columns of any
 supported head dim are padding: 80 = 64 + 16, 72 = 64 + 16 (8 masked), 88 = 64 + 32 (8 masked), 40 = 32 + 16
 (8 masked), 48 = 32 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16; 32 / 64 / 128 are one chunk. Every dot over the head dim
 is a sum of per-chunk dots (``S = q0 k0^T + q1 k1^T``), and O, dV, dK, dQ are accumulated per chunk.
 
-Tiles (2026-11): on a GPU every kernel except the delta pre-pass is a ``triton.autotune`` over the candidates of
+Tiles: on a GPU every kernel except the delta pre-pass is a ``triton.autotune`` over the candidates of
 :func:`attention_configs`, pruned per call by :func:`keep`, keyed by the sequence-length bucket ``N_BUCKET``
 (next power of two of N), ``N_ALIGN``, ``HEAD_DIM`` and the dtype, so distinct N inside a bucket re-tune or
 recompile only when their alignment class differs (``N_ALIGN``, and Triton's own N % 16 specialisation).
 ``EVEN_N`` (no sequence-tail masks) is derived inside the kernels from the constexpr ``N_ALIGN`` (the
 largest power of two <= 256 dividing N), so it is free when N is a multiple of the tiles and costs one compile per
 alignment class, not per N. Under the interpreter (``TRITON_INTERPRET=1``) one fixed small config is used
-(:func:`_interpreter_config`), so CPU tests stay fast. No GPU timing has been taken yet: the candidates were checked
-only statically (``python -m fastvit_kernels.aot check``: builds, no spills, tensor cores; see :func:`keep`).
+(:func:`_interpreter_config`), so CPU tests stay fast. The candidate lists rest on static evidence only (``python -m
+fastvit_kernels.aot check``: builds, no spills, tensor cores; see :func:`keep`), not on GPU timings.
 
-Caveats: the column stride of every tensor must be 1 (the op in ``ops/`` guarantees it). The autotuned (GPU) launch
-path has only been compiled (AOT check), not run: the tests run the interpreter path.
+Kernel arguments (each kernel takes the ones it needs, in this order; documented once here):
+* ``QKV`` (B, N, 3 * D): the forward input q | k | v, head h of each at column h * HEAD_DIM of its third. ``Out``
+  (B, N, D): the forward output, head h at columns h * HEAD_DIM. ``DOut`` (B, N, D): the gradient of Out. ``Lse``
+  (B, H, N) fp32: the log2-sum-exp2 of each query row's scaled scores (written by the forward). ``Delta`` (B, H, N)
+  fp32: rowsum(dO * O) (written by the pre-pass; by the fused backward, as scratch). ``DQKV`` (B, N, 3 * D): the
+  gradient of QKV, same layout. All but Lse and Delta in the input dtype.
+* ``qk_scale``: softmax scale * log2(e); ``sm_scale``: the softmax scale (dQ = sm_scale * dS K, dK = sm_scale *
+  dS^T Q).
+* ``stride_<t>_b``, ``stride_<t>_n``: strides of tensor t over B and N (column stride 1); ``stride_lse_b``,
+  ``stride_lse_h``: of Lse over B and H (stride over N 1), shared by Delta (the pre-pass names them
+  ``stride_delta_*``).
+* ``N``: sequence length; ``H``: heads; ``D``: model width H * HEAD_DIM, the offset of k (D) and v (2 * D) in a qkv
+  row; ``N_BUCKET``: :func:`n_bucket` of N, an autotune key only (unused in the kernel).
+* constexprs: ``HEAD_DIM`` (per-head width); ``D0``, ``D1``, ``D2`` (the head-dim chunk widths of
+  :func:`head_dim_chunks`, 0: absent); ``N_ALIGN`` (:func:`n_align` of N); ``ROW64`` (int64 row offsets, see
+  :func:`needs_row64`; else int32); ``BLOCK_M`` / ``BLOCK_N`` (query / key rows, per program or per loop step as
+  each kernel says); ``INPUT_PRECISION`` (``tl.dot``'s input_precision from
+  :func:`~fastvit_kernels.kernels._common.dot_precision`: fp32 "ieee" or "tf32").
+
+Caveats: the column stride of every tensor must be 1 (the op in ``ops/`` guarantees it). The tests run the
+interpreter path; the autotuned (GPU) launch path is covered by the AOT check (it compiles), not by the tests.
 """
 
 from __future__ import annotations
@@ -57,9 +76,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import autotune_requested
+from .._env import autotune_requested, interpreter_enabled
 from . import _launch, tuning_record
-from ._common import NEWER_TRITON, TRITON_3_6, dot_precision, interpreting, triton_version
+from ._common import NEWER_TRITON, TRITON_3_6, dot_precision, triton_version
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 # Finite "minus infinity" for masked scores: exp2(MASK_VALUE - m) == 0, and never inf - inf = NaN.
@@ -69,7 +88,7 @@ MAX_BLOCK = 256  # the largest BLOCK_M / BLOCK_N of any candidate (N_ALIGN is ca
 # fixed number, not a device query, so a run's plan does not depend on the GPU it lands on).
 FUSED_BWD_MIN_HEADS = 256
 # Decided once, when the kernels are defined (as Triton decides between compiling and interpreting).
-AUTOTUNE = not interpreting()
+AUTOTUNE = not interpreter_enabled()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,10 +185,10 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     Pruned, and why (the spill figures are from ``python -m fastvit_kernels.aot check``, Triton 3.9, bf16 at ViT-B/16
     and ViT-H/14 shapes: static, not timings). The AOT trace cannot know the GPU, so it checks the candidates kept
     for ``arch=None`` on every target; a tile that spills on one target is therefore dropped everywhere (no
-    candidate is arch-specific yet; ``arch`` is in the signature for when one is):
+    candidate is arch-specific; ``arch`` is in the signature so that one can be):
     * fp32: one tile per head dim (no tuning): 32 x 32, 8 warps, 1 stage up to a chunked width of 80 (checked at 64
-      and 80: no spills); 16 x 16 above (v1's AOT check found spills with 32 x 32 at head_dim 128). With 2 stages
-      16 x 16 spilled 8 B at head_dim 80 on sm_90, so both use 1 stage.
+      and 80: no spills); 16 x 16 above (32 x 32 spilled at head_dim 128). With 2 stages 16 x 16 spilled 8 B at
+      head_dim 80 on sm_90, so both use 1 stage.
     * tiles longer than the sequence bucket (beyond 64 rows): they only add masked work.
     * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
@@ -208,7 +227,7 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
 def fused_bwd_builds(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the one-program-per-head backward has a tile that builds without spills on sm_80 and sm_90: fp16 /
     bf16 with a chunked head dim <= 64 (ViT-B/L's 64; 32, 40, 48). Static evidence (``python -m
-    fastvit_kernels.aot``, Triton 3.9, bf16, ViT-B/16 and ViT-H/14 shapes, 2026-11): at head_dim 64 the 64 x 32
+    fastvit_kernels.aot``, Triton 3.9, bf16, ViT-B/16 and ViT-H/14 shapes): at head_dim 64 the 64 x 32
     and 32 x 64 tiles with 4 warps build clean on both; 64 x 64 spilled 16-40 B per thread on sm_80 (clean on
     sm_90), 128 x 64 184-216 B. At head_dim 80 every tile tried spilled on sm_80 (16-504 B) and all but
     64 x 64 x 8 warps on sm_90; fp32 (IEEE dots, FMA tiles) spilled 32-168 B. Those take the three-launch plan."""
@@ -252,7 +271,7 @@ def _rows(start, BLOCK: tl.constexpr, ROW64: tl.constexpr):
     """Row indices ``start .. start + BLOCK - 1``: int64 when ROW64, so that every offset ``row * stride_n`` formed
     from them is 64-bit, else int32. ROW64 is set by the launcher (:func:`needs_row64`) only for inputs whose
     ``(N - 1) * stride_n`` reaches 2**31 (e.g. a sequence-first qkv view, stride_n = B * 3 * D); the int32 form
-    keeps the usual launches' registers as they were (always-int64 offsets left 16 B per thread on the stack in the
+    saves registers in the usual launches (always-int64 offsets leave 16 B per thread on the stack in the
     64 x 128 dK / dV tile on sm_80: AOT check, bf16, ViT-B/16, Triton 3.9)."""
     offs = start + tl.arange(0, BLOCK)
     if ROW64:
@@ -328,13 +347,21 @@ def _store_chunks(base, c0, c1, c2, offs_rows, stride_n, N, HEAD_DIM: tl.constex
 
 
 @triton.jit
-def _block_and_head(N, BLOCK: tl.constexpr):
-    """(row block, batch * head) of this program in a :func:`block_head_grid` launch: the one grid axis counts row
-    blocks fastest, so the programs of one head are adjacent (scheduled together, sharing its K / V in L2)."""
+def _batch_head(pid_bh, H):
+    """(batch as int64, so that batch offsets are 64-bit; head) of a batch * head index."""
+    return (pid_bh // H).to(tl.int64), pid_bh % H
+
+
+@triton.jit
+def _block_and_head(N, H, BLOCK: tl.constexpr):
+    """(row block, batch, head) of this program in a :func:`block_head_grid` launch (batch and head as
+    :func:`_batch_head` gives them): the one grid axis counts row blocks fastest, so the programs of one head are
+    adjacent (scheduled together, sharing its K / V in L2)."""
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(N, BLOCK)
     pid_bh = pid // num_blocks
-    return pid - pid_bh * num_blocks, pid_bh
+    b, h = _batch_head(pid_bh, H)
+    return pid - pid_bh * num_blocks, b, h
 
 
 @triton.jit
@@ -394,26 +421,41 @@ def _load_row(ptrs, offs_rows, N, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _delta_rows(o_base, do0, do1, do2, offs_rows, stride_o_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-                D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr):
-    """delta = rowsum(dO * O) (fp32) of a row block, from its dO chunks and O loaded here; 0 for rows >= N."""
-    o0, o1, o2 = _load_chunks(o_base, offs_rows, stride_o_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+def _store_row(ptrs, row, offs_rows, N, EVEN_N: tl.constexpr):
+    """Store a (rows,) fp32 vector (lse or delta), skipping rows >= N."""
+    if EVEN_N:
+        tl.store(ptrs, row)
+    else:
+        tl.store(ptrs, row, mask=offs_rows < N)
+
+
+@triton.jit
+def _delta_block(o_base, do_base, delta_base, offs_rows, stride_out_n, stride_do_n, N, HEAD_DIM: tl.constexpr,
+                 D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr):
+    """delta = rowsum(dO * O) (fp32) of one row block (rows ``offs_rows``) of one (batch, head), stored into that
+    head's row of Delta at ``delta_base`` (the row pointers are formed after the loads, so they hold no registers
+    across them)."""
+    do0, do1, do2 = _load_chunks(do_base, offs_rows, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    o0, o1, o2 = _load_chunks(o_base, offs_rows, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
     if D1 > 0:
         delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
     if D2 > 0:
         delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
-    return delta
+    _store_row(delta_base + offs_rows, delta, offs_rows, N, EVEN_N)
 
 
 @triton.jit
-def _dkdv_block(q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-                stride_do_n, N, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                ROW64: tl.constexpr):
-    """dK (unscaled) and dV of one key block (rows ``offs_n``, k / v chunks loaded) over every query block of one
-    (batch, head): (dk0, dk1, dk2, dv0, dv1, dv2) fp32. ``lse_ptrs`` / ``delta_ptrs``: that head's rows
-    [0, BLOCK_M) of lse and delta (the loop steps them by BLOCK_M)."""
+def _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_n, qk_scale, sm_scale, stride_qkv_n,
+                stride_do_n, stride_dqkv_n, N, D, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
+    """dK and dV of one key block (rows ``offs_n``) of one (batch, head) over every query block, stored into the dk
+    and dv thirds at ``dqkv_base``. ``q_base`` / ``do_base`` / ``dqkv_base``: the head's column 0 in QKV / DOut /
+    DQKV; ``lse_ptrs`` / ``delta_ptrs``: that head's rows [0, BLOCK_M) of Lse and Delta (the loop steps them by
+    BLOCK_M)."""
+    k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     offs_m = _rows(0, BLOCK_M, ROW64)
     dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
     dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
@@ -436,15 +478,23 @@ def _dkdv_block(q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v
         dp_t = _dot_nt(v0, v1, v2, do0, do1, do2, D1, D2, INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk0, dk1, dk2 = _dot_acc(dk0, dk1, dk2, ds_t.to(q0.dtype), q0, q1, q2, D1, D2, INPUT_PRECISION)
-    return dk0, dk1, dk2, dv0, dv1, dv2
+    dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
+    _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
 
 @triton.jit
-def _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D, HEAD_DIM: tl.constexpr,
-              D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
-    """dQ (unscaled) of one query block (q / dO chunks, lse and delta loaded) over every key block of one
-    (batch, head): (dq0, dq1, dq2) fp32."""
+def _dq_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_qm, qk_scale, sm_scale, stride_qkv_n,
+              stride_do_n, stride_dqkv_n, N, D, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+              D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
+    """dQ of one query block (rows ``offs_qm``) of one (batch, head) over every key block, stored into the dq third
+    at ``dqkv_base``. Bases as in :func:`_dkdv_block`; ``lse_ptrs`` / ``delta_ptrs``: this block's rows of Lse and
+    Delta."""
+    q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    lse = _load_row(lse_ptrs, offs_qm, N, EVEN_N)
+    delta = _load_row(delta_ptrs, offs_qm, N, EVEN_N)
     offs_n = _rows(0, BLOCK_N, ROW64)
     dq0, dq1, dq2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
     for start_n in range(0, N, BLOCK_N):
@@ -460,38 +510,25 @@ def _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qk
         dp = _dot_nt(do0, do1, do2, v0, v1, v2, D1, D2, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq0, dq1, dq2 = _dot_acc(dq0, dq1, dq2, ds.to(k0.dtype), k0, k1, k2, D1, D2, INPUT_PRECISION)
-    return dq0, dq1, dq2
+    dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
+    _store_chunks(dqkv_base, dq0, dq1, dq2, offs_qm, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# kernels
+# kernels (arguments: see "Kernel arguments" in the module docstring)
 # ----------------------------------------------------------------------------------------------------------------
 @_autotuned("fwd")
 @triton.jit
 def _attention_fwd_kernel(
-    QKV,  # (B, N, 3 * D) input: q | k | v, head h of each at column h * HEAD_DIM of its third
-    Out,  # (B, N, D) output, input dtype; head h at columns h * HEAD_DIM
-    Lse,  # (B, H, N) fp32 output: log2-sum-exp2 of each query row's scaled scores
-    qk_scale,  # fp32 scalar: softmax scale * log2(e)
-    stride_qkv_b, stride_qkv_n,  # strides of QKV over B and N (column stride is 1)
-    stride_out_b, stride_out_n,  # strides of Out over B and N (column stride is 1)
-    stride_lse_b, stride_lse_h,  # strides of Lse over B and H (stride over N is 1)
-    N,  # sequence length
-    H,  # number of heads
-    D,  # model width H * HEAD_DIM: offset of k (D) and v (2 * D) in a qkv row
-    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
-    HEAD_DIM: tl.constexpr,  # per-head width
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
-    N_ALIGN: tl.constexpr,  # n_align(N): largest power of two <= 256 dividing N (1 if < 16)
-    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
-    BLOCK_M: tl.constexpr,  # query rows per program
-    BLOCK_N: tl.constexpr,  # key rows per loop step
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
+    QKV, Out, Lse, qk_scale, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, stride_lse_b, stride_lse_h,
+    N, H, D, N_BUCKET, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    N_ALIGN: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
+    """Forward: a program per (BLOCK_M query rows, batch * head) streams over the keys BLOCK_N rows at a time with
+    an online softmax; writes Out and Lse."""
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)  # no sequence-tail masks
-    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    pid_m, b, h = _block_and_head(N, H, BLOCK_M)
 
     offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
     offs_n = _rows(0, BLOCK_N, ROW64)
@@ -523,174 +560,80 @@ def _attention_fwd_kernel(
     acc0, acc1, acc2 = _scale_chunks(acc0, acc1, acc2, 1.0 / l_i[:, None], D1, D2)
     out_base = Out + b * stride_out_b + h * HEAD_DIM
     _store_chunks(out_base, acc0, acc1, acc2, offs_m, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-    lse_ptrs = Lse + b * stride_lse_b + h * stride_lse_h + offs_m
-    if EVEN_N:
-        tl.store(lse_ptrs, m_i + tl.math.log2(l_i))
-    else:
-        tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=offs_m < N)
+    _store_row(Lse + b * stride_lse_b + h * stride_lse_h + offs_m, m_i + tl.math.log2(l_i), offs_m, N, EVEN_N)
 
 
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    Out,  # (B, N, D) forward output, input dtype
-    DOut,  # (B, N, D) gradient of the output, input dtype
-    Delta,  # (B, H, N) fp32 output: delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]
-    stride_out_b, stride_out_n,  # strides of Out over B and N (column stride is 1)
-    stride_do_b, stride_do_n,  # strides of DOut over B and N (column stride is 1)
-    stride_delta_b, stride_delta_h,  # strides of Delta over B and H (stride over N is 1)
-    N,  # sequence length
-    H,  # number of heads
-    HEAD_DIM: tl.constexpr,  # per-head width
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
-    N_ALIGN: tl.constexpr,  # n_align(N)
-    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
-    BLOCK_M: tl.constexpr,  # rows per program
+    Out, DOut, Delta, stride_out_b, stride_out_n, stride_do_b, stride_do_n, stride_delta_b, stride_delta_h, N, H,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N_ALIGN: tl.constexpr,
+    ROW64: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """Backward pre-pass: a program per (BLOCK_M rows, batch * head) writes Delta = rowsum(dO * O) (strides
+    ``stride_delta_*``)."""
     EVEN_N: tl.constexpr = N_ALIGN % BLOCK_M == 0
-    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    pid_m, b, h = _block_and_head(N, H, BLOCK_M)
     offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
-    do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
-                                 D2, EVEN_N)
-    delta = _delta_rows(Out + b * stride_out_b + h * HEAD_DIM, do0, do1, do2, offs_m, stride_out_n, N, HEAD_DIM, D0,
-                        D1, D2, EVEN_N)
-    delta_ptrs = Delta + b * stride_delta_b + h * stride_delta_h + offs_m
-    if EVEN_N:
-        tl.store(delta_ptrs, delta)
-    else:
-        tl.store(delta_ptrs, delta, mask=offs_m < N)
+    _delta_block(Out + b * stride_out_b + h * HEAD_DIM, DOut + b * stride_do_b + h * HEAD_DIM,
+                 Delta + b * stride_delta_b + h * stride_delta_h, offs_m, stride_out_n, stride_do_n, N, HEAD_DIM, D0,
+                 D1, D2, EVEN_N)
 
 
 @_autotuned("dkdv")
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    QKV,  # (B, N, 3 * D) forward input (q | k | v)
-    DOut,  # (B, N, D) gradient of the output, input dtype
-    Lse,  # (B, H, N) fp32 log2-sum-exp2 saved by the forward
-    Delta,  # (B, H, N) fp32 rowsum(dO * O) from the preprocess kernel
-    DQKV,  # (B, N, 3 * D) output: this kernel writes the dk and dv thirds
-    qk_scale,  # fp32 scalar: softmax scale * log2(e)
-    sm_scale,  # fp32 scalar: softmax scale (dK = sm_scale * dS^T Q)
-    stride_qkv_b, stride_qkv_n,  # strides of QKV over B and N (column stride is 1)
-    stride_do_b, stride_do_n,  # strides of DOut over B and N (column stride is 1)
-    stride_lse_b, stride_lse_h,  # strides of Lse and Delta over B and H (stride over N is 1)
-    stride_dqkv_b, stride_dqkv_n,  # strides of DQKV over B and N (column stride is 1)
-    N,  # sequence length
-    H,  # number of heads
-    D,  # model width H * HEAD_DIM
-    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
-    HEAD_DIM: tl.constexpr,  # per-head width
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
-    N_ALIGN: tl.constexpr,  # n_align(N)
-    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
-    BLOCK_M: tl.constexpr,  # query rows per loop step
-    BLOCK_N: tl.constexpr,  # key rows per program
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
+    QKV, DOut, Lse, Delta, DQKV, qk_scale, sm_scale, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+    stride_lse_b, stride_lse_h, stride_dqkv_b, stride_dqkv_n, N, H, D, N_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N_ALIGN: tl.constexpr,
+    ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """Backward dK / dV: a program per (BLOCK_N key rows, batch * head) loops over the queries BLOCK_M rows at a
+    time; writes the dk and dv thirds of DQKV."""
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
-    pid_n, pid_bh = _block_and_head(N, BLOCK_N)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-
+    pid_n, b, h = _block_and_head(N, H, BLOCK_N)
     offs_n = _rows(pid_n * BLOCK_N, BLOCK_N, ROW64)
-    q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
-    do_base = DOut + b * stride_do_b + h * HEAD_DIM
-    k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-    v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     offs_m = tl.arange(0, BLOCK_M)
-    dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
-        q_base, do_base, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
-        Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-        stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
-    dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
-    dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
-    _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-    _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+    _dkdv_block(QKV + b * stride_qkv_b + h * HEAD_DIM, DOut + b * stride_do_b + h * HEAD_DIM,
+                DQKV + b * stride_dqkv_b + h * HEAD_DIM, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
+                Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_n, qk_scale, sm_scale, stride_qkv_n,
+                stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION,
+                ROW64)
 
 
 @_autotuned("dq")
 @triton.jit
 def _attention_bwd_dq_kernel(
-    QKV,  # (B, N, 3 * D) forward input (q | k | v)
-    DOut,  # (B, N, D) gradient of the output, input dtype
-    Lse,  # (B, H, N) fp32 log2-sum-exp2 saved by the forward
-    Delta,  # (B, H, N) fp32 rowsum(dO * O) from the preprocess kernel
-    DQKV,  # (B, N, 3 * D) output: this kernel writes the dq third
-    qk_scale,  # fp32 scalar: softmax scale * log2(e)
-    sm_scale,  # fp32 scalar: softmax scale (dQ = sm_scale * dS K)
-    stride_qkv_b, stride_qkv_n,  # strides of QKV over B and N (column stride is 1)
-    stride_do_b, stride_do_n,  # strides of DOut over B and N (column stride is 1)
-    stride_lse_b, stride_lse_h,  # strides of Lse and Delta over B and H (stride over N is 1)
-    stride_dqkv_b, stride_dqkv_n,  # strides of DQKV over B and N (column stride is 1)
-    N,  # sequence length
-    H,  # number of heads
-    D,  # model width H * HEAD_DIM
-    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
-    HEAD_DIM: tl.constexpr,  # per-head width
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
-    N_ALIGN: tl.constexpr,  # n_align(N)
-    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
-    BLOCK_M: tl.constexpr,  # query rows per program
-    BLOCK_N: tl.constexpr,  # key rows per loop step
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
+    QKV, DOut, Lse, Delta, DQKV, qk_scale, sm_scale, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+    stride_lse_b, stride_lse_h, stride_dqkv_b, stride_dqkv_n, N, H, D, N_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N_ALIGN: tl.constexpr,
+    ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """Backward dQ: a program per (BLOCK_M query rows, batch * head) loops over the keys BLOCK_N rows at a time;
+    writes the dq third of DQKV."""
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
-    pid_m, pid_bh = _block_and_head(N, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-
+    pid_m, b, h = _block_and_head(N, H, BLOCK_M)
     offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
-    q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
-    q0, q1, q2 = _load_chunks(q_base, offs_m, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-    do0, do1, do2 = _load_chunks(DOut + b * stride_do_b + h * HEAD_DIM, offs_m, stride_do_n, N, HEAD_DIM, D0, D1,
-                                 D2, EVEN_N)
-    lse = _load_row(Lse + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
-    delta = _load_row(Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, N, EVEN_N)
-
-    dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
-                              HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
-    dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
-    _store_chunks(DQKV + b * stride_dqkv_b + h * HEAD_DIM, dq0, dq1, dq2, offs_m, stride_dqkv_n, N, HEAD_DIM, D0, D1,
-                  D2, EVEN_N)
+    _dq_block(QKV + b * stride_qkv_b + h * HEAD_DIM, DOut + b * stride_do_b + h * HEAD_DIM,
+              DQKV + b * stride_dqkv_b + h * HEAD_DIM, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
+              Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, qk_scale, sm_scale, stride_qkv_n,
+              stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
 
 
 @_autotuned("fused")
 @triton.jit
 def _attention_bwd_fused_kernel(
-    QKV,  # (B, N, 3 * D) forward input (q | k | v)
-    Out,  # (B, N, D) forward output (for delta = rowsum(dO * O))
-    DOut,  # (B, N, D) gradient of the output, input dtype
-    Lse,  # (B, H, N) fp32 log2-sum-exp2 saved by the forward
-    Delta,  # (B, H, N) fp32 scratch: rowsum(dO * O), written and read back by the same program
-    DQKV,  # (B, N, 3 * D) output: dq | dk | dv, all written by this kernel
-    qk_scale,  # fp32 scalar: softmax scale * log2(e)
-    sm_scale,  # fp32 scalar: softmax scale
-    stride_qkv_b, stride_qkv_n,  # strides of QKV over B and N (column stride is 1)
-    stride_out_b, stride_out_n,  # strides of Out over B and N (column stride is 1)
-    stride_do_b, stride_do_n,  # strides of DOut over B and N (column stride is 1)
-    stride_lse_b, stride_lse_h,  # strides of Lse and Delta over B and H (stride over N is 1)
-    stride_dqkv_b, stride_dqkv_n,  # strides of DQKV over B and N (column stride is 1)
-    N,  # sequence length
-    H,  # number of heads
-    D,  # model width H * HEAD_DIM
-    N_BUCKET,  # next power of two of N: autotune key only (unused by the kernel)
-    HEAD_DIM: tl.constexpr,  # per-head width
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,  # head-dim chunk widths (head_dim_chunks; 0: absent)
-    N_ALIGN: tl.constexpr,  # n_align(N)
-    ROW64: tl.constexpr,  # int64 row offsets (needs_row64), else int32
-    BLOCK_M: tl.constexpr,  # query rows per block
-    BLOCK_N: tl.constexpr,  # key rows per block
-    INPUT_PRECISION: tl.constexpr,  # tl.dot input_precision (_common.dot_precision): fp32 "ieee" or "tf32"
+    QKV, Out, DOut, Lse, Delta, DQKV, qk_scale, sm_scale, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n,
+    stride_do_b, stride_do_n, stride_lse_b, stride_lse_h, stride_dqkv_b, stride_dqkv_n, N, H, D, N_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N_ALIGN: tl.constexpr,
+    ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """The whole attention backward of one (batch, head) in one program: delta = rowsum(dO * O) for every query
-    block (into Delta, read back after a barrier), then dK / dV key block by key block, then dQ query block by query
-    block (the pre-pass's, dkdv kernel's and dq kernel's loops, run in sequence). One launch instead of three, and
-    q / k / v / dO of a head are re-read from L2 by the program that just read them."""
+    block (into Delta, here a scratch read back after a barrier), then dK / dV key block by key block, then dQ query
+    block by query block (the pre-pass's, dkdv kernel's and dq kernel's block functions, run in sequence); writes
+    all of DQKV. One launch instead of three, and q / k / v / dO of a head are re-read from L2 by the program that
+    just read them."""
     EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    b, h = _batch_head(tl.program_id(0), H)
     q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     do_base = DOut + b * stride_do_b + h * HEAD_DIM
     dqkv_base = DQKV + b * stride_dqkv_b + h * HEAD_DIM
@@ -699,37 +642,19 @@ def _attention_bwd_fused_kernel(
     delta_ptrs = Delta + b * stride_lse_b + h * stride_lse_h + offs_m
 
     for start_m in range(0, N, BLOCK_M):
-        offs_qm = start_m + offs_m
-        do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        delta = _delta_rows(Out + b * stride_out_b + h * HEAD_DIM, do0, do1, do2, offs_qm, stride_out_n, N, HEAD_DIM,
-                            D0, D1, D2, EVEN_N)
-        if EVEN_N:
-            tl.store(delta_ptrs + start_m, delta)
-        else:
-            tl.store(delta_ptrs + start_m, delta, mask=offs_qm < N)
+        _delta_block(Out + b * stride_out_b + h * HEAD_DIM, do_base, Delta + b * stride_lse_b + h * stride_lse_h,
+                     start_m + offs_m, stride_out_n, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     tl.debug_barrier()  # every thread of the program sees every delta row before the loops read them
 
     for start_n in range(0, N, BLOCK_N):
-        offs_n = _rows(start_n, BLOCK_N, ROW64)
-        k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_block(
-            q_base, do_base, lse_ptrs, delta_ptrs, offs_n, k0, k1, k2, v0, v1, v2, qk_scale, stride_qkv_n,
-            stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
-        dk0, dk1, dk2 = _scale_chunks(dk0, dk1, dk2, sm_scale, D1, D2)
-        _store_chunks(dqkv_base + D, dk0, dk1, dk2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        _store_chunks(dqkv_base + 2 * D, dv0, dv1, dv2, offs_n, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, _rows(start_n, BLOCK_N, ROW64), qk_scale,
+                    sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M,
+                    BLOCK_N, INPUT_PRECISION, ROW64)
 
     for start_m in range(0, N, BLOCK_M):
-        offs_qm = start_m + offs_m
-        q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-        lse = _load_row(lse_ptrs + start_m, offs_qm, N, EVEN_N)
-        delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
-        dq0, dq1, dq2 = _dq_block(q_base, q0, q1, q2, do0, do1, do2, lse, delta, qk_scale, stride_qkv_n, N, D,
-                                  HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
-        dq0, dq1, dq2 = _scale_chunks(dq0, dq1, dq2, sm_scale, D1, D2)
-        _store_chunks(dqkv_base, dq0, dq1, dq2, offs_qm, stride_dqkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
+        _dq_block(q_base, do_base, dqkv_base, lse_ptrs + start_m, delta_ptrs + start_m, start_m + offs_m, qk_scale,
+                  sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M,
+                  BLOCK_N, INPUT_PRECISION, ROW64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -850,7 +775,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
                   ROW64=needs_row64(N, qkv, out, dout, dqkv))
     qk_scale = float(scale) * LOG2E
     if fused is None:  # the interpreter has no register budget: there the rule only asks for enough heads
-        fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (interpreting() or fused_bwd_builds(head_dim, qkv.dtype))
+        fused = B * num_heads >= FUSED_BWD_MIN_HEADS and (
+            interpreter_enabled() or fused_bwd_builds(head_dim, qkv.dtype))
     if fused:
         delta = torch.empty_like(lse)  # scratch, (B, H, N) fp32 like lse (the kernel shares their strides)
         _launch.launch(

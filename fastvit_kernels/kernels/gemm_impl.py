@@ -22,9 +22,9 @@ The rule (:func:`choose`), by :func:`fastvit_kernels.backend.gemm_impl`:
   distributed job takes the same one. A key in the active tuning record (``FASTVIT_TUNING`` or
   :func:`fastvit_kernels.tuning.use_tuning_record`, made on this GPU and Triton version by
   ``python -m fastvit_kernels.tune``) takes the recorded path; else a key in :data:`MEASURED_CHOICES` (offline
-  measurements per GPU arch, dtype, shape and fusion) takes that one; else the fused Triton core runs. The table is
-  empty: no GPU has been available to this project yet (2026-11), and an entry may only come from a measurement
-  (``python -m fastvit_kernels.bench gemm-impl`` prints them).
+  measurements per GPU arch, dtype, shape and fusion) takes that one; else the fused Triton core runs. An entry
+  may only come from a measurement (``python -m fastvit_kernels.bench gemm-impl`` prints them); while the table is
+  empty, "auto" runs the fused core wherever no tuning record says otherwise.
 * ``"measure"``: on a GPU, the first launch of each key times both paths (``triton.testing.do_bench``, after the
   Triton autotuning), ignoring the record and the table, and the faster one serves that key for the rest of the
   process. Timings differ between processes: under ``torch.distributed`` call

@@ -147,6 +147,14 @@ def _rows_per_program(D: int) -> tuple[int, int]:
     return max(1, min(16, 4096 // block_d)), block_d
 
 
+def bwd_programs(M: int, D: int) -> int:
+    """Programs of one :func:`layernorm_bwd` launch over (M, D) rows (= its fp32 partial rows): one per block of
+    ``ROWS`` rows, at most ``BWD_PROGRAMS``, each looping over row blocks. Host arithmetic only (the cost model
+    calls it without a GPU)."""
+    rows, _ = _rows_per_program(D)
+    return max(1, min(triton.cdiv(M, rows), BWD_PROGRAMS))
+
+
 def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (mean, rstd) of each row of x (M, D) (unit column stride). Returns two (M,) fp32 tensors."""
     M, D = x.shape
@@ -198,7 +206,7 @@ def layernorm_bwd(
     buffer, zero-filled for this launch (one fill launch before the kernel)."""
     M, D = x.shape
     rows, block_d = _rows_per_program(D)
-    n_prog = max(1, min(triton.cdiv(M, rows), BWD_PROGRAMS))
+    n_prog = bwd_programs(M, D)
     n_groups = triton.cdiv(n_prog, BWD_GROUP)
     counter = ticket_counter(x.device, n_groups)
     dx = torch.empty_like(x)

@@ -9,7 +9,8 @@ import torch
 
 from fastvit_kernels.ops import attention, attention_block, layernorm_linear, linear_residual
 from fastvit_kernels.reference import attention_ref, layernorm_linear_ref, linear_residual_ref
-from helpers import DTYPES_INTERPRETER, assert_fwd_bwd_match, count_launches, fwd_bwd
+from helpers import (DTYPES_INTERPRETER, assert_fwd_bwd_deterministic, assert_fwd_bwd_match, count_launches,
+                     fwd_bwd)
 
 NAMES = ["x", "norm_weight", "norm_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias"]
 
@@ -85,12 +86,8 @@ def test_same_bits_as_the_three_ops_and_one_launch_fewer(dtype, device, monkeypa
 
 
 def test_deterministic(device):
-    inputs = block_inputs(2, 50, 64, device)
-    g = torch.randn(2, 50, 64, device=device)
-    out1, grads1 = fwd_bwd(op, inputs, g, num_heads=2)
-    out2, grads2 = fwd_bwd(op, inputs, g, num_heads=2)
-    assert torch.equal(out1, out2)
-    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+    assert_fwd_bwd_deterministic(op, block_inputs(2, 50, 64, device), torch.randn(2, 50, 64, device=device),
+                                 num_heads=2)
 
 
 def test_torch_backend_is_the_reference(device):

@@ -7,7 +7,7 @@ import torch
 
 from fastvit_kernels.ops import layernorm_mlp
 from fastvit_kernels.reference import layernorm_mlp_ref
-from helpers import DTYPES_INTERPRETER, assert_fwd_bwd_match, fwd_bwd
+from helpers import DTYPES_INTERPRETER, assert_fwd_bwd_deterministic, assert_fwd_bwd_match, fwd_bwd
 
 NAMES = ["x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"]
 
@@ -120,13 +120,7 @@ def _saved_tensors(fn) -> list:
 
 
 def test_deterministic(device):
-    inputs = make_inputs(2, 50, 64, 256, device)
-    g = torch.randn(2, 50, 64, device=device)
-    out1, grads1 = fwd_bwd(triton_op, inputs, g)
-    out2, grads2 = fwd_bwd(triton_op, inputs, g)
-    assert torch.equal(out1, out2)
-    for a, b in zip(grads1, grads2):
-        assert torch.equal(a, b)
+    assert_fwd_bwd_deterministic(triton_op, make_inputs(2, 50, 64, 256, device), torch.randn(2, 50, 64, device=device))
 
 
 def test_large_magnitude_input(device):

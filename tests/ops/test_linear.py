@@ -7,7 +7,7 @@ import torch
 
 from fastvit_kernels.ops import layernorm_linear, linear_residual
 from fastvit_kernels.reference import layernorm_linear_ref, linear_residual_ref
-from helpers import DTYPES_INTERPRETER, assert_fwd_bwd_match, fwd_bwd
+from helpers import DTYPES_INTERPRETER, assert_fwd_bwd_deterministic, assert_fwd_bwd_match, fwd_bwd
 
 LN_NAMES = ["x", "norm_weight", "norm_bias", "weight", "bias"]
 RES_NAMES = ["x", "weight", "bias", "residual"]
@@ -99,13 +99,7 @@ def test_noncontiguous_inputs(device):
 
 @pytest.mark.parametrize("op,make", [(ln_op, ln_inputs), (res_op, res_inputs)])
 def test_deterministic(op, make, device):
-    inputs = make(2, 50, 64, 192, device)
-    g = torch.randn(2, 50, 192, device=device)
-    out1, grads1 = fwd_bwd(op, inputs, g)
-    out2, grads2 = fwd_bwd(op, inputs, g)
-    assert torch.equal(out1, out2)
-    for a, b in zip(grads1, grads2):
-        assert torch.equal(a, b)
+    assert_fwd_bwd_deterministic(op, make(2, 50, 64, 192, device), torch.randn(2, 50, 192, device=device))
 
 
 def test_torch_backend_is_the_reference(device):

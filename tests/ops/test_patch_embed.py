@@ -7,7 +7,8 @@ import torch
 
 from fastvit_kernels.ops import patch_embed
 from fastvit_kernels.reference import patch_embed_ref
-from helpers import DTYPES_INTERPRETER, assert_close_to_ref, assert_fwd_bwd_match, count_launches, fwd_bwd
+from helpers import (DTYPES_INTERPRETER, assert_close_to_ref, assert_fwd_bwd_deterministic, assert_fwd_bwd_match,
+                     count_launches, fwd_bwd)
 
 NAMES = ["images", "weight", "bias", "pos_embed", "cls_token", "reg_token"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's IMAGENET_DEFAULT_*
@@ -197,10 +198,7 @@ def test_frozen_weight_skips_weight_grad(device):
 
 def test_deterministic(device):
     inputs = make_inputs(2, 3, 30, 32, 8, 48, device, reg=2, no_embed_class=True)
-    kw = dict(no_embed_class=True, dynamic_img_pad=True)
-    out1, g1 = fwd_bwd(triton_op, inputs, None, **kw)
-    out2, g2 = fwd_bwd(triton_op, inputs, None, **kw)
-    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert_fwd_bwd_deterministic(triton_op, inputs, no_embed_class=True, dynamic_img_pad=True)
 
 
 def test_bad_inputs_raise_before_launch(device):
