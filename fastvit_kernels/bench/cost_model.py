@@ -52,6 +52,8 @@ import torch
 
 from ..kernels.attention import FUSED_BWD_MIN_HEADS, fused_bwd_builds
 from ..kernels.layernorm import BWD_GROUP as LN_BWD_GROUP, bwd_programs as ln_bwd_programs
+from ..kernels._common import triton_version
+from ..kernels.fusion import PROLOGUE_GELU, PROLOGUE_LN, Fusion, pair_plan
 from ..kernels.matmul_tma import REFERENCE_SMS, PairSchedule, pair_schedule, tma_configs
 from .devices import Peak, dtype_name
 from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, model_flops
@@ -110,7 +112,8 @@ class Kernel:
     the call index and the phase): ``name``, ``bytes_read`` / ``bytes_written`` (device memory, bytes), ``flops``
     (executed matmul FLOPs), ``triton`` (True for this package's Triton kernels), ``note``, ``op_class`` (None: the
     builder's current class; an op whose kernels serve several classes names each), ``schedule`` (a TMA pair
-    launch's :class:`~fastvit_kernels.kernels.matmul_tma.PairSchedule`). Fields as in :class:`Launch`."""
+    launch's :class:`~fastvit_kernels.kernels.matmul_tma.PairSchedule`), ``fusion`` (a GEMM-core launch's
+    :class:`~fastvit_kernels.kernels.fusion.Fusion`: what the pair plan reads). Fields as in :class:`Launch`."""
 
     name: str
     bytes_read: float
@@ -120,6 +123,7 @@ class Kernel:
     note: str = ""
     op_class: str | None = None
     schedule: PairSchedule | None = None
+    fusion: Fusion | None = field(default=None, compare=False)
 
 
 def _triton(**fields) -> Kernel:
@@ -365,12 +369,22 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
            Kernel(name="bias-grad reduction", bytes_read=B * Np * D * e, bytes_written=D * e))
 
 
+# the fusions of the backward's GEMMs (ops/linear.py, ops/layernorm_mlp.py: matmul.linear_backward), which the
+# pair plan reads: weight grads (bias grads as A row sums; LayerNorm or GELU recomputed on B's load) and dgrads
+WGRAD = Fusion(a_rowsum=True)
+WGRAD_LN = Fusion(b_prologue=PROLOGUE_LN.value, a_rowsum=True)
+WGRAD_GELU = Fusion(b_prologue=PROLOGUE_GELU.value, a_rowsum=True)
+DGRAD = Fusion()
+DGRAD_GELU = Fusion(gelu_grad=True)
+
+
 def _pair(first: Kernel, second: Kernel, gemm_kernel: str, e: int, shapes: tuple = None,
           num_sms: int = REFERENCE_SMS) -> list[Kernel]:
     """The launches of ``matmul.gemm_pair`` for two GEMM launches: one launch of the pair kernel (FLOPs and bytes the
     sums of the two: the operand both read -- dY or dH -- is counted twice, the two problems' tiles read it at
-    different times, so no L2 reuse is assumed), or the two launches where gemm_pair runs them one by one: on the
-    pointer kernel with a GELU prologue (fc2's pair), on the TMA kernel in fp32 (``e`` = 4).
+    different times, so no L2 reuse is assumed), or the two launches where gemm_pair runs them one by one: where
+    the launchers' own predicate, :func:`fastvit_kernels.kernels.fusion.pair_plan`, on the two launches'
+    ``fusion`` for this kernel form, dtype (``e`` = 4: fp32, else bf16) and the installed Triton, gives a reason.
 
     On the TMA form, ``shapes`` ((M, N, K) of each GEMM) give the pair's schedule on ``num_sms`` programs with the
     16-bit default tile (:func:`~fastvit_kernels.kernels.matmul_tma.pair_schedule`, the launcher's own function;
@@ -378,8 +392,8 @@ def _pair(first: Kernel, second: Kernel, gemm_kernel: str, e: int, shapes: tuple
     problem's output becomes S fp32 partial tiles (S * M * N * 4 bytes, row sums S * M * 4) written by the pair
     launch and read by a second launch, ``_split_k_reduce_kernel``, which writes the output the pair launch would
     have."""
-    if ((gemm_kernel == "pointer" and "GELU recomputed" in first.note + second.note)
-            or (gemm_kernel == "tma" and e == 4)):
+    dtype = torch.float32 if e == 4 else torch.bfloat16
+    if pair_plan(first.fusion, second.fusion, form=gemm_kernel, dtype=dtype, triton_version=triton_version()):
         return [first, second]
     name = "_matmul_tma_pair_kernel" if gemm_kernel == "tma" else "_matmul_pair_kernel"
     note = f"{first.note} + {second.note} (one launch)"
@@ -395,7 +409,7 @@ def _pair(first: Kernel, second: Kernel, gemm_kernel: str, e: int, shapes: tuple
         return [_triton(name=name, flops=first.flops + second.flops, bytes_read=first.bytes_read + second.bytes_read,
                         bytes_written=written, note=note, schedule=sched)]
     long, (m, n, _) = (first, second)[sched.first], shapes[sched.first]
-    rowsum = "row sums" in long.note
+    rowsum = long.fusion.a_rowsum
     partials = sched.split * (m * n + (m if rowsum else 0)) * F32
     return [_triton(name=name, flops=first.flops + second.flops, bytes_read=first.bytes_read + second.bytes_read,
                     bytes_written=written - long.bytes_written + partials, note=note, schedule=sched),
@@ -480,23 +494,24 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
         b.call("fastvit.layernorm_mlp_bwd",
                *pair(_triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + M * Dh * e,
                              bytes_written=D * Dh * e + D * e,
-                             note="dW2; GELU recomputed; db2 = row sums of its dY^T tiles"),
+                             note="dW2; GELU recomputed; db2 = row sums of its dY^T tiles", fusion=WGRAD_GELU),
                      _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + D * Dh * e + M * Dh * e,
-                             bytes_written=M * Dh * e, note="dH; GELU' epilogue"),
+                             bytes_written=M * Dh * e, note="dH; GELU' epilogue", fusion=DGRAD_GELU),
                      ((D, Dh, M), (M, Dh, D))),
                *pair(_triton(name=GK, flops=2 * M * D * Dh,
                              bytes_read=M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
                              bytes_written=Dh * D * e + Dh * e,
-                             note="dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles"),
+                             note="dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles", fusion=WGRAD_LN),
                      _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * Dh * e + Dh * D * e,
-                             bytes_written=M * D * e, note="d LayerNorm(x)"),
+                             bytes_written=M * D * e, note="d LayerNorm(x)", fusion=DGRAD),
                      ((Dh, D, M), (M, D, Dh))),
                *ln_bwd(True, "mlp"))
         proj_bwd = pair(_triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e,
                                 bytes_written=D * D * e + D * e,
-                                note="dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)"),
+                                note="dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)",
+                                fusion=WGRAD),
                         _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e,
-                                bytes_written=M * D * e, note="dx"),
+                                bytes_written=M * D * e, note="dx", fusion=DGRAD),
                         ((D, D, M), (M, D, D)), "proj")
         # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
         if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
@@ -516,9 +531,9 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
         qkv_bwd = pair(_triton(name=GK, flops=2 * M * D * 3 * D,
                                bytes_read=3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
                                bytes_written=3 * D * D * e + 3 * D * e,
-                               note="dW; LayerNorm recomputed; db = row sums of its dY^T tiles"),
+                               note="dW; LayerNorm recomputed; db = row sums of its dY^T tiles", fusion=WGRAD_LN),
                        _triton(name=GK, flops=2 * M * D * 3 * D, bytes_read=3 * M * D * e + 3 * D * D * e,
-                               bytes_written=M * D * e, note="d LayerNorm(x)"),
+                               bytes_written=M * D * e, note="d LayerNorm(x)", fusion=DGRAD),
                        ((3 * D, D, M), (M, D, 3 * D)), "ln_qkv") + ln_bwd(attention_block, "ln_qkv")
         attention_half("bwd", [("linear_residual", proj_bwd), ("attention", att_bwd), ("layernorm_linear", qkv_bwd)])
         if not attention_block:

@@ -7,8 +7,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._env import interpreter_enabled as interpreting  # noqa: F401  (the kernels' name for it)
-
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 

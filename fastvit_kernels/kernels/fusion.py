@@ -426,6 +426,19 @@ def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def tile_start(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, N_D1,
+               A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The start of an output tile: (acc, a_sum, p0, p1, p2, p3) = the fp32 accumulator (BLOCK_M x BLOCK_N) and
+    row-sum vector (BLOCK_M), zeroed, and what the prologues need, loaded once before the k loop
+    (:func:`prologue_setup`)."""
+    p0, p1, p2, p3 = prologue_setup(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, N_D1,
+                                    A_PROLOGUE, B_PROLOGUE)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return acc, a_sum, p0, p1, p2, p3
+
+
+@triton.jit
 def prologue_setup(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, N_D1,
                    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr):
     """What the prologues need per output tile, loaded once before the k loop: (p0, p1, p2, p3) = A's LayerNorm

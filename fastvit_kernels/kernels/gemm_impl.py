@@ -248,8 +248,8 @@ def _prologue(x: torch.Tensor, kind: int, ln, gelu_tanh: bool, dtype: torch.dtyp
     dummy = out
     launch(_operand_prologue_kernel, tile_grid(R, C, 32, 64), x, out, ln.mean if ln else dummy,
            ln.rstd if ln else dummy, ln.weight if ln else dummy, ln.bias if ln else dummy, R, C, x.stride(0),
-           x.stride(1), LN=kind == PROLOGUE_LN, GELU=kind == PROLOGUE_GELU, GELU_TANH=gelu_tanh, BLOCK_R=32,
-           BLOCK_C=64)
+           x.stride(1), LN=kind == PROLOGUE_LN.value, GELU=kind == PROLOGUE_GELU.value, GELU_TANH=gelu_tanh,
+           BLOCK_R=32, BLOCK_C=64)
     return out
 
 
@@ -272,9 +272,9 @@ def cublas_gemm(g: Gemm) -> torch.Tensor:
     A = _view(g.a, M, K)
     B = _view(g.b, K, N)
     if f.a_prologue:
-        A = _prologue(A, f.a_prologue, g.a_prologue if f.a_prologue == PROLOGUE_LN else None, f.gelu_tanh, dtype)
+        A = _prologue(A, f.a_prologue, g.a_prologue if f.a_prologue == PROLOGUE_LN.value else None, f.gelu_tanh, dtype)
     if f.b_prologue:
-        B = _prologue(B, f.b_prologue, g.b_prologue if f.b_prologue == PROLOGUE_LN else None, f.gelu_tanh, dtype)
+        B = _prologue(B, f.b_prologue, g.b_prologue if f.b_prologue == PROLOGUE_LN.value else None, f.gelu_tanh, dtype)
     if ep.a_rowsum is not None:  # sum over k of prologue(A): the columns of A^T (K, M)
         ep.a_rowsum.copy_(column_sum(A.t(), torch.float32))
     C = _view(g.c, M, N)

@@ -39,7 +39,7 @@ from ._common import dot_precision, triton_version
 from ._launch import launch
 from .fusion import (BOUNDS_A, BOUNDS_B, BOUNDS_C, BOUNDS_OF, PROLOGUE_AFFINE, PROLOGUE_CAST, PROLOGUE_GELU,
                      Epilogue, Gelu, Gemm, LayerNorm, Operand, accumulate, apply_prologues, epilogue, pair_plan,
-                     prologue_setup, store_rowsum, tile_coords)
+                     store_rowsum, tile_coords, tile_start)
 
 
 @triton.jit
@@ -80,7 +80,8 @@ _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_
 
 
 def _candidates(dtype: torch.dtype, kw: dict, split: bool) -> list:
-    return cfgs.gemm_configs(dtype, split, dgelu=bool(kw.get("DGELU")), b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU)
+    return cfgs.gemm_configs(dtype, split, dgelu=bool(kw.get("DGELU")),
+                             b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU.value)
 
 
 def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
@@ -91,7 +92,7 @@ def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
 def _prune_split(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of ``_matmul_split_kernel``: the candidates of the dot's dtype (B's when A is
     converted on load, else A's) and of whether an index is split."""
-    a_converted = kwargs.get("A_PROLOGUE") in (PROLOGUE_CAST, PROLOGUE_AFFINE)
+    a_converted = kwargs.get("A_PROLOGUE") in (PROLOGUE_CAST.value, PROLOGUE_AFFINE.value)
     dtype = named_args["b_ptr" if a_converted else "a_ptr"].dtype
     split = bool(kwargs.get("SPLIT_M") or kwargs.get("SPLIT_N") or kwargs.get("SPLIT_K"))
     return cfgs.pick(configs, _candidates(dtype, kwargs, split))
@@ -141,10 +142,8 @@ def _matmul_kernel(
     mask_n = offs_n < N
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
-    p0, p1, p2, p3 = prologue_setup(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, 1,
-                                    A_PROLOGUE, B_PROLOGUE)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, a_sum, p0, p1, p2, p3 = tile_start(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                                            1, A_PROLOGUE, B_PROLOGUE, BLOCK_M, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -232,10 +231,8 @@ def _matmul_split_kernel(
     mask_n = offs_n < N
     a_row = _split_offsets(offs_m, M_D1, M_D2, stride_a_m1, stride_a_m2, stride_a_m3, SPLIT_M)
     b_col = _split_offsets(offs_n, N_D1, N_D2, stride_b_n1, stride_b_n2, stride_b_n3, SPLIT_N)
-    p0, p1, p2, p3 = prologue_setup(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, N_D1,
-                                    A_PROLOGUE, B_PROLOGUE)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, a_sum, p0, p1, p2, p3 = tile_start(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                                            N_D1, A_PROLOGUE, B_PROLOGUE, BLOCK_M, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K

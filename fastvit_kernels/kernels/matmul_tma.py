@@ -46,7 +46,7 @@ from .._env import interpreter_enabled
 from . import gemm_configs as cfgs
 from . import tuning_record
 from ._launch import launch as _launch
-from .fusion import Gemm, accumulate, apply_prologues, epilogue, prologue_setup, store_rowsum, tile_coords
+from .fusion import Gemm, accumulate, apply_prologues, epilogue, store_rowsum, tile_coords, tile_start
 
 try:  # host-side descriptors: Triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -129,10 +129,8 @@ def _tma_tile(
     offs_n = off_n + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    p0, p1, p2, p3 = prologue_setup(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, 1,
-                                    A_PROLOGUE, B_PROLOGUE)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, a_sum, p0, p1, p2, p3 = tile_start(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                                            1, A_PROLOGUE, B_PROLOGUE, BLOCK_M, BLOCK_N)
     if PARTIAL:
         kt_begin = k_slice * k_tiles // k_slices
         kt_end = (k_slice + 1) * k_tiles // k_slices
