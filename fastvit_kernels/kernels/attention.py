@@ -186,9 +186,10 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     and ViT-H/14 shapes: static, not timings). The AOT trace cannot know the GPU, so it checks the candidates kept
     for ``arch=None`` on every target; a tile that spills on one target is therefore dropped everywhere (no
     candidate is arch-specific; ``arch`` is in the signature so that one can be):
-    * fp32: one tile per head dim (no tuning): 32 x 32, 8 warps, 1 stage up to a chunked width of 80 (checked at 64
-      and 80: no spills); 16 x 16 above (32 x 32 spilled at head_dim 128). With 2 stages 16 x 16 spilled 8 B at
-      head_dim 80 on sm_90, so both use 1 stage.
+    * fp32: one tile per head dim (no tuning): 32 x 32, 8 warps, 1 stage for the forward up to a chunked width of
+      80 (checked at 64 and 80: no spills); 16 x 16 above (32 x 32 spilled at head_dim 128) and for the split
+      backward kernels (32 x 32 left 8 B per thread on the stack on sm_80: dkdv at head_dim 64, dq at 80, Triton
+      3.9). With 2 stages 16 x 16 spilled 8 B at head_dim 80 on sm_90, so both use 1 stage.
     * tiles longer than the sequence bucket (beyond 64 rows): they only add masked work.
     * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
@@ -204,7 +205,7 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = sum(head_dim_chunks(head_dim))
     if dtype == torch.float32:
-        return (bm == 32) == (width <= 80)
+        return (bm == 32) == (width <= 80 and kernel not in ("dkdv", "dq"))
     if max(bm, bn) > max(64, n_bkt):
         return False
     if kernel == "fwd" and bn == 256:
