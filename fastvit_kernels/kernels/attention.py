@@ -198,9 +198,11 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     * dkdv at a chunked width above 64 (head_dim 80) with BLOCK_M = 64: spilled 16-24 B per thread on Triton 3.6
       (64 x 64 and 64 x 128, 8 warps: sm_80; 64 x 128: sm_90) and 16 B on Triton 3.9 (64 x 128, 8 warps, sm_80,
       with the one-axis grid's decode); the 32-row tiles build clean on every version.
+    * Triton before ``NEWER_TRITON`` (AOT check, Triton 3.6, sm_80, head_dim 64): dkdv 64 x 128 with 8 warps and dq
+      128 x 32 with 4 warps left 8 B per thread on the stack.
     * Triton before ``TRITON_3_6`` (AOT check, Triton 3.4, sm_80): dkdv with BLOCK_M = 64 also at head_dim 64
-      (24 B), dq 128 x 32 with 4 warps (8 B), fwd 128 x 128 at head_dim 80 (56 B), dq 128 x 64 with 8 warps at
-      head_dim 80 (16 B, with the one-axis grid's (row block, batch * head) decode).
+      (24 B), fwd 128 x 128 at head_dim 80 (56 B), dq 128 x 64 with 8 warps at head_dim 80 (16 B, with the one-axis
+      grid's (row block, batch * head) decode).
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = sum(head_dim_chunks(head_dim))
@@ -215,11 +217,12 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     if kernel == "dkdv" and bm == 64 and width > 64:
         return False
     if triton_version() < NEWER_TRITON:
+        if (kernel, bm, bn) in (("dkdv", 64, 128), ("dq", 128, 32)):
+            return False
         oldest = triton_version() < TRITON_3_6
         if kernel == "dkdv" and bm == 64 and oldest:
             return False
-        if oldest and ((kernel == "dq" and (bm, bn) == (128, 32))
-                       or (kernel == "dq" and (bm, bn) == (128, 64) and width > 64)
+        if oldest and ((kernel == "dq" and (bm, bn) == (128, 64) and width > 64)
                        or (kernel == "fwd" and (bm, bn) == (128, 128) and width > 64)):
             return False
     return True
