@@ -26,6 +26,7 @@ every kernel form calls, so a new step is written once for the Triton forms (doc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import triton
@@ -316,9 +317,10 @@ class Gemm:
                 raise _err("N", "N > 0 with a_rowsum (the programs of the first column tile compute it)", self.N)
         check_gelu_approximate(self.gelu_approximate)
 
-    @property
+    @cached_property
     def fusion(self) -> Fusion:
-        """The tensor-free description (:class:`Fusion`)."""
+        """The tensor-free description (:class:`Fusion`); built once per launch description (the launchers read it
+        several times on the host path)."""
         ep, ix = self.epilogue, self.index
         return Fusion(a_prologue=_kind(self.a_prologue), b_prologue=_kind(self.b_prologue),
                       bias=ep.bias is not None, gelu_grad=ep.gelu_grad_of is not None, gelu=ep.gelu,

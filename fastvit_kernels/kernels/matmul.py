@@ -300,12 +300,13 @@ def _split_args(g: Gemm) -> tuple:
             *axes(g.c, ix.m_split, ix.n_split), *axes(g.epilogue.residual, ix.m_split, ix.n_split))
 
 
-def _fixed(kernel, candidates: list) -> tuple:
+def _fixed(kernel, candidates) -> tuple:
     """(kernel, launch keywords): the autotuner and no keywords, or the plain @triton.jit kernel with a fixed
-    configuration (FASTVIT_AUTOTUNE=0, the interpreter)."""
+    configuration (FASTVIT_AUTOTUNE=0, the interpreter) from ``candidates()`` (called only then: building the
+    candidate list is not hot-path work when the autotuner picks)."""
     if cfgs.autotune_enabled():
         return kernel, {}
-    return kernel.fn, cfgs.fixed_config(candidates)
+    return kernel.fn, cfgs.fixed_config(candidates())
 
 
 def _tiles(M: int, N: int):
@@ -317,19 +318,19 @@ def _tiles(M: int, N: int):
 def _launch_pointer(g: Gemm) -> None:
     f = g.fusion
     if f.plain:
-        kernel, cfg = _fixed(_matmul_autotuned, _candidates(g.compute_dtype, f.constexprs(), split=False))
+        kernel, cfg = _fixed(_matmul_autotuned, lambda: _candidates(g.compute_dtype, f.constexprs(), split=False))
         launch(kernel, _tiles(g.M, g.N), 0, *_plain_args(g), **f.constexprs(),
                DOT_PRECISION=dot_precision(g.compute_dtype), **cfg)
         return
     ix = g.index
-    kernel, cfg = _fixed(_matmul_split_kernel, _candidates(g.compute_dtype, f.constexprs(), split=ix.split))
+    kernel, cfg = _fixed(_matmul_split_kernel, lambda: _candidates(g.compute_dtype, f.constexprs(), split=ix.split))
     launch(kernel, _tiles(g.M, g.N), *_split_args(g), **f.constexprs(), DOT_PRECISION=dot_precision(g.compute_dtype),
            SPLIT_M=ix.m_split is not None, SPLIT_N=ix.n_split is not None, SPLIT_K=ix.k_split is not None,
            IMG_BOUNDS=BOUNDS_OF[f.image_bounds], **cfg)
 
 
 def _launch_pointer_pair(g0: Gemm, g1: Gemm) -> None:
-    kernel, cfg = _fixed(_matmul_pair_kernel, cfgs.pair_configs(g0.compute_dtype))
+    kernel, cfg = _fixed(_matmul_pair_kernel, lambda: cfgs.pair_configs(g0.compute_dtype))
     flags = {f"{k}{i}": v for i, g in enumerate((g0, g1)) for k, v in g.fusion.constexprs().items()}
 
     def grid(meta):
@@ -400,9 +401,9 @@ def _try_tma(launch_tma) -> bool:
 
 def _tma_kw(g: Gemm) -> dict:
     """The keywords of :func:`matmul_tma.launch` / ``launch_pair`` besides the description."""
-    cands = _candidates(g.compute_dtype, g.fusion.constexprs(), split=False)
-    return dict(dot_precision=dot_precision(g.compute_dtype), autotune=cfgs.autotune_enabled(),
-                config=cfgs.fixed_config(cands))
+    autotune = cfgs.autotune_enabled()
+    config = {} if autotune else cfgs.fixed_config(_candidates(g.compute_dtype, g.fusion.constexprs(), split=False))
+    return dict(dot_precision=dot_precision(g.compute_dtype), autotune=autotune, config=config)
 
 
 def _launch_triton(g: Gemm) -> None:
