@@ -14,6 +14,8 @@ epilogue steps; docs/design.md, "The GEMM core"). The description is read by the
   patches per image and D2 = patches per row it walks image pixels patch by patch (im2col without a copy). An
   operand may be converted on load (cast, or a per-channel affine then the cast: uint8 pixels ->
   ``(v / 255 - mean) / std``), and pixels outside an H x W image read as 0 (A, B) or are not written (C).
+* ``_matmul_rope_kernel``: GEMMs with 2D RoPE on their qkv axis (:class:`~.fusion.Rope`): the qkv GEMM rotating
+  q / k in its epilogue, and its two backward GEMMs un-rotating d(qkv) as they load it;
 * on Hopper, plain GEMMs run the same description on :mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors,
   persistent grid, warpgroup MMA); ``FASTVIT_GEMM_KERNEL`` decides (:func:`fastvit_kernels.backend.gemm_kernel`);
 * plain GEMMs may instead run as cuBLAS + fused elementwise kernels (:mod:`fastvit_kernels.kernels.gemm_impl`),

@@ -496,5 +496,7 @@ def _linear_residual_bwd_flop(dout, x, weight, *args, out_shape=None, **kwargs) 
 
 FLOP_FORMULAS = {
     "layernorm_linear_fwd": _layernorm_linear_fwd_flop, "layernorm_linear_bwd": _layernorm_linear_bwd_flop,
+    # RoPE adds elementwise work only (not counted, as LayerNorm is not)
+    "layernorm_linear_rope_fwd": _layernorm_linear_fwd_flop, "layernorm_linear_rope_bwd": _layernorm_linear_bwd_flop,
     "linear_residual_fwd": _linear_residual_fwd_flop, "linear_residual_bwd": _linear_residual_bwd_flop,
 }
