@@ -534,6 +534,16 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
         ("patch_embed(uint8 images, mean/std)", run(ops.patch_embed, t(*img, grad=False, dt=torch.uint8), *patch_w,
                                                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))),
         ("layernorm_linear", run(ops.layernorm_linear, t(B, N, D), t(D), t(D), t(3 * D, D), t(3 * D))),
+        # 2D RoPE in the qkv GEMM epilogue, inverse rotation in the backward GEMMs' loads (EVA-02 / DINOv3 / PE):
+        # rotate_half pairs with one table, interleaved pairs with per-head tables (a learned mixed RoPE)
+        ("layernorm_linear(RoPE, half)", run(ops.layernorm_linear, t(B, N, D), t(D), t(D), t(3 * D, D), t(3 * D),
+                                             rope_coords=t(N, 2, grad=False, dt=torch.float32),
+                                             rope_freqs=t(1, s["head_dim"] // 2, 2, grad=False, dt=torch.float32),
+                                             rope_heads=s["H"], rope_layout="half")),
+        ("layernorm_linear(RoPE, interleaved, per-head)", run(
+            ops.layernorm_linear, t(B, N, D), t(D), t(D), t(3 * D, D), t(3 * D),
+            rope_coords=t(N, 2, grad=False, dt=torch.float32),
+            rope_freqs=t(s["H"], s["head_dim"] // 2, 2, grad=False, dt=torch.float32), rope_heads=s["H"])),
         ("attention", run(ops.attention, t(B, N, 3 * D), s["H"])),
         # one image: too few (batch, head) programs for the fused backward, so the three-launch backward
         ("attention(1 image: split backward)", run(ops.attention, t(1, N, 3 * D), s["H"])),

@@ -151,6 +151,40 @@ def layernorm_linear_ref(
     return F.linear(F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), weight, bias)
 
 
+def rope_ref(qkv: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor, num_heads: int,
+             layout: str = "interleaved") -> torch.Tensor:
+    """2D rotary position embedding of the q and k sections of a packed qkv (Su et al. 2021, RoFormer; axial 2D as
+    in EVA-02 / DINOv3), the eager reference of the fused op (contract: ``fastvit_kernels.kernels.fusion.Rope``).
+
+    Args:
+        qkv: (..., N, 3 * D) with D = num_heads * head_dim; q = [0, D), k = [D, 2D), v = [2D, 3D) (v untouched).
+        coords: (Nc, 2) fp32 (y, x) per token; token n of the N axis uses coords[n % Nc] (Nc = N for one
+            image's tokens); prefix tokens carry (0, 0) and are left unrotated (theta = 0).
+        freqs: (Hr, head_dim / 2, 2) fp32, Hr = 1 (shared) or num_heads: theta[n, h, j] = y * freqs[h, j, 0] +
+            x * freqs[h, j, 1].
+        layout: "interleaved" (pairs (2j, 2j + 1)) or "half" (pairs (j, j + head_dim / 2), timm's rotate_half).
+
+    Returns:
+        qkv's shape and dtype; per pair (a, b): (a cos - b sin, b cos + a sin), computed in fp32.
+    """
+    *lead, N, N3 = qkv.shape
+    D = N3 // 3
+    hd = D // num_heads
+    c = coords[torch.arange(N, device=coords.device) % coords.shape[0]]  # (N, 2)
+    f = freqs.expand(num_heads, hd // 2, 2)
+    theta = c[:, None, None, 0] * f[None, ..., 0] + c[:, None, None, 1] * f[None, ..., 1]  # (N, H, hd / 2)
+    cos, sin = theta.cos(), theta.sin()
+    qk = qkv[..., :2 * D].float().unflatten(-1, (2, num_heads, hd))  # (..., N, 2, H, hd)
+    if layout == "interleaved":
+        a, b = qk[..., 0::2], qk[..., 1::2]
+    else:
+        a, b = qk[..., :hd // 2], qk[..., hd // 2:]
+    cos, sin = cos[:, None], sin[:, None]  # (N, 1, H, hd / 2) against (..., N, 2, H, hd / 2)
+    ra, rb = a * cos - b * sin, b * cos + a * sin
+    rot = torch.stack([ra, rb], -1).flatten(-2) if layout == "interleaved" else torch.cat([ra, rb], -1)
+    return torch.cat([rot.flatten(-3).to(qkv.dtype), qkv[..., 2 * D:]], -1)
+
+
 def linear_residual_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:

@@ -50,6 +50,13 @@ BOUNDS_B = tl.constexpr(2)
 BOUNDS_C = tl.constexpr(3)
 BOUNDS_OF = {None: 0, "a": 1, "b": 2, "c": 3}  # ImageBounds.operand -> IMG_BOUNDS
 
+# where a launch applies 2D RoPE: the ROPE constexpr of the RoPE form (Rope.role)
+ROPE_NONE = tl.constexpr(0)
+ROPE_OUT = tl.constexpr(1)  # rotate the output columns (the qkv GEMM's forward epilogue)
+ROPE_A_COLS = tl.constexpr(2)  # inverse rotation of A's columns on load (dgrad: d(qkv) @ W)
+ROPE_A_ROWS = tl.constexpr(3)  # inverse rotation of A's rows on load (wgrad: d(qkv)^T @ LayerNorm(x))
+ROPE_ROLES = {"out": 1, "a_cols": 2, "a_rows": 3}
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # host side: the description
@@ -138,6 +145,46 @@ class ImageBounds:
 
 
 @dataclass(frozen=True)
+class Rope:
+    """2D rotary position embedding (Su et al. 2021, RoFormer; axial 2D as in EVA-02 / DINOv3) on the q and k
+    sections of a packed qkv axis (indices [0, 2 * D) of 3 * D, heads of ``head_dim`` columns; v is left alone).
+
+    Per head, pairs (a, b) are (2j, 2j + 1) (``layout="interleaved"``) or (j, j + head_dim / 2) (``"half"``,
+    timm's ``rotate_half``), j < head_dim / 2, rotated by theta = y * freqs[h, j, 0] + x * freqs[h, j, 1] for the
+    token's (y, x) = ``coords[token % Nc]``: out_a = a cos - b sin, out_b = b cos + a sin (fp32). Prefix tokens
+    carry coords (0, 0): theta = 0, unrotated.
+
+    The launch walks the qkv axis in *pair order* (index 2p + r is member r of pair p of its head), so the two
+    members of a pair are neighbours in a tile whatever the layout, and addresses memory through the layout's
+    permutation. ``role`` says which axis is the qkv axis: "out" (C's columns, rotated in the epilogue after the
+    bias: the qkv GEMM), "a_cols" (A's columns = the k axis, inverse rotation on load: d LayerNorm(x) = d(qkv) @ W)
+    or "a_rows" (A's rows, tokens along k, inverse rotation on load: dW = d(qkv)^T @ LayerNorm(x), whose row sums
+    are then the bias gradient).
+
+    coords: (Nc, 2) fp32 contiguous, Nc = tokens per image (row m is token m % Nc) or all packed tokens.
+    freqs: (Hr, head_dim / 2, 2) fp32 contiguous, Hr = 1 (shared by the heads) or num_heads (per head).
+    """
+
+    coords: torch.Tensor
+    freqs: torch.Tensor
+    num_heads: int
+    head_dim: int
+    layout: str = "interleaved"
+    role: str = "out"
+
+    LAYOUTS = ("interleaved", "half")
+
+    @property
+    def half(self) -> bool:
+        return self.layout == "half"
+
+    @property
+    def dim(self) -> int:
+        """D = num_heads * head_dim (the qkv axis has 3 * D indices)."""
+        return self.num_heads * self.head_dim
+
+
+@dataclass(frozen=True)
 class IndexMap:
     """How logical indices reach memory. ``m_split`` / ``n_split`` / ``k_split``: (D1, D2) three-level split of
     that index, ``t -> (t // D1) * s1 + ((t % D1) // D2) * s2 + (t % D2) * s3`` with the operand's stride triple
@@ -198,6 +245,8 @@ class Fusion:
     gelu_tanh: bool = False
     split: bool = False
     image_bounds: str | None = None
+    rope: int = 0  # ROPE_* (where RoPE is applied); 0: none
+    rope_half: bool = False  # the rotate_half pair layout (else interleaved)
 
     @property
     def converts(self) -> bool:
@@ -206,8 +255,8 @@ class Fusion:
 
     @property
     def plain(self) -> bool:
-        """No split index, conversion or image bounds: the TMA kernel, the cuBLAS path and pairs apply."""
-        return not (self.split or self.converts or self.image_bounds is not None)
+        """No split index, conversion, image bounds or RoPE: the TMA kernel, the cuBLAS path and pairs apply."""
+        return not (self.split or self.converts or self.image_bounds is not None or self.rope)
 
     @staticmethod
     def from_constexprs(kw: dict, suffix: str = "") -> "Fusion":
@@ -224,7 +273,7 @@ class Fusion:
                       bias=bool(get("HAS_BIAS")), gelu_grad=bool(get("DGELU")), gelu=bool(get("ACT_GELU")),
                       store_preact=bool(get("STORE_PREACT")), residual=bool(get("HAS_RESIDUAL")),
                       a_rowsum=bool(get("A_ROWSUM")), gelu_tanh=bool(get("GELU_TANH")), split=split,
-                      image_bounds=bounds)
+                      image_bounds=bounds, rope=int(get("ROPE", 0)), rope_half=bool(get("ROPE_HALF")))
 
     def constexprs(self) -> dict:
         """The prologue / epilogue constexprs every GEMM kernel form takes, by name."""
@@ -241,8 +290,12 @@ class Fusion:
                  "bias" if self.bias else "", "dgelu" if self.gelu_grad else "",
                  "gelu_store" if self.store_preact else ("gelu" if self.gelu else ""),
                  "residual" if self.residual else "", "tanh" if self.gelu_tanh else "",
-                 "a_rowsum" if self.a_rowsum else ""]
+                 "a_rowsum" if self.a_rowsum else "",
+                 f"rope_{_ROPE_NAMES[self.rope]}{'_half' if self.rope_half else ''}" if self.rope else ""]
         return "+".join(p for p in parts if p) or "plain"
+
+
+_ROPE_NAMES = {v: k for k, v in ROPE_ROLES.items()}
 
 
 def _err(arg: str, expected: str, got) -> ValueError:
@@ -275,9 +328,12 @@ class Gemm:
     epilogue: Epilogue = field(default_factory=Epilogue)
     index: IndexMap = field(default_factory=IndexMap)
     gelu_approximate: str = "none"
+    rope: Rope | None = None
 
     def __post_init__(self):
         ep, ix = self.epilogue, self.index
+        if self.rope is not None:
+            self._check_rope()
         a_conv, b_conv = _converts(self.a_prologue), _converts(self.b_prologue)
         if a_conv and b_conv:
             raise _err("a_prologue / b_prologue", "at most one converted operand (Cast / ChannelAffine)",
@@ -317,6 +373,31 @@ class Gemm:
                 raise _err("N", "N > 0 with a_rowsum (the programs of the first column tile compute it)", self.N)
         check_gelu_approximate(self.gelu_approximate)
 
+    def _check_rope(self) -> None:
+        r, ep = self.rope, self.epilogue
+        if r.layout not in Rope.LAYOUTS:
+            raise _err("rope.layout", f"one of {Rope.LAYOUTS}", repr(r.layout))
+        if r.role not in ROPE_ROLES:
+            raise _err("rope.role", f"one of {tuple(ROPE_ROLES)}", repr(r.role))
+        if r.head_dim % 2 or r.head_dim <= 0 or r.num_heads <= 0:
+            raise _err("rope.head_dim", "an even head_dim > 0 and num_heads > 0", (r.num_heads, r.head_dim))
+        qkv_len = {"out": self.N, "a_cols": self.K, "a_rows": self.M}[r.role]
+        if qkv_len != 3 * r.dim:
+            raise _err(f"rope ({r.role} axis length)", f"3 * num_heads * head_dim = {3 * r.dim}", qkv_len)
+        c, f = r.coords, r.freqs
+        if not (c.dtype == torch.float32 and c.dim() == 2 and c.shape[1] == 2 and c.shape[0] > 0
+                and c.is_contiguous()):
+            raise _err("rope.coords", "a contiguous (Nc > 0, 2) fp32 tensor", (tuple(c.shape), c.dtype))
+        if not (f.dtype == torch.float32 and f.dim() == 3 and f.shape[0] in (1, r.num_heads)
+                and tuple(f.shape[1:]) == (r.head_dim // 2, 2) and f.is_contiguous()):
+            raise _err("rope.freqs", f"a contiguous (1 or {r.num_heads}, {r.head_dim // 2}, 2) fp32 tensor",
+                       (tuple(f.shape), f.dtype))
+        if (ep.gelu_grad_of is not None or ep.gelu or ep.residual is not None or self.index.split
+                or _converts(self.a_prologue) or _converts(self.b_prologue)):
+            raise _err("rope", "a plain GEMM with only LayerNorm prologues, bias and row sums beside it", self.fusion)
+        if r.role == "out" and ep.a_rowsum is not None:
+            raise _err("epilogue.a_rowsum", "None with rope role 'out'", "a row-sum buffer")
+
     @cached_property
     def fusion(self) -> Fusion:
         """The tensor-free description (:class:`Fusion`); built once per launch description (the launchers read it
@@ -326,7 +407,9 @@ class Gemm:
                       bias=ep.bias is not None, gelu_grad=ep.gelu_grad_of is not None, gelu=ep.gelu,
                       store_preact=ep.store_preact is not None, residual=ep.residual is not None,
                       a_rowsum=ep.a_rowsum is not None, gelu_tanh=self.gelu_approximate == "tanh",
-                      split=ix.split, image_bounds=ix.image_bounds.operand if ix.image_bounds else None)
+                      split=ix.split, image_bounds=ix.image_bounds.operand if ix.image_bounds else None,
+                      rope=ROPE_ROLES[self.rope.role] if self.rope is not None else 0,
+                      rope_half=self.rope is not None and self.rope.half)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -538,3 +621,74 @@ def epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS: 
             tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
         acc = gelu(acc, GELU_TANH)
     return acc
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# device side: RoPE steps (the RoPE form, matmul._matmul_rope_kernel)
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def rope_index(i, D, HEAD_DIM, ROPE_HALF: tl.constexpr):
+    """Memory index along the qkv axis (3 * D) of pair-order index ``i`` (see :class:`Rope`): identity for the
+    interleaved layout and for the v section; for "half", member r of pair p of a head sits at p + r * HEAD_DIM / 2."""
+    if ROPE_HALF:
+        c = i % HEAD_DIM
+        mem = i - c + c // 2 + (c % 2) * (HEAD_DIM // 2)
+        return tl.where(i < 2 * D, mem, i)
+    else:
+        return i
+
+
+@triton.jit
+def rope_coords(tok, mask_tok, coords_ptr, n_coords):
+    """(y, x) fp32 coordinates of token rows ``tok`` (row t is token t % n_coords); 0 where masked."""
+    r = (tok % n_coords).to(tl.int64) * 2
+    y = tl.load(coords_ptr + r, mask=mask_tok, other=0.0)
+    x = tl.load(coords_ptr + r + 1, mask=mask_tok, other=0.0)
+    return y, x
+
+
+@triton.jit
+def rope_freqs(i, mask_i, freqs_ptr, D, HEAD_DIM, stride_freqs_h):
+    """(fy, fx) fp32 frequencies of pair-order qkv indices ``i``: head (i % D) // HEAD_DIM, pair (i % HEAD_DIM) // 2;
+    0 for the v section (theta = 0: unrotated) and where masked. ``stride_freqs_h``: 0 when the heads share one
+    table, else HEAD_DIM (= (HEAD_DIM / 2) * 2 values per head)."""
+    h = (i % D) // HEAD_DIM
+    off = h * stride_freqs_h + ((i % HEAD_DIM) // 2) * 2
+    m = mask_i & (i < 2 * D)
+    fy = tl.load(freqs_ptr + off, mask=m, other=0.0)
+    fx = tl.load(freqs_ptr + off + 1, mask=m, other=0.0)
+    return fy, fx
+
+
+@triton.jit
+def rope_cos_sin(theta):
+    """cos and sin of fp32 angles, reduced to [-pi, pi] first so the result does not depend on how a target
+    evaluates large arguments (angles reach ~100 rad at high resolution); the reduction's own error is that of
+    theta's fp32 rounding, as in an eager table."""
+    r = theta - 6.283185307179586 * tl.floor(theta * 0.15915494309189535 + 0.5)
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def rope_rotate_out(acc, offs_m, mask_m, n0, coords_ptr, freqs_ptr, n_coords, D, HEAD_DIM, stride_freqs_h,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The RoPE epilogue step: rotate the pairs of an fp32 (BLOCK_M, BLOCK_N) tile whose columns n0 + [0, BLOCK_N)
+    are in pair order (columns 2p, 2p + 1 form a pair; n0 is even) for token rows ``offs_m``:
+    out_a = a cos - b sin, out_b = b cos + a sin."""
+    a, b = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+    first = n0 + 2 * tl.arange(0, BLOCK_N // 2)  # the pairs' first columns
+    y, x = rope_coords(offs_m, mask_m, coords_ptr, n_coords)
+    fy, fx = rope_freqs(first, first < 3 * D, freqs_ptr, D, HEAD_DIM, stride_freqs_h)
+    c, s = rope_cos_sin(y[:, None] * fy[None, :] + x[:, None] * fx[None, :])
+    out = tl.join(a * c - b * s, b * c + a * s)
+    return tl.reshape(out, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def rope_unrotate(v, v_partner, theta, is_first):
+    """The inverse rotation (the backward of :func:`rope_rotate_out`) of loaded values ``v`` given each one's pair
+    partner ``v_partner`` (same shape) and the pair's angle ``theta``: a' = a cos + b sin, b' = b cos - a sin
+    (``is_first``: v is member a). fp32 result."""
+    c, s = rope_cos_sin(theta)
+    sign = tl.where(is_first, 1.0, -1.0)
+    return v.to(tl.float32) * c + sign * v_partner.to(tl.float32) * s

@@ -14,6 +14,8 @@ epilogue steps; docs/design.md, "The GEMM core"). The description is read by the
   patches per image and D2 = patches per row it walks image pixels patch by patch (im2col without a copy). An
   operand may be converted on load (cast, or a per-channel affine then the cast: uint8 pixels ->
   ``(v / 255 - mean) / std``), and pixels outside an H x W image read as 0 (A, B) or are not written (C).
+* ``_matmul_rope_kernel``: GEMMs with 2D RoPE on their qkv axis (:class:`~.fusion.Rope`): the qkv GEMM rotating
+  q / k in its epilogue, and its two backward GEMMs un-rotating d(qkv) as they load it;
 * on Hopper, plain GEMMs run the same description on :mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors,
   persistent grid, warpgroup MMA); ``FASTVIT_GEMM_KERNEL`` decides (:func:`fastvit_kernels.backend.gemm_kernel`);
 * plain GEMMs may instead run as cuBLAS + fused elementwise kernels (:mod:`fastvit_kernels.kernels.gemm_impl`),
@@ -38,8 +40,9 @@ from . import matmul_tma, tuning_record
 from ._common import dot_precision, triton_version
 from ._launch import launch
 from .fusion import (BOUNDS_A, BOUNDS_B, BOUNDS_C, BOUNDS_OF, PROLOGUE_AFFINE, PROLOGUE_CAST, PROLOGUE_GELU,
-                     Epilogue, Gelu, Gemm, LayerNorm, Operand, accumulate, apply_prologues, epilogue, pair_plan,
-                     store_rowsum, tile_coords, tile_start)
+                     ROPE_A_COLS, ROPE_A_ROWS, ROPE_OUT, Epilogue, Gelu, Gemm, LayerNorm, Operand, Rope, accumulate,
+                     apply_prologues, epilogue, pair_plan, rope_coords, rope_freqs, rope_index, rope_rotate_out,
+                     rope_unrotate, store_rowsum, tile_coords, tile_start)
 
 
 @triton.jit
@@ -76,6 +79,8 @@ _FUSION_KEY = ["A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "ACT_GELU", "STO
                "GELU_TANH", "A_ROWSUM"]
 _PLAIN_KEY = ["M_BUCKET", "N", "K", *_FUSION_KEY, "DOT_PRECISION"]
 _SPLIT_KEY = [*_PLAIN_KEY, "SPLIT_M", "SPLIT_N", "SPLIT_K", "IMG_BOUNDS"]
+_ROPE_KEY = ["M_BUCKET", "N", "K", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "A_ROWSUM", "ROPE", "ROPE_HALF",
+             "DOT_PRECISION"]
 _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_KEY)] + ["DOT_PRECISION"]
 
 
@@ -265,6 +270,81 @@ def _matmul_split_kernel(
     tl.store(c_ptr + c_row[:, None] + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@_autotuned("_matmul_rope_kernel", _ROPE_KEY, _prune_plain)
+@triton.jit
+def _matmul_rope_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,  # as in _matmul_kernel
+    coords_ptr,  # (n_coords, 2) fp32 (y, x) per token
+    freqs_ptr,  # (1 or H, HEAD_DIM / 2, 2) fp32
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    n_coords,  # rows of coords: token row t uses coords[t % n_coords]
+    D, HEAD_DIM,  # D = H * HEAD_DIM: the qkv axis has 3 * D indices, q and k in [0, 2 * D)
+    stride_freqs_h,  # 0 (one table for all heads) or HEAD_DIM
+    A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr,  # fusion.PROLOGUE_NONE / _LN
+    HAS_BIAS: tl.constexpr, A_ROWSUM: tl.constexpr,
+    ROPE: tl.constexpr,  # fusion.ROPE_OUT / _A_COLS / _A_ROWS: which axis is the qkv axis (fusion.Rope.role)
+    ROPE_HALF: tl.constexpr,  # rotate_half pair layout (else interleaved)
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One output tile per program of a GEMM with 2D RoPE on its qkv axis (fusion.Rope): the qkv axis is walked in
+    pair order and addressed through ``rope_index``, so a pair's two members are neighbours (the epilogue rotates
+    them with a reshape) or one load apart (the prologues load each value's partner too)."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mem_m = offs_m
+    mem_n = offs_n
+    if ROPE == ROPE_A_ROWS:
+        mem_m = rope_index(offs_m, D, HEAD_DIM, ROPE_HALF)
+        a_partner = a_ptr + rope_index(offs_m ^ 1, D, HEAD_DIM, ROPE_HALF).to(tl.int64)[:, None] * stride_am
+        fy, fx = rope_freqs(offs_m, mask_m, freqs_ptr, D, HEAD_DIM, stride_freqs_h)
+    if ROPE == ROPE_OUT:
+        mem_n = rope_index(offs_n, D, HEAD_DIM, ROPE_HALF)
+    if ROPE == ROPE_A_COLS:
+        y, x = rope_coords(offs_m, mask_m, coords_ptr, n_coords)
+    a_rows = a_ptr + mem_m.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + mem_n.to(tl.int64)[None, :] * stride_bn
+    acc, a_sum, p0, p1, p2, p3 = tile_start(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                                            1, A_PROLOGUE, B_PROLOGUE, BLOCK_M, BLOCK_N)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mem_k = offs_k
+        if ROPE == ROPE_A_COLS:
+            mem_k = rope_index(offs_k, D, HEAD_DIM, ROPE_HALF)
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        a = tl.load(a_rows + mem_k.to(tl.int64)[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b = tl.load(b_cols + mem_k.to(tl.int64)[:, None] * stride_bk, mask=b_mask, other=0.0)
+        if ROPE == ROPE_A_COLS:  # d(qkv) columns: each value's pair partner and the (token, pair) angle
+            partner = rope_index(offs_k ^ 1, D, HEAD_DIM, ROPE_HALF)
+            a_p = tl.load(a_rows + partner.to(tl.int64)[None, :] * stride_ak, mask=a_mask, other=0.0)
+            kfy, kfx = rope_freqs(offs_k, mask_k, freqs_ptr, D, HEAD_DIM, stride_freqs_h)
+            theta = y[:, None] * kfy[None, :] + x[:, None] * kfx[None, :]
+            a = rope_unrotate(a, a_p, theta, (offs_k % 2 == 0)[None, :]).to(a.dtype)
+        if ROPE == ROPE_A_ROWS:  # d(qkv)^T rows, tokens along k
+            a_p = tl.load(a_partner + offs_k.to(tl.int64)[None, :] * stride_ak, mask=a_mask, other=0.0)
+            ky, kx = rope_coords(offs_k, mask_k, coords_ptr, n_coords)
+            theta = fy[:, None] * ky[None, :] + fx[:, None] * kx[None, :]
+            a = rope_unrotate(a, a_p, theta, (offs_m % 2 == 0)[:, None]).to(a.dtype)
+        a, b = apply_prologues(a, b, a_mask, b_mask, offs_k, mask_k, 1, p0, p1, p2, p3, mean_ptr, rstd_ptr,
+                               gamma_ptr, beta_ptr, A_PROLOGUE, B_PROLOGUE, False)
+        acc, a_sum = accumulate(acc, a_sum, a, b, pid_n, A_ROWSUM, DOT_PRECISION)
+
+    store_rowsum(rowsum_ptr, a_sum, mem_m, mask_m, pid_n, A_ROWSUM)
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc = epilogue(acc, offs_m, mem_n, mask, mask_n, N, bias_ptr, bias_ptr, HAS_BIAS, False, False, False, False)
+    if ROPE == ROPE_OUT:
+        acc = rope_rotate_out(acc, offs_m, mask_m, pid_n * BLOCK_N, coords_ptr, freqs_ptr, n_coords, D, HEAD_DIM,
+                              stride_freqs_h, BLOCK_M, BLOCK_N)
+    tl.store(c_ptr + mem_m.to(tl.int64)[:, None] * stride_cm + mem_n.to(tl.int64)[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # launchers: every one reads the launch's fusion.Gemm
 # --------------------------------------------------------------------------------------------------------------
@@ -315,8 +395,23 @@ def _tiles(M: int, N: int):
     return grid
 
 
+def _rope_args(g: Gemm) -> tuple:
+    """The runtime arguments of ``_matmul_rope_kernel``."""
+    r = g.rope
+    bias, _, _, rowsum, mean, rstd, gamma, beta = g.pointers()
+    return (g.a.tensor, g.b.tensor, g.c.tensor, bias, rowsum, mean, rstd, gamma, beta, r.coords, r.freqs,
+            g.M, g.N, g.K, triton.next_power_of_2(g.M), g.a.rows, g.a.cols, g.b.rows, g.b.cols, g.c.rows, g.c.cols,
+            r.coords.shape[0], r.dim, r.head_dim, 0 if r.freqs.shape[0] == 1 else r.head_dim)
+
+
 def _launch_pointer(g: Gemm) -> None:
     f = g.fusion
+    if f.rope:
+        kernel, cfg = _fixed(_matmul_rope_kernel, lambda: _candidates(g.compute_dtype, f.constexprs(), split=False))
+        launch(kernel, _tiles(g.M, g.N), *_rope_args(g), A_PROLOGUE=f.a_prologue, B_PROLOGUE=f.b_prologue,
+               HAS_BIAS=f.bias, A_ROWSUM=f.a_rowsum, ROPE=f.rope, ROPE_HALF=f.rope_half,
+               DOT_PRECISION=dot_precision(g.compute_dtype), **cfg)
+        return
     if f.plain:
         kernel, cfg = _fixed(_matmul_autotuned, lambda: _candidates(g.compute_dtype, f.constexprs(), split=False))
         launch(kernel, _tiles(g.M, g.N), 0, *_plain_args(g), **f.constexprs(),
@@ -493,29 +588,43 @@ def gemm_pair(g0: Gemm, g1: Gemm) -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, ln: LayerNorm | None = None,
            gelu: bool = False, store_preact: torch.Tensor | None = None, residual: Operand | None = None,
-           gelu_approximate: str = "none") -> torch.Tensor:
+           gelu_approximate: str = "none", rope: Rope | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x (M, K), weight (N, K) -> (M, N) in x's dtype, with optional fusions: ``ln``
     (LayerNorm prologue on x), ``gelu`` (GELU epilogue, storing the pre-activation to ``store_preact`` when given),
-    ``residual`` (added last), ``gelu_approximate`` ("none" | "tanh"), as :class:`fusion.Gemm` describes them."""
+    ``residual`` (added last), ``gelu_approximate`` ("none" | "tanh"), ``rope`` (2D RoPE of the output's q / k
+    columns after the bias, N = 3 * D; its role is set to "out"), as :class:`fusion.Gemm` describes them."""
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     return gemm(Gemm(Operand.matrix(x), Operand.matrix_t(weight), Operand.matrix(out), M, N, K, a_prologue=ln,
                      epilogue=Epilogue(bias=bias, gelu=gelu, store_preact=store_preact, residual=residual),
-                     gelu_approximate=gelu_approximate))
+                     gelu_approximate=gelu_approximate, rope=_with_role(rope, "out")))
+
+
+def _with_role(rope: Rope | None, role: str) -> Rope | None:
+    if rope is None:
+        return None
+    return Rope(rope.coords, rope.freqs, rope.num_heads, rope.head_dim, rope.layout, role)
 
 
 def linear_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor,
                     db: torch.Tensor | None = None, *, x_prologue: LayerNorm | Gelu | None = None,
-                    dx_gelu_grad_of: torch.Tensor | None = None, gelu_approximate: str = "none") -> None:
+                    dx_gelu_grad_of: torch.Tensor | None = None, gelu_approximate: str = "none",
+                    rope: Rope | None = None) -> None:
     """The two GEMMs of a Linear layer's backward that read its output gradient, as one :func:`gemm_pair`: the
     weight gradient ``dw = dout^T @ x_prologue(x)`` (N, K) with ``db = sum_m dout[m, :]`` from its A tiles
     (``db``: (N,) or None), first (its tiles run the long K = M loop: handed out first, the short ones fill the
     tail), and the input gradient ``dx = dout @ weight`` (M, K), multiplied by GELU'(``dx_gelu_grad_of``) when
-    given (the layer before was a GELU). dout (M, N), x (M, K), weight (N, K); outputs are written."""
+    given (the layer before was a GELU). dout (M, N), x (M, K), weight (N, K); outputs are written.
+
+    ``rope``: the forward rotated the output's q / k columns (:func:`linear` with ``rope``): both GEMMs apply the
+    inverse rotation to dout's columns as they load it (roles "a_rows" and "a_cols"), so the gradient of the
+    pre-rotation output is never stored; they then run as two launches (the pair kernels do not carry RoPE)."""
     M, N = dout.shape
     K = weight.shape[1]
     gemm_pair(Gemm(Operand.matrix_t(dout), Operand.matrix(x), Operand.matrix(dw), N, K, M, b_prologue=x_prologue,
-                   epilogue=Epilogue(a_rowsum=db), gelu_approximate=gelu_approximate),
+                   epilogue=Epilogue(a_rowsum=db), gelu_approximate=gelu_approximate,
+                   rope=_with_role(rope, "a_rows")),
               Gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dx), M, K, N,
-                   epilogue=Epilogue(gelu_grad_of=dx_gelu_grad_of), gelu_approximate=gelu_approximate))
+                   epilogue=Epilogue(gelu_grad_of=dx_gelu_grad_of), gelu_approximate=gelu_approximate,
+                   rope=_with_role(rope, "a_cols")))
