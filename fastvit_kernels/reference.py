@@ -2,7 +2,8 @@
 
 * ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``, ``layernorm_linear_ref``,
   ``linear_residual_ref``, ``attention_block_ref``: one function per fused op, same arguments and
-  semantics as the op in :mod:`fastvit_kernels.ops`.
+  semantics as the op in :mod:`fastvit_kernels.ops`; ``rope_ref``: the 2-D RoPE the qkv GEMM epilogue will apply
+  (tables from :mod:`fastvit_kernels.rope`); ``rms_norm_ref``.
 * ``VisionTransformer``: a ViT that follows timm's ``VisionTransformer`` computation step for step (timm 1.0,
   ``timm/models/vision_transformer.py``; Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021):
   Conv2d patch embedding, class token then position add, pre-norm blocks
@@ -190,6 +191,78 @@ def attention_block_ref(
     """
     qkv = layernorm_linear_ref(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
     return linear_residual_ref(attention_ref(qkv, num_heads, scale), proj_weight, proj_bias, x)
+
+
+ROPE_LAYOUTS = ("interleaved", "half")
+
+
+def rope_angles(rows: int, coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The RoPE angles of ``rows`` token rows: theta (rows, Hr, P), fp32, P = head_dim / 2.
+
+    ``theta[m, h, j] = coords[m % Nc, 0] * freqs[h, j, 0] + coords[m % Nc, 1] * freqs[h, j, 1]``.
+    coords: (Nc, 2) per-token (y, x); freqs: (Hr, P, 2), Hr in {1, H}. Both are used in fp32.
+    """
+    c = coords.float()
+    if rows != c.shape[0]:
+        c = c[torch.arange(rows, device=c.device) % c.shape[0]]
+    f = freqs.float()
+    return c[:, 0, None, None] * f[None, :, :, 0] + c[:, 1, None, None] * f[None, :, :, 1]
+
+
+def rope_ref(qkv: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor, num_heads: int,
+             layout: str = "interleaved") -> torch.Tensor:
+    """2-D rotary position embedding (Su et al. 2021, RoFormer; axial / mixed 2-D forms: EVA-02, Fang et al. 2023,
+    Heo et al. 2024; DINOv3, Simeoni et al. 2025) applied to the q and k sections of a packed qkv tensor.
+
+    For every token row m, head h and pair j in [0, head_dim / 2), with (a, b) = (2j, 2j + 1) for layout
+    "interleaved" or (j, j + head_dim / 2) for layout "half" (timm's ``rotate_half``), inside head h of q (columns
+    [0, D)) and of k (columns [D, 2D)); v (columns [2D, 3D)) passes through:
+
+        out[a] = x[a] cos(theta) - x[b] sin(theta),    out[b] = x[b] cos(theta) + x[a] sin(theta)
+        theta  = coords[m % Nc, 0] * freqs[h', j, 0] + coords[m % Nc, 1] * freqs[h', j, 1],  h' = h if Hr > 1 else 0
+
+    Rows with coords (0, 0) (class / register tokens) are left unchanged (theta = 0).
+
+    Args:
+        qkv: (..., 3 * D), D = num_heads * head_dim, laid out (..., 3, H, head_dim) like timm's qkv Linear; the
+            leading dims flatten to M rows (a dense batch (B, N, 3D): row m = b * N + n, so Nc = N gives token n
+            the coordinates coords[n]). fp32 | fp16 | bf16.
+        coords: (Nc, 2) per-token (y, x) positions, fp32 (M % Nc == 0 is not required).
+        freqs: (Hr, head_dim / 2, 2) angular frequencies for (y, x), fp32; Hr = 1 (shared by the heads) or H.
+        num_heads: H.
+        layout: "interleaved" | "half".
+
+    Returns:
+        The rotated qkv: same shape and dtype (the rotation computed in fp32, one rounding to qkv's dtype).
+        Differentiable with respect to qkv, coords and freqs.
+
+    Raises:
+        ValueError: a bad layout, a last dim not 3 * H * head_dim with head_dim even, or coords / freqs of the
+            wrong shape.
+    """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"layout must be one of {ROPE_LAYOUTS}; got {layout!r}")
+    three_d = qkv.shape[-1]
+    if three_d % (3 * num_heads) or (three_d // (3 * num_heads)) % 2:
+        raise ValueError(f"qkv's last dim must be 3 * num_heads * head_dim with head_dim even; got {three_d} "
+                         f"with num_heads={num_heads}")
+    hd = three_d // (3 * num_heads)
+    if coords.dim() != 2 or coords.shape[1] != 2 or coords.shape[0] < 1:
+        raise ValueError(f"coords must be (Nc, 2); got {tuple(coords.shape)}")
+    if freqs.dim() != 3 or freqs.shape[0] not in (1, num_heads) or tuple(freqs.shape[1:]) != (hd // 2, 2):
+        raise ValueError(f"freqs must be (1 or H={num_heads}, head_dim/2={hd // 2}, 2); got {tuple(freqs.shape)}")
+    lead = qkv.shape[:-1]
+    x = qkv.reshape(-1, 3, num_heads, hd)
+    theta = rope_angles(x.shape[0], coords, freqs)[:, None]  # (M, 1, Hr, P): q and k alike
+    cos, sin = theta.cos(), theta.sin()
+    qk = x[:, :2].float()
+    if layout == "interleaved":
+        a, b = qk[..., 0::2], qk[..., 1::2]
+        qk = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    else:
+        a, b = qk[..., : hd // 2], qk[..., hd // 2:]
+        qk = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return torch.cat([qk.to(qkv.dtype), x[:, 2:]], dim=1).reshape(*lead, three_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
