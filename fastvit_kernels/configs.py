@@ -1,9 +1,17 @@
 """Named model configurations (timm's names for the standard ViTs; small ones for tests and CPU runs).
 
-Each entry holds VisionTransformer constructor arguments; ``create_model(name, **overrides)`` builds a FastViT.
+Each entry holds VisionTransformer constructor arguments (timm ``Eva``'s for the names in :data:`EVA_MODELS`);
+``create_model(name, **overrides)`` builds a FastViT (a FastEva for those). The timm-named entries match
+``timm.create_model(name)`` with its default pretrained tag (num_classes, img_size).
 """
 
 from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+
+from .reference import RmsNorm
 
 MODEL_CONFIGS: dict[str, dict] = {
     # the standard ViTs (Dosovitskiy et al. 2021; timm vision_transformer.py)
@@ -12,6 +20,29 @@ MODEL_CONFIGS: dict[str, dict] = {
     "vit_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # AIMv2 (Fini et al. 2024): RMSNorm (also after the patch embedding), SwiGLU, no projection biases
+    "aimv2_large_patch14_224": dict(img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=8, class_token=False,
+                                    fc_norm=False, mlp_ratio=2.75, global_pool="avg", qkv_bias=False, proj_bias=False,
+                                    act_layer="silu", norm_layer=partial(RmsNorm, eps=1e-5),
+                                    embed_norm_layer=partial(RmsNorm, eps=1e-5), mlp_layer="swiglu", num_classes=0),
+    # SigLIP (Zhai et al. 2023): no class token, attention-pool ('map') head
+    "vit_so400m_patch14_siglip_224": dict(img_size=224, patch_size=14, embed_dim=1152, depth=27, num_heads=16,
+                                          mlp_ratio=3.7362, class_token=False, global_pool="map", num_classes=0),
+    # timm Eva models (FastEva): EVA-02 (Fang et al. 2023), DINOv3 (Simeoni et al. 2025), PE (Bolya et al. 2025)
+    "eva02_base_patch14_224": dict(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12, qkv_fused=False,
+                                   mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+                                   ref_feat_shape=(16, 16), num_classes=0),
+    "vit_base_patch16_dinov3": dict(img_size=256, patch_size=16, dynamic_img_size=True, embed_dim=768, depth=12,
+                                    num_heads=12, qkv_bias=False, init_values=1e-5, rope_type="dinov3",
+                                    rope_temperature=100, rope_rotate_half=True, use_rot_pos_emb=True,
+                                    use_abs_pos_emb=False, num_reg_tokens=4, use_fc_norm=False,
+                                    norm_layer=partial(nn.LayerNorm, eps=1e-5), num_classes=0),
+    "vit_pe_core_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                         mlp_ratio=4.0, global_pool="map", attn_type="rope",
+                                         use_pre_transformer_norm=True, use_rot_pos_emb=True, ref_feat_shape=(14, 14),
+                                         rope_grid_offset=1.0, rope_grid_indexing="xy", attn_pool_num_heads=8,
+                                         attn_pool_mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-5),
+                                         num_classes=1024),
     # small ones for CPU runs and tests
     # scikit-learn digits: 8x8 grayscale, patch 2 -> 16 patches + class token = 17 tokens
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2),
@@ -22,6 +53,10 @@ MODEL_CONFIGS: dict[str, dict] = {
     "vit_micro_patch4_32": dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=96, depth=2,
                                 num_heads=3),
 }
+
+
+# names whose config is timm Eva's constructor arguments (built as FastEva)
+EVA_MODELS = frozenset({"eva02_base_patch14_224", "vit_base_patch16_dinov3", "vit_pe_core_base_patch16_224"})
 
 
 def get_config(name: str) -> dict:

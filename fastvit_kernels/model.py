@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference
-from .configs import get_config
+from .configs import EVA_MODELS, get_config
 
 
 class Block(reference.Block):
@@ -36,6 +36,10 @@ class Block(reference.Block):
     when it builds a block), never per call. Options the Triton path does not implement (attention or MLP dropout
     > 0 while training) run that half on the eager reference modules, with a one-time warning: never silently
     different. LayerScale and qk_norm run as eager ops around the fused ones.
+
+    Seams (one method each, to be switched to fused ops as they land): :meth:`_qkv` (norm1 + qkv (+ qk_norm):
+    ``ops.layernorm_linear``, or eager RMSNorm + ``F.linear``) and :meth:`_mlp` (norm2 + MLP (+ residual):
+    ``ops.layernorm_mlp`` for LayerNorm + GELU ``Mlp``; eager for RMSNorm and the gated MLPs, SwiGLU / GluMlp).
     """
 
     backend: str | None = None  # set by FastViT
@@ -65,17 +69,18 @@ class Block(reference.Block):
         Attention half, ``z' = MSA(LN(z)) + z``, in the first form that applies:
 
         * attention dropout while training: the eager modules (``x + drop_path1(ls1(attn(norm1(x))))``);
-        * no qk_norm, no LayerScale, no proj dropout or stochastic depth in effect: ``ops.attention_block``
+        * LayerNorm norm1, no qk_norm, no LayerScale, no proj dropout or stochastic depth in effect:
+          ``ops.attention_block``
           (norm1 + qkv, attention, proj + residual as one op; the residual's gradient joins inside the LayerNorm
           backward);
-        * no LayerScale, no proj dropout or stochastic depth in effect (qk_norm): ``ops.layernorm_linear``,
-          qk_norm (eager), ``ops.attention``, ``ops.linear_residual`` (proj bias + residual in the GEMM epilogue);
+        * no LayerScale, no proj dropout or stochastic depth in effect (qk_norm or RMSNorm): :meth:`_qkv`,
+          ``ops.attention``, ``ops.linear_residual`` (proj bias + residual in the GEMM epilogue);
         * otherwise the same up to the attention output, then proj as ``F.linear`` and dropout, LayerScale and
           stochastic depth on the branch before the residual add.
 
         MLP half, ``z = MLP(LN(z')) + z'``: MLP dropout while training: the eager modules; LayerScale or
-        stochastic depth in effect: ``ops.layernorm_mlp(add_residual=False)`` and those on the branch; otherwise
-        ``ops.layernorm_mlp`` with the residual added in fc2's epilogue.
+        stochastic depth in effect: :meth:`_mlp` ``(add_residual=False)`` and those on the branch; otherwise
+        :meth:`_mlp` with the residual added (in fc2's epilogue on ``ops.layernorm_mlp``).
         """
         attn, training = self.attn, self.training
         branch_ops = training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0)
@@ -83,7 +88,7 @@ class Block(reference.Block):
         if training and attn.attn_drop.p > 0:
             self.attention_residual = self._attention_eager
         elif not branch_ops and no_ls1:
-            plain = isinstance(attn.q_norm, nn.Identity)
+            plain = isinstance(attn.q_norm, nn.Identity) and isinstance(self.norm1, nn.LayerNorm)
             self.attention_residual = self._attention_fused if plain else self._attention_proj_residual
         else:
             self.attention_residual = self._attention_branch
@@ -101,16 +106,24 @@ class Block(reference.Block):
                                    attn.proj.weight, attn.proj.bias, attn.num_heads, attn.scale, self.norm1.eps,
                                    backend=self.backend)
 
-    def _msa(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention output before proj, (B, N, D): norm1 + qkv, qk_norm (eager, when present), attention."""
-        attn = self.attn
-        qkv = ops.layernorm_linear(x, self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
-                                   self.norm1.eps, backend=self.backend)  # (B, N, 3 * D)
-        if not isinstance(attn.q_norm, nn.Identity):  # qk_norm: LayerNorm q and k over head_dim
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Seam: norm1 + qkv (+ qk_norm): (B, N, D) -> qkv (B, N, 3 * D). LayerNorm: ``ops.layernorm_linear``;
+        RMSNorm: eager ``rms_norm`` + ``F.linear`` (the coming ``layernorm_linear(norm="rmsnorm")``)."""
+        attn, norm1 = self.attn, self.norm1
+        if isinstance(norm1, nn.LayerNorm):
+            qkv = ops.layernorm_linear(x, norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias, norm1.eps,
+                                       backend=self.backend)
+        else:
+            qkv = F.linear(norm1(x), attn.qkv.weight, attn.qkv.bias)
+        if not isinstance(attn.q_norm, nn.Identity):  # qk_norm: q and k normalised over head_dim
             B, N, _ = qkv.shape
             q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
             qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(B, N, -1)
-        return ops.attention(qkv, attn.num_heads, attn.scale, backend=self.backend)
+        return qkv
+
+    def _msa(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output before proj, (B, N, D): :meth:`_qkv`, then ``ops.attention``."""
+        return ops.attention(self._qkv(x), self.attn.num_heads, self.attn.scale, backend=self.backend)
 
     def _attention_proj_residual(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.attn.proj
@@ -126,17 +139,23 @@ class Block(reference.Block):
         return x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
 
     # --- MLP half: z = MLP(LN(z')) + z' -----------------------------------------------------------------------
-    def _mlp_ops(self, x: torch.Tensor, add_residual: bool) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, add_residual: bool) -> torch.Tensor:
+        """Seam: norm2 + MLP (+ residual): ``[x +] mlp(norm2(x))``, (B, N, D). LayerNorm + GELU ``Mlp``:
+        ``ops.layernorm_mlp``; RMSNorm or a gated MLP (SwiGLU / GluMlp): eager (the coming ``ops.swiglu_mlp``)."""
         mlp, norm2 = self.mlp, self.norm2
-        return ops.layernorm_mlp(x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                 mlp.fc2.bias, norm2.eps, add_residual=add_residual,
-                                 approximate=mlp.act.approximate, backend=self.backend)
+        if type(mlp) is reference.Mlp and isinstance(norm2, nn.LayerNorm) and isinstance(mlp.act, nn.GELU) \
+                and isinstance(mlp.norm, nn.Identity):
+            return ops.layernorm_mlp(x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                                     mlp.fc2.bias, norm2.eps, add_residual=add_residual,
+                                     approximate=mlp.act.approximate, backend=self.backend)
+        y = mlp(norm2(x))
+        return x + y if add_residual else y
 
     def _mlp_fused(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mlp_ops(x, add_residual=True)
+        return self._mlp(x, add_residual=True)
 
     def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path2(self.ls2(self._mlp_ops(x, add_residual=False)))
+        return x + self.drop_path2(self.ls2(self._mlp(x, add_residual=False)))
 
     def _mlp_eager(self, x: torch.Tensor) -> torch.Tensor:
         self._warn_eager("MLP dropout (proj_drop_rate)")
@@ -190,45 +209,75 @@ class FastViT(reference.VisionTransformer):
             backend: as the constructor.
 
         Raises:
-            NotImplementedError: the model uses something FastViT does not implement (attention pooling 'map',
-                pre-norm, an MLP norm, no projection bias, ...).
+            NotImplementedError: the model uses something FastViT does not implement (pre-norm, an MLP or
+                attention-output norm, pos_embed='none', a non-affine or fp32 norm, another MLP class or
+                activation, ...), naming each.
         """
         blk = model.blocks[0]
         attn, pe = blk.attn, model.patch_embed
         problems = []
-        if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg", ""):
+        if model.global_pool not in ("token", "avg", "", "map") or (
+                model.global_pool == "map" and type(getattr(model, "attn_pool", None)).__name__ != "AttentionPoolLatent"):
             problems.append(f"global_pool={model.global_pool!r}")
+        if getattr(model, "pool_include_prefix", False):
+            problems.append("pool_include_prefix=True")
         if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
             problems.append("pre_norm=True")
         if not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
             problems.append("scale_mlp_norm=True")
-        if getattr(attn, "proj", None) is None or attn.proj.bias is None:
-            problems.append("proj_bias=False")
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            problems.append("scale_attn_norm=True")
+        if getattr(model, "pos_embed", None) is None:
+            problems.append("pos_embed='none'")
         if not hasattr(attn, "qkv"):
             problems.append(f"attention layer {type(attn).__name__} without a packed qkv Linear")
+        mlp_name = type(blk.mlp).__name__
         act = getattr(blk.mlp, "act", None)
-        act_layer = "gelu"
-        if isinstance(act, nn.GELU):
-            act_layer = "gelu_tanh" if act.approximate == "tanh" else "gelu"
-        elif type(act).__name__ in ("GELU", "GELUTanh"):  # timm.layers.activations
-            act_layer = "gelu_tanh" if type(act).__name__ == "GELUTanh" else "gelu"
+        if mlp_name == "Mlp":
+            mlp_layer, hidden = None, blk.mlp.fc1.out_features
+            act_layer = "gelu"
+            if isinstance(act, nn.GELU):
+                act_layer = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+            elif type(act).__name__ in ("GELU", "GELUTanh"):  # timm.layers.activations
+                act_layer = "gelu_tanh" if type(act).__name__ == "GELUTanh" else "gelu"
+            else:
+                problems.append(f"MLP activation {type(act).__name__}")
+        elif mlp_name in ("SwiGLU", "GluMlp"):
+            mlp_layer = "swiglu" if mlp_name == "SwiGLU" else (reference.GluMlp if blk.mlp.gate_last else "swiglu_packed")
+            hidden = blk.mlp.fc1_g.out_features if mlp_name == "SwiGLU" else blk.mlp.fc1.out_features
+            act_layer = {"SiLU": "silu", "Sigmoid": "sigmoid", "GELUTanh": "gelu_tanh"}.get(type(act).__name__)
+            if isinstance(act, nn.GELU):
+                act_layer = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+            if act_layer is None:
+                problems.append(f"MLP activation {type(act).__name__}")
         else:
-            problems.append(f"MLP activation {type(act).__name__}")
+            problems.append(f"mlp_layer {mlp_name}")
+        norms = {}
+        for what, m in (("norm_layer", blk.norm1), ("embed_norm_layer", getattr(pe, "norm", nn.Identity()))):
+            try:
+                norms[what] = reference.norm_spec_of(m)
+            except NotImplementedError:
+                problems.append(f"{what} {type(m).__name__}")
         if problems:
             raise NotImplementedError(f"FastViT.from_timm: not supported: {', '.join(problems)}")
+        D = model.embed_dim
+        mlp_ratio = hidden / D
+        if int(D * mlp_ratio) != hidden:  # float round-off: a ratio whose int(D * ratio) is the hidden width
+            mlp_ratio = (hidden + 0.5) / D
         dp = getattr(model.blocks[-1], "drop_path1", None)
         kwargs = dict(
             img_size=tuple(pe.img_size), patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
-            num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+            num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=D,
             depth=len(model.blocks), num_heads=attn.num_heads,
-            mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, qkv_bias=attn.qkv.bias is not None,
+            mlp_ratio=mlp_ratio, qkv_bias=attn.qkv.bias is not None,
             class_token=model.cls_token is not None, fc_norm=not isinstance(model.fc_norm, nn.Identity),
             final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
             reg_tokens=getattr(model, "num_reg_tokens", 0), no_embed_class=getattr(model, "no_embed_class", False),
             dynamic_img_size=getattr(model, "dynamic_img_size", False),
             dynamic_img_pad=getattr(pe, "dynamic_img_pad", False),
             init_values=1e-5 if hasattr(blk.ls1, "gamma") else None,  # the value comes with the weights
-            act_layer=act_layer,
+            act_layer=act_layer, mlp_layer=mlp_layer, norm_layer=norms["norm_layer"],
+            embed_norm_layer=norms["embed_norm_layer"], proj_bias=attn.proj.bias is not None,
             qk_norm=not isinstance(attn.q_norm, nn.Identity),
             drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p, proj_drop_rate=attn.proj_drop.p,
             attn_drop_rate=attn.attn_drop.p, drop_path_rate=getattr(dp, "drop_prob", 0.0) or 0.0,
@@ -256,6 +305,8 @@ class FastViT(reference.VisionTransformer):
         (class / register tokens and timm's token layouts in the same op; with dynamic_img_size the position
         embedding is first resampled to the images' patch grid, as timm)."""
         pe = self.patch_embed
+        if not isinstance(pe.norm, nn.Identity):  # a norm between the patch projection and the position add
+            return super().embed(images)  # eager (AIMv2's embed_norm_layer)
         pe.check_input(images)
         pos_embed = self.pos_embed
         if self.dynamic_img_size:
@@ -268,8 +319,9 @@ class FastViT(reference.VisionTransformer):
         return self.pos_drop(x)
 
 
-def create_model(name: str, pretrained: bool = False, **overrides) -> FastViT:
-    """Build the named FastViT (see :mod:`fastvit_kernels.configs`), with constructor overrides.
+def create_model(name: str, pretrained: bool = False, **overrides) -> nn.Module:
+    """Build the named FastViT, or FastEva for the timm ``Eva`` names (:data:`fastvit_kernels.configs.EVA_MODELS`;
+    see :mod:`fastvit_kernels.configs`), with constructor overrides.
 
     Args:
         name: a key of :data:`fastvit_kernels.configs.MODEL_CONFIGS` (e.g. "vit_base_patch16_224", "vit_digits").
@@ -293,4 +345,8 @@ def create_model(name: str, pretrained: bool = False, **overrides) -> FastViT:
                          "call load_state_dict(timm_state_dict) (keys are timm's)")
     cfg = get_config(name)
     cfg.update(overrides)
+    if name in EVA_MODELS:
+        from .eva import FastEva
+
+        return FastEva(**cfg)
     return FastViT(**cfg)

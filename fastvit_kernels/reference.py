@@ -2,7 +2,8 @@
 
 * ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``, ``layernorm_linear_ref``,
   ``linear_residual_ref``, ``attention_block_ref``: one function per fused op, same arguments and
-  semantics as the op in :mod:`fastvit_kernels.ops`.
+  semantics as the op in :mod:`fastvit_kernels.ops`; ``rope_ref``: the 2-D RoPE the qkv GEMM epilogue will apply
+  (tables from :mod:`fastvit_kernels.rope`); ``rms_norm_ref``.
 * ``VisionTransformer``: a ViT that follows timm's ``VisionTransformer`` computation step for step (timm 1.0,
   ``timm/models/vision_transformer.py``; Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021):
   Conv2d patch embedding, class token then position add, pre-norm blocks
@@ -14,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -151,40 +152,6 @@ def layernorm_linear_ref(
     return F.linear(F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), weight, bias)
 
 
-def rope_ref(qkv: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor, num_heads: int,
-             layout: str = "interleaved") -> torch.Tensor:
-    """2D rotary position embedding of the q and k sections of a packed qkv (Su et al. 2021, RoFormer; axial 2D as
-    in EVA-02 / DINOv3), the eager reference of the fused op (contract: ``fastvit_kernels.kernels.fusion.Rope``).
-
-    Args:
-        qkv: (..., N, 3 * D) with D = num_heads * head_dim; q = [0, D), k = [D, 2D), v = [2D, 3D) (v untouched).
-        coords: (Nc, 2) fp32 (y, x) per token; token n of the N axis uses coords[n % Nc] (Nc = N for one
-            image's tokens); prefix tokens carry (0, 0) and are left unrotated (theta = 0).
-        freqs: (Hr, head_dim / 2, 2) fp32, Hr = 1 (shared) or num_heads: theta[n, h, j] = y * freqs[h, j, 0] +
-            x * freqs[h, j, 1].
-        layout: "interleaved" (pairs (2j, 2j + 1)) or "half" (pairs (j, j + head_dim / 2), timm's rotate_half).
-
-    Returns:
-        qkv's shape and dtype; per pair (a, b): (a cos - b sin, b cos + a sin), computed in fp32.
-    """
-    *lead, N, N3 = qkv.shape
-    D = N3 // 3
-    hd = D // num_heads
-    c = coords[torch.arange(N, device=coords.device) % coords.shape[0]]  # (N, 2)
-    f = freqs.expand(num_heads, hd // 2, 2)
-    theta = c[:, None, None, 0] * f[None, ..., 0] + c[:, None, None, 1] * f[None, ..., 1]  # (N, H, hd / 2)
-    cos, sin = theta.cos(), theta.sin()
-    qk = qkv[..., :2 * D].float().unflatten(-1, (2, num_heads, hd))  # (..., N, 2, H, hd)
-    if layout == "interleaved":
-        a, b = qk[..., 0::2], qk[..., 1::2]
-    else:
-        a, b = qk[..., :hd // 2], qk[..., hd // 2:]
-    cos, sin = cos[:, None], sin[:, None]  # (N, 1, H, hd / 2) against (..., N, 2, H, hd / 2)
-    ra, rb = a * cos - b * sin, b * cos + a * sin
-    rot = torch.stack([ra, rb], -1).flatten(-2) if layout == "interleaved" else torch.cat([ra, rb], -1)
-    return torch.cat([rot.flatten(-3).to(qkv.dtype), qkv[..., 2 * D:]], -1)
-
-
 def linear_residual_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
@@ -226,6 +193,78 @@ def attention_block_ref(
     return linear_residual_ref(attention_ref(qkv, num_heads, scale), proj_weight, proj_bias, x)
 
 
+ROPE_LAYOUTS = ("interleaved", "half")
+
+
+def rope_angles(rows: int, coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The RoPE angles of ``rows`` token rows: theta (rows, Hr, P), fp32, P = head_dim / 2.
+
+    ``theta[m, h, j] = coords[m % Nc, 0] * freqs[h, j, 0] + coords[m % Nc, 1] * freqs[h, j, 1]``.
+    coords: (Nc, 2) per-token (y, x); freqs: (Hr, P, 2), Hr in {1, H}. Both are used in fp32.
+    """
+    c = coords.float()
+    if rows != c.shape[0]:
+        c = c[torch.arange(rows, device=c.device) % c.shape[0]]
+    f = freqs.float()
+    return c[:, 0, None, None] * f[None, :, :, 0] + c[:, 1, None, None] * f[None, :, :, 1]
+
+
+def rope_ref(qkv: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor, num_heads: int,
+             layout: str = "interleaved") -> torch.Tensor:
+    """2-D rotary position embedding (Su et al. 2021, RoFormer; axial / mixed 2-D forms: EVA-02, Fang et al. 2023,
+    Heo et al. 2024; DINOv3, Simeoni et al. 2025) applied to the q and k sections of a packed qkv tensor.
+
+    For every token row m, head h and pair j in [0, head_dim / 2), with (a, b) = (2j, 2j + 1) for layout
+    "interleaved" or (j, j + head_dim / 2) for layout "half" (timm's ``rotate_half``), inside head h of q (columns
+    [0, D)) and of k (columns [D, 2D)); v (columns [2D, 3D)) passes through:
+
+        out[a] = x[a] cos(theta) - x[b] sin(theta),    out[b] = x[b] cos(theta) + x[a] sin(theta)
+        theta  = coords[m % Nc, 0] * freqs[h', j, 0] + coords[m % Nc, 1] * freqs[h', j, 1],  h' = h if Hr > 1 else 0
+
+    Rows with coords (0, 0) (class / register tokens) are left unchanged (theta = 0).
+
+    Args:
+        qkv: (..., 3 * D), D = num_heads * head_dim, laid out (..., 3, H, head_dim) like timm's qkv Linear; the
+            leading dims flatten to M rows (a dense batch (B, N, 3D): row m = b * N + n, so Nc = N gives token n
+            the coordinates coords[n]). fp32 | fp16 | bf16.
+        coords: (Nc, 2) per-token (y, x) positions, fp32 (M % Nc == 0 is not required).
+        freqs: (Hr, head_dim / 2, 2) angular frequencies for (y, x), fp32; Hr = 1 (shared by the heads) or H.
+        num_heads: H.
+        layout: "interleaved" | "half".
+
+    Returns:
+        The rotated qkv: same shape and dtype (the rotation computed in fp32, one rounding to qkv's dtype).
+        Differentiable with respect to qkv, coords and freqs.
+
+    Raises:
+        ValueError: a bad layout, a last dim not 3 * H * head_dim with head_dim even, or coords / freqs of the
+            wrong shape.
+    """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"layout must be one of {ROPE_LAYOUTS}; got {layout!r}")
+    three_d = qkv.shape[-1]
+    if three_d % (3 * num_heads) or (three_d // (3 * num_heads)) % 2:
+        raise ValueError(f"qkv's last dim must be 3 * num_heads * head_dim with head_dim even; got {three_d} "
+                         f"with num_heads={num_heads}")
+    hd = three_d // (3 * num_heads)
+    if coords.dim() != 2 or coords.shape[1] != 2 or coords.shape[0] < 1:
+        raise ValueError(f"coords must be (Nc, 2); got {tuple(coords.shape)}")
+    if freqs.dim() != 3 or freqs.shape[0] not in (1, num_heads) or tuple(freqs.shape[1:]) != (hd // 2, 2):
+        raise ValueError(f"freqs must be (1 or H={num_heads}, head_dim/2={hd // 2}, 2); got {tuple(freqs.shape)}")
+    lead = qkv.shape[:-1]
+    x = qkv.reshape(-1, 3, num_heads, hd)
+    theta = rope_angles(x.shape[0], coords, freqs)[:, None]  # (M, 1, Hr, P): q and k alike
+    cos, sin = theta.cos(), theta.sin()
+    qk = x[:, :2].float()
+    if layout == "interleaved":
+        a, b = qk[..., 0::2], qk[..., 1::2]
+        qk = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    else:
+        a, b = qk[..., : hd // 2], qk[..., hd // 2:]
+        qk = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return torch.cat([qk.to(qkv.dtype), x[:, 2:]], dim=1).reshape(*lead, three_d)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the whole ViT, following timm's VisionTransformer
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +304,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  bias: bool = True, strict_img_size: bool = True, dynamic_img_pad: bool = False,
-                 flatten: bool = True):
+                 flatten: bool = True, norm: "NormSpec | None" = None):
         super().__init__()
         self.patch_size = _pair(patch_size)
         if self.patch_size[0] != self.patch_size[1]:
@@ -276,6 +315,7 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self._init_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self.norm = norm.make(embed_dim) if norm is not None else nn.Identity()  # timm's embed norm (AIMv2)
 
     def _init_img_size(self, img_size) -> None:
         img_size = _pair(img_size)
@@ -320,18 +360,20 @@ class PatchEmbed(nn.Module):
             P = self.patch_size[0]
             x = F.pad(x, (0, (P - x.shape[-1] % P) % P, 0, (P - x.shape[-2] % P) % P))
         x = self.proj(x)  # (B, D, gh, gw)
-        return x.flatten(2).transpose(1, 2) if self.flatten else x.permute(0, 2, 3, 1)
+        return self.norm(x.flatten(2).transpose(1, 2) if self.flatten else x.permute(0, 2, 3, 1))
 
 
 class Attention(nn.Module):
     """Multi-head self-attention (timm ``Attention``; parameters ``qkv``, ``proj``).
 
     Input and output (B, N, D). ``fused_attn=True`` uses ``F.scaled_dot_product_attention`` (timm's default),
-    False the explicit softmax(q k^T * scale) v. ``qk_norm`` adds LayerNorms ``q_norm`` / ``k_norm`` over head_dim.
+    False the explicit softmax(q k^T * scale) v. ``qk_norm`` adds norms ``q_norm`` / ``k_norm`` over head_dim (of
+    the block's norm kind, ``norm``); ``proj_bias=False`` drops the output projection's bias (AIMv2).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, fused_attn: bool = True, qk_norm: bool = False):
+                 proj_drop: float = 0.0, fused_attn: bool = True, qk_norm: bool = False, proj_bias: bool = True,
+                 norm: "NormSpec | None" = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
@@ -341,10 +383,11 @@ class Attention(nn.Module):
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         # qk_norm (Dehghani et al. 2023, ViT-22B): LayerNorm over head_dim on q and k
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
+        norm = norm or NormSpec()
+        self.q_norm = norm.make(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm.make(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,6 +403,131 @@ class Attention(nn.Module):
             x = attn @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm (Zhang and Sennrich 2019) over the last dim, as timm's ``rms_norm``:
+    ``x * rsqrt(mean(x^2) + eps) * weight``, in x's dtype. x: (..., D); weight: (D,) or None."""
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x * weight if weight is not None else x
+
+
+class RmsNorm(nn.Module):
+    """RMSNorm over the last dim (timm ``RmsNorm``; parameter ``weight`` (D,), ones): see :func:`rms_norm_ref`."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.normalized_shape, self.eps, self.elementwise_affine = (channels,), eps, affine
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_ref(x, self.weight, self.eps)
+
+
+class NormSpec(NamedTuple):
+    """A norm layer as this package builds it: ``kind`` "layernorm" (``nn.LayerNorm``, weight and bias) or
+    "rmsnorm" (:class:`RmsNorm`), and ``eps``."""
+
+    kind: str = "layernorm"
+    eps: float = LN_EPS
+
+    def make(self, dim: int) -> nn.Module:
+        return nn.LayerNorm(dim, eps=self.eps) if self.kind == "layernorm" else RmsNorm(dim, eps=self.eps)
+
+
+def resolve_norm_layer(norm_layer, default_eps: float = LN_EPS) -> NormSpec:
+    """The :class:`NormSpec` of a timm ``norm_layer`` argument: None (LayerNorm, ``default_eps``); "layernorm" |
+    "rmsnorm" (timm's eps 1e-6); ``nn.LayerNorm``, timm's ``LayerNorm`` / ``RmsNorm`` or this package's
+    :class:`RmsNorm`, or a ``functools.partial`` of one with ``eps=``; a :class:`NormSpec`.
+
+    Raises:
+        NotImplementedError: any other norm (e.g. timm's ``LayerNormFp32``, ``RmsNormFp32``, a norm without affine
+            parameters).
+    """
+    if norm_layer is None:
+        return NormSpec("layernorm", default_eps)
+    if isinstance(norm_layer, NormSpec):
+        return norm_layer
+    if isinstance(norm_layer, str):
+        key = norm_layer.lower().replace("_", "")
+        if key in ("layernorm", "rmsnorm"):
+            return NormSpec(key, 1e-6)
+    elif callable(norm_layer):
+        with torch.device("meta"):
+            m = norm_layer(8)
+        name = type(m).__name__
+        if name == "LayerNorm" and isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None:
+            return NormSpec("layernorm", float(m.eps))
+        if name == "RmsNorm" and getattr(m, "weight", None) is not None:
+            return NormSpec("rmsnorm", float(m.eps))
+    raise NotImplementedError(f"norm_layer={norm_layer!r} is not supported by fastvit_kernels (supported: LayerNorm "
+                              "and RmsNorm with affine parameters, any eps)")
+
+
+def norm_spec_of(module: nn.Module) -> NormSpec | None:
+    """The :class:`NormSpec` of a built norm module (torch / timm LayerNorm, timm / this package's RmsNorm), None
+    for ``nn.Identity``.
+
+    Raises:
+        NotImplementedError: another module.
+    """
+    if isinstance(module, nn.Identity):
+        return None
+    return resolve_norm_layer(lambda dim: module, LN_EPS)
+
+
+def activation(act_layer, default: str = "gelu") -> nn.Module:
+    """The activation module of a timm ``act_layer`` argument, for the gated MLPs and the attention-pool MLP:
+    None (``default``), "gelu", "gelu_tanh", "silu" / "swish", "sigmoid", a module class (``nn.GELU``,
+    ``nn.SiLU``, timm's ``GELU`` / ``GELUTanh`` / ``SiLU``) or a ``functools.partial`` of one.
+
+    Raises:
+        NotImplementedError: any other activation.
+    """
+    table = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
+             "swish": nn.SiLU, "sigmoid": nn.Sigmoid}
+    if act_layer is None:
+        act_layer = default
+    if isinstance(act_layer, str) and act_layer in table:
+        return table[act_layer]()
+    if callable(act_layer) and not isinstance(act_layer, str):
+        act = act_layer()
+        if isinstance(act, (nn.GELU, nn.SiLU, nn.Sigmoid)):
+            return act
+        name = type(act).__name__
+        if name in ("GELU", "GELUTanh", "SiLU", "Swish", "Sigmoid"):  # timm.layers.activations
+            return {"GELU": nn.GELU(), "GELUTanh": nn.GELU(approximate="tanh")}.get(name, table.get(
+                name.lower(), nn.SiLU)())
+    raise NotImplementedError(f"act_layer={act_layer!r} is not supported by fastvit_kernels (supported: GELU, "
+                              "GELU tanh, SiLU, Sigmoid)")
+
+
+def resolve_mlp_layer(mlp_layer) -> tuple[str, bool | None]:
+    """The MLP kind of a timm ``mlp_layer`` argument: ("mlp", None) for None / ``Mlp``; ("swiglu", None) for
+    ``SwiGLU`` (or "swiglu"); ("glu", gate_last) for ``GluMlp`` or a ``functools.partial`` of it
+    (``SwiGLUPacked``: gate_last False; or "swiglu_packed"), timm's classes or this package's.
+
+    Raises:
+        NotImplementedError: any other MLP layer.
+    """
+    import functools
+
+    if mlp_layer is None or mlp_layer == "mlp":
+        return "mlp", None
+    if mlp_layer == "swiglu":
+        return "swiglu", None
+    if mlp_layer == "swiglu_packed":
+        return "glu", False
+    func, kw = (mlp_layer.func, mlp_layer.keywords) if isinstance(mlp_layer, functools.partial) else (mlp_layer, {})
+    name = getattr(func, "__name__", "")
+    if name == "Mlp" and not kw:
+        return "mlp", None
+    if name == "SwiGLU" and not set(kw) - {"act_layer"}:
+        return "swiglu", None
+    if name == "GluMlp" and not set(kw) - {"act_layer", "gate_last"}:
+        return "glu", kw.get("gate_last", True)
+    raise NotImplementedError(f"mlp_layer={mlp_layer!r} is not supported by fastvit_kernels (supported: Mlp, SwiGLU, "
+                              "GluMlp / SwiGLUPacked)")
 
 
 def gelu_approximate(act_layer) -> str:
@@ -385,20 +553,116 @@ def gelu_approximate(act_layer) -> str:
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm ``Mlp``; parameters ``fc1``, ``fc2``). ``approximate``:
-    the GELU form, "none" (exact erf, timm's default) or "tanh"."""
+    """fc1 -> GELU -> dropout -> norm -> fc2 -> dropout (timm ``Mlp``; parameters ``fc1``, ``fc2``, and ``norm``
+    when ``norm`` is given: NormFormer's MLP norm, EVA-02 / timm ``scale_mlp``). ``approximate``: the GELU form,
+    "none" (exact erf, timm's default) or "tanh"; ``act`` replaces the GELU by another activation module (the
+    attention-pool head's MLP); ``bias``: fc1 / fc2 biases. Input and output (..., in_features)."""
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, approximate: str = "none"):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, approximate: str = "none",
+                 bias: bool = True, norm: "NormSpec | None" = None, act: nn.Module | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate=approximate)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act if act is not None else nn.GELU(approximate=approximate)
         self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.norm = norm.make(hidden_features) if norm is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP with separate gate and value projections (timm ``SwiGLU``; Shazeer 2020, "GLU Variants Improve
+    Transformer"): ``fc2(norm(drop(act(fc1_g(x)) * fc1_x(x))))``, then dropout. Parameters ``fc1_g``, ``fc1_x``
+    (D_hidden, D), ``fc2`` (D, D_hidden), ``norm`` (D_hidden; EVA-02's ``scale_mlp``); ``act`` SiLU by default;
+    ``align_to`` rounds D_hidden up to a multiple (timm). Input and output (..., D)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act: nn.Module | None = None,
+                 norm: "NormSpec | None" = None, bias: bool = True, drop: float = 0.0, align_to: int = 0):
+        super().__init__()
+        if align_to:
+            hidden_features += -hidden_features % align_to
+        self.fc1_g = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1_x = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act if act is not None else nn.SiLU()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm.make(hidden_features) if norm is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1_g(x)) * self.fc1_x(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+class GluMlp(nn.Module):
+    """Gated MLP with one packed fc1 (timm ``GluMlp``; ``SwiGLUPacked`` is ``act=SiLU, gate_last=False``):
+    ``h = fc1(x)`` (D_hidden), split in halves (a, b); ``fc2(norm(drop(a * act(b))))`` when ``gate_last`` else
+    ``act(a) * b``; then dropout. Parameters ``fc1`` (D_hidden, D), ``fc2`` (D, D_hidden / 2), ``norm``.
+    Input and output (..., D).
+
+    Raises:
+        ValueError: odd hidden_features.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, act: nn.Module | None = None,
+                 norm: "NormSpec | None" = None, bias: bool = True, drop: float = 0.0, gate_last: bool = True):
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(f"GluMlp needs an even hidden_features; got {hidden_features}")
+        self.gate_last = gate_last
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act if act is not None else nn.Sigmoid()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm.make(hidden_features // 2) if norm is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features // 2, in_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        x = a * self.act(b) if self.gate_last else self.act(a) * b
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+class AttentionPoolLatent(nn.Module):
+    """Multi-head attention pooling with one learned latent query (timm ``AttentionPoolLatent``, the 'map' head of
+    SigLIP, Zhai et al. 2023, and PE, Bolya et al. 2025):
+
+        q = q(latent) (1, D);  k, v = kv(x);  o = proj(MHA(q, k, v));  y = o + mlp(norm(o))
+
+    Parameters (timm's names): ``latent`` (1, 1, D), ``q``, ``kv``, ``proj``, ``norm``, ``mlp.fc1`` / ``mlp.fc2``.
+    Input (B, N, D); output (B, D) (the latent token). Eager PyTorch (one query row: no fused kernel).
+
+    Raises:
+        ValueError: D not divisible by num_heads.
+    """
+
+    def __init__(self, in_features: int, num_heads: int = 8, mlp_ratio: float = 4.0, norm: "NormSpec | None" = None,
+                 act: nn.Module | None = None, qkv_bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        if in_features % num_heads:
+            raise ValueError(f"attention pool: {in_features} not divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, in_features // num_heads
+        self.scale = self.head_dim**-0.5
+        self.latent_len = 1
+        self.latent = nn.Parameter(torch.zeros(1, 1, in_features))
+        self.q = nn.Linear(in_features, in_features, bias=qkv_bias)
+        self.kv = nn.Linear(in_features, 2 * in_features, bias=qkv_bias)
+        self.proj = nn.Linear(in_features, in_features)
+        self.proj_drop = nn.Dropout(drop)
+        self.norm = (norm or NormSpec()).make(in_features)
+        self.mlp = Mlp(in_features, int(in_features * mlp_ratio), act=act)
+        nn.init.trunc_normal_(self.latent, std=in_features**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        H, hd = self.num_heads, self.head_dim
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, H, hd).transpose(1, 2)  # (B, H, 1, hd)
+        k, v = self.kv(x).reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+        o = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        o = self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, 1, D)))
+        return (o + self.mlp(self.norm(o)))[:, 0]
 
 
 class LayerScale(nn.Module):
@@ -417,19 +681,32 @@ class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block``): z' = MSA(LN(z)) + z; z = MLP(LN(z')) + z'.
 
     Input and output (B, N, D). ``init_values`` adds LayerScale (``ls1.gamma``, ``ls2.gamma``); ``qk_norm`` adds
-    ``attn.q_norm`` / ``attn.k_norm``; ``act_layer``: the MLP's GELU (see :func:`gelu_approximate`).
+    ``attn.q_norm`` / ``attn.k_norm``; ``act_layer``: the MLP's activation (GELU for ``Mlp``, see
+    :func:`gelu_approximate`; GELU / SiLU / Sigmoid for the gated MLPs); ``norm_layer`` (see
+    :func:`resolve_norm_layer`): norm1, norm2 and qk_norm; ``mlp_layer``: ``Mlp``, ``SwiGLU`` or ``GluMlp`` /
+    ``SwiGLUPacked`` (see :func:`resolve_mlp_layer`; hidden width ``int(dim * mlp_ratio)`` as timm);
+    ``proj_bias=False``: no bias on attn.proj and the MLP's Linears (AIMv2).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, fused_attn: bool = True,
-                 init_values: float | None = None, qk_norm: bool = False, act_layer=None):
+                 init_values: float | None = None, qk_norm: bool = False, act_layer=None, norm_layer=None,
+                 mlp_layer=None, proj_bias: bool = True):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm)
+        norm = resolve_norm_layer(norm_layer)
+        kind, gate_last = resolve_mlp_layer(mlp_layer)
+        self.norm1 = norm.make(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm, proj_bias, norm)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, gelu_approximate(act_layer))
+        self.norm2 = norm.make(dim)
+        hidden = int(dim * mlp_ratio)
+        if kind == "mlp":
+            self.mlp = Mlp(dim, hidden, proj_drop, gelu_approximate(act_layer), bias=proj_bias)
+        elif kind == "swiglu":
+            self.mlp = SwiGLU(dim, hidden, activation(act_layer), bias=proj_bias, drop=proj_drop)
+        else:
+            self.mlp = GluMlp(dim, hidden, activation(act_layer), bias=proj_bias, drop=proj_drop, gate_last=gate_last)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -442,11 +719,10 @@ class Block(nn.Module):
 # Constructor arguments of timm's VisionTransformer that this package does not implement (yet), with the value
 # that means "off". Any other value raises: never silently different from timm.
 _UNSUPPORTED_DEFAULTS = {
-    "proj_bias": True,
     "pre_norm": False, "patch_drop_rate": 0.0,
-    "embed_layer": None, "norm_layer": None, "mlp_layer": None, "weight_init": "",
-    "fix_init": False, "attn_layer": None, "pos_embed": "learn", "embed_norm_layer": None,
-    "scale_attn_norm": False, "scale_mlp_norm": False, "ls_init_values": None,
+    "embed_layer": None, "weight_init": "",
+    "fix_init": False, "attn_layer": None, "pos_embed": "learn",
+    "scale_attn_norm": False, "scale_mlp_norm": False, "ls_init_values": None, "pool_include_prefix": False,
 }
 
 
@@ -458,7 +734,12 @@ class VisionTransformer(nn.Module):
         LayerNorm after pooling for 'avg'), final_norm, drop_rate (head dropout), pos_drop_rate,
         proj_drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth, as timm),
         block_fn (the block class), fused_attn (SDPA vs explicit softmax), act_layer (the MLP activation: GELU,
-        exact or tanh; see :func:`gelu_approximate`), init_values (LayerScale), qk_norm; the token layout and resolution
+        exact or tanh; see :func:`gelu_approximate`; GELU / SiLU for the gated MLPs), init_values (LayerScale),
+        qk_norm, norm_layer (LayerNorm or RmsNorm, any eps: :func:`resolve_norm_layer`), mlp_layer (``Mlp``,
+        ``SwiGLU``, ``GluMlp`` / ``SwiGLUPacked``: :func:`resolve_mlp_layer`), proj_bias (False: no bias on
+        attn.proj and the MLP Linears, AIMv2, Fini et al. 2024), embed_norm_layer (a norm after the patch
+        embedding, ``patch_embed.norm``, AIMv2), global_pool 'map' (:class:`AttentionPoolLatent` ``attn_pool`` on
+        the patch tokens, SigLIP, Zhai et al. 2023); the token layout and resolution
         options (timm's): reg_tokens (K register tokens, parameter ``reg_token`` (1, K, D)), no_embed_class
         (pos_embed (1, N, D) on the patch tokens only; else (1, prefix + N, D) on every token, registers
         included), dynamic_img_size (any (H, W) at forward time, pos_embed resampled on the fly with
@@ -505,6 +786,10 @@ class VisionTransformer(nn.Module):
         init_values: float | None = None,
         qk_norm: bool = False,
         act_layer=None,
+        norm_layer=None,
+        mlp_layer=None,
+        proj_bias: bool = True,
+        embed_norm_layer=None,
         **unsupported,
     ):
         super().__init__()
@@ -516,10 +801,12 @@ class VisionTransformer(nn.Module):
                     f"{name}={value!r} is not supported by fastvit_kernels yet (supported: "
                     f"{_UNSUPPORTED_DEFAULTS[name]!r})"
                 )
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or ''; got {global_pool!r}")
+        if global_pool not in ("token", "avg", "", "map"):
+            raise ValueError(f"global_pool must be 'token', 'avg', 'map' or ''; got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        norm = resolve_norm_layer(norm_layer)
+        embed_norm = resolve_norm_layer(embed_norm_layer) if embed_norm_layer is not None else None
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
@@ -537,7 +824,8 @@ class VisionTransformer(nn.Module):
 
         # dynamic_img_size: any input size (timm: strict_img_size=False, output_fmt='NHWC' so _pos_embed sees the grid)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size,
-                                      dynamic_img_pad=dynamic_img_pad, flatten=not dynamic_img_size)
+                                      dynamic_img_pad=dynamic_img_pad, flatten=not dynamic_img_size,
+                                      norm=embed_norm)
         if dynamic_img_pad and not dynamic_img_size and self.patch_embed.img_size != tuple(
                 g * p for g, p in zip(self.patch_embed.grid_size, self.patch_embed.patch_size)):
             raise ValueError(f"img_size {self.patch_embed.img_size} is not a multiple of patch_size "
@@ -553,11 +841,14 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth, as timm
         self.blocks = nn.Sequential(*[
             block_fn(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], fused_attn,
-                     init_values, qk_norm, act_layer=act_layer)
+                     init_values, qk_norm, act_layer=act_layer, norm_layer=norm, mlp_layer=mlp_layer,
+                     proj_bias=proj_bias)
             for i in range(depth)
         ])
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if final_norm and use_fc_norm else nn.Identity()
+        self.norm = norm.make(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm, activation(act_layer)) \
+            if global_pool == "map" else None
+        self.fc_norm = norm.make(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
@@ -713,10 +1004,14 @@ class VisionTransformer(nn.Module):
             ValueError: a bad global_pool (as the constructor).
         """
         if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"global_pool must be 'token', 'avg' or ''; got {global_pool!r}")
+            if global_pool not in ("token", "avg", "", "map"):
+                raise ValueError(f"global_pool must be 'token', 'avg', 'map' or ''; got {global_pool!r}")
             if global_pool == "token" and self.cls_token is None:
                 raise ValueError("global_pool='token' needs class_token=True")
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("global_pool='map' needs a model built with it (the attention pool's weights)")
+            if global_pool != "map":
+                self.attn_pool = None
             self.global_pool = global_pool
         self.num_classes = num_classes
         dev = self.pos_embed.device
@@ -725,7 +1020,9 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens (B, prefix + N, D) -> logits (B, num_classes), or pooled features (B, D) if pre_logits."""
-        if self.global_pool == "avg":
+        if self.attn_pool is not None:  # 'map': attention pooling of the patch tokens
+            x = self.attn_pool(x[:, self.num_prefix_tokens:])
+        elif self.global_pool == "avg":
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
         elif self.global_pool == "token":
             x = x[:, 0]

@@ -75,7 +75,7 @@ def test_bad_images_raise_before_launch():
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(embed_dim=100, num_heads=3), ValueError, "embed_dim=100 must be divisible by num_heads=3"),
     (dict(img_size=9), ValueError, "must be a multiple of patch_size"),
-    (dict(proj_bias=False), NotImplementedError, "proj_bias=False is not supported"),
+    (dict(scale_attn_norm=True), NotImplementedError, "scale_attn_norm=True is not supported"),
     (dict(pre_norm=True), NotImplementedError, "pre_norm=True is not supported"),
     (dict(no_such_arg=1), TypeError, "unexpected keyword argument 'no_such_arg'"),
     (dict(global_pool="max"), ValueError, "global_pool must be"),
