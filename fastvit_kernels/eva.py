@@ -45,11 +45,16 @@ class FastEvaBlock(reference_eva.EvaBlock):
         return x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
 
     def _qkv(self, x: torch.Tensor, rope: RopeTable | None) -> torch.Tensor:
-        """Seam: norm1 + qkv (+ qk_norm) + RoPE: (B, N, D) -> rotated qkv (B, N, 3 D). LayerNorm:
-        ``ops.layernorm_linear``, RMSNorm: eager; then ``reference.rope_ref`` (q and k of the patch tokens)."""
+        """Seam: norm1 + qkv (+ qk_norm) + RoPE: (B, N, D) -> rotated qkv (B, N, 3 D). LayerNorm without qk_norm:
+        ``ops.layernorm_linear`` with the RoPE in its GEMM epilogue; with qk_norm (which sits between the GEMM and
+        the rotation): the op, eager qk_norm, then ``reference.rope_ref``; RMSNorm: eager."""
         attn, norm1 = self.attn, self.norm1
         weight, bias = attn.qkv_params()
         if isinstance(norm1, nn.LayerNorm):
+            if rope is not None and isinstance(attn.q_norm, nn.Identity):
+                return ops.layernorm_linear(x, norm1.weight, norm1.bias, weight, bias, norm1.eps,
+                                            rope_coords=rope.coords, rope_freqs=rope.freqs,
+                                            rope_heads=attn.num_heads, rope_layout=rope.layout, backend=self.backend)
             qkv = ops.layernorm_linear(x, norm1.weight, norm1.bias, weight, bias, norm1.eps, backend=self.backend)
         else:
             qkv = F.linear(norm1(x), weight, bias)
