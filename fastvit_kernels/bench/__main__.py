@@ -21,6 +21,7 @@ import torch
 
 from ..configs import MODEL_CONFIGS
 from .devices import DEVICES, dtype_name, lookup_device, resolve_peak
+from .flops import TIMM_EVA_OPTIONS
 
 
 def _add_peak_flags(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("model", help="cost-model comparison FastViT vs eager (modelled; runs anywhere)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m.add_argument("--model", default="vit_base_patch16_224", choices=sorted(MODEL_CONFIGS))
+    m.add_argument("--model", default="vit_base_patch16_224", choices=sorted({*MODEL_CONFIGS, *TIMM_EVA_OPTIONS}),
+                   help="a config name, or a timm Eva name of the bench's own table (flops.TIMM_EVA_OPTIONS)")
     m.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="the one dtype of the step")
     m.add_argument("--device", default="h100-sxm",
@@ -108,6 +110,13 @@ def _cmd_model(args) -> int:
            for path in cost_model.PATHS}
     print(f"{args.model}: {shape.tokens} tokens, D={shape.embed_dim}, depth {shape.depth}, "
           f"{shape.num_heads} heads of {shape.head_dim}")
+    if not shape.classic:
+        opts = [f"rope={shape.rope}" + (" (rotate_half)" if shape.rope_half else "") if shape.rope else "",
+                f"mlp={shape.mlp} D_hidden={shape.hidden}" + (" + MLP norm" if shape.mlp_norm else ""),
+                "LayerScale" if shape.layer_scale else "", f"{shape.reg_tokens} register tokens" if shape.reg_tokens
+                else "", "separate q/k/v" if not shape.qkv_fused else "", f"qkv_bias={shape.qkv_bias}",
+                "" if shape.pos_embed else "no abs pos_embed"]
+        print("blocks: " + ", ".join(o for o in opts if o))
     print(f"FastViT block GEMMs on the {gemm_kernel} kernel form")
     print(cost_model.comparison_table(res["fastvit"], res["eager"], peak))
     if args.launches:

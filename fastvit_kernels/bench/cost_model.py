@@ -27,6 +27,35 @@ Plans (lists of :class:`Launch`, in execution order):
   ``F.scaled_dot_product_attention`` as ONE FlashAttention-2 forward kernel (backward: dO.O pre-pass, the
   dQ dK dV kernel, dQ conversion), and the permute copies its backward needs (``stack`` of dq/dk/dv, then a
   copy to the packed qkv layout).
+* The modern blocks (:class:`~fastvit_kernels.bench.flops.ViTShape` with RoPE, a SwiGLU MLP, an MLP norm,
+  LayerScale, register tokens, separate q / k / v projections, no absolute position embedding: timm ``Eva`` --
+  EVA-02, DINOv3 -- e.g. ``ViTShape.from_config("eva02_base_patch14_224")``). "eager": timm's ``EvaBlock`` as a GPU
+  dispatches it: the q / k / v GEMMs (or the packed qkv GEMM, its ``torch.cat((q_bias, k_bias, v_bias))`` bias),
+  RoPE on q and k of the patch tokens (``x * cos``, rot's negate + stack / cat copy, ``rot(x) * sin``, add, the
+  cast back where the table is fp32 -- DINOv3 builds it per forward in fp32 -- and the ``torch.cat`` with the
+  prefix tokens; backward: the products' grads and casts, rot's neg and slice_backward / cat, the gradient sums and
+  the two slice_backward of q and k), SDPA, the transpose copies of the rotated dq / dk, proj, LayerScale (mul;
+  backward: two muls and the gamma reduction), SwiGLU (fc1_g and fc1_x GEMMs or one packed fc1, SiLU, mul, the
+  inner LayerNorm; backward: two muls, silu_backward, the chunk's cat or the fc1 input-gradient sum), residual and
+  gradient-accumulation adds. "fastvit": FastEva's blocks with the fused ops, always as three attention ops (the
+  ``attention_block`` argument does not apply): norm1 + qkv + RoPE as row stats + ONE ``_matmul_rope_kernel``
+  launch (reads x, W, the bias, coords (N, 2) and freqs (1, head_dim / 2, 2) fp32; writes the rotated qkv) whose
+  backward is TWO ``_matmul_rope_kernel`` launches (dW (+ db), d LayerNorm(x); each un-rotates d(qkv) on load,
+  its pair partner's second read counted as L2-resident) + the LayerNorm backward, then the gradient-accumulation
+  add; FastEva's per-forward ``torch.cat`` of the q / k / v weights and biases into the packed operand; the RoPE
+  coords / freqs copied from the host once per forward; proj as ``linear_residual``, or with LayerScale
+  ``F.linear`` (cuBLAS) + eager ``gamma * y`` + add; the MLP as ``layernorm_mlp`` or ``swiglu_mlp`` (with
+  LayerScale: without the residual, then ``gamma * y`` + add). The RoPE GEMMs' launches are taken from the RoPE
+  branch's code (``ops.layernorm_linear(rope_*)``, ``matmul._matmul_rope_kernel``), ``swiglu_mlp``'s from the
+  SwiGLU branch's code (``ops/swiglu_mlp.py``): forward row stats, ONE fc1 GEMM over gate and up on
+  ``_matmul_split_kernel`` (stores the (M, 2 D_hidden) pre-activation, writes the hidden), [hidden-norm row
+  stats], fc2 on the GEMM core (hidden norm in its prologue, bias + residual epilogue); backward without the
+  hidden norm: dW2 (hidden recomputed on load) and d(gate | up) (SwiGLU derivative epilogue) as two
+  ``_matmul_split_kernel`` launches; with it (EVA-02's scale_mlp): an elementwise recompute of the hidden, the
+  fc2 dW2 + dgrad pair with the hidden LayerNorm on load, the hidden LayerNorm backward, an elementwise d gate /
+  d up; then ``torch.cat`` of separate gate / up weights into the packed operand, the fc1 dW1 + dgrad pair and
+  the LayerNorm backward. Not modelled: RMSNorm, a GELU MLP with an MLP norm on the fastvit path, attention-pool
+  / average pooling heads (the ViT plans' class-token head is used; pass ``global_pool='token'`` to timm).
 * Both: cross-entropy loss, and ``torch.optim.AdamW`` in its default foreach form with timm's two parameter
   groups (weight decay on matrices only), launches counted with ``multi_tensor_apply``'s chunking rule
   (65536 elements per block, at most 320 blocks and 110 / 64 / 48 tensors per launch for 1 / 2 / 3 lists).
@@ -39,8 +68,9 @@ backward kernels: 7), so they exceed the model FLOPs of :mod:`fastvit_kernels.be
 Roofline time: per launch ``max(flops / peak FLOP/s, bytes / bandwidth)`` (+ an optional fixed cost per launch,
 0 by default), summed over the launches.
 
-Assumptions: one dtype everywhere ("pure" bf16 / fp16 / fp32 -- autocast's cast kernels are not modelled),
-no dropout or drop-path, a class token with 'token' pooling, ``zero_grad(set_to_none=True)``.
+Assumptions: one dtype everywhere ("pure" bf16 / fp16 / fp32 -- autocast's cast kernels are not modelled;
+timm's fp32 RoPE frequency buffers stay fp32), no dropout or drop-path, no RoPE coordinate augmentation, a class
+token with 'token' pooling, ``zero_grad(set_to_none=True)``.
 """
 
 from __future__ import annotations
@@ -161,18 +191,46 @@ class _Builder:
                   Kernel(name="LayerNorm bwd dgamma/dbeta", bytes_read=2 * M * D * e + 2 * M * F32,
                          bytes_written=2 * D * e))
 
-    def addmm(self, M: int, K: int, N: int, e: int, a_bytes: int | None = None) -> None:
+    def addmm(self, M: int, K: int, N: int, e: int, a_bytes: int | None = None, bias: bool = True,
+              note: str = "") -> None:
+        """``F.linear`` of M rows, K -> N: addmm with the bias in the epilogue, or (``bias=False``) mm."""
         a = M * K * e if a_bytes is None else a_bytes
+        if not bias:
+            self.call("aten.mm", Kernel(name="cuBLAS GEMM", flops=2 * M * K * N, bytes_read=a + K * N * e,
+                                        bytes_written=M * N * e, note=note))
+            return
         self.call("aten.addmm", Kernel(name="cuBLAS GEMM (+bias epilogue)", flops=2 * M * K * N,
-                                       bytes_read=a + K * N * e + N * e, bytes_written=M * N * e))
+                                       bytes_read=a + K * N * e + N * e, bytes_written=M * N * e, note=note))
 
-    def linear_bwd(self, M: int, K: int, N: int, e: int) -> None:
+    def linear_bwd(self, M: int, K: int, N: int, e: int, bias: bool = True) -> None:
         """Backward of ``y (M, N) = x (M, K) @ W^T + b``: dgrad, wgrad, bias-gradient reduction (aten order)."""
         self.call("aten.mm", Kernel(name="cuBLAS GEMM dgrad", flops=2 * M * N * K,
                                     bytes_read=M * N * e + N * K * e, bytes_written=M * K * e))
         self.call("aten.mm", Kernel(name="cuBLAS GEMM wgrad", flops=2 * M * N * K,
                                     bytes_read=M * N * e + M * K * e, bytes_written=N * K * e))
-        self.call("aten.sum", Kernel(name="bias-grad reduction", bytes_read=M * N * e, bytes_written=N * e))
+        if bias:
+            self.call("aten.sum", Kernel(name="bias-grad reduction", bytes_read=M * N * e, bytes_written=N * e))
+
+    def ew(self, dispatch: str, name: str, read: float, written: float, note: str = "") -> None:
+        """One aten op issuing one elementwise / copy / reduction kernel."""
+        self.call(dispatch, Kernel(name=name, bytes_read=read, bytes_written=written, note=note))
+
+    def slice_backward(self, full: int, part: int, e: int, note: str = "") -> None:
+        """``aten.slice_backward``: zeros of the input's size (``full`` elements), the gradient copied into the
+        slice (``part`` elements)."""
+        self.call("aten.slice_backward", Kernel(name="fill (zeros)", bytes_read=0, bytes_written=full * e, note=note),
+                  Kernel(name="copy into the slice", bytes_read=part * e, bytes_written=part * e, note=note))
+
+    def layer_scale(self, M: int, D: int, e: int) -> None:
+        """LayerScale forward, ``gamma * y`` (gamma (D,))."""
+        self.ew("aten.mul", "LayerScale gamma * y", M * D * e + D * e, M * D * e)
+
+    def layer_scale_bwd(self, M: int, D: int, e: int) -> None:
+        """Backward of ``gamma * y``: d gamma = sum over rows of (grad * y) (a mul, then autograd's sum_to_size
+        reduction), d y = grad * gamma."""
+        self.ew("aten.mul", "LayerScale grad * y", 2 * M * D * e, M * D * e)
+        self.ew("aten.sum", "LayerScale gamma grad (sum over rows)", M * D * e, D * e)
+        self.ew("aten.mul", "LayerScale grad * gamma", M * D * e + D * e, M * D * e)
 
     def add(self, n: int, e: int, note: str = "") -> None:
         self.call("aten.add", Kernel(name="elementwise add", bytes_read=2 * n * e, bytes_written=n * e, note=note))
@@ -182,6 +240,8 @@ def vit_parameters(shape: ViTShape) -> list[tuple[str, tuple]]:
     """(name, shape) of every parameter of the reference VisionTransformer / FastViT, in ``named_parameters()``
     order (timm's names). Supports the configurations the cost model does (class token, 'token' pooling)."""
     D, Dh, C, P = shape.embed_dim, shape.hidden, shape.in_chans, shape.patch_size
+    if not shape.classic:
+        return _eva_parameters(shape)
     params = [("cls_token", (1, 1, D)), ("pos_embed", (1, shape.tokens, D)),
               ("patch_embed.proj.weight", (D, C, P, P)), ("patch_embed.proj.bias", (D,))]
     for i in range(shape.depth):
@@ -196,6 +256,50 @@ def vit_parameters(shape: ViTShape) -> list[tuple[str, tuple]]:
     params += [("norm.weight", (D,)), ("norm.bias", (D,))]
     if shape.num_classes:
         params += [("head.weight", (shape.num_classes, D)), ("head.bias", (shape.num_classes,))]
+    return params
+
+
+def _eva_parameters(s: ViTShape) -> list[tuple[str, tuple]]:
+    """timm ``Eva``'s parameters (FastEva holds the same), in ``named_parameters()`` order: a module's own
+    parameters before its submodules' (cls / reg tokens and pos_embed; per block gamma_1 / gamma_2, then norm1,
+    attn (q_bias, v_bias, then the projections), norm2, mlp)."""
+    D, Dh, C, P = s.embed_dim, s.hidden, s.in_chans, s.patch_size
+    params = [("cls_token", (1, 1, D))] if s.class_token else []
+    if s.reg_tokens:
+        params.append(("reg_token", (1, s.reg_tokens, D)))
+    if s.pos_embed:
+        params.append(("pos_embed", (1, s.tokens, D)))
+    params += [("patch_embed.proj.weight", (D, C, P, P)), ("patch_embed.proj.bias", (D,))]
+    norm = ("weight",) if s.norm == "rmsnorm" else ("weight", "bias")
+    for i in range(s.depth):
+        b = f"blocks.{i}."
+        params += [(b + "gamma_1", (D,)), (b + "gamma_2", (D,))] if s.layer_scale else []
+        params += [(b + "norm1." + n, (D,)) for n in norm]
+        if s.qkv_bias == "qv" and s.qkv_fused:
+            params += [(b + "attn.q_bias", (D,)), (b + "attn.v_bias", (D,))]
+        if s.qkv_fused:
+            params.append((b + "attn.qkv.weight", (3 * D, D)))
+            if s.qkv_bias is True:
+                params.append((b + "attn.qkv.bias", (3 * D,)))
+        else:
+            for n in "qkv":
+                params.append((b + f"attn.{n}_proj.weight", (D, D)))
+                if s.qkv_bias is True or (s.qkv_bias == "qv" and n != "k"):
+                    params.append((b + f"attn.{n}_proj.bias", (D,)))
+        params += [(b + "attn.proj.weight", (D, D)), (b + "attn.proj.bias", (D,))]
+        params += [(b + "norm2." + n, (D,)) for n in norm]
+        if s.mlp == "swiglu":
+            params += [(b + "mlp.fc1_g.weight", (Dh, D)), (b + "mlp.fc1_g.bias", (Dh,)),
+                       (b + "mlp.fc1_x.weight", (Dh, D)), (b + "mlp.fc1_x.bias", (Dh,))]
+        else:
+            f1 = 2 * Dh if s.mlp == "swiglu_packed" else Dh
+            params += [(b + "mlp.fc1.weight", (f1, D)), (b + "mlp.fc1.bias", (f1,))]
+        if s.mlp_norm:
+            params += [(b + "mlp.norm." + n, (Dh,)) for n in norm]
+        params += [(b + "mlp.fc2.weight", (D, Dh)), (b + "mlp.fc2.bias", (D,))]
+    params += [("norm." + n, (D,)) for n in norm]
+    if s.num_classes:
+        params += [("head.weight", (s.num_classes, D)), ("head.bias", (s.num_classes,))]
     return params
 
 
@@ -247,7 +351,7 @@ def _adamw(b: _Builder, shape: ViTShape, e: int, weight_decay: float) -> None:
         n = 1
         for s in shp:
             n *= s
-        (decay if len(shp) > 1 and name not in ("pos_embed", "cls_token") else no_decay).append(n)
+        (decay if len(shp) > 1 and name not in ("pos_embed", "cls_token", "reg_token") else no_decay).append(n)
     b.cls, b.phase = "optimizer", "optimizer"
     for numels, wd in ((decay, weight_decay), (no_decay, 0.0)):
         total = sum(numels)
@@ -273,8 +377,13 @@ def _check(shape: ViTShape, batch_size: int, path: str, mode: str) -> None:
         raise ValueError("the cost model covers ViTs with a class token, global_pool='token' and a head "
                          f"(num_classes >= 1); got class_token={shape.class_token}, "
                          f"global_pool={shape.global_pool!r}, num_classes={shape.num_classes}")
-    if not shape.qkv_bias:
+    if shape.classic and shape.qkv_bias is not True:
         raise ValueError("the cost model assumes qkv_bias=True (timm's default)")
+    if shape.norm != "layernorm":
+        raise ValueError(f"the cost model does not model norm={shape.norm!r} yet (LayerNorm only)")
+    if path == "fastvit" and shape.mlp == "gelu" and shape.mlp_norm:
+        raise ValueError("the cost model does not model a GELU MLP with an MLP norm on the fastvit path (FastEva "
+                         "runs it eager)")
 
 
 def _head_fwd(b: _Builder, s: ViTShape, B: int, e: int, loss: bool) -> None:
@@ -301,34 +410,162 @@ def _head_bwd(b: _Builder, s: ViTShape, B: int, e: int) -> None:
     b.layer_norm_bwd(M, D, e)
 
 
-def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
-    D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
+def _rope_sizes(s: ViTShape, B: int, e: int) -> tuple[int, int, int, int]:
+    """(Mp, tab, et, eo) of timm's eager RoPE: Mp = B * num_patches rows rotated; tab: bytes of one of the sin /
+    cos halves of the (num_patches, 2 * head_dim) table (broadcast over batch and heads: counted once); et: the
+    table's element size ("cat": EVA-02's cached buffer, cast with the model; "dinov3": built per forward in fp32);
+    eo: the element size of the rotation's products (dtype promotion: fp32 with an fp32 table)."""
+    et = F32 if s.rope == "dinov3" else e
+    return B * s.num_patches, s.num_patches * s.head_dim * et, et, max(e, et)
+
+
+def _eager_rope_fwd(b: _Builder, s: ViTShape, B: int, e: int, which: str) -> None:
+    """timm ``apply_rot_embed_cat`` on the patch tokens of q or k (B, H, N, head_dim), then ``torch.cat`` with the
+    prefix tokens: ``x * cos + rot(x) * sin`` with rot = ``torch.stack([-x[..., 1::2], x[..., ::2]], -1)``
+    (interleaved) or ``torch.cat([-x2, x1], -1)`` (rotate_half), the cast back to x's dtype where the table is
+    fp32."""
+    D, M = s.embed_dim, B * s.tokens
+    Mp, tab, et, eo = _rope_sizes(s, B, e)
+    n = Mp * D  # elements of the rotated part of q (or k)
+    b.ew("aten.mul", f"RoPE {which} * cos", n * e + tab, n * eo)
+    b.ew("aten.neg", f"RoPE rot({which}): negate the odd half", n // 2 * e, n // 2 * e)
+    if s.rope_half:
+        b.ew("aten.cat", f"RoPE rot({which}): cat [-x2, x1]", n * e, n * e)
+    else:
+        b.ew("aten.stack", f"RoPE rot({which}): stack [-x_odd, x_even] (interleave copy)", n * e, n * e)
+    b.ew("aten.mul", f"RoPE rot({which}) * sin", n * e + tab, n * eo)
+    b.ew("aten.add", f"RoPE {which} sum", 2 * n * eo, n * eo)
+    if eo != e:
+        b.ew("aten._to_copy", f"RoPE {which} cast to the activation dtype", n * eo, n * e)
+    b.ew("aten.cat", f"cat [{which} prefix tokens; rotated]", M * D * e, M * D * e)
+
+
+def _eager_rope_bwd(b: _Builder, s: ViTShape, B: int, e: int, which: str) -> None:
+    """Autograd's backward of :func:`_eager_rope_fwd` for q or k: the cat's backward is views; the cast back
+    (fp32 table); each product's grad * table (cast to the input's dtype where it is fp32); rot's backward (neg,
+    then interleaved: two slice_backward (zeros + copy) for the strided halves; half: the chunk's backward cat);
+    the gradient accumulations at x = q[:, :, prefix:] (3 sources interleaved, 2 half); the slice_backward of
+    x and of the prefix slice, and their sum."""
+    D, M = s.embed_dim, B * s.tokens
+    Mp, tab, et, eo = _rope_sizes(s, B, e)
+    n = Mp * D
+    if eo != e:
+        b.ew("aten._to_copy", f"RoPE {which}: grad cast to fp32 (ToCopyBackward)", n * e, n * eo)
+    for table in ("sin", "cos"):
+        b.ew("aten.mul", f"RoPE {which}: grad * {table}", n * eo + tab, n * eo)
+        if eo != e:
+            b.ew("aten._to_copy", f"RoPE {which}: grad cast to the input dtype", n * eo, n * e)
+        if table == "sin":  # rot's backward
+            b.ew("aten.neg", f"RoPE rot({which}) bwd: negate", n // 2 * e, n // 2 * e)
+            if s.rope_half:
+                b.ew("aten.cat", f"RoPE rot({which}) bwd: chunk's backward (cat)", n * e, n * e)
+            else:
+                b.slice_backward(n, n // 2, e, f"RoPE rot({which}) bwd: odd half")
+                b.slice_backward(n, n // 2, e, f"RoPE rot({which}) bwd: even half")
+    for _ in range(1 if s.rope_half else 2):
+        b.add(n, e, f"RoPE {which}: grad accumulation at the rotated slice")
+    b.slice_backward(M * D, n, e, f"{which}[:, :, prefix:] backward")
+    b.slice_backward(M * D, M * D - n, e, f"{which}[:, :, :prefix] backward")
+    b.add(M * D, e, f"grad accumulation ({which}: prefix + rotated slices)")
+
+
+def _dinov3_table(b: _Builder, s: ViTShape) -> None:
+    """timm ``RotaryEmbeddingDinoV3.get_embed(shape)`` once per forward (dynamic_img_size): the grid built on the
+    host, copied to the device, then angles, sin, cos, their layout and the [sin, cos] cat (fp32)."""
+    Np, hd = s.num_patches, s.head_dim
+    b.ew("aten._to_copy", "H2D copy of the coordinate grid", 0, Np * 2 * F32, "host read not counted")
+    b.ew("aten.mul", "2 pi * coords", Np * 2 * F32, Np * 2 * F32)
+    b.ew("aten.div", "angles = coords / periods", Np * 2 * F32 + hd // 4 * F32, Np * hd // 2 * F32)
+    for f in ("sin", "cos"):
+        b.ew(f"aten.{f}", f"angles.{f}()", Np * hd // 2 * F32, Np * hd // 2 * F32)
+        b.ew("aten.cat" if s.rope_half else "aten.repeat_interleave", f"{f} layout", Np * hd // 2 * F32,
+             Np * hd * F32)
+    b.ew("aten.cat", "cat [sin, cos]", 2 * Np * hd * F32, 2 * Np * hd * F32)
+
+
+def _eager_stem_fwd(b: _Builder, s: ViTShape, B: int, e: int) -> None:
+    D, Np, N = s.embed_dim, s.num_patches, s.tokens
     M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
-    att = 4 * B * N * N * D  # forward attention FLOPs (two matmuls)
-    lse = B * H * N * F32
-    # ---- forward ----
+    npt = s.prefix_tokens
     b.cls = "patch_embed"
     b.call("aten.convolution",
            Kernel(name="cuDNN convolution", flops=2 * B * Np * D * CPP, bytes_read=img * e + D * CPP * e,
                   bytes_written=B * Np * D * e),
            Kernel(name="bias add (in place)", bytes_read=B * Np * D * e + D * e, bytes_written=B * Np * D * e))
-    b.call("aten.cat", Kernel(name="cat [cls; patches]", bytes_read=(B * Np * D + D) * e, bytes_written=M * D * e))
-    b.add(M * D, e, "+ pos_embed (broadcast read counted as full size)")
+    b.call("aten.cat", Kernel(name="cat [cls; patches]" if not s.reg_tokens else "cat [cls; reg; patches]",
+                              bytes_read=(B * Np * D + npt * D) * e, bytes_written=M * D * e))
+    if s.pos_embed:
+        b.add(M * D, e, "+ pos_embed (broadcast read counted as full size)")
+    if s.rope == "dinov3":
+        _dinov3_table(b, s)
+
+
+def _eager_stem_bwd(b: _Builder, s: ViTShape, B: int, e: int) -> None:
+    D, Np, N = s.embed_dim, s.num_patches, s.tokens
+    M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
+    b.cls = "patch_embed"
+    if s.pos_embed:
+        b.call("aten.sum", Kernel(name="pos_embed grad (sum over batch)", bytes_read=M * D * e,
+                                  bytes_written=N * D * e))
+    b.call("aten.sum", Kernel(name="cls_token grad (sum over batch)", bytes_read=B * D * e, bytes_written=D * e))
+    if s.reg_tokens:
+        R = s.reg_tokens
+        b.call("aten.sum", Kernel(name="reg_token grad (sum over batch)", bytes_read=B * R * D * e,
+                                  bytes_written=R * D * e))
+    b.call("aten.convolution_backward",
+           Kernel(name="copy grad to contiguous", bytes_read=B * Np * D * e, bytes_written=B * Np * D * e),
+           Kernel(name="cuDNN wgrad", flops=2 * B * Np * D * CPP, bytes_read=B * Np * D * e + img * e,
+                  bytes_written=D * CPP * e),
+           Kernel(name="bias-grad reduction", bytes_read=B * Np * D * e, bytes_written=D * e))
+
+
+def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
+    D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
+    M = B * N
+    att = 4 * B * N * N * D  # forward attention FLOPs (two matmuls)
+    lse = B * H * N * F32
+    qkv_bias = bool(s.qkv_bias)
+    # ---- forward ----
+    _eager_stem_fwd(b, s, B, e)
     for _ in range(L):
         b.cls = "ln_qkv"
         b.layer_norm(M, D, e)
-        b.addmm(M, D, 3 * D, e)
+        if s.qkv_fused:
+            if s.qkv_bias == "qv":
+                b.ew("aten.cat", "qkv bias: cat [q_bias; k_bias (zeros); v_bias]", 3 * D * e, 3 * D * e)
+            b.addmm(M, D, 3 * D, e, bias=qkv_bias)
+        else:  # separate q / k / v projections; timm's "qv" form: k_proj without a bias
+            for n in "qkv":
+                b.addmm(M, D, D, e, bias=s.qkv_bias is True or (qkv_bias and n != "k"), note=f"{n}_proj")
+        if s.rope:
+            for which in ("q", "k"):
+                _eager_rope_fwd(b, s, B, e, which)
         b.cls = "attention"
         b.call("aten._scaled_dot_product_flash_attention",
                Kernel(name="FlashAttention-2 fwd", flops=att, bytes_read=3 * M * D * e, bytes_written=M * D * e + lse))
         b.cls = "proj"
         b.addmm(M, D, D, e)
+        if s.layer_scale:
+            b.layer_scale(M, D, e)
         b.add(M * D, e, "residual")
         b.cls = "mlp"
         b.layer_norm(M, D, e)
-        b.addmm(M, D, Dh, e)
-        b.call("aten.gelu", Kernel(name="GELU", bytes_read=M * Dh * e, bytes_written=M * Dh * e))
+        if s.mlp == "gelu":
+            b.addmm(M, D, Dh, e)
+            b.call("aten.gelu", Kernel(name="GELU", bytes_read=M * Dh * e, bytes_written=M * Dh * e))
+        else:
+            if s.mlp == "swiglu":
+                b.addmm(M, D, Dh, e, note="fc1_g")
+                b.addmm(M, D, Dh, e, note="fc1_x")
+            else:
+                b.addmm(M, D, 2 * Dh, e, note="packed fc1 (gate | up)")
+            b.ew("aten.silu", "SiLU(gate)", M * Dh * e, M * Dh * e)
+            b.ew("aten.mul", "SiLU(gate) * up", 2 * M * Dh * e, M * Dh * e)
+        if s.mlp_norm:
+            b.layer_norm(M, Dh, e)
         b.addmm(M, Dh, D, e)
+        if s.layer_scale:
+            b.layer_scale(M, D, e)
         b.add(M * D, e, "residual")
     _head_fwd(b, s, B, e, loss=train)
     if not train:
@@ -337,12 +574,30 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
     _head_bwd(b, s, B, e)
     for _ in range(L):
         b.cls = "mlp"
+        if s.layer_scale:
+            b.layer_scale_bwd(M, D, e)
         b.linear_bwd(M, Dh, D, e)  # fc2
-        b.call("aten.gelu_backward", Kernel(name="GELU bwd", bytes_read=2 * M * Dh * e, bytes_written=M * Dh * e))
-        b.linear_bwd(M, D, Dh, e)  # fc1
+        if s.mlp_norm:
+            b.layer_norm_bwd(M, Dh, e)
+        if s.mlp == "gelu":
+            b.call("aten.gelu_backward", Kernel(name="GELU bwd", bytes_read=2 * M * Dh * e, bytes_written=M * Dh * e))
+            b.linear_bwd(M, D, Dh, e)  # fc1
+        else:
+            b.ew("aten.mul", "grad * up (d SiLU(gate))", 2 * M * Dh * e, M * Dh * e)
+            b.ew("aten.mul", "grad * SiLU(gate) (d up)", 2 * M * Dh * e, M * Dh * e)
+            b.ew("aten.silu_backward", "SiLU bwd", 2 * M * Dh * e, M * Dh * e)
+            if s.mlp == "swiglu":
+                b.linear_bwd(M, D, Dh, e)  # fc1_x
+                b.linear_bwd(M, D, Dh, e)  # fc1_g
+                b.add(M * D, e, "grad accumulation (fc1_g + fc1_x inputs)")
+            else:
+                b.ew("aten.cat", "chunk's backward: cat [d gate, d up]", 2 * M * Dh * e, 2 * M * Dh * e)
+                b.linear_bwd(M, D, 2 * Dh, e)  # packed fc1
         b.layer_norm_bwd(M, D, e)
         b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
         b.cls = "proj"
+        if s.layer_scale:
+            b.layer_scale_bwd(M, D, e)
         b.linear_bwd(M, D, D, e)
         b.cls = "attention"
         b.call("aten._scaled_dot_product_flash_attention_backward",
@@ -351,22 +606,33 @@ def _eager_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool) -> None:
                Kernel(name="FlashAttention-2 bwd dQ dK dV", flops=10 * B * N * N * D,
                       bytes_read=4 * M * D * e + 2 * lse, bytes_written=2 * M * D * e + M * D * F32),
                Kernel(name="FlashAttention-2 bwd convert dQ", bytes_read=M * D * F32, bytes_written=M * D * e))
-        b.call("aten.stack", Kernel(name="stack dq, dk, dv (permute copy)", bytes_read=3 * M * D * e,
-                                    bytes_written=3 * M * D * e))
-        b.call("aten.clone", Kernel(name="copy to packed (B, N, 3D) (permute copy)", bytes_read=3 * M * D * e,
-                                    bytes_written=3 * M * D * e))
-        b.cls = "ln_qkv"
-        b.linear_bwd(M, D, 3 * D, e)
+        if s.rope:
+            b.cls = "ln_qkv"
+            for which in ("k", "q"):
+                _eager_rope_bwd(b, s, B, e, which)
+            b.cls = "attention"
+        if s.qkv_fused:
+            b.call("aten.stack", Kernel(name="stack dq, dk, dv (permute copy)", bytes_read=3 * M * D * e,
+                                        bytes_written=3 * M * D * e))
+            b.call("aten.clone", Kernel(name="copy to packed (B, N, 3D) (permute copy)", bytes_read=3 * M * D * e,
+                                        bytes_written=3 * M * D * e))
+            b.cls = "ln_qkv"
+            b.linear_bwd(M, D, 3 * D, e, bias=qkv_bias)
+        else:
+            # FlashAttention's dq / dk / dv take their input's memory layout (empty_like): dv (and, without RoPE,
+            # dq / dk) is already (B, N, H, hd) in memory, a view of (B, N, D); the rotated q / k were fresh
+            # (B, H, N, hd) tensors, so their gradients are copied back to (B, N, D)
+            for n in ("kq" if s.rope else ""):
+                b.call("aten.clone", Kernel(name=f"d{n}: copy to (B, N, D) (transpose copy)", bytes_read=M * D * e,
+                                            bytes_written=M * D * e))
+            b.cls = "ln_qkv"
+            for n in "vkq":
+                b.linear_bwd(M, D, D, e, bias=s.qkv_bias is True or (qkv_bias and n != "k"))
+            for _ in range(2):
+                b.add(M * D, e, "grad accumulation (q / k / v projection inputs)")
         b.layer_norm_bwd(M, D, e)
         b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
-    b.cls = "patch_embed"
-    b.call("aten.sum", Kernel(name="pos_embed grad (sum over batch)", bytes_read=M * D * e, bytes_written=N * D * e))
-    b.call("aten.sum", Kernel(name="cls_token grad (sum over batch)", bytes_read=B * D * e, bytes_written=D * e))
-    b.call("aten.convolution_backward",
-           Kernel(name="copy grad to contiguous", bytes_read=B * Np * D * e, bytes_written=B * Np * D * e),
-           Kernel(name="cuDNN wgrad", flops=2 * B * Np * D * CPP, bytes_read=B * Np * D * e + img * e,
-                  bytes_written=D * CPP * e),
-           Kernel(name="bias-grad reduction", bytes_read=B * Np * D * e, bytes_written=D * e))
+    _eager_stem_bwd(b, s, B, e)
 
 
 # the fusions of the backward's GEMMs (ops/linear.py, ops/layernorm_mlp.py: matmul.linear_backward), which the
@@ -417,8 +683,46 @@ def _pair(first: Kernel, second: Kernel, gemm_kernel: str, e: int, shapes: tuple
                     note=f"sums the {sched.split} fp32 partials of the pair's long problem in slice order")]
 
 
+def _ln_bwd_kernels(M: int, D: int, e: int, dres: bool, cls: str) -> list[Kernel]:
+    """The launches of ``layernorm.layernorm_bwd`` over (M, D) rows: the fill of its fresh int32 ticket counters
+    (global + one per group; layernorm.ticket_counter), then ``_layernorm_bwd_kernel`` reading x, dy (+ the
+    residual's gradient), gamma and the row stats; every program's fp32 dgamma / dbeta partial row is written once
+    and read once by its group's last program, whose group row the global last program reads."""
+    P = ln_bwd_programs(M, D)
+    G = -(-P // LN_BWD_GROUP)
+    partials = 2 * (P + G) * D * F32
+    return [Kernel(name="fill", bytes_read=0, bytes_written=(1 + G) * 4,
+                   note="LayerNorm-backward ticket counters", op_class=cls),
+            _triton(name="_layernorm_bwd_kernel",
+                    bytes_read=(3 if dres else 2) * M * D * e + D * e + 2 * M * F32 + partials,
+                    bytes_written=M * D * e + partials + 2 * D * e,
+                    note="dx" + (" + the residual's gradient" if dres else "") + "; dgamma / dbeta by a two-level "
+                    "in-kernel reduction of fp32 partials", op_class=cls)]
+
+
+def _attention_bwd_kernels(B: int, H: int, N: int, D: int, e: int) -> list[Kernel]:
+    """The attention backward's launches, by the launcher's rule (e == 2: fp16 / bf16, which it treats alike)."""
+    M, lse = B * N, B * H * N * F32
+    if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
+        # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
+        # program that just read them hit L2); delta written to a (B, H, N) fp32 scratch and read back (counted,
+        # though it is small and L2-resident); dq, dk, dv written once
+        return [_triton(name="_attention_bwd_fused_kernel", flops=14 * B * N * N * D,
+                        bytes_read=5 * M * D * e + 2 * lse, bytes_written=3 * M * D * e + lse,
+                        note="delta, then dK/dV, then dQ per (batch, head)", op_class="attention")]
+    return [_triton(name="_attention_bwd_preprocess_kernel", bytes_read=2 * M * D * e, bytes_written=lse,
+                    op_class="attention"),
+            _triton(name="_attention_bwd_dkdv_kernel", flops=8 * B * N * N * D,
+                    bytes_read=4 * M * D * e + 2 * lse, bytes_written=2 * M * D * e, op_class="attention"),
+            _triton(name="_attention_bwd_dq_kernel", flops=6 * B * N * N * D,
+                    bytes_read=4 * M * D * e + 2 * lse, bytes_written=M * D * e, op_class="attention")]
+
+
 def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attention_block: bool = True,
                   gemm_kernel: str = "tma", num_sms: int = REFERENCE_SMS) -> None:
+    if not s.classic:
+        _fastvit_modern_plan(b, s, B, e, train, gemm_kernel, num_sms)
+        return
     D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
     M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
     att = 4 * B * N * N * D
@@ -473,21 +777,8 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
         return
     # ---- backward ----
     _head_bwd(b, s, B, e)
-    P = ln_bwd_programs(M, D)
-    G = -(-P // LN_BWD_GROUP)
-
     def ln_bwd(dres: bool, cls: str) -> list[Kernel]:
-        # x, dy (+ the residual's gradient), gamma, row stats; every program's fp32 dgamma / dbeta partial row is
-        # written once and read once by its group's last program, whose group row the global last program reads.
-        # Before it, the fill of its fresh int32 ticket counters (global + one per group; layernorm.ticket_counter)
-        partials = 2 * (P + G) * D * F32
-        return [Kernel(name="fill", bytes_read=0, bytes_written=(1 + G) * 4,
-                       note="LayerNorm-backward ticket counters", op_class=cls),
-                _triton(name="_layernorm_bwd_kernel",
-                        bytes_read=(3 if dres else 2) * M * D * e + D * e + 2 * M * F32 + partials,
-                        bytes_written=M * D * e + partials + 2 * D * e,
-                        note="dx" + (" + the residual's gradient" if dres else "") + "; dgamma / dbeta by a two-level "
-                        "in-kernel reduction of fp32 partials", op_class=cls)]
+        return _ln_bwd_kernels(M, D, e, dres, cls)
 
     for _ in range(L):
         b.cls = "mlp"
@@ -513,21 +804,7 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
                         _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e,
                                 bytes_written=M * D * e, note="dx", fusion=DGRAD),
                         ((D, D, M), (M, D, D)), "proj")
-        # the launcher's rule (e == 2: fp16 / bf16, which it treats alike)
-        if B * H >= FUSED_BWD_MIN_HEADS and fused_bwd_builds(D // H, torch.bfloat16 if e == 2 else torch.float32):
-            # one program per (batch, head): q, k, v, O, dO and lse read once (re-reads of a head's tiles by the
-            # program that just read them hit L2); delta written to a (B, H, N) fp32 scratch and read back (counted,
-            # though it is small and L2-resident); dq, dk, dv written once
-            att_bwd = [_triton(name="_attention_bwd_fused_kernel", flops=14 * B * N * N * D,
-                               bytes_read=5 * M * D * e + 2 * lse, bytes_written=3 * M * D * e + lse,
-                               note="delta, then dK/dV, then dQ per (batch, head)", op_class="attention")]
-        else:
-            att_bwd = [_triton(name="_attention_bwd_preprocess_kernel", bytes_read=2 * M * D * e, bytes_written=lse,
-                               op_class="attention"),
-                       _triton(name="_attention_bwd_dkdv_kernel", flops=8 * B * N * N * D,
-                               bytes_read=4 * M * D * e + 2 * lse, bytes_written=2 * M * D * e, op_class="attention"),
-                       _triton(name="_attention_bwd_dq_kernel", flops=6 * B * N * N * D,
-                               bytes_read=4 * M * D * e + 2 * lse, bytes_written=M * D * e, op_class="attention")]
+        att_bwd = _attention_bwd_kernels(B, H, N, D, e)
         qkv_bwd = pair(_triton(name=GK, flops=2 * M * D * 3 * D,
                                bytes_read=3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
                                bytes_written=3 * D * D * e + 3 * D * e,
@@ -547,6 +824,232 @@ def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attenti
                    note="bias grad (sum of the patch rows) and the cls_token grad in the weight dtype"),
            _triton(name="_matmul_split_kernel", flops=2 * B * Np * D * CPP, bytes_read=B * Np * D * e + img * e,
                    bytes_written=D * CPP * e, note="dW; patches re-gathered"))
+
+
+WGRAD_LN_NOBIAS = Fusion(b_prologue=PROLOGUE_LN.value)
+
+
+def _fastvit_modern_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, gemm_kernel: str = "tma",
+                         num_sms: int = REFERENCE_SMS) -> None:
+    """The fused path for the modern blocks (timm ``Eva`` as FastEva runs it, with the fused ops of the RoPE qkv
+    GEMM and the SwiGLU MLP): per block the three attention ops (norm1 + qkv with RoPE
+    ``fastvit::layernorm_linear_rope``, ``fastvit::attention``, proj as ``fastvit::linear_residual`` or, with
+    LayerScale, ``F.linear`` + eager ``gamma * y`` + add), then the MLP op (``fastvit::layernorm_mlp`` or
+    ``fastvit::swiglu_mlp``; with LayerScale without the residual, then ``gamma * y`` + add). See the module
+    docstring for what is taken from which branch's code."""
+    D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
+    M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
+    npt, hd = s.prefix_tokens, s.head_dim
+    att = 4 * B * N * N * D
+    lse = B * H * N * F32
+    GK = "_matmul_tma_kernel" if gemm_kernel == "tma" else "_matmul_kernel"
+    ls = s.layer_scale
+    qkv_b = 3 * D * e if s.qkv_bias else 0  # the (3 D,) bias the qkv GEMM reads (k's part zeros in the "qv" form)
+    # RoPE arguments the rope GEMMs read: coords (N, 2) fp32 and freqs (1, head_dim / 2, 2) fp32 (timm's cat /
+    # dinov3 tables: one for all heads); no (N, head_dim) sin / cos table
+    rope_tab = N * 2 * F32 + hd // 2 * 2 * F32 if s.rope else 0
+    rope_name = ("rope_out", "rope_a_rows", "rope_a_cols")
+    half = "_half" if s.rope_half else ""
+
+    def pair(first: Kernel, second: Kernel, shapes: tuple, cls: str) -> list[Kernel]:
+        return [replace(k, op_class=cls) for k in _pair(first, second, gemm_kernel, e, shapes, num_sms)]
+
+    # ---- forward ----
+    if s.pos_embed:
+        b.cls = "patch_embed"
+        b.call("fastvit.patch_embed_fwd",
+               _triton(name="_matmul_split_kernel", flops=2 * B * Np * D * CPP,
+                       bytes_read=img * e + D * CPP * e + D * e + Np * D * e, bytes_written=B * Np * D * e,
+                       note="pixels gathered in the A load; bias + pos_embed epilogue"),
+               _triton(name="_prefix_rows_kernel", bytes_read=2 * npt * D * e, bytes_written=B * npt * D * e,
+                       note="prefix rows: cls (/ reg) tokens + their pos_embed rows"))
+    else:  # FastEva.embed: no absolute position embedding (or a dynamic image size): timm's eager embedding
+        _eager_stem_fwd(b, s.with_(rope=None), B, e)
+    if s.rope:  # the RoPE module's (coords, freqs), built on the host per forward and copied over
+        b.cls = "patch_embed"
+        b.ew("aten._to_copy", "H2D copy of the RoPE coords", 0, N * 2 * F32, "host read not counted")
+        b.ew("aten._to_copy", "H2D copy of the RoPE freqs", 0, hd // 2 * 2 * F32, "host read not counted")
+    for _ in range(L):
+        b.cls = "ln_qkv"
+        # FastEva's qkv_params: the packed qkv weight / bias, concatenated per forward from timm's parameters
+        if not s.qkv_fused:
+            b.ew("aten.cat", "cat [q; k; v] weights (FastEva.qkv_params)", 3 * D * D * e, 3 * D * D * e)
+            if s.qkv_bias:
+                if s.qkv_bias == "qv":
+                    b.ew("aten.new_zeros", "fill (k bias zeros)", 0, D * e)
+                b.ew("aten.cat", "cat [q; k; v] biases (FastEva.qkv_params)", 3 * D * e, 3 * D * e)
+        elif s.qkv_bias == "qv":
+            b.ew("aten.cat", "cat [q_bias; k_bias; v_bias] (FastEva.qkv_params)", 3 * D * e, 3 * D * e)
+        stats = _triton(name="_layernorm_stats_kernel", bytes_read=M * D * e, bytes_written=2 * M * F32,
+                        note="norm1 row statistics")
+        qkv_read = M * D * e + 2 * M * F32 + 2 * D * e + 3 * D * D * e + qkv_b
+        if s.rope:
+            b.call("fastvit.layernorm_linear_rope_fwd", stats,
+                   _triton(name="_matmul_rope_kernel", flops=2 * M * D * 3 * D, bytes_read=qkv_read + rope_tab,
+                           bytes_written=M * 3 * D * e,
+                           note=f"a_ln{'+bias' if s.qkv_bias else ''}+{rope_name[0]}{half}: LayerNorm prologue; "
+                                "bias, then the rotation of q / k from coords x freqs in the epilogue"))
+        else:
+            b.call("fastvit.layernorm_linear_fwd", stats,
+                   _triton(name=GK, flops=2 * M * D * 3 * D, bytes_read=qkv_read, bytes_written=M * 3 * D * e,
+                           note="LayerNorm prologue" + ("; bias epilogue" if s.qkv_bias else "")))
+        b.cls = "attention"
+        b.call("fastvit.attention_fwd", _triton(name="_attention_fwd_kernel", flops=att, bytes_read=3 * M * D * e,
+                                                bytes_written=M * D * e + lse))
+        b.cls = "proj"
+        if ls:
+            b.addmm(M, D, D, e, note="proj as F.linear (LayerScale on the branch)")
+            b.layer_scale(M, D, e)
+            b.add(M * D, e, "residual")
+        else:
+            b.call("fastvit.linear_residual_fwd",
+                   _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e + D * e + M * D * e,
+                           bytes_written=M * D * e, note="bias + residual epilogue"))
+        b.cls = "mlp"
+        res = 0 if ls else M * D * e  # add_residual=False with LayerScale
+        stats2 = _triton(name="_layernorm_stats_kernel", bytes_read=M * D * e, bytes_written=2 * M * F32)
+        if s.mlp == "gelu":
+            b.call("fastvit.layernorm_mlp_fwd", stats2,
+                   _triton(name=GK, flops=2 * M * D * Dh,
+                           bytes_read=M * D * e + 2 * M * F32 + 2 * D * e + Dh * D * e + Dh * e,
+                           bytes_written=2 * M * Dh * e,
+                           note="LayerNorm prologue; bias + GELU epilogue, stores the pre-activation"),
+                   _triton(name=GK, flops=2 * M * Dh * D, bytes_read=M * Dh * e + D * Dh * e + D * e + res,
+                           bytes_written=M * D * e, note="bias" + ("" if ls else " + residual") + " epilogue"))
+        else:
+            hnorm = [_triton(name="_layernorm_stats_kernel", bytes_read=M * Dh * e, bytes_written=2 * M * F32,
+                             note="MLP hidden-norm row statistics")] if s.mlp_norm else []
+            hn_read = 2 * M * F32 + 2 * Dh * e if s.mlp_norm else 0
+            b.call("fastvit.swiglu_mlp_fwd", stats2,
+                   _triton(name="_matmul_split_kernel", flops=2 * M * D * 2 * Dh,
+                           bytes_read=M * D * e + 2 * M * F32 + 2 * D * e + 2 * Dh * D * e + 2 * Dh * e,
+                           bytes_written=2 * M * Dh * e + M * Dh * e,
+                           note="fc1 over gate and up (two accumulators, each A tile loaded and normalised once); "
+                                "stores the (gate | up) pre-activation, writes silu(gate) * up"),
+                   *hnorm,
+                   _triton(name=GK, flops=2 * M * Dh * D, bytes_read=M * Dh * e + hn_read + D * Dh * e + D * e + res,
+                           bytes_written=M * D * e,
+                           note=("hidden LayerNorm prologue; " if s.mlp_norm else "") + "bias"
+                                + ("" if ls else " + residual") + " epilogue"))
+        if ls:
+            b.layer_scale(M, D, e)
+            b.add(M * D, e, "residual")
+    _head_fwd(b, s, B, e, loss=train)
+    if not train:
+        return
+    # ---- backward ----
+    _head_bwd(b, s, B, e)
+    for _ in range(L):
+        b.cls = "mlp"
+        if ls:
+            b.layer_scale_bwd(M, D, e)
+        if s.mlp == "gelu":
+            b.call("fastvit.layernorm_mlp_bwd",
+                   *pair(_triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + M * Dh * e,
+                                 bytes_written=D * Dh * e + D * e,
+                                 note="dW2; GELU recomputed; db2 = row sums of its dY^T tiles", fusion=WGRAD_GELU),
+                         _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + D * Dh * e + M * Dh * e,
+                                 bytes_written=M * Dh * e, note="dH; GELU' epilogue", fusion=DGRAD_GELU),
+                         ((D, Dh, M), (M, Dh, D)), "mlp"),
+                   *pair(_triton(name=GK, flops=2 * M * D * Dh,
+                                 bytes_read=M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                                 bytes_written=Dh * D * e + Dh * e,
+                                 note="dW1; LayerNorm recomputed; db1 = row sums of its dH^T tiles", fusion=WGRAD_LN),
+                         _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * Dh * e + Dh * D * e,
+                                 bytes_written=M * D * e, note="d LayerNorm(x)", fusion=DGRAD),
+                         ((Dh, D, M), (M, D, Dh)), "mlp"),
+                   *_ln_bwd_kernels(M, D, e, not ls, "mlp"))
+        else:
+            if s.mlp_norm:  # ops.swiglu_mlp with the hidden LayerNorm (branch h-mlp's code)
+                fc2 = [_triton(name="_swiglu_kernel", bytes_read=2 * M * Dh * e, bytes_written=M * Dh * e,
+                               note="hidden = silu(gate) * up recomputed (the hidden norm's input)"),
+                       *pair(_triton(name=GK, flops=2 * M * D * Dh,
+                                     bytes_read=M * D * e + M * Dh * e + 2 * M * F32 + 2 * Dh * e,
+                                     bytes_written=D * Dh * e + D * e,
+                                     note="dW2; hidden LayerNorm recomputed; db2 = row sums of its dY^T tiles",
+                                     fusion=WGRAD_LN),
+                             _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + D * Dh * e,
+                                     bytes_written=M * Dh * e, note="d LayerNorm(hidden)", fusion=DGRAD),
+                             ((D, Dh, M), (M, Dh, D)), "mlp"),
+                       *_ln_bwd_kernels(M, Dh, e, False, "mlp"),
+                       _triton(name="_swiglu_kernel", bytes_read=M * Dh * e + 2 * M * Dh * e,
+                               bytes_written=2 * M * Dh * e, note="d gate, d up from d hidden (backward form)")]
+            else:  # the SwiGLU steps on the split kernel: two launches (the pair kernels do not carry them)
+                fc2 = [_triton(name="_matmul_split_kernel", flops=2 * M * D * Dh, bytes_read=M * D * e + 2 * M * Dh * e,
+                               bytes_written=D * Dh * e + D * e,
+                               note="dW2; hidden recomputed on load from the pre-activation (B's SwiGLU prologue); "
+                                    "db2 = row sums of its dY^T tiles"),
+                       _triton(name="_matmul_split_kernel", flops=2 * M * D * Dh,
+                               bytes_read=M * D * e + D * Dh * e + 2 * M * Dh * e, bytes_written=2 * M * Dh * e,
+                               note="dH = dY @ W2 with the SwiGLU derivative in the epilogue: d(gate | up)")]
+            # the d norm(x) GEMM reads fc1 as one packed (2 D_hidden, D) operand: two separate parameters (timm
+            # SwiGLU's fc1_g / fc1_x) are concatenated first
+            cat = [Kernel(name="cat [W_gate; W_up] (packed operand)", bytes_read=2 * Dh * D * e,
+                          bytes_written=2 * Dh * D * e)] if s.mlp == "swiglu" else []
+            b.call("fastvit.swiglu_mlp_bwd", *fc2, *cat,
+                   *pair(_triton(name=GK, flops=2 * M * D * 2 * Dh,
+                                 bytes_read=2 * M * Dh * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                                 bytes_written=2 * Dh * D * e + 2 * Dh * e,
+                                 note="dW1 (gate | up); LayerNorm recomputed; db1 = row sums", fusion=WGRAD_LN),
+                         _triton(name=GK, flops=2 * M * D * 2 * Dh, bytes_read=2 * M * Dh * e + 2 * Dh * D * e,
+                                 bytes_written=M * D * e, note="d LayerNorm(x)", fusion=DGRAD),
+                         ((2 * Dh, D, M), (M, D, 2 * Dh)), "mlp"),
+                   *_ln_bwd_kernels(M, D, e, not ls, "mlp"))
+        if ls:
+            b.add(M * D, e, "grad accumulation (residual + MLP branch)")
+        b.cls = "proj"
+        if ls:
+            b.layer_scale_bwd(M, D, e)
+            b.linear_bwd(M, D, D, e)
+        else:
+            b.call("fastvit.linear_residual_bwd",
+                   *pair(_triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e,
+                                 bytes_written=D * D * e + D * e,
+                                 note="dW; db = row sums of its dY^T tiles (residual grad = dY: no kernel)",
+                                 fusion=WGRAD),
+                         _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e,
+                                 bytes_written=M * D * e, note="dx", fusion=DGRAD),
+                         ((D, D, M), (M, D, D)), "proj"))
+        b.cls = "attention"
+        b.call("fastvit.attention_bwd", *_attention_bwd_kernels(B, H, N, D, e))
+        b.cls = "ln_qkv"
+        db = 3 * D * e if s.qkv_bias else 0
+        if s.rope:
+            b.call("fastvit.layernorm_linear_rope_bwd",
+                   _triton(name="_matmul_rope_kernel", flops=2 * M * D * 3 * D,
+                           bytes_read=3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e + rope_tab,
+                           bytes_written=3 * D * D * e + db,
+                           note=f"b_ln{'+a_rowsum' if s.qkv_bias else ''}+{rope_name[1]}{half}: dW "
+                                f"{'(+ db row sums) ' if s.qkv_bias else ''}= d(qkv)^T @ LayerNorm(x), the inverse "
+                                "rotation of d(qkv) on load; each value's pair partner is loaded too (a second read "
+                                "of d(qkv), counted as L2-resident: compulsory bytes once)"),
+                   _triton(name="_matmul_rope_kernel", flops=2 * M * D * 3 * D,
+                           bytes_read=3 * M * D * e + 3 * D * D * e + rope_tab, bytes_written=M * D * e,
+                           note=f"{rope_name[2]}{half}: d LayerNorm(x) = d(qkv) @ W, the inverse rotation on load "
+                                "(partner loads as in dW); the pair kernels do not carry RoPE: two launches"),
+                   *_ln_bwd_kernels(M, D, e, False, "ln_qkv"))
+        else:
+            b.call("fastvit.layernorm_linear_bwd",
+                   *pair(_triton(name=GK, flops=2 * M * D * 3 * D,
+                                 bytes_read=3 * M * D * e + M * D * e + 2 * M * F32 + 2 * D * e,
+                                 bytes_written=3 * D * D * e + db, note="dW; LayerNorm recomputed",
+                                 fusion=WGRAD_LN if s.qkv_bias else WGRAD_LN_NOBIAS),
+                         _triton(name=GK, flops=2 * M * D * 3 * D, bytes_read=3 * M * D * e + 3 * D * D * e,
+                                 bytes_written=M * D * e, note="d LayerNorm(x)", fusion=DGRAD),
+                         ((3 * D, D, M), (M, D, 3 * D)), "ln_qkv"),
+                   *_ln_bwd_kernels(M, D, e, False, "ln_qkv"))
+        b.add(M * D, e, "grad accumulation (residual + LayerNorm branch)")
+    if s.pos_embed:
+        b.cls = "patch_embed"
+        b.call("fastvit.patch_embed_bwd",
+               _triton(name="_column_sum_kernel", bytes_read=M * D * e, bytes_written=N * D * F32 + N * D * e,
+                       note="fp32 sum over the batch (pos / bias / prefix grads), and the pos_embed grad"),
+               _triton(name="_column_sum_tail_kernel", bytes_read=N * D * F32, bytes_written=D * e + npt * D * e,
+                       note="bias grad (sum of the patch rows) and the prefix-token grads in the weight dtype"),
+               _triton(name="_matmul_split_kernel", flops=2 * B * Np * D * CPP, bytes_read=B * Np * D * e + img * e,
+                       bytes_written=D * CPP * e, note="dW; patches re-gathered"))
+    else:
+        _eager_stem_bwd(b, s, B, e)
 
 
 def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "fastvit", mode: str = "train",

@@ -14,6 +14,10 @@ Conventions (the "model FLOPs" of Chowdhery et al., PaLM 2022, appendix B, used 
 * The image gradient of the patch embedding is not needed in training (images do not require grad), so its
   backward is the weight gradient only: training step = 3 x forward - patch-embed forward.
 
+* The modern blocks (timm ``Eva``: EVA-02, DINOv3, PE; SwiGLU MLPs, 2D RoPE, LayerScale, register tokens): a
+  SwiGLU fc1 (D -> 2 * D_hidden, gate and up) counts 2x a GELU fc1 of the same hidden width; RoPE, RMSNorm, the
+  inner MLP norm and LayerScale are elementwise (not counted, as LayerNorm is not); register tokens are tokens.
+
 ViT-B/16 at 224 px: 35.128 GFLOP forward per image (the commonly quoted ~35.2 GFLOP, i.e. 17.6 GMAC, also
 counts some element-wise work); 105.15 GFLOP per image per training step.
 """
@@ -37,6 +41,79 @@ OP_CLASS_LABELS = {"patch_embed": "patch embed", "ln_qkv": "LN+qkv", "attention"
 KINDS = ("forward", "backward", "train")
 
 
+# ViTShape options of the modern blocks (the defaults are the classic ViT's)
+ROPE_TYPES = (None, "cat", "dinov3")  # timm Eva rope_type: "cat" (RotaryEmbeddingCat, cached table), "dinov3"
+MLP_TYPES = ("gelu", "swiglu", "swiglu_packed")  # timm Mlp (GELU); SwiGLU (fc1_g / fc1_x); GluMlp (packed fc1)
+NORM_TYPES = ("layernorm", "rmsnorm")
+QKV_BIAS_FORMS = (True, False, "qv")  # one (3 D,) bias; none; timm Eva's q_bias + v_bias (k: zeros)
+
+# timm ``Eva`` constructor options of the models the cost model compares (the package's configs.py does not hold
+# these names): timm's eva.py arguments for ``eva02_base_patch14_224`` and ``vit_large_patch16_dinov3`` (its
+# default pretrained input size, 256 px), with the ViT plans' head -- class-token pooling (timm:
+# ``global_pool='token'``, DINOv3's upstream pooling; with it timm keeps the final norm and no fc_norm) and a
+# 1000-class head (the pretrained tags have none: an ImageNet-1k fine-tuning step).
+TIMM_EVA_OPTIONS: dict[str, dict] = {
+    "eva02_base_patch14_224": dict(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12,
+                                   qkv_fused=False, mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True,
+                                   use_rot_pos_emb=True, ref_feat_shape=(16, 16),
+                                   global_pool="token", num_classes=1000),
+    "vit_large_patch16_dinov3": dict(img_size=256, patch_size=16, dynamic_img_size=True, embed_dim=1024, depth=24,
+                                     num_heads=16, qkv_bias=False, init_values=1.0e-5, rope_type="dinov3",
+                                     rope_temperature=100, use_rot_pos_emb=True, use_abs_pos_emb=False,
+                                     rope_rotate_half=True, num_reg_tokens=4, use_fc_norm=False,
+                                     global_pool="token", num_classes=1000),
+}
+# keys only timm's Eva constructor takes: a dict holding one is read in Eva's terms (defaults included)
+_EVA_KEYS = frozenset({"qkv_fused", "swiglu_mlp", "swiglu_align_to", "scale_mlp", "use_rot_pos_emb", "rope_type",
+                       "rope_rotate_half", "num_reg_tokens", "use_abs_pos_emb", "use_fc_norm", "ref_feat_shape",
+                       "attn_type", "scale_attn_inner", "use_post_norm"})
+
+
+def _norm_name(layer) -> str:
+    """"rmsnorm" for an RMSNorm constructor (class, partial or name), else "layernorm"."""
+    if layer is None:
+        return "layernorm"
+    fn = getattr(layer, "func", layer)
+    name = fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
+    return "rmsnorm" if "rms" in name.lower() else "layernorm"
+
+
+def eva_shape_options(options: dict) -> dict:
+    """:class:`ViTShape` fields from timm ``Eva`` constructor options (timm's defaults for missing keys:
+    global_pool 'avg', a fused qkv with q / v biases, LayerNorm, an absolute position embedding).
+
+    Raises:
+        ValueError: an Eva option the shapes do not cover (post-norm blocks, attn_type 'rope', the attention
+            inner norm, rope types other than 'cat' / 'dinov3', global_pool 'map').
+    """
+    o = dict(options)
+    bad = [k for k, bad_value in (("use_post_norm", True), ("scale_attn_inner", True), ("attn_type", "rope"),
+                                  ("global_pool", "map"), ("use_pre_transformer_norm", True)) if o.get(k) == bad_value]
+    rope_type = o.get("rope_type", "cat") if o.get("use_rot_pos_emb", False) else None
+    if rope_type not in ROPE_TYPES:
+        bad.append(f"rope_type={rope_type!r}")
+    if bad:
+        raise ValueError(f"Eva options not covered by ViTShape: {', '.join(bad)}")
+    swiglu = o.get("swiglu_mlp", False)
+    mlp = ("swiglu" if o.get("scale_mlp", False) or o.get("swiglu_align_to", 0) else "swiglu_packed") if swiglu \
+        else "gelu"
+    qkv_bias = o.get("qkv_bias", True)
+    fields = dict(
+        img_size=o.get("img_size", 224), patch_size=o.get("patch_size", 16), in_chans=o.get("in_chans", 3),
+        embed_dim=o.get("embed_dim", 768), depth=o.get("depth", 12), num_heads=o.get("num_heads", 12),
+        mlp_ratio=o.get("mlp_ratio", 4.0), num_classes=o.get("num_classes", 1000),
+        class_token=o.get("class_token", True), global_pool=o.get("global_pool", "avg"),
+        qkv_bias="qv" if qkv_bias else False, qkv_fused=o.get("qkv_fused", True), rope=rope_type,
+        rope_half=bool(o.get("rope_rotate_half", False)) if rope_type else False, mlp=mlp,
+        mlp_norm=bool(o.get("scale_mlp", False)), norm=_norm_name(o.get("norm_layer")),
+        layer_scale=o.get("init_values") is not None, reg_tokens=o.get("num_reg_tokens", 0),
+        pos_embed=o.get("use_abs_pos_emb", True),
+    )
+    if o.get("attn_only_layer_scale", False):
+        raise ValueError("Eva options not covered by ViTShape: attn_only_layer_scale=True")
+    return fields
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
@@ -47,10 +124,20 @@ class ViTShape:
 
     Fields: img_size (H, W) in pixels; patch_size P; in_chans C; embed_dim D; depth L; num_heads H;
     mlp_ratio (hidden width D_hidden = int(D * mlp_ratio), timm's rule); num_classes (0: no head); class_token;
-    global_pool ('token' | 'avg' | ''); qkv_bias; mlp_hidden (exact D_hidden, overrides mlp_ratio).
+    global_pool ('token' | 'avg' | ''); qkv_bias (True: one (3 D,) bias; False: none; "qv": timm Eva's q_bias and
+    v_bias, k unbiased); mlp_hidden (exact D_hidden, overrides mlp_ratio).
 
-    Derived: ``num_patches`` = (H / P) * (W / P); ``tokens`` N = num_patches + (1 if class_token);
-    ``head_dim`` = D / H; ``hidden`` = D_hidden.
+    The modern blocks (timm ``Eva``; every default is the classic ViT's): qkv_fused (False: separate q / k / v
+    projections); rope (2D RoPE on q and k of the patch tokens: None | "cat" (timm RotaryEmbeddingCat, EVA-02: a
+    cached table) | "dinov3" (RotaryEmbeddingDinoV3: the table built per forward, fp32)); rope_half (timm's
+    rotate_half pair layout, else interleaved); mlp ("gelu" | "swiglu": gate and up Linears fc1_g / fc1_x |
+    "swiglu_packed": one packed fc1 of 2 * D_hidden outputs; D_hidden is each half's width); mlp_norm (a norm
+    on the MLP hidden, EVA-02's scale_mlp); norm ("layernorm" | "rmsnorm"); layer_scale (LayerScale on both
+    branches); reg_tokens (register tokens after the class token); pos_embed (an absolute position embedding).
+
+    Derived: ``num_patches`` = (H / P) * (W / P); ``tokens`` N = num_patches + (1 if class_token) + reg_tokens;
+    ``prefix_tokens`` = N - num_patches; ``head_dim`` = D / H; ``hidden`` = D_hidden; ``classic``: no modern
+    option set.
 
     Raises:
         ValueError: a size that is not positive, img_size not a multiple of patch_size, embed_dim not divisible
@@ -69,6 +156,15 @@ class ViTShape:
     global_pool: str = "token"
     qkv_bias: bool = True
     mlp_hidden: int | None = None  # exact D_hidden when known (from a built model); else int(D * mlp_ratio)
+    qkv_fused: bool = True
+    rope: str | None = None
+    rope_half: bool = False
+    mlp: str = "gelu"
+    mlp_norm: bool = False
+    norm: str = "layernorm"
+    layer_scale: bool = False
+    reg_tokens: int = 0
+    pos_embed: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "img_size", _pair(self.img_size))
@@ -85,6 +181,15 @@ class ViTShape:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0; got {self.mlp_ratio}")
+        for name, allowed in (("rope", ROPE_TYPES), ("mlp", MLP_TYPES), ("norm", NORM_TYPES),
+                              ("qkv_bias", QKV_BIAS_FORMS)):
+            v = getattr(self, name)
+            if not any(v is a or (isinstance(v, str) and v == a) for a in allowed):
+                raise ValueError(f"{name} must be one of {allowed}; got {v!r}")
+        if not isinstance(self.reg_tokens, int) or isinstance(self.reg_tokens, bool) or self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be an int >= 0; got {self.reg_tokens!r}")
+        if self.rope is not None and self.head_dim % 4:
+            raise ValueError(f"rope needs head_dim divisible by 4 (2D RoPE); got head_dim={self.head_dim}")
 
     @property
     def num_patches(self) -> int:
@@ -92,7 +197,18 @@ class ViTShape:
 
     @property
     def tokens(self) -> int:
-        return self.num_patches + (1 if self.class_token else 0)
+        return self.num_patches + (1 if self.class_token else 0) + self.reg_tokens
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.tokens - self.num_patches
+
+    @property
+    def classic(self) -> bool:
+        """No option of the modern blocks set (the classic ViT: every count as before they existed)."""
+        return (self.qkv_fused and self.rope is None and self.mlp == "gelu" and not self.mlp_norm
+                and self.norm == "layernorm" and not self.layer_scale and self.reg_tokens == 0 and self.pos_embed
+                and isinstance(self.qkv_bias, bool))
 
     @property
     def head_dim(self) -> int:
@@ -104,15 +220,35 @@ class ViTShape:
 
     @classmethod
     def from_config(cls, name_or_config: str | dict, **overrides) -> "ViTShape":
-        """Shape of a named config (:mod:`fastvit_kernels.configs`) or a dict of VisionTransformer constructor
-        arguments, with overrides (e.g. ``img_size=384``). Unknown constructor keys are ignored.
+        """Shape of a named config (:mod:`fastvit_kernels.configs`, or :data:`TIMM_EVA_OPTIONS`) or a dict of
+        VisionTransformer constructor arguments, with overrides (e.g. ``img_size=384``). Unknown constructor keys are
+        ignored. A dict (or config) holding a key only timm's ``Eva`` takes (``qkv_fused``, ``swiglu_mlp``,
+        ``use_rot_pos_emb``, ``num_reg_tokens``, ...) is read in Eva's terms (:func:`eva_shape_options`, timm Eva's
+        defaults). VisionTransformer's ``reg_tokens``, ``init_values`` (LayerScale), ``norm_layer`` (RMSNorm) and
+        ``mlp_layer`` ("swiglu" / "swiglu_packed") are read too.
 
         Raises:
             KeyError: unknown config name.
+            ValueError: Eva options the shapes do not cover.
         """
-        cfg = get_config(name_or_config) if isinstance(name_or_config, str) else dict(name_or_config)
+        if isinstance(name_or_config, str):
+            cfg = dict(TIMM_EVA_OPTIONS[name_or_config]) if name_or_config in TIMM_EVA_OPTIONS \
+                else get_config(name_or_config)
+        else:
+            cfg = dict(name_or_config)
         cfg.update(overrides)
         fields = cls.__dataclass_fields__
+        if _EVA_KEYS & cfg.keys():
+            shape = eva_shape_options(cfg)
+            shape.update({k: v for k, v in cfg.items() if k in fields and k not in shape})
+            return cls(**shape)
+        cfg = dict(cfg)
+        if cfg.get("init_values") is not None:
+            cfg.setdefault("layer_scale", True)
+        if "norm_layer" in cfg and "norm" not in cfg:
+            cfg["norm"] = _norm_name(cfg["norm_layer"])
+        if isinstance(cfg.get("mlp_layer"), str) and "mlp" not in cfg:
+            cfg["mlp"] = {"swiglu": "swiglu", "swiglu_packed": "swiglu_packed"}.get(cfg["mlp_layer"], "gelu")
         defaults = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12)
         defaults.update({k: v for k, v in cfg.items() if k in fields})
         return cls(**defaults)
@@ -165,7 +301,9 @@ def flops_by_class(shape: ViTShape, batch_size: int, kind: str = "forward") -> d
         "ln_qkv": L * linear_flops(M, D, 3 * D),
         "attention": L * attention_flops(B, N, shape.num_heads, shape.head_dim),
         "proj": L * linear_flops(M, D, D),
-        "mlp": L * mlp_flops(M, D, shape.hidden),
+        # a SwiGLU fc1 has 2 * D_hidden outputs (gate and up): one more D -> D_hidden GEMM than a GELU MLP
+        "mlp": L * (mlp_flops(M, D, shape.hidden)
+                    + (linear_flops(M, D, shape.hidden) if shape.mlp != "gelu" else 0)),
         "head": linear_flops(B, D, shape.num_classes),
         "optimizer": 0,
     }
