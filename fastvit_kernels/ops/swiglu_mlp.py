@@ -66,7 +66,7 @@ def _packed_weight(gate: torch.Tensor, up: Optional[torch.Tensor]) -> torch.Tens
     if up is None:
         return gate
     Dh, D = gate.shape
-    if (gate.is_contiguous() and up.is_contiguous() and gate.device == up.device
+    if (gate.device.type != "meta" and gate.is_contiguous() and up.is_contiguous() and gate.device == up.device
             and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
             and up.storage_offset() == gate.storage_offset() + Dh * D):
         return gate.as_strided((2 * Dh, D), (D, 1), gate.storage_offset())
