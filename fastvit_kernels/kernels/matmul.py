@@ -82,7 +82,8 @@ _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_
 
 def _candidates(dtype: torch.dtype, kw: dict, split: bool) -> list:
     return cfgs.gemm_configs(dtype, split, dgelu=bool(kw.get("DGELU")),
-                             b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU.value)
+                             b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU.value,
+                             glu=bool(kw.get("SWIGLU") or kw.get("DSWIGLU")))
 
 
 def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
@@ -105,8 +106,9 @@ def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
 
 
 # every dtype's / split's / flag's candidates: what the autotuners hold; the prunes pick one list per launch
-_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg) for dt in (torch.float32, torch.float16)
-                          for sp in (False, True) for dg in (False, True) for bg in (False, True))
+_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl)
+                          for dt in (torch.float32, torch.float16) for sp in (False, True) for dg in (False, True)
+                          for bg in (False, True) for gl in (False, True))
 
 
 def _autotuned(name: str, key: list, prune):
@@ -351,7 +353,9 @@ def _launch_pointer(g: Gemm) -> None:
                DOT_PRECISION=dot_precision(g.compute_dtype), **cfg)
         return
     ix = g.index
-    kernel, cfg = _fixed(_matmul_split_kernel, lambda: _candidates(g.compute_dtype, f.constexprs(), split=ix.split))
+    kernel, cfg = _fixed(_matmul_split_kernel, lambda: _candidates(g.compute_dtype, {**f.constexprs(),
+                                                                                     **f.glu_constexprs()},
+                                                                   split=ix.split))
     launch(kernel, _tiles(g.M, g.N), *_split_args(g), **f.constexprs(), DOT_PRECISION=dot_precision(g.compute_dtype),
            SPLIT_M=ix.m_split is not None, SPLIT_N=ix.n_split is not None, SPLIT_K=ix.k_split is not None,
            IMG_BOUNDS=BOUNDS_OF[f.image_bounds], **f.glu_constexprs(), **cfg)

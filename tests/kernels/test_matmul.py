@@ -298,6 +298,13 @@ def test_autotune_candidates_and_key():
     ids = [cfgs.config_id(c) for c in mm._prune_split(mm._ALL_CONFIGS, {"a_ptr": a32, "b_ptr": a16},
                                                       A_PROLOGUE=PROLOGUE_CAST.value)]
     assert ids == [cfgs.config_id(c) for c in cfgs.gemm_configs(torch.float16)]
+    # the SwiGLU epilogue and its derivative: the half-size 16-bit tiles (the default list spilled)
+    for flag in ("SWIGLU", "DSWIGLU"):
+        pruned = mm._prune_split(mm._ALL_CONFIGS, {"a_ptr": a16, "b_ptr": a16}, **{flag: True})
+        ids = [cfgs.config_id(c) for c in pruned]
+        assert ids == [cfgs.config_id(c) for c in cfgs.gemm_configs(torch.float16, glu=True)]
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in cfgs.gemm_configs(torch.float16,
+                                                                                                  glu=True))
     ids = [cfgs.config_id(c) for c in mm._prune_plain(mm._ALL_CONFIGS, {"a_ptr": a32, "b_ptr": a32})]
     assert ids == [cfgs.config_id(c) for c in cfgs.gemm_configs(torch.float32)]
     tiles = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
