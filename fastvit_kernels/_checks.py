@@ -98,6 +98,28 @@ def check_layernorm_input(x, norm_weight, norm_bias, eps: float) -> int:
     return D
 
 
+def check_norm_input(x, norm_weight, norm_bias, eps: float, norm: str = "layernorm") -> int:
+    """Checks shared by the ops whose pre-norm is a LayerNorm or an RMSNorm: ``norm`` is "layernorm" or
+    "rmsnorm"; x (B, N, D) (at least 2-D, floating); norm_weight (D,); norm_bias (D,) or None (a norm without
+    bias, as timm's RmsNorm); eps > 0. Returns D.
+
+    Raises:
+        TypeError / ValueError: as :func:`check_tensor`; eps <= 0; another ``norm``.
+    """
+    if norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"norm must be 'layernorm' or 'rmsnorm'; got {norm!r}")
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, N, D) (at least 2-D); got {tuple(x.shape)}")
+    D = x.shape[-1]
+    check_tensor("norm_weight", norm_weight, (D,), f"(D={D},)")
+    if norm_bias is not None:
+        check_tensor("norm_bias", norm_bias, (D,), f"(D={D},)")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0; got {eps}")
+    return D
+
+
 def check_gelu_approximate(approximate: str) -> bool:
     """Whether PyTorch's GELU ``approximate`` argument asks for the tanh form ("tanh" -> True, "none" -> False).
 

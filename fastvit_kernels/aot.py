@@ -498,6 +498,7 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
 
     s = _vit_shapes(model, img_size)
     B, D, N, hidden = batch, s["D"], s["N"], s["hidden"]
+    glu = hidden * 2 // 3  # SwiGLU width at the same parameter count (EVA-02: 4 * 2/3 * D)
     train = mode == "train"
 
     def t(*shape, grad=train, dt=dtype):
@@ -560,6 +561,15 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
         ("layernorm_mlp(TMA kernel)", on_tma(run(ops.layernorm_mlp, t(B, N, D), *mlp_w))),
         ("layernorm_mlp(TMA kernel, tanh GELU)", on_tma(run(ops.layernorm_mlp, t(B, N, D), *mlp_w,
                                                             approximate="tanh"))),
+        # the MLP variants of ViTs pretrained with RMSNorm / SwiGLU (EVA-02's 4 * 2/3 hidden ratio; no biases,
+        # timm's SwiGLUPacked fc1; timm's SwiGLU with biases and EVA-02's hidden LayerNorm)
+        ("layernorm_mlp(RMSNorm, no biases)", run(ops.layernorm_mlp, t(B, N, D), t(D), None, t(hidden, D), None,
+                                                  t(D, hidden), None, norm="rmsnorm")),
+        ("swiglu_mlp(packed fc1, RMSNorm, no biases)", run(ops.swiglu_mlp, t(B, N, D), t(D), None, t(2 * glu, D),
+                                                           None, None, None, t(D, glu), None, norm="rmsnorm")),
+        ("swiglu_mlp(hidden LayerNorm)", run(ops.swiglu_mlp, t(B, N, D), t(D), t(D), t(glu, D), t(glu),
+                                             t(glu, D), t(glu), t(D, glu), t(D), hidden_norm_weight=t(glu),
+                                             hidden_norm_bias=t(glu))),
     ]
     if train:
         work += [

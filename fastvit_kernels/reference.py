@@ -1,9 +1,9 @@
 """Plain eager PyTorch: the spec every kernel is held to, the CPU path, and the baseline of the benchmarks.
 
-* ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``, ``layernorm_linear_ref``,
+* ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``, ``swiglu_mlp_ref``, ``layernorm_linear_ref``,
   ``linear_residual_ref``, ``attention_block_ref``: one function per fused op, same arguments and
-  semantics as the op in :mod:`fastvit_kernels.ops`; ``rope_ref``: the 2-D RoPE the qkv GEMM epilogue will apply
-  (tables from :mod:`fastvit_kernels.rope`); ``rms_norm_ref``.
+  semantics as the op in :mod:`fastvit_kernels.ops`; ``rope_ref``: the 2-D RoPE the qkv GEMM epilogue applies
+  (tables from :mod:`fastvit_kernels.rope`); ``rms_norm_ref``: timm's ``RmsNorm``.
 * ``VisionTransformer``: a ViT that follows timm's ``VisionTransformer`` computation step for step (timm 1.0,
   ``timm/models/vision_transformer.py``; Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021):
   Conv2d patch embedding, class token then position add, pre-norm blocks
@@ -115,20 +115,96 @@ def layernorm_mlp_ref(
     eps: float = LN_EPS,
     add_residual: bool = True,
     approximate: str = "none",
+    norm: str = "layernorm",
 ) -> torch.Tensor:
-    """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(layernorm(x))))``.
+    """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(norm(x))))``.
 
     Args:
-        x: (B, N, D). norm_weight, norm_bias: (D,). fc1_weight: (D_hidden, D), fc1_bias: (D_hidden,).
-        fc2_weight: (D, D_hidden), fc2_bias: (D,). eps: LayerNorm epsilon (timm ViT: 1e-6).
-        add_residual: when False, return only the branch ``fc2(gelu(fc1(layernorm(x))))``.
+        x: (B, N, D). norm_weight: (D,); norm_bias: (D,) or None. fc1_weight: (D_hidden, D), fc1_bias:
+            (D_hidden,) or None. fc2_weight: (D, D_hidden), fc2_bias: (D,) or None. eps: the norm's epsilon
+            (timm ViT: 1e-6).
+        add_residual: when False, return only the branch ``fc2(gelu(fc1(norm(x))))``.
         approximate: GELU form as ``torch.nn.GELU``: "none" (exact erf, timm's default) or "tanh".
+        norm: "layernorm" (``F.layer_norm``) or "rmsnorm" (:func:`rms_norm_ref`, timm's ``RmsNorm``).
 
     Returns:
         (B, N, D), dtype of ``x``.
     """
-    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    h = _norm_ref(x, norm_weight, norm_bias, eps, norm)
     y = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
+    return x + y if add_residual else y
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
+                 eps: float = LN_EPS) -> torch.Tensor:
+    """RMSNorm over the last dim, as timm's ``RmsNorm`` (``timm.layers.fast_norm.rms_norm``; Zhang & Sennrich,
+    "Root Mean Square Layer Normalization", 2019): ``x * rsqrt(mean(x^2) + eps) * weight`` (+ ``bias``, which
+    timm's RmsNorm does not have), in x's dtype, no mean subtraction.
+
+    Args:
+        x: (..., D). weight: (D,) or None. bias: (D,) or None. eps: added to the mean square.
+    """
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+def _norm_ref(x, weight, bias, eps, norm: str) -> torch.Tensor:
+    if norm == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    if norm == "rmsnorm":
+        return rms_norm_ref(x, weight, bias, eps)
+    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm'; got {norm!r}")
+
+
+def swiglu_mlp_ref(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_weight: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    eps: float = LN_EPS,
+    *,
+    norm: str = "layernorm",
+    hidden_norm_weight: torch.Tensor | None = None,
+    hidden_norm_bias: torch.Tensor | None = None,
+    hidden_norm_eps: float = LN_EPS,
+    add_residual: bool = True,
+) -> torch.Tensor:
+    """The SwiGLU MLP half of a pre-norm block (Shazeer 2020): ``x + fc2(hnorm(silu(gate) * up))`` with
+    ``gate, up`` the two halves of fc1 applied to ``norm(x)``, as timm's ``SwiGLU`` (separate ``fc1_g`` / ``fc1_x``)
+    and ``SwiGLUPacked`` (``GluMlp(act_layer=SiLU, gate_last=False)``: one ``fc1`` whose output is chunked, the
+    first half the gate) compute it, with timm's optional ``norm`` on the hidden (EVA-02's ``scale_mlp``: a
+    LayerNorm over D_hidden before fc2).
+
+    Args:
+        x: (B, N, D). norm_weight: (D,); norm_bias: (D,) or None. eps: the pre-norm's epsilon.
+        gate_weight, gate_bias: with ``up_weight`` given, the gate Linear, (D_hidden, D) and (D_hidden,) or None;
+            with ``up_weight=None``, the packed fc1 of SwiGLUPacked, (2 * D_hidden, D) and (2 * D_hidden,) or None.
+        up_weight, up_bias: the up Linear (``fc1_x``), (D_hidden, D) and (D_hidden,) or None; None for packed.
+        fc2_weight: (D, D_hidden); fc2_bias: (D,) or None.
+        norm: "layernorm" or "rmsnorm" (the pre-norm).
+        hidden_norm_weight, hidden_norm_bias: (D_hidden,) LayerNorm on the hidden activations, or None for none.
+        hidden_norm_eps: its epsilon.
+        add_residual: False returns the branch only.
+
+    Returns:
+        (B, N, D), dtype of ``x``.
+    """
+    h = _norm_ref(x, norm_weight, norm_bias, eps, norm)
+    if up_weight is None:
+        gate, up = F.linear(h, gate_weight, gate_bias).chunk(2, dim=-1)
+    else:
+        gate, up = F.linear(h, gate_weight, gate_bias), F.linear(h, up_weight, up_bias)
+    z = F.silu(gate) * up
+    if hidden_norm_weight is not None:
+        z = F.layer_norm(z, (z.shape[-1],), hidden_norm_weight, hidden_norm_bias, hidden_norm_eps)
+    y = F.linear(z, fc2_weight, fc2_bias)
     return x + y if add_residual else y
 
 
@@ -405,13 +481,6 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm (Zhang and Sennrich 2019) over the last dim, as timm's ``rms_norm``:
-    ``x * rsqrt(mean(x^2) + eps) * weight``, in x's dtype. x: (..., D); weight: (D,) or None."""
-    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return x * weight if weight is not None else x
-
-
 class RmsNorm(nn.Module):
     """RMSNorm over the last dim (timm ``RmsNorm``; parameter ``weight`` (D,), ones): see :func:`rms_norm_ref`."""
 
@@ -421,7 +490,7 @@ class RmsNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_ref(x, self.weight, self.eps)
+        return rms_norm_ref(x, self.weight, eps=self.eps)
 
 
 class NormSpec(NamedTuple):

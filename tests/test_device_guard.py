@@ -107,11 +107,14 @@ def _case(name: str, device: str):
         "attention_block": (ops.attention_block, [x, nw, nb, w(3 * D, D), b(3 * D), w(D, D), b(D)],
                             dict(num_heads=H)),
         "layernorm_mlp": (ops.layernorm_mlp, [x, nw, nb, w(4 * D, D), b(4 * D), w(D, 4 * D), b(D)], {}),
+        "swiglu_mlp": (ops.swiglu_mlp, [x, nw, nb, w(2 * D, D), b(2 * D), w(2 * D, D), b(2 * D), w(D, 2 * D), b(D)],
+                       {}),
     }[name]
 
 
 # the public differentiable ops; ops.__all__ also exports the FLOP-formula helpers, which launch nothing
-OP_NAMES = ("attention", "attention_block", "layernorm_linear", "layernorm_mlp", "linear_residual", "patch_embed")
+OP_NAMES = ("attention", "attention_block", "layernorm_linear", "layernorm_mlp", "linear_residual", "patch_embed",
+            "swiglu_mlp")
 
 
 def test_every_public_op_is_covered():
@@ -214,5 +217,5 @@ def test_every_custom_op_implementation_is_guarded():
             i = names.index("torch.library.custom_op")
             if "launches_on_input_device" not in names[i + 1:]:
                 unguarded.append(f"{path.name}:{node.lineno} {node.name}")
-    assert found == 12, found  # forward and backward of the six ops
+    assert found == 14, found  # forward and backward of the seven ops
     assert not unguarded, f"custom ops without the device guard: {unguarded}"

@@ -41,7 +41,7 @@ from .flops import OP_CLASS_LABELS, OP_CLASSES, ViTShape, flops_by_class
 
 _GEMM_OPS = {"aten.addmm", "aten.mm", "aten.sum", "aten.linear", "aten.matmul", "aten.bmm"}
 _PUBLIC_OPS = {"patch_embed": "patch_embed", "attention": "attention", "layernorm_mlp": "mlp",
-               "layernorm_linear": "ln_qkv", "linear_residual": "proj"}
+               "swiglu_mlp": "mlp", "layernorm_linear": "ln_qkv", "linear_residual": "proj"}
 
 
 class _Timer:

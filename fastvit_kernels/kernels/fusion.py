@@ -6,10 +6,15 @@ described once, by :class:`Gemm`:
 * operands (:class:`Operand`): a tensor viewed as a logical matrix through its strides, optionally walked through
   the three-level index split of :class:`IndexMap` (the patch embedding's im2col-in-the-load) with
   :class:`ImageBounds` (zero padding of an image operand);
-* one prologue per operand, applied as a tile is loaded: :class:`LayerNorm`, :class:`Gelu`, :class:`Cast` or
-  :class:`ChannelAffine` (or none);
+* one prologue per operand, applied as a tile is loaded: :class:`LayerNorm` (also RMSNorm, from a zero mean),
+  :class:`Gelu`, :class:`Cast` or :class:`ChannelAffine` (or none), and on B :class:`SwiGLU` (``silu(B) * B2`` of
+  a second B operand);
 * the :class:`Epilogue` steps, in this order: + bias, * GELU'(pre-activation) (activation derivative), GELU with
-  the pre-activation stored, + residual; and A's row sums (a bias gradient) from the A tiles the main loop loads.
+  the pre-activation stored, + residual; and A's row sums (a bias gradient) from the A tiles the main loop loads;
+* the SwiGLU steps (Shazeer 2020, "GLU Variants Improve Transformer"): a second B operand ``b2`` (the up
+  projection) read beside B (the gate) into a second accumulator, ``silu(gate + bias) * (up + up_bias)`` in the
+  epilogue with the (gate | up) pre-activation stored (:attr:`Epilogue.swiglu`), and its derivative, two output
+  tiles d gate | d up, in the epilogue of the GEMM producing dH (:attr:`Epilogue.swiglu_grad_of`).
 
 Readers: the pointer kernels and the TMA kernel of :mod:`~fastvit_kernels.kernels.matmul` /
 :mod:`~fastvit_kernels.kernels.matmul_tma` take :meth:`Fusion.constexprs`, the cuBLAS path
@@ -41,7 +46,8 @@ PROLOGUE_LN = tl.constexpr(1)  # LayerNorm from fp32 row statistics (stats along
 PROLOGUE_GELU = tl.constexpr(2)  # GELU recomputed from a stored pre-activation
 PROLOGUE_CAST = tl.constexpr(3)  # conversion to the other operand's dtype
 PROLOGUE_AFFINE = tl.constexpr(4)  # per-channel v * scale[c] + shift[c] in fp32, then that conversion
-PROLOGUE_NAMES = {0: "none", 1: "ln", 2: "gelu", 3: "cast", 4: "affine"}
+PROLOGUE_SWIGLU = tl.constexpr(5)  # B only: silu(B) * B2 recomputed from the stored (gate | up) pre-activation
+PROLOGUE_NAMES = {0: "none", 1: "ln", 2: "gelu", 3: "cast", 4: "affine", 5: "swiglu"}
 
 # which operand carries the image bounds: the IMG_BOUNDS constexpr of the split-index kernel
 BOUNDS_NONE = tl.constexpr(0)
@@ -97,7 +103,8 @@ class Operand:
 class LayerNorm:
     """Prologue: ``(v - mean[r]) * rstd[r] * weight[f] + bias[f]`` in fp32 on the operand's tile, with the fp32
     statistics along the operand's rows r (A: m; B: k) and the affine along its features f (A: k; B: n), so the
-    normalised activations never reach device memory (Ba et al. 2016)."""
+    normalised activations never reach device memory (Ba et al. 2016). RMSNorm (Zhang & Sennrich 2019) is this
+    prologue with the zero mean of ``layernorm.row_stats(x, eps, rms=True)`` (and a zero bias when it has none)."""
 
     mean: torch.Tensor  # (rows,) fp32
     rstd: torch.Tensor  # (rows,) fp32
@@ -131,7 +138,16 @@ class ChannelAffine:
     kind = PROLOGUE_AFFINE.value
 
 
-Prologue = LayerNorm | Gelu | Cast | ChannelAffine | None
+@dataclass(frozen=True)
+class SwiGLU:
+    """Prologue (B only): ``silu(v) * v2`` in fp32, v from B and v2 from the second B operand :attr:`Gemm.b2` at the
+    same (k, n), converted to the dot's dtype: the SwiGLU hidden recomputed from the stored gate and up
+    pre-activations (the fc2 weight-grad GEMM ``dW2 = dY^T @ (silu(gate) * up)``)."""
+
+    kind = PROLOGUE_SWIGLU.value
+
+
+Prologue = LayerNorm | Gelu | Cast | ChannelAffine | SwiGLU | None
 
 
 @dataclass(frozen=True)
@@ -213,7 +229,16 @@ class Epilogue:
 
     and ``a_rowsum``: (M,) contiguous output written with ``sum_k prologue(A)[m, k]`` (fp32 accumulation, one
     program per row tile, fixed order): a weight-grad GEMM ``dW = dY^T @ X`` yields the bias gradient from the dY
-    tiles it already loads."""
+    tiles it already loads.
+
+    The SwiGLU steps (with a second B operand :attr:`Gemm.b2`; the general pointer kernel only):
+
+    * ``swiglu``: two accumulators, gate = A @ B (+ ``bias``) and up = A @ B2 (+ ``up_bias``: (N,)); C = silu(gate)
+      * up, first storing the pre-activations to ``store_preact``, here (M, 2N) contiguous: gate in columns [0, N),
+      up in [N, 2N) (the layout of timm's packed ``fc1`` output);
+    * ``swiglu_grad_of``: (M, 2N) contiguous (gate | up) pre-activation; the product tile is dH and two tiles are
+      written, ``C[:, n] = dH * up * silu'(gate)`` (d gate) and ``C[:, N + n] = dH * silu(gate)`` (d up): C is
+      logically (M, 2N) (the backward of SwiGLU)."""
 
     bias: torch.Tensor | None = None
     gelu_grad_of: torch.Tensor | None = None
@@ -221,11 +246,18 @@ class Epilogue:
     store_preact: torch.Tensor | None = None
     residual: Operand | None = None
     a_rowsum: torch.Tensor | None = None
+    swiglu: bool = False
+    up_bias: torch.Tensor | None = None
+    swiglu_grad_of: torch.Tensor | None = None
 
     @property
     def aux(self) -> torch.Tensor | None:
-        """The (M, N) pre-activation buffer: read (GELU') or written (GELU with the pre-activation stored)."""
-        return self.gelu_grad_of if self.gelu_grad_of is not None else self.store_preact
+        """The pre-activation buffer: read (GELU', SwiGLU') or written (GELU / SwiGLU with the pre-activation
+        stored)."""
+        for t in (self.gelu_grad_of, self.swiglu_grad_of, self.store_preact):
+            if t is not None:
+                return t
+        return None
 
 
 @dataclass(frozen=True)
@@ -247,6 +279,9 @@ class Fusion:
     image_bounds: str | None = None
     rope: int = 0  # ROPE_* (where RoPE is applied); 0: none
     rope_half: bool = False  # the rotate_half pair layout (else interleaved)
+    swiglu: bool = False
+    up_bias: bool = False
+    swiglu_grad: bool = False
 
     @property
     def converts(self) -> bool:
@@ -254,9 +289,16 @@ class Fusion:
         return bool({self.a_prologue, self.b_prologue} & {PROLOGUE_CAST.value, PROLOGUE_AFFINE.value})
 
     @property
+    def glu(self) -> bool:
+        """A SwiGLU step (second B operand: the SwiGLU epilogue or its derivative, or the SwiGLU prologue on B)."""
+        return self.swiglu or self.swiglu_grad or self.b_prologue == PROLOGUE_SWIGLU.value
+
+    @property
     def plain(self) -> bool:
-        """No split index, conversion, image bounds or RoPE: the TMA kernel, the cuBLAS path and pairs apply."""
-        return not (self.split or self.converts or self.image_bounds is not None or self.rope)
+        """No split index, conversion, image bounds, SwiGLU step or RoPE: the TMA kernel, the cuBLAS path and pairs
+        apply (the others run on the general pointer kernel, ``matmul._matmul_split_kernel``, or, with RoPE,
+        ``matmul._matmul_rope_kernel``)."""
+        return not (self.split or self.converts or self.image_bounds is not None or self.glu or self.rope)
 
     @staticmethod
     def from_constexprs(kw: dict, suffix: str = "") -> "Fusion":
@@ -273,7 +315,8 @@ class Fusion:
                       bias=bool(get("HAS_BIAS")), gelu_grad=bool(get("DGELU")), gelu=bool(get("ACT_GELU")),
                       store_preact=bool(get("STORE_PREACT")), residual=bool(get("HAS_RESIDUAL")),
                       a_rowsum=bool(get("A_ROWSUM")), gelu_tanh=bool(get("GELU_TANH")), split=split,
-                      image_bounds=bounds, rope=int(get("ROPE", 0)), rope_half=bool(get("ROPE_HALF")))
+                      image_bounds=bounds, swiglu=bool(get("SWIGLU")), up_bias=bool(get("HAS_UP_BIAS")),
+                      swiglu_grad=bool(get("DSWIGLU")), rope=int(get("ROPE", 0)), rope_half=bool(get("ROPE_HALF")))
 
     def constexprs(self) -> dict:
         """The prologue / epilogue constexprs every GEMM kernel form takes, by name."""
@@ -281,14 +324,21 @@ class Fusion:
                     DGELU=self.gelu_grad, ACT_GELU=self.gelu, STORE_PREACT=self.store_preact,
                     HAS_RESIDUAL=self.residual, GELU_TANH=self.gelu_tanh, A_ROWSUM=self.a_rowsum)
 
+    def glu_constexprs(self) -> dict:
+        """The SwiGLU constexprs, taken by the general pointer kernel (``matmul._matmul_split_kernel``) only, the
+        one form that carries the SwiGLU steps (a SwiGLU fusion is not :attr:`plain`, so no other form runs it)."""
+        return dict(SWIGLU=self.swiglu, HAS_UP_BIAS=self.up_bias, DSWIGLU=self.swiglu_grad)
+
     @property
     def name(self) -> str:
         """The fusion as a stable string, e.g. "a_ln+bias+gelu_store" ("plain" for none): the path rule's key part
         (:func:`fastvit_kernels.kernels.gemm_impl.gemm_key`) and the cost model's label."""
         parts = [f"a_{PROLOGUE_NAMES[self.a_prologue]}" if self.a_prologue else "",
                  f"b_{PROLOGUE_NAMES[self.b_prologue]}" if self.b_prologue else "",
-                 "bias" if self.bias else "", "dgelu" if self.gelu_grad else "",
-                 "gelu_store" if self.store_preact else ("gelu" if self.gelu else ""),
+                 "bias" if self.bias else "", "up_bias" if self.up_bias else "", "dgelu" if self.gelu_grad else "",
+                 "dswiglu" if self.swiglu_grad else "",
+                 "gelu_store" if self.store_preact and self.gelu else ("gelu" if self.gelu else ""),
+                 "swiglu_store" if self.store_preact and self.swiglu else ("swiglu" if self.swiglu else ""),
                  "residual" if self.residual else "", "tanh" if self.gelu_tanh else "",
                  "a_rowsum" if self.a_rowsum else "",
                  f"rope_{_ROPE_NAMES[self.rope]}{'_half' if self.rope_half else ''}" if self.rope else ""]
@@ -307,14 +357,19 @@ class Gemm:
     """One launch of the GEMM core: ``c = epilogue(a_prologue(a) @ b_prologue(b))`` with a logical (M, K), b
     (K, N), c (M, N) (:class:`Operand`), addressed through ``index`` (:class:`IndexMap`). ``gelu_approximate``:
     "none" (exact erf) or "tanh": the form of every GELU of the launch (a :class:`Gelu` prologue, the GELU epilogue
-    and GELU'). c is written and must not alias an operand (autotuning reruns the launch).
+    and GELU'). c is written and must not alias an operand (autotuning reruns the launch). ``b2``: a second B
+    operand (K, N) with B's strides and dtype, read by the SwiGLU epilogue (:attr:`Epilogue.swiglu`) and the
+    :class:`SwiGLU` prologue on B; with :attr:`Epilogue.swiglu_grad_of` c is logically (M, 2N).
 
     Raises (on construction, before anything launches):
         ValueError: an argument combination the core cannot run (named in the message): two converted operands, a
             conversion beside the other operand's LayerNorm / GELU, mixed operand dtypes without a conversion, a
             channel affine without its feature split, image bounds without the token / pixel splits, a split whose
             D2 does not divide D1, a GELU' with a GELU, a stored pre-activation without GELU, a row-sum or
-            pre-activation buffer of the wrong size or layout, or a bad ``gelu_approximate``.
+            pre-activation buffer of the wrong size or layout, or a bad ``gelu_approximate``; for SwiGLU: a step
+            without ``b2`` (or ``b2`` without a step), ``b2`` with other strides / dtype than b, SwiGLU beside GELU,
+            a residual, a split index or image bounds, the SwiGLU prologue on A or beside the SwiGLU epilogue, a
+            bias / row sums with the SwiGLU derivative, up_bias without the SwiGLU epilogue.
     """
 
     a: Operand
@@ -329,6 +384,7 @@ class Gemm:
     index: IndexMap = field(default_factory=IndexMap)
     gelu_approximate: str = "none"
     rope: Rope | None = None
+    b2: Operand | None = None
 
     def __post_init__(self):
         ep, ix = self.epilogue, self.index
@@ -360,11 +416,14 @@ class Gemm:
                 raise _err("index.image_bounds", f"the token and pixel splits of operand {op!r}", ix)
         if ep.gelu_grad_of is not None and ep.gelu:
             raise _err("epilogue", "GELU' (gelu_grad_of) or GELU, not both", ep)
-        if ep.store_preact is not None and not ep.gelu:
-            raise _err("epilogue.store_preact", "gelu=True (the pre-activation of the GELU epilogue)", False)
+        if ep.store_preact is not None and not (ep.gelu or ep.swiglu):
+            raise _err("epilogue.store_preact", "gelu=True or swiglu=True (the pre-activation of the activation "
+                       "epilogue)", False)
+        self._check_glu()
         aux = ep.aux
-        if aux is not None and not (aux.is_contiguous() and aux.numel() == self.M * self.N):
-            raise _err("epilogue pre-activation", f"a contiguous ({self.M}, {self.N}) tensor",
+        width = 2 * self.N if (ep.swiglu or ep.swiglu_grad_of is not None) else self.N
+        if aux is not None and not (aux.is_contiguous() and aux.numel() == self.M * width):
+            raise _err("epilogue pre-activation", f"a contiguous ({self.M}, {width}) tensor",
                        f"shape {tuple(aux.shape)}, strides {aux.stride()}")
         if ep.a_rowsum is not None:
             if not (ep.a_rowsum.is_contiguous() and ep.a_rowsum.numel() == self.M):
@@ -393,10 +452,40 @@ class Gemm:
             raise _err("rope.freqs", f"a contiguous (1 or {r.num_heads}, {r.head_dim // 2}, 2) fp32 tensor",
                        (tuple(f.shape), f.dtype))
         if (ep.gelu_grad_of is not None or ep.gelu or ep.residual is not None or self.index.split
-                or _converts(self.a_prologue) or _converts(self.b_prologue)):
+                or _converts(self.a_prologue) or _converts(self.b_prologue) or self.b2 is not None
+                or ep.swiglu or ep.swiglu_grad_of is not None):
             raise _err("rope", "a plain GEMM with only LayerNorm prologues, bias and row sums beside it", self.fusion)
         if r.role == "out" and ep.a_rowsum is not None:
             raise _err("epilogue.a_rowsum", "None with rope role 'out'", "a row-sum buffer")
+    def _check_glu(self) -> None:
+        """The SwiGLU part of :meth:`__post_init__`."""
+        ep, b2 = self.epilogue, self.b2
+        pro = isinstance(self.b_prologue, SwiGLU)
+        if isinstance(self.a_prologue, SwiGLU):
+            raise _err("a_prologue", "SwiGLU on B only (it reads the second B operand b2)", "SwiGLU on A")
+        if ep.up_bias is not None and not ep.swiglu:
+            raise _err("epilogue.up_bias", "the SwiGLU epilogue (swiglu=True)", "swiglu=False")
+        if (ep.swiglu or pro) != (b2 is not None):
+            raise _err("b2", "a second B operand exactly with the SwiGLU epilogue or the SwiGLU prologue on B",
+                       "None" if b2 is None else "b2 without either")
+        steps = (ep.swiglu, ep.swiglu_grad_of is not None, pro)
+        if not any(steps):
+            return
+        if sum(steps) > 1:
+            raise _err("epilogue / b_prologue", "one SwiGLU step per launch", ep)
+        if b2 is not None and (b2.tensor.dtype != self.b.tensor.dtype or (b2.rows, b2.cols) != (self.b.rows,
+                                                                                             self.b.cols)):
+            raise _err("b2", f"b's dtype {self.b.tensor.dtype} and strides {(self.b.rows, self.b.cols)}",
+                       f"{b2.tensor.dtype}, {(b2.rows, b2.cols)}")
+        if ep.gelu or ep.gelu_grad_of is not None or isinstance(self.a_prologue, Gelu):
+            raise _err("epilogue", "SwiGLU without GELU in the same launch", ep)
+        if ep.residual is not None or self.index != IndexMap() or not (self.a.plain and self.b.plain and
+                                                                        self.c.plain):
+            raise _err("index / residual", "no split index, image bounds or residual with SwiGLU", self.index)
+        if ep.swiglu and self.b_prologue is not None:
+            raise _err("b_prologue", "none with the SwiGLU epilogue (B and b2 are weights)", self.b_prologue)
+        if ep.swiglu_grad_of is not None and (ep.bias is not None or ep.a_rowsum is not None):
+            raise _err("epilogue", "no bias / a_rowsum with the SwiGLU derivative", ep)
 
     @cached_property
     def fusion(self) -> Fusion:
@@ -408,6 +497,7 @@ class Gemm:
                       store_preact=ep.store_preact is not None, residual=ep.residual is not None,
                       a_rowsum=ep.a_rowsum is not None, gelu_tanh=self.gelu_approximate == "tanh",
                       split=ix.split, image_bounds=ix.image_bounds.operand if ix.image_bounds else None,
+                      swiglu=ep.swiglu, up_bias=ep.up_bias is not None, swiglu_grad=ep.swiglu_grad_of is not None,
                       rope=ROPE_ROLES[self.rope.role] if self.rope is not None else 0,
                       rope_half=self.rope is not None and self.rope.half)
 
@@ -439,6 +529,12 @@ class Gemm:
         return (_or(ep.bias, dummy), ep.residual.tensor if ep.residual is not None else dummy, _or(ep.aux, dummy),
                 _or(ep.a_rowsum, dummy), *((ln.mean, ln.rstd) if ln else (dummy, dummy)), *params)
 
+    def glu_pointers(self) -> tuple:
+        """The general pointer kernel's SwiGLU tensor arguments, after :meth:`pointers`: b2 (the second B
+        operand), up_bias. An absent one is C's tensor (never read)."""
+        dummy = self.c.tensor
+        return (self.b2.tensor if self.b2 is not None else dummy, _or(self.epilogue.up_bias, dummy))
+
 
 def _or(t, dummy):
     return t if t is not None else dummy
@@ -465,8 +561,8 @@ def pair_plan(f0: Fusion, f1: Fusion, *, form: str, dtype: torch.dtype, triton_v
     by the cost model, so the plan they describe is the one that runs.
 
     The pair kernels carry the backward GEMMs' fusions only (LayerNorm / GELU prologues, bias, GELU', A row sums)
-    with one GELU form; the remaining exclusions are register spills the AOT check found (``python -m
-    fastvit_kernels.aot check``):
+    with one GELU form, and no SwiGLU step (those GEMMs run one by one on the general pointer kernel); the
+    remaining exclusions are register spills the AOT check found (``python -m fastvit_kernels.aot check``):
 
     * TMA form, fp32 operands: 8-16 B per thread on the stack on sm_90 (Triton 3.9);
     * TMA form, Triton before 3.6, GELU on B's load (fc2's dW2 with dH): 8-96 B with every candidate on sm_90
@@ -479,6 +575,8 @@ def pair_plan(f0: Fusion, f1: Fusion, *, form: str, dtype: torch.dtype, triton_v
     if form not in PAIR_FORMS:
         raise _err("form", f"one of {PAIR_FORMS}", repr(form))
     for f in (f0, f1):
+        if f.glu:
+            return "a SwiGLU step (second B operand): the pair kernels do not carry it"
         if not f.plain or f.residual or f.gelu or f.store_preact:
             return "a fusion the pair kernels do not carry (split index, conversion, residual or GELU epilogue)"
     if f0.gelu_tanh != f1.gelu_tanh:
@@ -706,3 +804,54 @@ def rope_unrotate(v, v_partner, theta, is_first):
     c, s = rope_cos_sin(theta)
     sign = tl.where(is_first, 1.0, -1.0)
     return v.to(tl.float32) * c + sign * v_partner.to(tl.float32) * s
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# device side: SwiGLU steps
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def silu(x):
+    """SiLU (swish) in fp32: ``x * sigmoid(x)`` (Elfwing et al. 2017; ``torch.nn.SiLU``)."""
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def swiglu_operand(b, b2, DTYPE: tl.constexpr):
+    """The :class:`SwiGLU` prologue on one B tile: ``silu(b) * b2`` in fp32, converted to ``DTYPE`` (the dot's).
+    Masked (padding) elements load as 0 and stay 0."""
+    return (silu(b.to(tl.float32)) * b2.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
+def swiglu_epilogue(acc, acc_up, offs_m, offs_n, mask, mask_n, N, bias_ptr, up_bias_ptr, aux_ptr,
+                    HAS_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr):
+    """The SwiGLU epilogue (:attr:`Epilogue.swiglu`) on the fp32 gate / up tiles at rows ``offs_m`` / columns
+    ``offs_n``: + bias[n], + up_bias[n]; store both pre-activations to ``aux_ptr`` ((M, 2N) contiguous: gate at
+    column n, up at N + n) when STORE_PREACT; return ``silu(gate) * up`` (fp32)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_UP_BIAS:
+        acc_up += tl.load(up_bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if STORE_PREACT:
+        offs = offs_m.to(tl.int64)[:, None] * (2 * N) + offs_n[None, :]
+        tl.store(aux_ptr + offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        tl.store(aux_ptr + offs + N, acc_up.to(aux_ptr.dtype.element_ty), mask=mask)
+    return silu(acc) * acc_up
+
+
+@triton.jit
+def swiglu_grad(dh, gate, up):
+    """(d gate, d up) of ``h = silu(gate) * up`` for the fp32 gradient ``dh``: ``dh * up * silu'(gate)`` with
+    ``silu'(g) = s (1 + g (1 - s))``, s = sigmoid(g), and ``dh * silu(gate)``."""
+    s = tl.sigmoid(gate)
+    return dh * up * (s * (1.0 + gate * (1.0 - s))), dh * (gate * s)
+
+
+@triton.jit
+def swiglu_grad_epilogue(acc, offs_m, offs_n, mask, N, aux_ptr):
+    """The SwiGLU derivative (:attr:`Epilogue.swiglu_grad_of`) on the fp32 dH tile ``acc``: (d gate, d up) from
+    the stored pre-activations ``aux_ptr`` ((M, 2N) contiguous: gate at column n, up at N + n)."""
+    offs = offs_m.to(tl.int64)[:, None] * (2 * N) + offs_n[None, :]
+    gate = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(aux_ptr + offs + N, mask=mask, other=0.0).to(tl.float32)
+    return swiglu_grad(acc, gate, up)

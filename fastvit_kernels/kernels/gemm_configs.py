@@ -27,10 +27,12 @@ def autotune_enabled() -> bool:
     return not interpreter_enabled() and autotune_requested()
 
 
-def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = False, b_gelu: bool = False) -> bool:
+def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = False, b_gelu: bool = False,
+         glu: bool = False) -> bool:
     """Whether candidate ``cfg`` stays in the autotune set for operands of ``dtype`` (``split``: an index is
     split, the patch-embed GEMMs; ``dgelu``: the GELU' epilogue; ``b_gelu``: GELU on B's load, fc2's weight
-    gradient). Each prune below says what found the problem.
+    gradient; ``glu``: the SwiGLU epilogue or its derivative, see :func:`gemm_configs`). Each prune below says
+    what found the problem.
 
     * fp32 (IEEE dots on the FMA units, operand tiles in registers): 4 warps spilled 300-2600 B per thread with a
       B-operand prologue (LayerNorm / GELU) or a split index (AOT check, sm_80 / sm_90, Triton 3.9).
@@ -60,7 +62,7 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
 
 
 def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = None,
-                 dgelu: bool = False, b_gelu: bool = False) -> list[triton.Config]:
+                 dgelu: bool = False, b_gelu: bool = False, glu: bool = False) -> list[triton.Config]:
     """Autotune candidates for the GEMM core, the default candidate first: ``triton.Config`` with BLOCK_M / BLOCK_N /
     BLOCK_K / GROUP_M, num_warps, num_stages. ``dtype``: the dot's operand dtype (fp16 and bf16 share a list);
     ``split``: an index is split; ``dgelu``, ``b_gelu``: as in :func:`keep`; ``arch``: compute capability (80,
@@ -76,19 +78,27 @@ def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = Non
     a deeper K step, and a narrower N tile with 4 warps for launches with few tiles. Triton before
     ``NEWER_TRITON`` adds two smaller tiles for split indices, the only ones that build clean there (see
     :func:`keep`).
+
+    ``glu`` (the SwiGLU epilogue, two accumulators, or its derivative, two stored-pre-activation tiles and two
+    output tiles per accumulator tile), 16-bit: half-size tiles, 128 x 64 / 64 x 128 x 32 with 8 warps and 64 x 64
+    x 32 with 4. The 16-bit list above spilled there: the SwiGLU forward 8-3816 B per thread on sm_80 (every
+    tile; 128 x 128 also 16-48 B on sm_90), the derivative 72-264 B with every tile on sm_80 and sm_90 (AOT check,
+    ViT-B/16 bf16, Triton 3.9). The fp32 tile built clean.
     """
     del arch  # same candidates on every target (see docstring)
     if dtype == torch.float32:
         cands = [(64, 64, 32, 8, 1)] if split else [(64, 64, 32, 8, 2)]
+    elif glu:
+        cands = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
     else:
         cands = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
         if split and triton_version() < NEWER_TRITON:
             cands += [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
     out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
            for bm, bn, bk, w, st in cands]
-    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu)]
+    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu, glu)]
     assert out, f"no GEMM configuration survives keep() for {dtype}, split={split}, dgelu={dgelu}, " \
-                f"b_gelu={b_gelu}"
+                f"b_gelu={b_gelu}, glu={glu}"
     return out
 
 

@@ -1,12 +1,17 @@
-"""LayerNorm pieces that live outside the GEMMs (Ba et al., "Layer Normalization", 2016):
+"""LayerNorm pieces that live outside the GEMMs (Ba et al., "Layer Normalization", 2016), and the same for RMSNorm
+(Zhang & Sennrich, "Root Mean Square Layer Normalization", 2019; timm's ``RmsNorm``: ``x * rsqrt(mean(x^2) + eps)
+* weight``, no mean subtraction):
 
-* ``row_stats``: fp32 mean and rstd = 1 / sqrt(var + eps) per row; the GEMM's A-operand prologue applies the
-  normalisation from them, so normalised activations never reach device memory.
+* ``row_stats``: fp32 mean and rstd = 1 / sqrt(var + eps) per row (``rms=True``: mean = 0 and rstd = 1 /
+  sqrt(mean(x^2) + eps)); the GEMM's A-operand prologue applies the normalisation from them, so normalised
+  activations never reach device memory. With the zero mean (and a zero beta when the norm has no bias) the
+  LayerNorm prologue computes RMSNorm exactly (subtracting and adding 0 are exact), so RMSNorm needs no prologue
+  kind of its own.
 * ``layernorm_bwd``: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + d_residual with g = dy * gamma, and
-  dgamma / dbeta, all in ONE launch. Each of the P programs (at most ``BWD_PROGRAMS``, each looping over row
-  blocks ``pid, pid + P, ...``) writes its fp32 dgamma / dbeta partial row; the P rows are then summed by a
-  two-level "last block done" tree (CUDA's threadFenceReduction sample, PyTorch's ``Reduce.cuh`` semaphores), no
-  floating-point atomics:
+  dgamma / dbeta, all in ONE launch (``rms=True``: xhat = x * rstd and no mean(g) term, the RMSNorm backward).
+  Each of the P programs (at most ``BWD_PROGRAMS``, each looping over row blocks ``pid, pid + P, ...``) writes
+  its fp32 dgamma / dbeta partial row; the P rows are then summed by a two-level "last block done" tree (CUDA's
+  threadFenceReduction sample, PyTorch's ``Reduce.cuh`` semaphores), no floating-point atomics:
 
   1. programs form groups of ``BWD_GROUP`` = 16 consecutive ids (the last group may be smaller); each takes a ticket
      from its group's int32 counter (atomic add, acquire-release, GPU scope), and the group's last program sums the
@@ -40,6 +45,7 @@ def _layernorm_stats_kernel(
     x_ptr,  # (M, D) input rows, row stride stride_x_m, unit column stride
     mean_ptr, rstd_ptr,  # (M,) fp32 outputs
     M, D, stride_x_m, eps,
+    RMS: tl.constexpr,  # RMSNorm: mean written as 0, rstd from mean(x^2) (no mean subtraction)
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -47,9 +53,13 @@ def _layernorm_stats_kernel(
     mask_r = rows < M
     mask = mask_r[:, None] & (cols < D)[None, :]
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / D
+    if RMS:
+        mean = tl.zeros((ROWS,), dtype=tl.float32)
+        var = tl.sum(x * x, axis=1) / D  # the mean square (masked columns load as 0)
+    else:
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / D
     tl.store(mean_ptr + rows, mean, mask=mask_r)
     tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(var + eps), mask=mask_r)
 
@@ -84,7 +94,9 @@ def _layernorm_bwd_kernel(
     dgamma_ptr, dbeta_ptr,  # (D,) outputs in gamma's dtype, written by the last group's last program
     counter_ptr,  # (1 + n_groups,) int32, all 0 at launch (fresh for each launch): [0] global, [1 + g] group g
     M, D, stride_x_m, stride_dy_m, stride_dres_m, stride_dx_m,
-    HAS_DRES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    RMS: tl.constexpr,  # RMSNorm backward: no mean (mean_ptr is not read), no mean(g) term
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -100,13 +112,18 @@ def _layernorm_bwd_kernel(
         r64 = rows.to(tl.int64)[:, None]
         x = tl.load(x_ptr + r64 * stride_x_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + r64 * stride_dy_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * gamma[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
-        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if RMS:
+            xhat = x * rstd[:, None]  # masked elements load as 0
+            c1 = tl.sum(g * xhat, axis=1) / D
+            dx = (g - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            c1 = tl.sum(g * xhat, axis=1) / D
+            c2 = tl.sum(g, axis=1) / D
+            dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_DRES:
             dx += tl.load(dres_ptr + r64 * stride_dres_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + r64 * stride_dx_m + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -155,15 +172,19 @@ def bwd_programs(M: int, D: int) -> int:
     return max(1, min(triton.cdiv(M, rows), BWD_PROGRAMS))
 
 
-def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (mean, rstd) of each row of x (M, D) (unit column stride). Returns two (M,) fp32 tensors."""
+def row_stats(x: torch.Tensor, eps: float, rms: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (mean, rstd) of each row of x (M, D) (unit column stride, any row stride), in one launch: LayerNorm's
+    mean and rstd = 1 / sqrt(var + eps) (biased variance, as ``F.layer_norm``); with ``rms=True`` RMSNorm's
+    (timm ``RmsNorm``): mean = 0 and rstd = 1 / sqrt(mean(x^2) + eps), so that the LayerNorm prologue
+    (:class:`fusion.LayerNorm`) and :func:`layernorm_bwd` ``(rms=True)`` serve RMSNorm unchanged. Returns two (M,)
+    fp32 tensors."""
     M, D = x.shape
     assert x.stride(1) == 1
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     rows, block_d = _rows_per_program(D)
-    _launch.launch(_layernorm_stats_kernel, (triton.cdiv(M, rows),), x, mean, rstd, M, D, x.stride(0), eps, ROWS=rows,
-                   BLOCK_D=block_d)
+    _launch.launch(_layernorm_stats_kernel, (triton.cdiv(M, rows),), x, mean, rstd, M, D, x.stride(0), eps,
+                   RMS=bool(rms), ROWS=rows, BLOCK_D=block_d)
     return mean, rstd
 
 
@@ -192,12 +213,15 @@ def ticket_counter(device: torch.device, n_groups: int) -> torch.Tensor:
 
 
 def layernorm_bwd(
-    x: torch.Tensor, dy: torch.Tensor, gamma: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    dres: torch.Tensor | None = None,
+    x: torch.Tensor, dy: torch.Tensor, gamma: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
+    dres: torch.Tensor | None = None, *, rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm backward in one launch for x, dy (M, D) (unit column strides), gamma (D,), mean / rstd (M,) fp32
     (from ``row_stats``) and optionally dres (M, D) (unit column stride), the gradient arriving through a residual
-    path. Returns dx (M, D) in x's dtype (plus dres when given) and dgamma, dbeta (D,) in gamma's dtype, summed in
+    path. ``rms=True``: the RMSNorm backward (y = x * rstd * gamma (+ beta), rstd from ``row_stats(x, eps,
+    rms=True)``): dx = rstd * (g - xhat * mean(g * xhat)) with xhat = x * rstd; ``mean`` is not read (may be None).
+    Returns dx (M, D) in x's dtype (plus dres when given) and dgamma, dbeta (D,) in gamma's dtype (dbeta = the
+    column sums of dy: the gradient of a norm bias, which an RMSNorm without bias ignores), summed in
     fp32 by a fixed two-level tree (P = min(ceil(M / ROWS), BWD_PROGRAMS) per-program partial rows, groups of
     BWD_GROUP of them, then the group sums; deterministic: the same bits on every run).
 
@@ -205,6 +229,8 @@ def layernorm_bwd(
     once (by the group's / the global last program), and the (1 + ceil(P / BWD_GROUP),) int32 ``ticket_counter``
     buffer, zero-filled for this launch (one fill launch before the kernel)."""
     M, D = x.shape
+    if mean is None and not rms:
+        raise ValueError("mean: expected the (M,) fp32 row means of LayerNorm (None only with rms=True); got None")
     rows, block_d = _rows_per_program(D)
     n_prog = bwd_programs(M, D)
     n_groups = triton.cdiv(n_prog, BWD_GROUP)
@@ -216,8 +242,9 @@ def layernorm_bwd(
     dbeta = torch.empty(D, device=x.device, dtype=gamma.dtype)
     _launch.launch(
         _layernorm_bwd_kernel, (n_prog,),
-        x, dy, dres if dres is not None else dy, gamma, mean, rstd, dx, part, group_part, dgamma, dbeta, counter,
+        x, dy, dres if dres is not None else dy, gamma, rstd if mean is None else mean, rstd, dx, part, group_part,
+        dgamma, dbeta, counter,
         M, D, x.stride(0), dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
-        HAS_DRES=dres is not None, ROWS=rows, BLOCK_D=block_d, GROUP=BWD_GROUP,
+        HAS_DRES=dres is not None, RMS=bool(rms), ROWS=rows, BLOCK_D=block_d, GROUP=BWD_GROUP,
     )
     return dx, dgamma, dbeta

@@ -40,9 +40,10 @@ from . import matmul_tma, tuning_record
 from ._common import dot_precision, triton_version
 from ._launch import launch
 from .fusion import (BOUNDS_A, BOUNDS_B, BOUNDS_C, BOUNDS_OF, PROLOGUE_AFFINE, PROLOGUE_CAST, PROLOGUE_GELU,
-                     ROPE_A_COLS, ROPE_A_ROWS, ROPE_OUT, Epilogue, Gelu, Gemm, LayerNorm, Operand, Rope, accumulate,
-                     apply_prologues, epilogue, pair_plan, rope_coords, rope_freqs, rope_index, rope_rotate_out,
-                     rope_unrotate, store_rowsum, tile_coords, tile_start)
+                     PROLOGUE_SWIGLU, ROPE_A_COLS, ROPE_A_ROWS, ROPE_OUT, Epilogue, Gelu, Gemm, LayerNorm, Operand,
+                     Rope, accumulate, apply_prologues, epilogue, pair_plan, rope_coords, rope_freqs, rope_index,
+                     rope_rotate_out, rope_unrotate, store_rowsum, swiglu_epilogue, swiglu_grad_epilogue,
+                     swiglu_operand, tile_coords, tile_start)
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _image_mask(tok, pix, T_D1, T_D2, P_D1, P_D2, img_h, img_w):
 _FUSION_KEY = ["A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "ACT_GELU", "STORE_PREACT", "HAS_RESIDUAL",
                "GELU_TANH", "A_ROWSUM"]
 _PLAIN_KEY = ["M_BUCKET", "N", "K", *_FUSION_KEY, "DOT_PRECISION"]
-_SPLIT_KEY = [*_PLAIN_KEY, "SPLIT_M", "SPLIT_N", "SPLIT_K", "IMG_BOUNDS"]
+_SPLIT_KEY = [*_PLAIN_KEY, "SPLIT_M", "SPLIT_N", "SPLIT_K", "IMG_BOUNDS", "SWIGLU", "HAS_UP_BIAS", "DSWIGLU"]
 _ROPE_KEY = ["M_BUCKET", "N", "K", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "A_ROWSUM", "ROPE", "ROPE_HALF",
              "DOT_PRECISION"]
 _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_KEY)] + ["DOT_PRECISION"]
@@ -86,7 +87,8 @@ _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_
 
 def _candidates(dtype: torch.dtype, kw: dict, split: bool) -> list:
     return cfgs.gemm_configs(dtype, split, dgelu=bool(kw.get("DGELU")),
-                             b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU.value)
+                             b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU.value,
+                             glu=bool(kw.get("SWIGLU") or kw.get("DSWIGLU")))
 
 
 def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
@@ -109,8 +111,9 @@ def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
 
 
 # every dtype's / split's / flag's candidates: what the autotuners hold; the prunes pick one list per launch
-_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg) for dt in (torch.float32, torch.float16)
-                          for sp in (False, True) for dg in (False, True) for bg in (False, True))
+_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl)
+                          for dt in (torch.float32, torch.float16) for sp in (False, True) for dg in (False, True)
+                          for bg in (False, True) for gl in (False, True))
 
 
 def _autotuned(name: str, key: list, prune):
@@ -213,6 +216,8 @@ def _matmul_pair_kernel(
 @triton.jit
 def _matmul_split_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    b2_ptr,  # second B operand (K, N), B's strides: the up weights (SWIGLU) or up pre-activation (B's SwiGLU prologue)
+    up_bias_ptr,  # (N,) up bias (HAS_UP_BIAS)
     M, N, K, M_BUCKET,  # as in _matmul_kernel; gamma / beta may be a channel affine's (scale, shift): (channels,)
     img_h, img_w,  # image height / width in pixels (IMG_BOUNDS)
     M_D1, M_D2, N_D1, N_D2, K_D1, K_D2,  # three-level index splits (used when SPLIT_* is set)
@@ -225,10 +230,17 @@ def _matmul_split_kernel(
     HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr, A_ROWSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, SPLIT_K: tl.constexpr,
     IMG_BOUNDS: tl.constexpr,  # fusion.BOUNDS_NONE / _A (m x k) / _B (k x n) / _C (m x n)
+    SWIGLU: tl.constexpr, HAS_UP_BIAS: tl.constexpr, DSWIGLU: tl.constexpr,  # fusion.Fusion.glu_constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One output tile per program of a GEMM with split indices, a converted operand or image bounds (the patch
-    embedding); the steps of _matmul_kernel with the three-level addressing."""
+    embedding), or a SwiGLU step; the steps of _matmul_kernel with the three-level addressing.
+
+    SwiGLU (unsplit indices only; fusion.Gemm checks): with SWIGLU the B tile of the gate weights and the b2 tile
+    of the up weights at the same (k, n) meet one A tile (loaded and normalised once) in two dots, into two fp32
+    accumulators, so each gate column and its up column land in the same output tile and silu(gate) * up is
+    formed in the epilogue (fusion.swiglu_epilogue); B's SwiGLU prologue forms silu(B) * B2 on load; with DSWIGLU
+    the epilogue writes the two gradient tiles d gate (columns n) and d up (columns N + n) of C."""
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,6 +250,8 @@ def _matmul_split_kernel(
     b_col = _split_offsets(offs_n, N_D1, N_D2, stride_b_n1, stride_b_n2, stride_b_n3, SPLIT_N)
     acc, a_sum, p0, p1, p2, p3 = tile_start(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
                                             N_D1, A_PROLOGUE, B_PROLOGUE, BLOCK_M, BLOCK_N)
+    if SWIGLU:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up projection's accumulator
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -251,23 +265,39 @@ def _matmul_split_kernel(
             b_mask = b_mask & _image_mask(offs_k, offs_n, K_D1, K_D2, N_D1, N_D2, img_h, img_w)
         a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
         b = tl.load(b_ptr + b_row[:, None] + b_col[None, :], mask=b_mask, other=0.0)
+        if B_PROLOGUE == PROLOGUE_SWIGLU:
+            b2 = tl.load(b2_ptr + b_row[:, None] + b_col[None, :], mask=b_mask, other=0.0)
+            b = swiglu_operand(b, b2, a.dtype)
         a, b = apply_prologues(a, b, a_mask, b_mask, offs_k, mask_k, K_D1, p0, p1, p2, p3, mean_ptr, rstd_ptr,
                                gamma_ptr, beta_ptr, A_PROLOGUE, B_PROLOGUE, GELU_TANH)
         acc, a_sum = accumulate(acc, a_sum, a, b, pid_n, A_ROWSUM, DOT_PRECISION)
+        if SWIGLU:
+            b2 = tl.load(b2_ptr + b_row[:, None] + b_col[None, :], mask=b_mask, other=0.0)
+            acc_up = tl.dot(a, b2, acc_up, input_precision=DOT_PRECISION)
 
     store_rowsum(rowsum_ptr, a_sum, offs_m, mask_m, pid_n, A_ROWSUM)
     mask = mask_m[:, None] & mask_n[None, :]
     if IMG_BOUNDS == BOUNDS_C:
         mask = mask & _image_mask(offs_m, offs_n, M_D1, M_D2, N_D1, N_D2, img_h, img_w)
-    acc = epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
-                   STORE_PREACT, GELU_TANH)
+    if SWIGLU:
+        acc = swiglu_epilogue(acc, acc_up, offs_m, offs_n, mask, mask_n, N, bias_ptr, up_bias_ptr, aux_ptr,
+                              HAS_BIAS, HAS_UP_BIAS, STORE_PREACT)
+    else:
+        acc = epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
+                       STORE_PREACT, GELU_TANH)
     if HAS_RESIDUAL:
         r_row = _split_offsets(offs_m, M_D1, M_D2, stride_r_m1, stride_r_m2, stride_r_m3, SPLIT_M)
         r_col = _split_offsets(offs_n, N_D1, N_D2, stride_r_n1, stride_r_n2, stride_r_n3, SPLIT_N)
         acc += tl.load(res_ptr + r_row[:, None] + r_col[None, :], mask=mask, other=0.0).to(tl.float32)
     c_row = _split_offsets(offs_m, M_D1, M_D2, stride_c_m1, stride_c_m2, stride_c_m3, SPLIT_M)
     c_col = _split_offsets(offs_n, N_D1, N_D2, stride_c_n1, stride_c_n2, stride_c_n3, SPLIT_N)
-    tl.store(c_ptr + c_row[:, None] + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if DSWIGLU:  # C is (M, 2N): d gate in columns [0, N), d up in [N, 2N)
+        d_gate, d_up = swiglu_grad_epilogue(acc, offs_m, offs_n, mask, N, aux_ptr)
+        c_up = _split_offsets(offs_n + N, N_D1, N_D2, stride_c_n1, stride_c_n2, stride_c_n3, SPLIT_N)
+        tl.store(c_ptr + c_row[:, None] + c_col[None, :], d_gate.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptr + c_row[:, None] + c_up[None, :], d_up.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(c_ptr + c_row[:, None] + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @_autotuned("_matmul_rope_kernel", _ROPE_KEY, _prune_plain)
@@ -373,8 +403,8 @@ def _split_args(g: Gemm) -> tuple:
     def axes(op: Operand | None, row_split, col_split) -> tuple:
         return (0,) * 6 if op is None else (*_axis(op.rows, row_split), *_axis(op.cols, col_split))
 
-    return (g.a.tensor, g.b.tensor, g.c.tensor, *g.pointers(), g.M, g.N, g.K, triton.next_power_of_2(g.M),
-            ib.height if ib else 0, ib.width if ib else 0,
+    return (g.a.tensor, g.b.tensor, g.c.tensor, *g.pointers(), *g.glu_pointers(), g.M, g.N, g.K,
+            triton.next_power_of_2(g.M), ib.height if ib else 0, ib.width if ib else 0,
             *(ix.m_split or (1, 1)), *(ix.n_split or (1, 1)), *(ix.k_split or (1, 1)),
             *axes(g.a, ix.m_split, ix.k_split), *axes(g.b, ix.k_split, ix.n_split),
             *axes(g.c, ix.m_split, ix.n_split), *axes(g.epilogue.residual, ix.m_split, ix.n_split))
@@ -418,10 +448,12 @@ def _launch_pointer(g: Gemm) -> None:
                DOT_PRECISION=dot_precision(g.compute_dtype), **cfg)
         return
     ix = g.index
-    kernel, cfg = _fixed(_matmul_split_kernel, lambda: _candidates(g.compute_dtype, f.constexprs(), split=ix.split))
+    kernel, cfg = _fixed(_matmul_split_kernel, lambda: _candidates(g.compute_dtype, {**f.constexprs(),
+                                                                                     **f.glu_constexprs()},
+                                                                   split=ix.split))
     launch(kernel, _tiles(g.M, g.N), *_split_args(g), **f.constexprs(), DOT_PRECISION=dot_precision(g.compute_dtype),
            SPLIT_M=ix.m_split is not None, SPLIT_N=ix.n_split is not None, SPLIT_K=ix.k_split is not None,
-           IMG_BOUNDS=BOUNDS_OF[f.image_bounds], **cfg)
+           IMG_BOUNDS=BOUNDS_OF[f.image_bounds], **f.glu_constexprs(), **cfg)
 
 
 def _launch_pointer_pair(g0: Gemm, g1: Gemm) -> None:
@@ -628,3 +660,19 @@ def linear_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, d
               Gemm(Operand.matrix(dout), Operand.matrix(weight), Operand.matrix(dx), M, K, N,
                    epilogue=Epilogue(gelu_grad_of=dx_gelu_grad_of), gelu_approximate=gelu_approximate,
                    rope=_with_role(rope, "a_cols")))
+
+
+def swiglu_linear(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+                  gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None, *,
+                  ln: LayerNorm | None = None, store_preact: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x @ gate_weight.T + gate_bias) * (x @ up_weight.T + up_bias)`` for x (M, K), gate / up weights
+    (N, K) (the same strides; two views of one packed (2N, K) weight or two tensors) -> (M, N) in x's dtype, in
+    ONE launch: both projections read each A tile once (two accumulators), ``ln`` (LayerNorm / RMSNorm prologue on
+    x) applied on load, and the (gate | up) pre-activation stored to ``store_preact`` ((M, 2N) contiguous) when
+    given (:attr:`fusion.Epilogue.swiglu`)."""
+    M, K = x.shape
+    N = gate_weight.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return gemm(Gemm(Operand.matrix(x), Operand.matrix_t(gate_weight), Operand.matrix(out), M, N, K, a_prologue=ln,
+                     b2=Operand.matrix_t(up_weight),
+                     epilogue=Epilogue(bias=gate_bias, up_bias=up_bias, swiglu=True, store_preact=store_preact)))

@@ -6,7 +6,9 @@ kernels launch on that device and its current stream whichever device is current
 
 * :func:`patch_embed` — fused patch embedding + class token + position add.
 * :func:`attention` — flash-style multi-head attention on the packed qkv tensor.
-* :func:`layernorm_mlp` — ``x + fc2(GELU(fc1(LayerNorm(x))))``.
+* :func:`layernorm_mlp` — ``x + fc2(GELU(fc1(LayerNorm(x))))`` (or RMSNorm).
+* :func:`swiglu_mlp` — ``x + fc2(hnorm(silu(gate) * up))``, ``(gate, up) = fc1(norm(x))`` (timm's SwiGLU /
+  SwiGLUPacked, LayerNorm or RMSNorm, optional hidden LayerNorm).
 * :func:`layernorm_linear` / :func:`linear_residual` — ``Linear(LayerNorm(x))`` and ``residual + Linear(x)``.
 * :func:`attention_block` — ``x + proj(MSA(LayerNorm(x)))``, the three above as one op (the residual's gradient
   added inside the LayerNorm backward).
@@ -17,7 +19,7 @@ Instrumentation: every op above runs inside :func:`fastvit_kernels.ops._instrume
 check.
 
 FLOPs: each op module defines its op's model-FLOP count (``linear_flops``, ``attention_flops``, ``mlp_flops``,
-``patch_embed_flops``) and the ``FlopCounterMode`` formulas of its ``fastvit::*`` custom ops
+``swiglu_mlp_flops``, ``patch_embed_flops``) and the ``FlopCounterMode`` formulas of its ``fastvit::*`` custom ops
 (``FLOP_FORMULAS``); :func:`flop_formulas` collects them and :func:`register_flop_formulas` hands them to
 ``torch.utils.flop_counter``.
 """
@@ -38,14 +40,16 @@ from .linear import FLOP_FORMULAS as _LINEAR_FLOPS
 from .linear import layernorm_linear, linear_residual
 from .patch_embed import FLOP_FORMULAS as _PATCH_EMBED_FLOPS
 from .patch_embed import patch_embed
+from .swiglu_mlp import FLOP_FORMULAS as _SWIGLU_MLP_FLOPS
+from .swiglu_mlp import swiglu_mlp
 
 __all__ = ["attention", "attention_block", "flop_formulas", "layernorm_linear", "layernorm_mlp", "linear_residual",
-           "patch_embed", "register_flop_formulas"]
+           "patch_embed", "register_flop_formulas", "swiglu_mlp"]
 
 _FLOP_COUNTER = "torch.utils.flop_counter"
 # op name -> formula, from the modules that define the ops
 _FLOP_TABLE = {**_PATCH_EMBED_FLOPS, **_ATTENTION_FLOPS, **_LINEAR_FLOPS, **_ATTENTION_BLOCK_FLOPS,
-               **_LAYERNORM_MLP_FLOPS}
+               **_LAYERNORM_MLP_FLOPS, **_SWIGLU_MLP_FLOPS}
 
 
 def flop_formulas() -> dict:

@@ -1,4 +1,5 @@
-"""The MLP half of a pre-norm ViT block as one differentiable op: ``x + fc2(GELU(fc1(LayerNorm(x))))``.
+"""The MLP half of a pre-norm ViT block as one differentiable op: ``x + fc2(GELU(fc1(LayerNorm(x))))``, or with
+RMSNorm (``norm="rmsnorm"``) in place of the LayerNorm.
 
 Forward (three launches): fp32 row statistics -> fc1 GEMM with the LayerNorm applied in its A-operand prologue
 (normalised activations never stored) and bias + GELU (exact erf by default, or the tanh approximation) in its
@@ -20,6 +21,10 @@ pre-activation, and so every gradient, is bit-identical to the default's; with a
 (with / without the GELU epilogue) are tuned separately and may sum K in different tiles (rounding-level
 differences).
 
+RMSNorm (Zhang & Sennrich 2019; timm's ``RmsNorm``): the row statistics kernel writes a zero mean and the RMS
+rstd (``layernorm.row_stats(rms=True)``), so the same LayerNorm prologue applies it (with a zero beta when the norm
+has no bias), and the backward is ``layernorm_bwd(rms=True)``.
+
 References: Vaswani et al. 2017 (transformer MLP), Hendrycks & Gimpel 2016 (GELU), Ba et al. 2016 (LayerNorm);
 the GEMM fusions: docs/design.md, "The GEMM core".
 """
@@ -31,7 +36,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import (autocast_inputs, check_gelu_approximate, check_layernorm_input, check_same, check_tensor,
+from .._checks import (autocast_inputs, check_gelu_approximate, check_norm_input, check_same, check_tensor,
                        check_triton_dtype)
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
@@ -45,29 +50,37 @@ from ._layout import rows
 @torch.library.custom_op("fastvit::layernorm_mlp_fwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_mlp_fwd(
-    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor,
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
-    eps: float, add_residual: bool, recompute: bool, approximate: str,
+    eps: float, add_residual: bool, recompute: bool, approximate: str, rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward of :func:`layernorm_mlp` on 2-D tokens: x (M, D) -> (out (M, D), preact (M, D_hidden) the
     fc1 pre-activation, or an empty (0, D_hidden) with ``recompute``, mean (M,) fp32, rstd (M,) fp32 norm2's row
-    statistics); out and preact in x's dtype; out is the branch alone when ``add_residual`` is False. All but
-    out are kept for the backward and not differentiable."""
+    statistics; ``rms``: RMSNorm's, mean = 0); out and preact in x's dtype; out is the branch alone when
+    ``add_residual`` is False. All but out are kept for the backward and not differentiable."""
     from ..kernels.layernorm import row_stats
     from ..kernels.fusion import LayerNorm, Operand
     from ..kernels.matmul import linear
 
-    mean, rstd = row_stats(x, eps)
+    mean, rstd = row_stats(x, eps, rms=rms)
     preact = torch.empty((0 if recompute else x.shape[0], fc1_weight.shape[0]), device=x.device, dtype=x.dtype)
-    act = linear(x, fc1_weight, fc1_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias), gelu=True,
+    act = linear(x, fc1_weight, fc1_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias_or_zeros(norm_weight,
+                                                                                                   norm_bias)),
+                 gelu=True,
                  store_preact=None if recompute else preact, gelu_approximate=approximate)
     out = linear(act, fc2_weight, fc2_bias, residual=Operand.matrix(x) if add_residual else None)
     return out, preact, mean, rstd
 
 
+def norm_bias_or_zeros(norm_weight: torch.Tensor, norm_bias: torch.Tensor | None) -> torch.Tensor:
+    """The norm's beta for the LayerNorm prologue: ``norm_bias``, or zeros like ``norm_weight`` for a norm without a
+    bias (timm's RmsNorm; adding 0 is exact)."""
+    return norm_bias if norm_bias is not None else torch.zeros_like(norm_weight)
+
+
 @_layernorm_mlp_fwd.register_fake
 def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute,
-      approximate):
+      approximate, rms=False):
     M = x.shape[0]
     stats = x.new_empty((M,), dtype=torch.float32)
     return (torch.empty_like(x), x.new_empty((0 if recompute else M, fc1_weight.shape[0])), stats,
@@ -78,11 +91,13 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps
 @launches_on_input_device
 def _layernorm_mlp_bwd(
     dout: torch.Tensor, x: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    norm_weight: torch.Tensor, norm_bias: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor, add_residual: bool, recompute: bool, approximate: str,
+    norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, add_residual: bool, recompute: bool,
+    approximate: str, rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx, dgamma, dbeta, dW1, db1, dW2, db2). ``recompute``: ``preact`` is empty and is recomputed
-    here by the forward's fc1 GEMM without its GELU (fc1_bias is only read then)."""
+    """Gradients (dx, dgamma, dbeta, dW1, db1, dW2, db2) (dbeta: the column sums of the norm's output gradient,
+    also without a norm bias). ``recompute``: ``preact`` is empty and is recomputed here by the forward's fc1 GEMM
+    without its GELU (fc1_bias is only read then). ``rms``: the norm is RMSNorm (``mean`` holds zeros)."""
     from ..kernels.layernorm import layernorm_bwd
     from ..kernels.fusion import Gelu, LayerNorm
     from ..kernels.matmul import linear, linear_backward
@@ -90,6 +105,7 @@ def _layernorm_mlp_bwd(
     M, D = x.shape
     Dh = fc1_weight.shape[0]
     wdt = fc1_weight.dtype
+    norm_bias = norm_bias_or_zeros(norm_weight, norm_bias)
     if recompute:  # the same launch as the forward's fc1 GEMM, minus the GELU
         preact = linear(x, fc1_weight, fc1_bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias))
     # fc2, one launch for two GEMMs that read dY: dW2 = dY^T @ GELU(preact) (GELU recomputed on load) with
@@ -106,22 +122,22 @@ def _layernorm_mlp_bwd(
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
     linear_backward(dh, x, fc1_weight, dln, dw1, db1, x_prologue=LayerNorm(mean, rstd, norm_weight, norm_bias))
     # LayerNorm backward (+ dY through the residual)
-    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dout if add_residual else None)
+    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dout if add_residual else None, rms=rms)
     return dx, dgamma, dbeta, dw1, db1, dw2, db2
 
 
 @_layernorm_mlp_bwd.register_fake
 def _(dout, x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, add_residual,
-      recompute, approximate):
+      recompute, approximate, rms=False):
     Dh = fc1_weight.shape[0]
-    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_weight),
             torch.empty_like(fc1_weight), fc1_weight.new_empty((Dh,)), torch.empty_like(fc2_weight),
             fc2_weight.new_empty((fc2_weight.shape[0],)))
 
 
 def _setup_context(ctx, inputs, output):
     (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, add_residual, recompute,
-     approximate) = inputs
+     approximate, rms) = inputs
     _, preact, mean, rstd = output  # preact is (0, D_hidden) with recompute: nothing large is kept
     ctx.save_for_backward(x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight)
     ctx.mark_non_differentiable(preact, mean, rstd)
@@ -129,19 +145,21 @@ def _setup_context(ctx, inputs, output):
     ctx.add_residual = add_residual
     ctx.recompute = recompute
     ctx.approximate = approximate
-    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+    ctx.rms = rms
+    ctx.has_bias = (norm_bias is not None, fc1_bias is not None, fc2_bias is not None)
 
 
 def _backward(ctx, dout, _dpreact, _dmean, _drstd):
     if dout is None:
-        return (None,) * 11
+        return (None,) * 12
     x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight = ctx.saved_tensors
     dx, dgamma, dbeta, dw1, db1, dw2, db2 = _layernorm_mlp_bwd(
         dout.contiguous(), x, preact, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-        ctx.add_residual, ctx.recompute, ctx.approximate,
+        ctx.add_residual, ctx.recompute, ctx.approximate, ctx.rms,
     )
-    return (dx, dgamma, dbeta, dw1, db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None,
-            None, None, None, None)
+    nb, b1, b2 = ctx.has_bias
+    return (dx, dgamma, dbeta if nb else None, dw1, db1 if b1 else None, dw2, db2 if b2 else None,
+            None, None, None, None, None)
 
 
 _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -154,7 +172,7 @@ _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 def layernorm_mlp(
     x: torch.Tensor,
     norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
+    norm_bias: torch.Tensor | None,
     fc1_weight: torch.Tensor,
     fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
@@ -164,13 +182,15 @@ def layernorm_mlp(
     add_residual: bool = True,
     recompute: bool = False,
     approximate: str = "none",
+    norm: str = "layernorm",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``x + fc2(GELU(fc1(LayerNorm(x))))``: the MLP half of a pre-norm ViT block, fused (see module docstring).
+    """``x + fc2(GELU(fc1(norm(x))))``: the MLP half of a pre-norm ViT block, fused (see module docstring).
 
     Args:
         x: (B, N, D) (any leading dims), fp32 | fp16 | bf16 (bf16 on GPU only).
-        norm_weight, norm_bias: (D,) LayerNorm gamma and beta.
+        norm_weight, norm_bias: (D,) the norm's gamma and beta; norm_bias may be None (a norm without bias, as
+            timm's RmsNorm).
         fc1_weight: (D_hidden, D); fc1_bias: (D_hidden,) or None.
         fc2_weight: (D, D_hidden); fc2_bias: (D,) or None.
         eps: LayerNorm epsilon (> 0; timm's ViT uses 1e-6).
@@ -181,22 +201,24 @@ def layernorm_mlp(
         approximate: the GELU form, as ``torch.nn.GELU``: "none" (exact erf, timm's default) or "tanh"
             (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``), used in forward and in every GELU / GELU'
             recomputed by the backward.
+        norm: "layernorm" (``F.layer_norm``, timm's default) or "rmsnorm" (timm's ``RmsNorm``: ``x * rsqrt(mean(x^2)
+            + eps) * weight``; :func:`fastvit_kernels.reference.rms_norm_ref`).
         backend: "auto" | "triton" | "torch" (see :mod:`fastvit_kernels.backend`).
 
     Returns:
         (B, N, D) in x's dtype. Under ``torch.autocast`` inputs are cast to the autocast dtype first.
-        LayerNorm statistics and all accumulations are fp32; GELU (and its derivative) evaluated in fp32.
+        Norm statistics and all accumulations are fp32; GELU (and its derivative) evaluated in fp32.
 
     Raises:
         TypeError: a non-floating input; bf16 on the CPU interpreter.
         ValueError: shapes that do not chain (names the argument, expected and actual shape), mixed dtypes or
-            devices, eps <= 0, approximate not "none" / "tanh".
+            devices, eps <= 0, approximate not "none" / "tanh", norm not "layernorm" / "rmsnorm".
         RuntimeError: backend="triton" where Triton cannot run.
     """
     x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_inputs(
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     )
-    D = check_layernorm_input(x, norm_weight, norm_bias, eps)
+    D = check_norm_input(x, norm_weight, norm_bias, eps, norm)
     check_tensor("fc1_weight", fc1_weight, (None, D), f"(D_hidden, D={D})")
     Dh = fc1_weight.shape[0]
     if fc1_bias is not None:
@@ -209,11 +231,11 @@ def layernorm_mlp(
     check_gelu_approximate(approximate)
     if resolve_backend(x.device, backend) == "torch":
         return reference.layernorm_mlp_ref(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                           eps, add_residual, approximate)
+                                           eps, add_residual, approximate, norm)
     check_triton_dtype("x", x)
     out = _layernorm_mlp_fwd(rows(x, D), norm_weight, norm_bias, fc1_weight.contiguous(), fc1_bias,
                              fc2_weight.contiguous(), fc2_bias, float(eps), bool(add_residual), bool(recompute),
-                             approximate)[0]
+                             approximate, norm == "rmsnorm")[0]
     return out.view(x.shape)
 
 

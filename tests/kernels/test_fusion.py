@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from fastvit_kernels.kernels.fusion import (PROLOGUE_GELU, PROLOGUE_LN, Cast, ChannelAffine, Epilogue, Fusion, Gelu,
-                                            Gemm, ImageBounds, IndexMap, LayerNorm, Operand, pair_plan)
+from fastvit_kernels.kernels.fusion import (PROLOGUE_GELU, PROLOGUE_LN, PROLOGUE_SWIGLU, Cast, ChannelAffine, Epilogue,
+                                            Fusion, Gelu, Gemm, ImageBounds, IndexMap, LayerNorm, Operand, SwiGLU,
+                                            pair_plan)
 
 M, N, K = 6, 5, 4
 
@@ -93,3 +94,48 @@ def test_pair_plan_refuses_forward_fusions():
     assert "GELU forms" in pair_plan(plain, tanh, form="tma", dtype=torch.float16, triton_version=(3, 9))
     with pytest.raises(ValueError, match="form"):
         pair_plan(plain, plain, form="cublas", dtype=torch.float16, triton_version=(3, 9))
+
+
+def _b2(**kw):
+    return Operand.matrix(torch.zeros(K, N, **kw))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(epilogue=Epilogue(swiglu=True)), "b2"),  # the SwiGLU epilogue needs the up operand
+    (dict(b_prologue=SwiGLU()), "b2"),
+    (dict(b2=_b2()), "b2"),  # b2 without a SwiGLU step
+    (dict(a_prologue=SwiGLU(), b2=_b2()), "SwiGLU on B only"),
+    (dict(epilogue=Epilogue(swiglu=True), b2=_b2(dtype=torch.float16)), "b2"),
+    (dict(epilogue=Epilogue(swiglu=True), b2=Operand.matrix_t(torch.zeros(N, K))), "strides"),
+    (dict(epilogue=Epilogue(up_bias=torch.zeros(N))), "up_bias"),
+    (dict(epilogue=Epilogue(swiglu=True, store_preact=torch.zeros(M, N)), b2=_b2()), r"\(6, 10\)"),
+    (dict(epilogue=Epilogue(swiglu=True, residual=Operand.matrix(torch.zeros(M, N))), b2=_b2()), "residual"),
+    (dict(epilogue=Epilogue(swiglu=True), b2=_b2(), index=IndexMap(m_split=(6, 3))), "split"),
+    (dict(epilogue=Epilogue(swiglu=True), b_prologue=SwiGLU(), b2=_b2()), "one SwiGLU step"),
+    (dict(epilogue=Epilogue(swiglu_grad_of=torch.zeros(M, 2 * N), bias=torch.zeros(N))), "no bias"),
+    (dict(epilogue=Epilogue(swiglu_grad_of=torch.zeros(M, 2 * N)), a_prologue=Gelu()), "without GELU"),
+])
+def test_invalid_swiglu_descriptions(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _gemm(**kw)
+
+
+def test_swiglu_fusions_name_round_trip_and_stay_off_the_other_forms():
+    """The SwiGLU fusions: named, round-tripped through the general kernel's constexprs, not plain (so not on the
+    TMA kernel, the cuBLAS path or a pair), and the pair plan says why."""
+    fwd = _gemm(a_prologue=_ln(M, K), b2=_b2(), epilogue=Epilogue(bias=torch.zeros(N), up_bias=torch.zeros(N),
+                                                                  swiglu=True, store_preact=torch.zeros(M, 2 * N)))
+    dgrad = _gemm(epilogue=Epilogue(swiglu_grad_of=torch.zeros(M, 2 * N)))
+    wgrad = _gemm(b_prologue=SwiGLU(), b2=_b2(), epilogue=Epilogue(a_rowsum=torch.zeros(M)))
+    names = [g.fusion.name for g in (fwd, dgrad, wgrad)]
+    assert names == ["a_ln+bias+up_bias+swiglu_store", "dswiglu", "b_swiglu+a_rowsum"]
+    for g in (fwd, dgrad, wgrad):
+        f = g.fusion
+        assert f.glu and not f.plain
+        assert Fusion.from_constexprs({**f.constexprs(), **f.glu_constexprs()}) == f
+        assert "SwiGLU" in pair_plan(f, Fusion(), form="pointer", dtype=torch.float16, triton_version=(3, 9))
+    assert wgrad.fusion.b_prologue == PROLOGUE_SWIGLU.value
+    b2, up_bias = fwd.glu_pointers()
+    assert b2 is fwd.b2.tensor and up_bias is fwd.epilogue.up_bias
+    assert dgrad.glu_pointers() == (dgrad.c.tensor, dgrad.c.tensor)
+    assert not Fusion().glu and Fusion().glu_constexprs() == dict(SWIGLU=False, HAS_UP_BIAS=False, DSWIGLU=False)
