@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference, reference_eva
+from ._blocks import norm_mlp, norm_qkv
 from .rope import RopeTable
 
 
@@ -45,18 +46,18 @@ class FastEvaBlock(reference_eva.EvaBlock):
         return x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
 
     def _qkv(self, x: torch.Tensor, rope: RopeTable | None) -> torch.Tensor:
-        """Seam: norm1 + qkv (+ qk_norm) + RoPE: (B, N, D) -> rotated qkv (B, N, 3 D). LayerNorm without qk_norm:
-        ``ops.layernorm_linear`` with the RoPE in its GEMM epilogue; with qk_norm (which sits between the GEMM and
-        the rotation): the op, eager qk_norm, then ``reference.rope_ref``; RMSNorm: eager."""
+        """Seam: norm1 + qkv (+ qk_norm) + RoPE: (B, N, D) -> rotated qkv (B, N, 3 D). LayerNorm / RMSNorm without
+        qk_norm: ``ops.layernorm_linear`` with the norm in its GEMM prologue and the RoPE in its epilogue
+        (:func:`fastvit_kernels._blocks.norm_qkv`); with qk_norm (which sits between the GEMM and the rotation):
+        the op, eager qk_norm, then ``reference.rope_ref``; another norm: eager."""
         attn, norm1 = self.attn, self.norm1
         weight, bias = attn.qkv_params()
-        if isinstance(norm1, nn.LayerNorm):
-            if rope is not None and isinstance(attn.q_norm, nn.Identity):
-                return ops.layernorm_linear(x, norm1.weight, norm1.bias, weight, bias, norm1.eps,
-                                            rope_coords=rope.coords, rope_freqs=rope.freqs,
-                                            rope_heads=attn.num_heads, rope_layout=rope.layout, backend=self.backend)
-            qkv = ops.layernorm_linear(x, norm1.weight, norm1.bias, weight, bias, norm1.eps, backend=self.backend)
-        else:
+        if isinstance(attn.q_norm, nn.Identity):
+            qkv = norm_qkv(x, norm1, weight, bias, attn.num_heads, rope, self.backend)
+            if qkv is not None:
+                return qkv
+        qkv = norm_qkv(x, norm1, weight, bias, attn.num_heads, backend=self.backend)
+        if qkv is None:
             qkv = F.linear(norm1(x), weight, bias)
         qkv = attn.qk_normed(qkv)
         if rope is not None:
@@ -82,15 +83,13 @@ class FastEvaBlock(reference_eva.EvaBlock):
         return x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
 
     def _mlp(self, x: torch.Tensor, add_residual: bool) -> torch.Tensor:
-        """Seam: norm2 + MLP (+ residual): ``[x +] mlp(norm2(x))``, (B, N, D). LayerNorm + GELU ``Mlp`` without an
-        MLP norm: ``ops.layernorm_mlp``; SwiGLU / packed SwiGLU / an MLP norm / RMSNorm: eager (the coming
-        ``ops.swiglu_mlp``)."""
-        mlp, norm2 = self.mlp, self.norm2
-        if type(mlp) is reference.Mlp and isinstance(norm2, nn.LayerNorm) and isinstance(mlp.norm, nn.Identity):
-            return ops.layernorm_mlp(x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                     mlp.fc2.bias, norm2.eps, add_residual=add_residual,
-                                     approximate=mlp.act.approximate, backend=self.backend)
-        y = mlp(norm2(x))
+        """Seam: norm2 + MLP (+ residual): ``[x +] mlp(norm2(x))``, (B, N, D): ``ops.layernorm_mlp`` (GELU) or
+        ``ops.swiglu_mlp`` (SwiGLU / SwiGLUPacked, EVA-02's hidden LayerNorm included) after a LayerNorm or an
+        RMSNorm (:func:`fastvit_kernels._blocks.norm_mlp`); any other MLP or norm: eager."""
+        y = norm_mlp(x, self.norm2, self.mlp, add_residual, self.backend)
+        if y is not None:
+            return y
+        y = self.mlp(self.norm2(x))
         return x + y if add_residual else y
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference
+from ._blocks import norm_mlp, norm_qkv
 from .configs import EVA_MODELS, get_config
 
 
@@ -107,13 +108,11 @@ class Block(reference.Block):
                                    backend=self.backend)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """Seam: norm1 + qkv (+ qk_norm): (B, N, D) -> qkv (B, N, 3 * D). LayerNorm: ``ops.layernorm_linear``;
-        RMSNorm: eager ``rms_norm`` + ``F.linear`` (the coming ``layernorm_linear(norm="rmsnorm")``)."""
+        """Seam: norm1 + qkv (+ qk_norm): (B, N, D) -> qkv (B, N, 3 * D). LayerNorm or RMSNorm:
+        ``ops.layernorm_linear`` (:func:`fastvit_kernels._blocks.norm_qkv`); another norm: eager."""
         attn, norm1 = self.attn, self.norm1
-        if isinstance(norm1, nn.LayerNorm):
-            qkv = ops.layernorm_linear(x, norm1.weight, norm1.bias, attn.qkv.weight, attn.qkv.bias, norm1.eps,
-                                       backend=self.backend)
-        else:
+        qkv = norm_qkv(x, norm1, attn.qkv.weight, attn.qkv.bias, attn.num_heads, backend=self.backend)
+        if qkv is None:
             qkv = F.linear(norm1(x), attn.qkv.weight, attn.qkv.bias)
         if not isinstance(attn.q_norm, nn.Identity):  # qk_norm: q and k normalised over head_dim
             B, N, _ = qkv.shape
@@ -140,15 +139,13 @@ class Block(reference.Block):
 
     # --- MLP half: z = MLP(LN(z')) + z' -----------------------------------------------------------------------
     def _mlp(self, x: torch.Tensor, add_residual: bool) -> torch.Tensor:
-        """Seam: norm2 + MLP (+ residual): ``[x +] mlp(norm2(x))``, (B, N, D). LayerNorm + GELU ``Mlp``:
-        ``ops.layernorm_mlp``; RMSNorm or a gated MLP (SwiGLU / GluMlp): eager (the coming ``ops.swiglu_mlp``)."""
-        mlp, norm2 = self.mlp, self.norm2
-        if type(mlp) is reference.Mlp and isinstance(norm2, nn.LayerNorm) and isinstance(mlp.act, nn.GELU) \
-                and isinstance(mlp.norm, nn.Identity):
-            return ops.layernorm_mlp(x, norm2.weight, norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-                                     mlp.fc2.bias, norm2.eps, add_residual=add_residual,
-                                     approximate=mlp.act.approximate, backend=self.backend)
-        y = mlp(norm2(x))
+        """Seam: norm2 + MLP (+ residual): ``[x +] mlp(norm2(x))``, (B, N, D): ``ops.layernorm_mlp`` (GELU) or
+        ``ops.swiglu_mlp`` (SwiGLU / SwiGLUPacked) after a LayerNorm or an RMSNorm
+        (:func:`fastvit_kernels._blocks.norm_mlp`); any other MLP or norm: eager."""
+        y = norm_mlp(x, self.norm2, self.mlp, add_residual, self.backend)
+        if y is not None:
+            return y
+        y = self.mlp(self.norm2(x))
         return x + y if add_residual else y
 
     def _mlp_fused(self, x: torch.Tensor) -> torch.Tensor:

@@ -215,17 +215,19 @@ def layernorm_linear_ref(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float = LN_EPS,
+    norm: str = "layernorm",
 ) -> torch.Tensor:
-    """norm1 + qkv of a pre-norm ViT block: ``linear(layernorm(x), weight, bias)``.
+    """norm1 + qkv of a pre-norm ViT block: ``linear(layernorm(x), weight, bias)`` (``norm="rmsnorm"``:
+    :func:`rms_norm_ref` in place of the LayerNorm).
 
     Args:
-        x: (B, N, D). norm_weight, norm_bias: (D,). weight: (N_out, D), bias: (N_out,) or None.
-        eps: LayerNorm epsilon (timm ViT: 1e-6).
+        x: (B, N, D). norm_weight: (D,), norm_bias: (D,) or None. weight: (N_out, D), bias: (N_out,) or None.
+        eps: the norm's epsilon (timm ViT: 1e-6).
 
     Returns:
         (B, N, N_out), dtype of ``x``.
     """
-    return F.linear(F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), weight, bias)
+    return F.linear(_norm_ref(x, norm_weight, norm_bias, eps, norm), weight, bias)
 
 
 def linear_residual_ref(

@@ -88,6 +88,44 @@ def test_small_model_matches_timm_fwd_bwd(name, backend, device):
             assert_close_to_ref(grads[k].cpu(), ref, name=f"grad {k}", factor=3.0)
 
 
+# the fused ops each family's forward must run on the Triton path (the rest of the block runs eager by design:
+# LayerScale branches, the 'map' head, qk_norm)
+FUSED_OPS = {
+    "eva02": {"patch_embed_fwd", "layernorm_linear_rope_fwd", "attention_fwd", "linear_residual_fwd",
+              "swiglu_mlp_fwd"},
+    "dinov3": {"layernorm_linear_rope_fwd", "attention_fwd", "layernorm_mlp_fwd"},
+    "pe": {"layernorm_linear_rope_fwd", "attention_fwd", "linear_residual_fwd", "layernorm_mlp_fwd"},
+    "rope_mixed": {"layernorm_linear_rope_fwd", "attention_fwd", "layernorm_mlp_fwd"},
+    "aimv2": {"layernorm_linear_fwd", "attention_fwd", "linear_residual_fwd", "swiglu_mlp_fwd"},
+    "siglip": {"patch_embed_fwd", "attention_block_fwd", "layernorm_mlp_fwd"},
+    "swiglu_packed_rms": {"patch_embed_fwd", "layernorm_linear_fwd", "attention_fwd", "linear_residual_fwd",
+                          "swiglu_mlp_fwd"},
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_blocks_run_the_fused_ops(name, device):
+    """RoPE in the qkv GEMM, SwiGLU / RMSNorm MLPs and RMSNorm + qkv reach their fused ops (not the eager
+    fallback the seams keep for other modules)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FastvitOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fastvit":
+                self.names.add(func.name().split("::")[1])
+            return func(*args, **(kwargs or {}))
+
+    src = timm_small(name)
+    fast = convert(src, "triton").to(device)
+    with torch.no_grad(), FastvitOps() as seen:
+        fast(torch.randn(1, 3, *src.patch_embed.img_size, device=device))
+    assert FUSED_OPS[name] <= seen.names, f"missing {FUSED_OPS[name] - seen.names}; ran {sorted(seen.names)}"
+
+
 def test_dinov3_dynamic_size_and_reference_model():
     """DINOv3 runs any image size (rope tables rebuilt for the grid); the reference Eva gives timm's output."""
     src = timm_small("dinov3")

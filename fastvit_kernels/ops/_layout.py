@@ -13,3 +13,9 @@ def rows(x: torch.Tensor, D: int) -> torch.Tensor:
     if x2d.stride(-1) != 1 or x2d.stride(0) != D:
         x2d = x2d.contiguous()
     return x2d
+
+
+def norm_bias_or_zeros(norm_weight: torch.Tensor, norm_bias: torch.Tensor | None) -> torch.Tensor:
+    """The norm's beta for the LayerNorm prologue: ``norm_bias``, or zeros like ``norm_weight`` for a norm without a
+    bias (timm's RmsNorm; adding 0 is exact)."""
+    return norm_bias if norm_bias is not None else torch.zeros_like(norm_weight)

@@ -41,7 +41,7 @@ from .._checks import (autocast_inputs, check_gelu_approximate, check_norm_input
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
 from ._instrument import instrumented
-from ._layout import rows
+from ._layout import norm_bias_or_zeros, rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,12 +70,6 @@ def _layernorm_mlp_fwd(
                  store_preact=None if recompute else preact, gelu_approximate=approximate)
     out = linear(act, fc2_weight, fc2_bias, residual=Operand.matrix(x) if add_residual else None)
     return out, preact, mean, rstd
-
-
-def norm_bias_or_zeros(norm_weight: torch.Tensor, norm_bias: torch.Tensor | None) -> torch.Tensor:
-    """The norm's beta for the LayerNorm prologue: ``norm_bias``, or zeros like ``norm_weight`` for a norm without a
-    bias (timm's RmsNorm; adding 0 is exact)."""
-    return norm_bias if norm_bias is not None else torch.zeros_like(norm_weight)
 
 
 @_layernorm_mlp_fwd.register_fake

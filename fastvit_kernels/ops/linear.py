@@ -22,11 +22,11 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
+from .._checks import autocast_inputs, check_norm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
 from ._instrument import instrumented
-from ._layout import rows
+from ._layout import norm_bias_or_zeros, rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,31 +35,32 @@ from ._layout import rows
 @torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_linear_fwd(
-    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
-    bias: Optional[torch.Tensor], eps: float,
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], weight: torch.Tensor,
+    bias: Optional[torch.Tensor], eps: float, rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward of :func:`layernorm_linear` on 2-D tokens: x (M, D) -> (out (M, N_out) in x's dtype,
     mean (M,) fp32, rstd (M,) fp32); mean and rstd (the LayerNorm row statistics, rstd = 1 / sqrt(var + eps))
-    are kept for the backward and not differentiable."""
+    are kept for the backward and not differentiable. ``rms``: the norm is RMSNorm (mean = 0; the LayerNorm
+    prologue applies it, with a zero beta when ``norm_bias`` is None)."""
     from ..kernels.layernorm import row_stats
     from ..kernels.fusion import LayerNorm
     from ..kernels.matmul import linear
 
-    mean, rstd = row_stats(x, eps)
-    out = linear(x, weight, bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias))
+    mean, rstd = row_stats(x, eps, rms=rms)
+    out = linear(x, weight, bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias_or_zeros(norm_weight, norm_bias)))
     return out, mean, rstd
 
 
 @_layernorm_linear_fwd.register_fake
-def _(x, norm_weight, norm_bias, weight, bias, eps):
+def _(x, norm_weight, norm_bias, weight, bias, eps, rms=False):
     M = x.shape[0]
     stats = x.new_empty((M,), dtype=torch.float32)
     return x.new_empty((M, weight.shape[0])), stats, torch.empty_like(stats)
 
 
 def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                           norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-                           dres: torch.Tensor | None = None) -> tuple:
+                           norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, weight: torch.Tensor,
+                           has_bias: bool, dres: torch.Tensor | None = None, rms: bool = False) -> tuple:
     """Triton backward of ``Linear(LayerNorm(x))`` (+ ``dres``, a gradient reaching x by another path, added by the
     LayerNorm backward kernel): dout (M, N_out), x (M, D) -> (dx, dgamma, dbeta, dW, db); db is (0,) without a
     bias. Launches: the dW / d LayerNorm(x) GEMM pair (one, or two where ``gemm_pair`` runs them one by one), the
@@ -77,8 +78,8 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
     db = torch.empty((N if has_bias else 0,), device=x.device, dtype=wdt)
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
     linear_backward(dout, x, weight, dln, dw, db if has_bias else None,
-                    x_prologue=LayerNorm(mean, rstd, norm_weight, norm_bias))
-    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dres)
+                    x_prologue=LayerNorm(mean, rstd, norm_weight, norm_bias_or_zeros(norm_weight, norm_bias)))
+    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, dres=dres, rms=rms)
     return dx, dgamma, dbeta, dw, db
 
 
@@ -86,33 +87,35 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
 @launches_on_input_device
 def _layernorm_linear_bwd(
     dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+    norm_bias: Optional[torch.Tensor], weight: torch.Tensor, has_bias: bool, rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm_linear_grads(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias)
+    return layernorm_linear_grads(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias, rms=rms)
 
 
 @_layernorm_linear_bwd.register_fake
-def _(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias):
-    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
+def _(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias, rms=False):
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_weight),
             torch.empty_like(weight), weight.new_empty((weight.shape[0] if has_bias else 0,)))
 
 
 def _ln_setup_context(ctx, inputs, output):
-    x, norm_weight, norm_bias, weight, bias, eps = inputs
+    x, norm_weight, norm_bias, weight, bias, eps, rms = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # no zero-filled gradient tensors for the saved-only outputs
     ctx.has_bias = bias is not None
+    ctx.has_norm_bias = norm_bias is not None
+    ctx.rms = rms
 
 
 def _ln_backward(ctx, dout, _dmean, _drstd):
     if dout is None:
-        return (None,) * 6
+        return (None,) * 7
     x, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
     dx, dgamma, dbeta, dw, db = _layernorm_linear_bwd(dout.contiguous(), x, mean, rstd, norm_weight, norm_bias,
-                                                      weight, ctx.has_bias)
-    return dx, dgamma, dbeta, dw, db if ctx.has_bias else None, None
+                                                      weight, ctx.has_bias, ctx.rms)
+    return (dx, dgamma, dbeta if ctx.has_norm_bias else None, dw, db if ctx.has_bias else None, None, None)
 
 
 _layernorm_linear_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
@@ -130,8 +133,9 @@ def _rope(coords: torch.Tensor, freqs: torch.Tensor, num_heads: int, D_qkv: int,
 @torch.library.custom_op("fastvit::layernorm_linear_rope_fwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_linear_rope_fwd(
-    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, weight: torch.Tensor,
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], weight: torch.Tensor,
     bias: Optional[torch.Tensor], eps: float, coords: torch.Tensor, freqs: torch.Tensor, num_heads: int, half: bool,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward of :func:`layernorm_linear` with RoPE: x (M, D) -> (qkv (M, 3 * D_qkv) with q and k rotated
     in the GEMM epilogue, mean (M,) fp32, rstd (M,) fp32)."""
@@ -139,14 +143,14 @@ def _layernorm_linear_rope_fwd(
     from ..kernels.fusion import LayerNorm
     from ..kernels.matmul import linear
 
-    mean, rstd = row_stats(x, eps)
-    out = linear(x, weight, bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias),
+    mean, rstd = row_stats(x, eps, rms=rms)
+    out = linear(x, weight, bias, ln=LayerNorm(mean, rstd, norm_weight, norm_bias_or_zeros(norm_weight, norm_bias)),
                  rope=_rope(coords, freqs, num_heads, weight.shape[0] // 3, half))
     return out, mean, rstd
 
 
 @_layernorm_linear_rope_fwd.register_fake
-def _(x, norm_weight, norm_bias, weight, bias, eps, coords, freqs, num_heads, half):
+def _(x, norm_weight, norm_bias, weight, bias, eps, coords, freqs, num_heads, half, rms=False):
     M = x.shape[0]
     stats = x.new_empty((M,), dtype=torch.float32)
     return x.new_empty((M, weight.shape[0])), stats, torch.empty_like(stats)
@@ -156,8 +160,8 @@ def _(x, norm_weight, norm_bias, weight, bias, eps, coords, freqs, num_heads, ha
 @launches_on_input_device
 def _layernorm_linear_rope_bwd(
     dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor, weight: torch.Tensor, has_bias: bool, coords: torch.Tensor, freqs: torch.Tensor,
-    num_heads: int, half: bool,
+    norm_bias: Optional[torch.Tensor], weight: torch.Tensor, has_bias: bool, coords: torch.Tensor,
+    freqs: torch.Tensor, num_heads: int, half: bool, rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dgamma, dbeta, dW, db) from d(rotated qkv): both GEMMs un-rotate dout's q / k columns as they load
     them (``matmul.linear_backward`` with ``rope``), so d(qkv before RoPE) is never stored."""
@@ -171,15 +175,15 @@ def _layernorm_linear_rope_bwd(
     db = torch.empty((N if has_bias else 0,), device=x.device, dtype=weight.dtype)
     dln = torch.empty((M, D), device=x.device, dtype=x.dtype)
     linear_backward(dout, x, weight, dln, dw, db if has_bias else None,
-                    x_prologue=LayerNorm(mean, rstd, norm_weight, norm_bias),
+                    x_prologue=LayerNorm(mean, rstd, norm_weight, norm_bias_or_zeros(norm_weight, norm_bias)),
                     rope=_rope(coords, freqs, num_heads, N // 3, half))
-    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd)
+    dx, dgamma, dbeta = layernorm_bwd(x, dln, norm_weight, mean, rstd, rms=rms)
     return dx, dgamma, dbeta, dw, db
 
 
 @_layernorm_linear_rope_bwd.register_fake
-def _(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias, coords, freqs, num_heads, half):
-    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
+def _(dout, x, mean, rstd, norm_weight, norm_bias, weight, has_bias, coords, freqs, num_heads, half, rms=False):
+    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_weight),
             torch.empty_like(weight), weight.new_empty((weight.shape[0] if has_bias else 0,)))
 
 
@@ -203,7 +207,7 @@ def rope_freqs_grad(qkv: torch.Tensor, dqkv: torch.Tensor, coords: torch.Tensor,
 
 
 def _rope_setup_context(ctx, inputs, output):
-    x, norm_weight, norm_bias, weight, bias, eps, coords, freqs, num_heads, half = inputs
+    x, norm_weight, norm_bias, weight, bias, eps, coords, freqs, num_heads, half, rms = inputs
     out, mean, rstd = output
     ctx.freqs_grad = ctx.needs_input_grad[7]
     saved = (x, mean, rstd, norm_weight, norm_bias, weight, coords, freqs)
@@ -212,21 +216,24 @@ def _rope_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
-    ctx.num_heads, ctx.half = num_heads, half
+    ctx.has_norm_bias = norm_bias is not None
+    ctx.num_heads, ctx.half, ctx.rms = num_heads, half, rms
 
 
 def _rope_backward(ctx, dout, _dmean, _drstd):
     if dout is None:
-        return (None,) * 10
+        return (None,) * 11
     x, mean, rstd, norm_weight, norm_bias, weight, coords, freqs, *out = ctx.saved_tensors
     dout = dout.contiguous()
     dx, dgamma, dbeta, dw, db = _layernorm_linear_rope_bwd(dout, x, mean, rstd, norm_weight, norm_bias, weight,
-                                                           ctx.has_bias, coords, freqs, ctx.num_heads, ctx.half)
+                                                           ctx.has_bias, coords, freqs, ctx.num_heads, ctx.half,
+                                                           ctx.rms)
     dfreqs = None
     if ctx.freqs_grad:
         dfreqs = rope_freqs_grad(out[0], dout, coords, ctx.num_heads, "half" if ctx.half else "interleaved",
                                  shared=freqs.shape[0] == 1).to(freqs.dtype)
-    return dx, dgamma, dbeta, dw, db if ctx.has_bias else None, None, None, dfreqs, None, None
+    return (dx, dgamma, dbeta if ctx.has_norm_bias else None, dw, db if ctx.has_bias else None, None, None, dfreqs,
+            None, None, None)
 
 
 _layernorm_linear_rope_fwd.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -316,14 +323,17 @@ def layernorm_linear(
     rope_freqs: torch.Tensor | None = None,
     rope_heads: int | None = None,
     rope_layout: str = "interleaved",
+    norm: str = "layernorm",
     backend: str | None = None,
 ) -> torch.Tensor:
     """``F.linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), weight, bias)``: norm1 + qkv of a ViT block,
-    fused (see module docstring); with ``rope_*``, q and k are then rotated by 2D RoPE as the GEMM stores them.
+    fused (see module docstring); with ``rope_*``, q and k are then rotated by 2D RoPE as the GEMM stores them;
+    ``norm="rmsnorm"``: RMSNorm in place of the LayerNorm.
 
     Args:
         x: (B, N, D) (any leading dims), fp32 | fp16 | bf16 (bf16 on GPU only).
-        norm_weight, norm_bias: (D,) LayerNorm gamma and beta.
+        norm_weight, norm_bias: (D,) LayerNorm gamma and beta (norm_bias may be None: a norm without bias, as
+            timm's RmsNorm).
         weight: (N_out, D) Linear weight (qkv: N_out = 3 * D); bias: (N_out,) or None.
         eps: LayerNorm epsilon (> 0; timm's ViT uses 1e-6).
         rope_coords, rope_freqs, rope_heads, rope_layout: 2D rotary position embedding of the output's q and k
@@ -333,6 +343,9 @@ def layernorm_linear(
             ``rope_layout`` "interleaved" | "half" (timm's rotate_half). The rotation is the epilogue's last step
             (after the bias); the backward GEMMs apply the inverse rotation to d(qkv) as they load it. Semantics:
             :func:`fastvit_kernels.reference.rope_ref`.
+        norm: "layernorm" (``F.layer_norm``) or "rmsnorm" (timm's ``RmsNorm``, Zhang & Sennrich 2019: ``x *
+            rsqrt(mean(x^2) + eps) * weight``; AIMv2, InternViT): fp32 row statistics either way, applied in the
+            GEMM's A prologue; the backward is the matching norm backward.
         backend: "auto" | "triton" | "torch" (see :mod:`fastvit_kernels.backend`).
 
     Returns:
@@ -356,7 +369,7 @@ def layernorm_linear(
     axial as in EVA-02 (Fang et al. 2023) and DINOv3 (Simeoni et al. 2025).
     """
     x, norm_weight, norm_bias, weight, bias = autocast_inputs(x, norm_weight, norm_bias, weight, bias)
-    D = check_layernorm_input(x, norm_weight, norm_bias, eps)
+    D = check_norm_input(x, norm_weight, norm_bias, eps, norm)
     check_tensor("weight", weight, (None, D), f"(N_out, D={D})")
     N_out = weight.shape[0]
     if bias is not None:
@@ -364,15 +377,17 @@ def layernorm_linear(
     check_same("x", x, norm_weight=norm_weight, norm_bias=norm_bias, weight=weight, bias=bias)
     rope = _check_rope(x, N_out, rope_coords, rope_freqs, rope_heads, rope_layout)
     if resolve_backend(x.device, backend) == "torch":
-        out = reference.layernorm_linear_ref(x, norm_weight, norm_bias, weight, bias, eps)
+        out = reference.layernorm_linear_ref(x, norm_weight, norm_bias, weight, bias, eps, norm)
         return out if rope is None else reference.rope_ref(out, rope_coords, rope_freqs, rope_heads, rope_layout)
     check_triton_dtype("x", x)
+    rms = norm == "rmsnorm"
     if rope is not None:
         out = _layernorm_linear_rope_fwd(rows(x, D), norm_weight, norm_bias, weight.contiguous(), bias, float(eps),
                                          rope_coords.contiguous(), rope_freqs.contiguous(), int(rope_heads),
-                                         rope_layout == "half")[0]
+                                         rope_layout == "half", rms)[0]
     else:
-        out = _layernorm_linear_fwd(rows(x, D), norm_weight, norm_bias, weight.contiguous(), bias, float(eps))[0]
+        out = _layernorm_linear_fwd(rows(x, D), norm_weight, norm_bias, weight.contiguous(), bias, float(eps),
+                                    rms)[0]
     return out.view(*x.shape[:-1], N_out)
 
 

@@ -48,8 +48,7 @@ from .._checks import autocast_inputs, check_norm_input, check_same, check_tenso
 from .._device import launches_on_input_device
 from ..backend import resolve_backend
 from ._instrument import instrumented
-from ._layout import rows
-from .layernorm_mlp import norm_bias_or_zeros
+from ._layout import norm_bias_or_zeros, rows
 
 
 def _halves(w: torch.Tensor, up: Optional[torch.Tensor]) -> tuple:

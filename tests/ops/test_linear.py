@@ -152,3 +152,22 @@ def test_opcheck(device):
             r.reshape(5, 24).requires_grad_())
     torch.library.opcheck(_linear_residual_fwd, args, test_utils=utils)
     torch.library.opcheck(_linear_residual_fwd, (args[0], args[1], None, args[3]), test_utils=utils)
+
+
+def _rms_ref(x, nw, nb, w, b):
+    return layernorm_linear_ref(x, nw, nb, w, b, 1e-6, "rmsnorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES_INTERPRETER)
+@pytest.mark.parametrize("norm_bias", [False, True])
+def test_rmsnorm_linear_matches_reference(norm_bias, dtype, device):
+    """norm="rmsnorm" (AIMv2's norm1 + qkv): timm's RmsNorm has no bias; a bias is accepted too."""
+    inputs = ln_inputs(2, 17, 80, 240, device)
+    if not norm_bias:
+        inputs[2] = None
+    assert_fwd_bwd_match(lambda *a: ln_op(*a, norm="rmsnorm"), _rms_ref, inputs, dtype, LN_NAMES)
+
+
+def test_bad_norm_raises(device):
+    with pytest.raises(ValueError, match="norm must be"):
+        ln_op(*ln_inputs(1, 5, 64, 192, device), norm="batchnorm")

@@ -149,3 +149,23 @@ def test_bad_rope_arguments_raise_before_launch(device):
         op(x, nw, nb, w, b, **{**good, "rope_heads": 32})
     with pytest.raises(ValueError, match="N_out = 3"):
         op(x, nw, nb, w[:95], None, **good)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_INTERPRETER)
+def test_rope_with_rmsnorm(dtype, device):
+    """RMSNorm before the qkv GEMM with RoPE after it (no norm bias, as timm's RmsNorm)."""
+    torch.manual_seed(6)
+    H, hd = 2, 40
+    coords = grid_coords(3, 4, 1, device)
+    inputs = inputs_for(2, coords.shape[0], H * hd, device)
+    inputs[2] = None
+    kw = dict(rope_coords=coords, rope_freqs=axial_freqs(hd, 1, device), rope_heads=H, rope_layout="half")
+
+    def rms_op(*a, **k):
+        return op(*a, norm="rmsnorm", **k)
+
+    def rms_ref(x, nw, nb, w, b, rope_coords, rope_freqs, rope_heads, rope_layout):
+        return rope_ref(layernorm_linear_ref(x, nw, nb, w, b, 1e-6, "rmsnorm"), rope_coords, rope_freqs,
+                        rope_heads, rope_layout)
+
+    assert_fwd_bwd_match(rms_op, rms_ref, inputs, dtype, NAMES, **kw)

@@ -1,0 +1,70 @@
+"""The fused forms of a pre-norm block's two halves that FastViT's and FastEva's blocks share: which op computes
+``norm1 + qkv (+ RoPE)`` and ``[x +] MLP(norm2(x))`` for the norm / MLP modules a block holds, or None where no
+fused op covers that combination (the block then runs its eager modules)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import ops, reference
+
+
+def norm_kind(norm: nn.Module) -> str | None:
+    """"layernorm" or "rmsnorm" for an affine ``nn.LayerNorm`` / :class:`~fastvit_kernels.reference.RmsNorm` (the
+    norms the fused ops apply in a GEMM prologue), else None."""
+    if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+        return "layernorm"
+    if isinstance(norm, reference.RmsNorm) and norm.weight is not None:
+        return "rmsnorm"
+    return None
+
+
+def norm_qkv(x: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+             rope=None, backend: str | None = None) -> torch.Tensor | None:
+    """``qkv(norm(x))``, with q and k rotated by ``rope`` (a :class:`fastvit_kernels.rope.RopeTable`) when given,
+    as one ``ops.layernorm_linear`` (norm in the GEMM prologue, RoPE in its epilogue): x (B, N, D) -> (B, N, 3 D);
+    None when ``norm`` is not one the op applies."""
+    kind = norm_kind(norm)
+    if kind is None:
+        return None
+    kw = {} if rope is None else dict(rope_coords=rope.coords, rope_freqs=rope.freqs, rope_heads=num_heads,
+                                      rope_layout=rope.layout)
+    return ops.layernorm_linear(x, norm.weight, getattr(norm, "bias", None), weight, bias, norm.eps, norm=kind,
+                                backend=backend, **kw)
+
+
+def norm_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, add_residual: bool,
+             backend: str | None = None) -> torch.Tensor | None:
+    """``[x +] mlp(norm(x))`` as one fused op, (B, N, D) -> (B, N, D), or None when no op covers the pair:
+
+    * a GELU :class:`~fastvit_kernels.reference.Mlp` without an inner norm: ``ops.layernorm_mlp``;
+    * a SiLU-gated :class:`~fastvit_kernels.reference.SwiGLU` (separate gate / up layers) or
+      :class:`~fastvit_kernels.reference.GluMlp` with the gate first (timm's ``SwiGLUPacked``), optionally with
+      a LayerNorm over the hidden activations (EVA-02's ``scale_mlp``): ``ops.swiglu_mlp``;
+
+    each after a LayerNorm or an RMSNorm (``norm``)."""
+    kind = norm_kind(norm)
+    if kind is None:
+        return None
+    nb = getattr(norm, "bias", None)
+    if type(mlp) is reference.Mlp and isinstance(mlp.act, nn.GELU) and isinstance(mlp.norm, nn.Identity):
+        return ops.layernorm_mlp(x, norm.weight, nb, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                                 norm.eps, add_residual=add_residual, approximate=mlp.act.approximate, norm=kind,
+                                 backend=backend)
+    hidden = mlp.norm if isinstance(mlp, (reference.SwiGLU, reference.GluMlp)) else None
+    if hidden is None or not isinstance(mlp.act, nn.SiLU):
+        return None
+    if not isinstance(hidden, nn.Identity) and norm_kind(hidden) != "layernorm":
+        return None  # the op's hidden norm is a LayerNorm
+    if isinstance(mlp, reference.SwiGLU):
+        gate, up = mlp.fc1_g, mlp.fc1_x
+        gw, gb, uw, ub = gate.weight, gate.bias, up.weight, up.bias
+    elif not mlp.gate_last:  # packed (2 D_hidden, D) fc1, gate rows first
+        gw, gb, uw, ub = mlp.fc1.weight, mlp.fc1.bias, None, None
+    else:
+        return None
+    hn = dict(hidden_norm_weight=hidden.weight, hidden_norm_bias=hidden.bias, hidden_norm_eps=hidden.eps) \
+        if not isinstance(hidden, nn.Identity) else {}
+    return ops.swiglu_mlp(x, norm.weight, nb, gw, gb, uw, ub, mlp.fc2.weight, mlp.fc2.bias, norm.eps, norm=kind,
+                          add_residual=add_residual, backend=backend, **hn)
