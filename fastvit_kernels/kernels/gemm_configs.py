@@ -28,7 +28,7 @@ def autotune_enabled() -> bool:
 
 
 def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = False, b_gelu: bool = False,
-         glu: bool = False) -> bool:
+         glu: bool = False, rope_bwd: bool = False) -> bool:
     """Whether candidate ``cfg`` stays in the autotune set for operands of ``dtype`` (``split``: an index is
     split, the patch-embed GEMMs; ``dgelu``: the GELU' epilogue; ``b_gelu``: GELU on B's load, fc2's weight
     gradient; ``glu``: the SwiGLU epilogue or its derivative, see :func:`gemm_configs`). Each prune below says
@@ -62,7 +62,8 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
 
 
 def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = None,
-                 dgelu: bool = False, b_gelu: bool = False, glu: bool = False) -> list[triton.Config]:
+                 dgelu: bool = False, b_gelu: bool = False, glu: bool = False,
+                 rope_bwd: bool = False) -> list[triton.Config]:
     """Autotune candidates for the GEMM core, the default candidate first: ``triton.Config`` with BLOCK_M / BLOCK_N /
     BLOCK_K / GROUP_M, num_warps, num_stages. ``dtype``: the dot's operand dtype (fp16 and bf16 share a list);
     ``split``: an index is split; ``dgelu``, ``b_gelu``: as in :func:`keep`; ``arch``: compute capability (80,
@@ -84,11 +85,17 @@ def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = Non
     x 32 with 4. The 16-bit list above spilled there: the SwiGLU forward 8-3816 B per thread on sm_80 (every
     tile; 128 x 128 also 16-48 B on sm_90), the derivative 72-264 B with every tile on sm_80 and sm_90 (AOT check,
     ViT-B/16 bf16, Triton 3.9). The fp32 tile built clean.
+
+    ``rope_bwd`` (the RoPE GEMMs of the backward: d(qkv) loaded twice, value and pair partner, and un-rotated on
+    load), 16-bit: the same half-size tiles. The list above spilled there: 128 x 128 x 64 and 128 x 64 x 32 with 4
+    warps 8-704 B per thread (both roles, sm_80 / sm_90), and 128 x 128 x 32 56-64 B in the rotate_half weight
+    gradient; the half-size tiles built clean (AOT check, ViT-B/16 bf16, Triton 3.9). The forward's RoPE epilogue
+    builds clean with the default list.
     """
     del arch  # same candidates on every target (see docstring)
     if dtype == torch.float32:
         cands = [(64, 64, 32, 8, 1)] if split else [(64, 64, 32, 8, 2)]
-    elif glu:
+    elif glu or rope_bwd:
         cands = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
     else:
         cands = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
@@ -96,9 +103,9 @@ def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = Non
             cands += [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
     out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
            for bm, bn, bk, w, st in cands]
-    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu, glu)]
+    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu, glu, rope_bwd)]
     assert out, f"no GEMM configuration survives keep() for {dtype}, split={split}, dgelu={dgelu}, " \
-                f"b_gelu={b_gelu}, glu={glu}"
+                f"b_gelu={b_gelu}, glu={glu}, rope_bwd={rope_bwd}"
     return out
 
 

@@ -88,7 +88,8 @@ _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_
 def _candidates(dtype: torch.dtype, kw: dict, split: bool) -> list:
     return cfgs.gemm_configs(dtype, split, dgelu=bool(kw.get("DGELU")),
                              b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU.value,
-                             glu=bool(kw.get("SWIGLU") or kw.get("DSWIGLU")))
+                             glu=bool(kw.get("SWIGLU") or kw.get("DSWIGLU")),
+                             rope_bwd=kw.get("ROPE") in (ROPE_A_COLS.value, ROPE_A_ROWS.value))
 
 
 def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
@@ -111,9 +112,9 @@ def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
 
 
 # every dtype's / split's / flag's candidates: what the autotuners hold; the prunes pick one list per launch
-_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl)
+_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl, rope_bwd=rb)
                           for dt in (torch.float32, torch.float16) for sp in (False, True) for dg in (False, True)
-                          for bg in (False, True) for gl in (False, True))
+                          for bg in (False, True) for gl in (False, True) for rb in (False, True))
 
 
 def _autotuned(name: str, key: list, prune):
@@ -437,7 +438,8 @@ def _rope_args(g: Gemm) -> tuple:
 def _launch_pointer(g: Gemm) -> None:
     f = g.fusion
     if f.rope:
-        kernel, cfg = _fixed(_matmul_rope_kernel, lambda: _candidates(g.compute_dtype, f.constexprs(), split=False))
+        kernel, cfg = _fixed(_matmul_rope_kernel, lambda: _candidates(g.compute_dtype, {**f.constexprs(),
+                                                                                         "ROPE": f.rope}, split=False))
         launch(kernel, _tiles(g.M, g.N), *_rope_args(g), A_PROLOGUE=f.a_prologue, B_PROLOGUE=f.b_prologue,
                HAS_BIAS=f.bias, A_ROWSUM=f.a_rowsum, ROPE=f.rope, ROPE_HALF=f.rope_half,
                DOT_PRECISION=dot_precision(g.compute_dtype), **cfg)
