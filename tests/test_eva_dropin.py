@@ -179,3 +179,21 @@ def test_torch_compile_fullgraph_small_fasteva():
     torch._dynamo.reset()
     model = FastEva.from_timm(timm_small("eva02"), backend="torch")
     assert_compiled_matches_eager(model, torch.randn(2, 3, 28, 42))
+
+
+@pytest.mark.parametrize("name", ["eva02", "dinov3", "aimv2"])
+def test_small_model_fp16_matches_timm(name, device):
+    """fp16 on the Triton path against timm in fp32 (logits and every parameter gradient), by the 2x rule with
+    timm itself run in fp16 as PyTorch's own low-precision error."""
+    src = timm_small(name)
+    x = torch.randn(2, 3, *src.patch_embed.img_size)
+    g = torch.randn_like(src(x))
+    ref_out, ref_grads = run(src, x, g)
+    low = timm_small(name).half()
+    low_out, low_grads = run(low, x.half(), g.half())
+    fast = convert(timm_small(name), "triton").to(device).half()
+    out, grads = run(fast, x.half().to(device), g.half().to(device))
+    assert_close_to_ref(out.cpu(), ref_out, low_out, name="logits")
+    for k, ref in ref_grads.items():
+        if ref is not None:
+            assert_close_to_ref(grads[k].cpu(), ref, low_grads[k], name=f"grad {k}")
