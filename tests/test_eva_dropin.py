@@ -173,12 +173,17 @@ def test_unsupported_options_raise_naming_them():
                                             pre_norm=True))
 
 
-def test_torch_compile_fullgraph_small_fasteva():
+@pytest.mark.parametrize("name", ["eva02", "rope_mixed"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_small_fasteva(name, backend):
+    """No graph break: the fused RoPE / SwiGLU ops (Triton path) and their eager references (torch path) trace
+    whole; a learnable per-head RoPE table (rope_mixed) gets its gradient through the compiled graph."""
     from helpers import assert_compiled_matches_eager
 
     torch._dynamo.reset()
-    model = FastEva.from_timm(timm_small("eva02"), backend="torch")
-    assert_compiled_matches_eager(model, torch.randn(2, 3, 28, 42))
+    src = timm_small(name)
+    model = FastEva.from_timm(src, backend=backend)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, *src.patch_embed.img_size))
 
 
 @pytest.mark.parametrize("name", ["eva02", "dinov3", "aimv2"])
