@@ -85,7 +85,7 @@ GRID_BATCHES = (1, 64, 1024, 4096, 8192)
 GRID_IMG_SIZES = (0, 1024)
 
 # Kernels whose fp16 / bf16 builds must use tensor cores (the GEMM core and the attention kernels with tl.dot).
-TENSOR_CORE_KERNELS = ("_matmul_kernel", "_matmul_tma_kernel", "_attention_fwd_kernel",
+TENSOR_CORE_KERNELS = ("_matmul_kernel", "_matmul_rope_kernel", "_matmul_tma_kernel", "_attention_fwd_kernel",
                        "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_fused_kernel")
 # CUDA's largest launch grid, blocks per axis (x, y, z); see grid_problems
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
