@@ -28,7 +28,7 @@ def autotune_enabled() -> bool:
 
 
 def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = False, b_gelu: bool = False,
-         glu: bool = False, rope_bwd: bool = False) -> bool:
+         glu: bool = False, rope: int = 0, residual: bool = False, b_ln: bool = False) -> bool:
     """Whether candidate ``cfg`` stays in the autotune set for operands of ``dtype`` (``split``: an index is
     split, the patch-embed GEMMs; ``dgelu``: the GELU' epilogue; ``b_gelu``: GELU on B's load, fc2's weight
     gradient; ``glu``: the SwiGLU epilogue or its derivative, see :func:`gemm_configs`). Each prune below says
@@ -45,6 +45,12 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
       :func:`gemm_configs`); the GELU' epilogue spilled 8 B with 128 x 128 x 32 on sm_80.
     * Triton before ``TRITON_3_6`` (AOT check, Triton 3.4, same workload): GELU on B's load with A's row sums
       spilled 8 B with 128 x 64 x 32 / 4 warps on sm_80.
+    * Triton before ``NEWER_TRITON``, the fusions of the modern blocks (AOT check, Triton 3.4, ViT-B/16 + ViT-H/14
+      bf16 with the RoPE, RMSNorm, SwiGLU and bias-free workloads; ViT-H's SwiGLU width 3413 is not a multiple of
+      16): a residual epilogue without a bias or after a LayerNorm prologue spilled 56-456 B with 128 x 128 x 64
+      and with 4 warps (``residual``); a weight-grad GEMM with LayerNorm on B's load run alone (``b_ln``) 24-104 B
+      with 128 x 128 x 64; the RoPE GEMMs 8-456 B with every 4-warp tile and, in the forward, every default tile
+      (``rope``: the half-size list, 8 warps); the SwiGLU derivative 48 B with 64 x 128 on sm_90 (``glu``).
     """
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     if dtype == torch.float32 and cfg.num_warps < 8:
@@ -58,12 +64,18 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
             return False
         if b_gelu and cfg.num_warps < 8 and triton_version() < TRITON_3_6:
             return False
+        if (residual or b_ln) and bk >= 64:
+            return False
+        if (residual or rope) and cfg.num_warps < 8:
+            return False
+        if glu and (bm, bn) == (64, 128):
+            return False
     return True
 
 
 def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = None,
-                 dgelu: bool = False, b_gelu: bool = False, glu: bool = False,
-                 rope_bwd: bool = False) -> list[triton.Config]:
+                 dgelu: bool = False, b_gelu: bool = False, glu: bool = False, rope: int = 0,
+                 residual: bool = False, b_ln: bool = False) -> list[triton.Config]:
     """Autotune candidates for the GEMM core, the default candidate first: ``triton.Config`` with BLOCK_M / BLOCK_N /
     BLOCK_K / GROUP_M, num_warps, num_stages. ``dtype``: the dot's operand dtype (fp16 and bf16 share a list);
     ``split``: an index is split; ``dgelu``, ``b_gelu``: as in :func:`keep`; ``arch``: compute capability (80,
@@ -95,7 +107,7 @@ def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = Non
     del arch  # same candidates on every target (see docstring)
     if dtype == torch.float32:
         cands = [(64, 64, 32, 8, 1)] if split else [(64, 64, 32, 8, 2)]
-    elif glu or rope_bwd:
+    elif glu or rope in (2, 3) or (rope and triton_version() < NEWER_TRITON):
         cands = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
     else:
         cands = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
@@ -103,9 +115,9 @@ def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = Non
             cands += [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
     out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
            for bm, bn, bk, w, st in cands]
-    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu, glu, rope_bwd)]
+    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu, glu, rope, residual, b_ln)]
     assert out, f"no GEMM configuration survives keep() for {dtype}, split={split}, dgelu={dgelu}, " \
-                f"b_gelu={b_gelu}, glu={glu}, rope_bwd={rope_bwd}"
+                f"b_gelu={b_gelu}, glu={glu}, rope={rope}, residual={residual}, b_ln={b_ln}"
     return out
 
 

@@ -102,10 +102,12 @@ def _layernorm_bwd_kernel(
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     mask_c = cols < D
-    gamma = tl.load(gamma_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     dgamma = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbeta = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for blk in range(pid, tl.cdiv(M, ROWS), n_prog):
+        # gamma re-read per row block (a cache hit) rather than held across the loop: one BLOCK_D vector fewer
+        # live beside dgamma / dbeta, which wide rows (4096 columns) need
+        gamma = tl.load(gamma_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
         rows = blk * ROWS + tl.arange(0, ROWS)
         mask_r = rows < M
         mask = mask_r[:, None] & mask_c[None, :]
@@ -164,6 +166,13 @@ def _rows_per_program(D: int) -> tuple[int, int]:
     return max(1, min(16, 4096 // block_d)), block_d
 
 
+def _warps(block_d: int) -> int:
+    """Warps of a LayerNorm kernel over rows of ``block_d`` columns: 4, and 16 from 4096 columns (a 4096-wide row
+    left 512 B per thread on the stack in the backward with 4 warps, 16-32 B with 8, on sm_80 / sm_90: AOT check,
+    Triton 3.4, the SwiGLU hidden norm of a ViT-H-sized MLP)."""
+    return 16 if block_d >= 4096 else 4
+
+
 def bwd_programs(M: int, D: int) -> int:
     """Programs of one :func:`layernorm_bwd` launch over (M, D) rows (= its fp32 partial rows): one per block of
     ``ROWS`` rows, at most ``BWD_PROGRAMS``, each looping over row blocks. Host arithmetic only (the cost model
@@ -184,7 +193,7 @@ def row_stats(x: torch.Tensor, eps: float, rms: bool = False) -> tuple[torch.Ten
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     rows, block_d = _rows_per_program(D)
     _launch.launch(_layernorm_stats_kernel, (triton.cdiv(M, rows),), x, mean, rstd, M, D, x.stride(0), eps,
-                   RMS=bool(rms), ROWS=rows, BLOCK_D=block_d)
+                   RMS=bool(rms), ROWS=rows, BLOCK_D=block_d, num_warps=_warps(block_d))
     return mean, rstd
 
 
@@ -246,5 +255,6 @@ def layernorm_bwd(
         dgamma, dbeta, counter,
         M, D, x.stride(0), dy.stride(0), dres.stride(0) if dres is not None else 0, dx.stride(0),
         HAS_DRES=dres is not None, RMS=bool(rms), ROWS=rows, BLOCK_D=block_d, GROUP=BWD_GROUP,
+        num_warps=_warps(block_d),
     )
     return dx, dgamma, dbeta

@@ -37,11 +37,11 @@ import triton.language as tl
 from .._env import gemm_kernel, gemm_pairs
 from . import gemm_configs as cfgs
 from . import matmul_tma, tuning_record
-from ._common import dot_precision, triton_version
+from ._common import NEWER_TRITON, dot_precision, triton_version
 from ._launch import launch
 from .fusion import (BOUNDS_A, BOUNDS_B, BOUNDS_C, BOUNDS_OF, PROLOGUE_AFFINE, PROLOGUE_CAST, PROLOGUE_GELU,
-                     PROLOGUE_SWIGLU, ROPE_A_COLS, ROPE_A_ROWS, ROPE_OUT, Epilogue, Gelu, Gemm, LayerNorm, Operand,
-                     Rope, accumulate, apply_prologues, epilogue, pair_plan, rope_coords, rope_freqs, rope_index,
+                     PROLOGUE_LN, PROLOGUE_SWIGLU, ROPE_A_COLS, ROPE_A_ROWS, ROPE_OUT, Epilogue, Gelu, Gemm, LayerNorm,
+                     Operand, Rope, accumulate, apply_prologues, epilogue, pair_plan, rope_coords, rope_freqs, rope_index,
                      rope_rotate_out, rope_unrotate, store_rowsum, swiglu_epilogue, swiglu_grad_epilogue,
                      swiglu_operand, tile_coords, tile_start)
 
@@ -88,8 +88,10 @@ _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_
 def _candidates(dtype: torch.dtype, kw: dict, split: bool) -> list:
     return cfgs.gemm_configs(dtype, split, dgelu=bool(kw.get("DGELU")),
                              b_gelu=kw.get("B_PROLOGUE") == PROLOGUE_GELU.value,
-                             glu=bool(kw.get("SWIGLU") or kw.get("DSWIGLU")),
-                             rope_bwd=kw.get("ROPE") in (ROPE_A_COLS.value, ROPE_A_ROWS.value))
+                             glu=bool(kw.get("SWIGLU") or kw.get("DSWIGLU")
+                                      or kw.get("B_PROLOGUE") == PROLOGUE_SWIGLU.value),
+                             rope=int(getattr(kw.get("ROPE", 0), "value", kw.get("ROPE", 0)) or 0),
+                             residual=bool(kw.get("HAS_RESIDUAL")), b_ln=kw.get("B_PROLOGUE") == PROLOGUE_LN.value)
 
 
 def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
@@ -112,9 +114,13 @@ def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
 
 
 # every dtype's / split's / flag's candidates: what the autotuners hold; the prunes pick one list per launch
-_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl, rope_bwd=rb)
+# (a residual epilogue joins none of GELU', GELU on B, SwiGLU or RoPE, and GELU' never meets GELU on B: fc2's
+# backward has them in two GEMMs; fusion.Gemm refuses the others)
+_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl, rope=rp, residual=rs, b_ln=bl)
                           for dt in (torch.float32, torch.float16) for sp in (False, True) for dg in (False, True)
-                          for bg in (False, True) for gl in (False, True) for rb in (False, True))
+                          for bg in (False, True) for gl in (False, True) for rp in (0, 1, 2, 3)
+                          for rs in (False, True) for bl in (False, True)
+                          if not (rs and (dg or bg or gl or rp)) and not (dg and bg) and not (bl and (bg or rs)))
 
 
 def _autotuned(name: str, key: list, prune):
@@ -579,6 +585,10 @@ def pair_reason(g0: Gemm, g1: Gemm) -> str | None:
         return "an empty problem"
     if g0.compute_dtype != g1.compute_dtype or g0.a.tensor.dtype != g1.a.tensor.dtype:
         return "different operand dtypes"
+    if triton_version() < NEWER_TRITON and any(d % 16 for g in (g0, g1) for d in (g.M, g.N, g.K)):
+        # a SwiGLU hidden width such as ViT-H's 3413: the pointer pair of fc2's backward with its hidden LayerNorm
+        # on load left 112 B per thread on the stack on sm_80 (AOT check, Triton 3.4)
+        return f"a dimension not a multiple of 16 before Triton {NEWER_TRITON[0]}.{NEWER_TRITON[1]}"
     if not (g0.fusion.plain and g1.fusion.plain) or _route(g0) == "cublas" or _route(g1) == "cublas":
         return pair_plan(g0.fusion, g1.fusion, form="pointer", dtype=g0.compute_dtype,
                          triton_version=triton_version()) or "a GEMM routed to cuBLAS"
