@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from fastvit_kernels import create_model
+from fastvit_kernels import FastViT
 from fastvit_kernels.bench.devices import device_name, resolve_peak
-from fastvit_kernels.configs import get_config
+from fastvit_kernels.configs import get_config, training_config
 from fastvit_kernels.reference import VisionTransformer
 
 HAS_GPU = torch.cuda.is_available()
@@ -41,15 +41,16 @@ def synchronize() -> None:
 
 def build_model(name: str, impl: str, param_dtype: torch.dtype = torch.float32, device: str = DEVICE,
                 **overrides) -> torch.nn.Module:
-    """The model ``impl`` (one of :data:`E2E_IMPLS`) of config ``name``, same weights for every impl (seed 0).
+    """The model ``impl`` (one of :data:`E2E_IMPLS`) of config ``name`` with a head (``configs.training_config``:
+    the cross-entropy step needs logits, also where the named model has none), same weights for every impl (seed 0).
 
     On a CPU, FastViT is asked for its torch backend explicitly, so CPU smoke numbers never come from the Triton
     interpreter (which ``tests/conftest.py`` may have switched on in the same process).
     """
     torch.manual_seed(0)
-    cfg = {**get_config(name), **overrides}
+    cfg = {**training_config(name), **overrides}
     if impl == "fastvit":
-        model = create_model(name, backend=None if device == "cuda" else "torch", **overrides)
+        model = FastViT(**cfg, backend=None if device == "cuda" else "torch")
     elif impl in ("eager_sdpa", "compiled"):
         model = VisionTransformer(**cfg, fused_attn=True)
     elif impl == "eager_naive":

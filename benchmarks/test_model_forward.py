@@ -17,6 +17,7 @@ import torch
 
 from bench_utils import E2E_BATCH, e2e_case, e2e_gpu_cases, record, timed
 from fastvit_kernels.bench.flops import ViTShape, model_flops
+from fastvit_kernels.configs import training_config
 
 
 def _forward(model, images, autocast: bool):
@@ -43,4 +44,4 @@ def test_e2e_forward(benchmark, name, precision, impl):
     model, images, autocast = e2e_case(name, impl, precision, batch)
     first = timed(benchmark, _forward(model.eval(), images, autocast), rounds=10)
     record(benchmark, impl=impl, images=batch, dtype=torch.bfloat16, first_call_s=first,
-           flops=model_flops(ViTShape.from_config(name), batch, "forward"))
+           flops=model_flops(ViTShape.from_config(training_config(name)), batch, "forward"))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from bench_utils import DEVICE, E2E_BATCH, e2e_case, e2e_gpu_cases, record, timed
 from fastvit_kernels.bench.flops import ViTShape, model_flops
 from fastvit_kernels.train import param_groups
-from fastvit_kernels.configs import get_config
+from fastvit_kernels.configs import get_config, training_config
 
 
 def _train_step(model, images, labels, autocast: bool):
@@ -50,4 +50,4 @@ def test_e2e_train_step(benchmark, name, precision, impl):
     labels = torch.randint(0, 1000, (batch,), device=DEVICE)
     first = timed(benchmark, _train_step(model.train(), images, labels, autocast), rounds=10, warmup_rounds=2)
     record(benchmark, impl=impl, images=batch, dtype=torch.bfloat16, first_call_s=first,
-           flops=model_flops(ViTShape.from_config(name), batch, "train"))
+           flops=model_flops(ViTShape.from_config(training_config(name)), batch, "train"))

@@ -68,17 +68,17 @@ def main(argv=None) -> int:
         return 2
     from . import create_model, tuning
     from .backend import use_gemm_impl
-    from .configs import get_config
+    from .configs import training_config
 
-    cfg = get_config(args.model)
+    cfg = training_config(args.model)  # with a head even where the named model has none (a cross-entropy step)
     dtype = DTYPES[args.dtype]
     tuning.use_tuning_record(None)  # start from nothing: every key is tuned here
-    model = create_model(args.model).cuda().train()
+    model = create_model(args.model, num_classes=cfg["num_classes"]).cuda().train()
     if not args.autocast:
         model = model.to(dtype)
     images = torch.randn(args.batch_size, cfg.get("in_chans", 3), cfg["img_size"], cfg["img_size"], device="cuda",
                          dtype=torch.float32 if args.autocast else dtype)
-    labels = torch.randint(0, cfg.get("num_classes", 1000), (args.batch_size,), device="cuda")
+    labels = torch.randint(0, cfg["num_classes"], (args.batch_size,), device="cuda")
     with tuning.autotuning(sync_on_exit=False), use_gemm_impl(args.gemm_impl):
         for _ in range(args.steps):
             with torch.autocast("cuda", dtype=dtype, enabled=args.autocast):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastvit_kernels import FastViT, create_model
-from fastvit_kernels.configs import get_config
+from fastvit_kernels.configs import DEFAULT_TRAIN_CLASSES, get_config, training_config
 from fastvit_kernels.reference import VisionTransformer
 from helpers import assert_compiled_matches_eager, compare_model_with_reference
 
@@ -18,27 +18,38 @@ BLOCK_KEYS = {
 }
 
 
-@pytest.mark.parametrize("name,D,depth,P,N", [
-    ("vit_base_patch16_224", 768, 12, 16, 196),
-    ("vit_large_patch16_224", 1024, 24, 16, 196),
-    ("vit_huge_patch14_224", 1280, 32, 14, 256),
+@pytest.mark.parametrize("name,D,depth,P,N,classes", [
+    ("vit_base_patch16_224", 768, 12, 16, 196, 1000),
+    ("vit_large_patch16_224", 1024, 24, 16, 196, 1000),
+    ("vit_huge_patch14_224", 1280, 32, 14, 256, 0),  # timm's default tag (orig_in21k) has no head
 ])
-def test_timm_state_dict_keys_and_shapes(name, D, depth, P, N):
+def test_timm_state_dict_keys_and_shapes(name, D, depth, P, N, classes):
     with torch.device("meta"):
         model = create_model(name)
     sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     dims = {"D": D, "3D": 3 * D, "4D": 4 * D}
     expected = {
         "cls_token": (1, 1, D), "pos_embed": (1, 1 + N, D), "patch_embed.proj.weight": (D, 3, P, P),
-        "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,), "head.weight": (1000, D),
-        "head.bias": (1000,),
+        "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,),
     }
+    if classes:
+        expected.update({"head.weight": (classes, D), "head.bias": (classes,)})
     for i in range(depth):
         for k, shape in BLOCK_KEYS.items():
             expected[f"blocks.{i}.{k}"] = tuple(dims[s] for s in shape.split(","))
     assert sd == expected
     if name == "vit_huge_patch14_224":
         assert model.blocks[0].attn.head_dim == 80
+
+
+def test_training_config_gives_a_headless_model_a_head():
+    assert get_config("vit_huge_patch14_224")["num_classes"] == 0  # timm's default tag: no head
+    assert training_config("vit_huge_patch14_224") == {**get_config("vit_huge_patch14_224"),
+                                                       "num_classes": DEFAULT_TRAIN_CLASSES}
+    assert training_config("vit_digits") == get_config("vit_digits")
+    assert training_config("vit_base_patch16_224")["num_classes"] == 1000
+    with pytest.raises(KeyError, match="unknown model 'vit_nope'"):
+        training_config("vit_nope")
 
 
 def test_loads_reference_state_dict_strictly():
@@ -141,8 +152,8 @@ def test_block_forward_is_the_chosen_path():
     assert _paths(blk) == ("_attention_eager", "_mlp_fused")
 
 
-def test_matches_timm_when_installed():
-    timm = pytest.importorskip("timm", reason="timm is optional; the reference model mirrors its code path")
+def test_matches_timm():
+    import timm
     cfg = get_config("vit_test_hd80")
     t = timm.models.vision_transformer.VisionTransformer(**cfg).eval()
     model = FastViT(**cfg, backend="torch").eval()

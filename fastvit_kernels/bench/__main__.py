@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from ..configs import MODEL_CONFIGS
+from ..configs import MODEL_CONFIGS, training_config
 from .devices import DEVICES, dtype_name, lookup_device, resolve_peak
 from .flops import TIMM_EVA_OPTIONS
 
@@ -99,7 +99,7 @@ def _cmd_model(args) -> int:
     from . import cost_model
     from .flops import ViTShape
 
-    shape = ViTShape.from_config(args.model)
+    shape = ViTShape.from_config(training_config(args.model))  # the cost model needs a head
     peak = resolve_peak(args.device, args.dtype, args.peak_tflops, args.bandwidth_gbs)
     gemm_kernel = args.gemm_kernel
     if gemm_kernel == "auto":
@@ -128,7 +128,6 @@ def _cmd_model(args) -> int:
 
 def _cmd_profile(args) -> int:
     from .. import create_model, reference
-    from ..configs import get_config
     from ..train import param_groups
     from .profile import profile_step
 
@@ -140,14 +139,14 @@ def _cmd_profile(args) -> int:
     dt = args.dtype or ("fp32" if on_cpu else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
     torch.manual_seed(args.seed)
+    cfg = training_config(name)  # with a head even where the named model has none (a cross-entropy step)
     if args.impl == "fastvit":
-        model = create_model(name, backend=args.backend)
+        model = create_model(name, num_classes=cfg["num_classes"], backend=args.backend)
     else:
-        model = reference.VisionTransformer(**get_config(name), fused_attn=True)
+        model = reference.VisionTransformer(**cfg, fused_attn=True)
     model = model.to(device=device, dtype=dtype).train()
-    cfg = get_config(name)
     images = torch.randn(batch, cfg.get("in_chans", 3), cfg["img_size"], cfg["img_size"], device=device, dtype=dtype)
-    labels = torch.randint(0, cfg.get("num_classes", 1000), (batch,), device=device)
+    labels = torch.randint(0, cfg["num_classes"], (batch,), device=device)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     peak = resolve_peak(device, dtype, args.peak_tflops, args.bandwidth_gbs)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

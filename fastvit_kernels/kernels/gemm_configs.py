@@ -130,14 +130,22 @@ def pair_configs(dtype: torch.dtype) -> list[triton.Config]:
     return [c for c in gemm_configs(dtype) if c.num_warps >= 8 and not (old and c.kwargs["BLOCK_K"] >= 64)]
 
 
-def tma_configs(dtype: torch.dtype, pair: bool = False, pre_hook=None) -> list[triton.Config]:
-    """Candidates of the TMA kernel (``pair``: of its pair form), default first: the 16-bit tiles of
-    :func:`gemm_configs` with deeper pipelines (TMA copies need no registers in flight), each with ``pre_hook``
-    (the TMA module's block-shape hook). Before ``TRITON_3_6`` the pair form drops the deep K step: the qkv pair
-    (LayerNorm prologue + row sums) spilled 424 B on sm_90 (AOT check, Triton 3.4)."""
+def tma_configs(dtype: torch.dtype, pair: bool = False, pre_hook=None, b_gelu: bool = False) -> list[triton.Config]:
+    """Candidates of the TMA kernel (``pair``: of its pair form; ``b_gelu``: a problem of the pair recomputes GELU
+    on B's load, fc2's dW2), default first: the 16-bit tiles of :func:`gemm_configs` with deeper pipelines (TMA
+    copies need no registers in flight), each with ``pre_hook`` (the TMA module's block-shape hook). Prunes of the
+    pair form:
+
+    * before ``TRITON_3_6``: the deep K step: the qkv pair (LayerNorm prologue + row sums) spilled 424 B on sm_90
+      (AOT check, Triton 3.4);
+    * before ``NEWER_TRITON``, with ``b_gelu``: the 4-warp tile: fc2's pair (GELU on B's load + row sums | GELU')
+      spilled 16 B with 128 x 64 x 32 on sm_90 (AOT check, Triton 3.8; 3.6 built it clean, 3.7 is unchecked).
+    """
     out = []
     for c in gemm_configs(dtype):
         if pair and c.kwargs["BLOCK_K"] >= 64 and triton_version() < TRITON_3_6:
+            continue
+        if pair and b_gelu and c.num_warps < 8 and triton_version() < NEWER_TRITON:
             continue
         stages = c.num_stages if dtype == torch.float32 else max(c.num_stages, 3)
         out.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages, pre_hook=pre_hook))

@@ -46,7 +46,7 @@ from .._env import interpreter_enabled
 from . import gemm_configs as cfgs
 from . import tuning_record
 from ._launch import launch as _launch
-from .fusion import Gemm, accumulate, apply_prologues, epilogue, store_rowsum, tile_coords, tile_start
+from .fusion import PROLOGUE_GELU, Gemm, accumulate, apply_prologues, epilogue, store_rowsum, tile_coords, tile_start
 
 try:  # host-side descriptors: Triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -75,10 +75,10 @@ def _set_pair_block_shapes(nargs: dict) -> None:
                            "c_desc": nargs[f"c{i}_desc"], **{k: nargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}})
 
 
-def tma_configs(dtype: torch.dtype, pair: bool = False) -> list[triton.Config]:
-    """Candidates of the TMA kernel (``pair``: of the pair kernel), default first
-    (:func:`gemm_configs.tma_configs`), each carrying this module's block-shape ``pre_hook``."""
-    return cfgs.tma_configs(dtype, pair, _set_pair_block_shapes if pair else _set_block_shapes)
+def tma_configs(dtype: torch.dtype, pair: bool = False, b_gelu: bool = False) -> list[triton.Config]:
+    """Candidates of the TMA kernel (``pair``: of the pair kernel; ``b_gelu``: GELU on a B operand's load), default
+    first (:func:`gemm_configs.tma_configs`), each carrying this module's block-shape ``pre_hook``."""
+    return cfgs.tma_configs(dtype, pair, _set_pair_block_shapes if pair else _set_block_shapes, b_gelu=b_gelu)
 
 
 _ALL_TMA_CONFIGS = cfgs.union(tma_configs(dt) for dt in (torch.float32, torch.float16))
@@ -99,8 +99,10 @@ _TMA_PAIR_KEY += ["SPLIT0", "GELU_TANH", "DOT_PRECISION"]
 
 
 def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
-    """``early_config_prune`` of the pair kernel: the candidates of the operand dtype."""
-    return cfgs.pick(configs, tma_configs(named_args["a0_desc"].base.dtype, pair=True))
+    """``early_config_prune`` of the pair kernel: the candidates of the operand dtype and of whether a problem
+    recomputes GELU on B's load."""
+    b_gelu = PROLOGUE_GELU.value in (kwargs.get("B_PROLOGUE0"), kwargs.get("B_PROLOGUE1"))
+    return cfgs.pick(configs, tma_configs(named_args["a0_desc"].base.dtype, pair=True, b_gelu=b_gelu))
 
 
 @triton.jit

@@ -27,6 +27,16 @@ def test_model_command(capsys):
         assert f"| {label} |" in out
 
 
+def test_model_command_gives_a_headless_model_a_head(capsys):
+    """vit_huge_patch14_224 has no head (timm's default tag); the modelled training step is a classification step
+    with configs.training_config's 1000-class head, not an error."""
+    assert main(["model", "--model", "vit_huge_patch14_224", "--batch-size", "8", "--device", "h100-sxm"]) == 0
+    out = capsys.readouterr().out
+    s = ViTShape.from_config("vit_huge_patch14_224", num_classes=1000)
+    fast = cm.step_cost(s, 8, "bf16", "fastvit", peak=resolve_peak("h100-sxm", "bf16"))
+    assert f"{fast.roofline_s * 1e3:.3f} ms" in out and "| head |" in out
+
+
 def test_model_command_launch_list_and_errors(capsys):
     assert main(["model", "--model", "vit_digits", "--batch-size", "4", "--mode", "forward", "--dtype", "fp32",
                  "--launches", "fastvit", "--peak-tflops", "10", "--bandwidth-gbs", "100"]) == 0

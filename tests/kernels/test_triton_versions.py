@@ -17,7 +17,7 @@ def _tiles(configs):
     return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in configs}
 
 
-@pytest.fixture(params=[(3, 4), (3, 6), (3, 9), (3, 10)])
+@pytest.fixture(params=[(3, 4), (3, 6), (3, 8), (3, 9), (3, 10)])
 def version(request, monkeypatch):
     for mod in (gemm_configs, matmul, attention, _common):
         monkeypatch.setattr(mod, "triton_version", lambda: request.param)
@@ -68,6 +68,25 @@ def test_oldest_triton_prunes(version):
     assert ((128, 128) in fwd80) != oldest and ((128, 32) in dq) == (version >= _common.NEWER_TRITON)
     pair_k = {c.kwargs["BLOCK_K"] for c in matmul_tma.tma_configs(BF16, pair=True)}
     assert pair_k and (64 in pair_k) != oldest  # tma_configs reads _common.triton_version at call time
+
+
+def test_tma_pair_with_gelu_on_b(version):
+    """fc2's TMA pair (GELU on B's load) spilled with the 4-warp tile on Triton 3.8: every release before
+    NEWER_TRITON drops that tile for it; the other pairs keep it from 3.6 on, and its default tile stays first."""
+    from fastvit_kernels.kernels import matmul_tma
+    from fastvit_kernels.kernels.fusion import PROLOGUE_GELU, PROLOGUE_LN
+
+    plain = matmul_tma.tma_configs(BF16, pair=True)
+    gelu = matmul_tma.tma_configs(BF16, pair=True, b_gelu=True)
+    assert gelu and _tiles(gelu) <= _tiles(plain) and _tiles(gelu[:1]) == _tiles(plain[:1])
+    assert any(c.num_warps < 8 for c in gelu) == (version >= _common.NEWER_TRITON)
+    assert any(c.num_warps < 8 for c in plain)
+    # the autotuner's early prune hands fc2's pair (B_PROLOGUE0 = GELU) the GELU list, any other pair the plain one
+    desc = type("Desc", (), {"base": torch.empty(1, dtype=BF16)})()
+    for b_prologue, want in ((PROLOGUE_GELU.value, gelu), (PROLOGUE_LN.value, plain)):
+        flags = {"B_PROLOGUE0": b_prologue, "B_PROLOGUE1": 0}
+        picked = matmul_tma._prune_pair(matmul_tma._ALL_TMA_PAIR_CONFIGS, {"a0_desc": desc}, **flags)
+        assert [gemm_configs.config_id(c) for c in picked] == [gemm_configs.config_id(c) for c in want]
 
 
 def test_triton_version_parses_releases(monkeypatch):
