@@ -10,6 +10,21 @@ import torch.nn as nn
 from . import ops, reference
 
 
+class BlocksBackend:
+    """Mixin of FastViT and FastEva: ``backend``, the backend ("auto" | "triton" | "torch" | None) every op of the
+    model is asked for; setting it sets each block's (``self.blocks``)."""
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self._backend = value
+        for blk in self.blocks:
+            blk.backend = value
+
+
 def norm_kind(norm: nn.Module) -> str | None:
     """"layernorm" or "rmsnorm" for an affine ``nn.LayerNorm`` / :class:`~fastvit_kernels.reference.RmsNorm` (the
     norms the fused ops apply in a GEMM prologue), else None."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference, reference_eva
-from ._blocks import norm_mlp, norm_qkv
+from ._blocks import BlocksBackend, norm_mlp, norm_qkv
 from .rope import RopeTable
 
 
@@ -93,7 +93,7 @@ class FastEvaBlock(reference_eva.EvaBlock):
         return x + y if add_residual else y
 
 
-class FastEva(reference_eva.Eva):
+class FastEva(BlocksBackend, reference_eva.Eva):
     """Drop-in for timm's ``Eva``: constructor arguments (see :class:`fastvit_kernels.reference_eva.Eva`) plus
     ``backend`` ("auto" | "triton" | "torch" | None), timm's state_dict keys, timm's outputs.
 
@@ -113,17 +113,6 @@ class FastEva(reference_eva.Eva):
         super().__init__(*args, block_fn=FastEvaBlock, **kwargs)
         self.backend = backend
         ops.register_flop_formulas(only_if_loaded=True)
-
-    @property
-    def backend(self) -> str | None:
-        """The backend every op of this model is asked for."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str | None) -> None:
-        self._backend = value
-        for blk in self.blocks:
-            blk.backend = value
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         pe = self.patch_embed

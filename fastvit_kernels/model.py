@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference
-from ._blocks import norm_mlp, norm_qkv
+from ._blocks import BlocksBackend, norm_mlp, norm_qkv
 from .configs import EVA_MODELS, get_config
 
 
@@ -165,7 +165,7 @@ class Block(reference.Block):
             self._warned = True
 
 
-class FastViT(reference.VisionTransformer):
+class FastViT(BlocksBackend, reference.VisionTransformer):
     """Drop-in for timm's ``VisionTransformer`` whose patch embedding, attention and LayerNorm + MLP run on this
     package's Triton kernels, forward and backward.
 
@@ -285,17 +285,6 @@ class FastViT(reference.VisionTransformer):
         fast = fast.to_empty(device=ref.device).to(ref.dtype)
         fast.load_state_dict(model.state_dict(), strict=True)
         return fast.train(model.training)
-
-    @property
-    def backend(self) -> str | None:
-        """The backend every op of this model is asked for ("auto" | "triton" | "torch" | None)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str | None) -> None:
-        self._backend = value
-        for blk in self.blocks:
-            blk.backend = value
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> tokens (B, prefix + N, D) with one fused patch-embed + position-add kernel
