@@ -45,12 +45,13 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
       :func:`gemm_configs`); the GELU' epilogue spilled 8 B with 128 x 128 x 32 on sm_80.
     * Triton before ``TRITON_3_6`` (AOT check, Triton 3.4, same workload): GELU on B's load with A's row sums
       spilled 8 B with 128 x 64 x 32 / 4 warps on sm_80.
-    * Triton before ``NEWER_TRITON``, the fusions of the modern blocks (AOT check, Triton 3.4, ViT-B/16 + ViT-H/14
-      bf16 with the RoPE, RMSNorm, SwiGLU and bias-free workloads; ViT-H's SwiGLU width 3413 is not a multiple of
-      16): a residual epilogue without a bias or after a LayerNorm prologue spilled 56-456 B with 128 x 128 x 64
-      and with 4 warps (``residual``); a weight-grad GEMM with LayerNorm on B's load run alone (``b_ln``) 24-104 B
-      with 128 x 128 x 64; the RoPE GEMMs 8-456 B with every 4-warp tile and, in the forward, every default tile
-      (``rope``: the half-size list, 8 warps); the SwiGLU derivative 48 B with 64 x 128 on sm_90 (``glu``).
+    * The fusions of the modern blocks (AOT check, ViT-B/16 + ViT-H/14 bf16 / fp16 with the RoPE, RMSNorm, SwiGLU
+      and bias-free workloads; ViT-H's SwiGLU width 3413 is not a multiple of 16), on every Triton: a residual
+      epilogue without a bias or after a LayerNorm prologue (``residual``) spilled 40-456 B with 128 x 128 x 64 and
+      with 4 warps (Triton 3.4 and 3.9); a weight-grad GEMM with LayerNorm on B's load run alone (``b_ln``) 24-104 B
+      with 128 x 128 x 64 (3.4). Before ``NEWER_TRITON`` (3.4): the RoPE GEMMs 8-456 B with every 4-warp tile and,
+      in the forward, every default tile (``rope``: the half-size list, 8 warps); the SwiGLU derivative 48 B with
+      64 x 128 on sm_90 (``glu``).
     """
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     if dtype == torch.float32 and cfg.num_warps < 8:
@@ -64,11 +65,14 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
             return False
         if b_gelu and cfg.num_warps < 8 and triton_version() < TRITON_3_6:
             return False
-        if (residual or b_ln) and bk >= 64:
-            return False
-        if (residual or rope) and cfg.num_warps < 8:
+        if rope and cfg.num_warps < 8:
             return False
         if glu and (bm, bn) == (64, 128):
+            return False
+    if dtype != torch.float32 and not split:
+        if (residual or b_ln) and bk >= 64:
+            return False
+        if residual and cfg.num_warps < 8:
             return False
     return True
 

@@ -37,7 +37,7 @@ import triton.language as tl
 from .._env import gemm_kernel, gemm_pairs
 from . import gemm_configs as cfgs
 from . import matmul_tma, tuning_record
-from ._common import NEWER_TRITON, dot_precision, triton_version
+from ._common import dot_precision, triton_version
 from ._launch import launch
 from .fusion import (BOUNDS_A, BOUNDS_B, BOUNDS_C, BOUNDS_OF, PROLOGUE_AFFINE, PROLOGUE_CAST, PROLOGUE_GELU,
                      PROLOGUE_LN, PROLOGUE_SWIGLU, ROPE_A_COLS, ROPE_A_ROWS, ROPE_OUT, Epilogue, Gelu, Gemm, LayerNorm,
@@ -91,7 +91,9 @@ def _candidates(dtype: torch.dtype, kw: dict, split: bool) -> list:
                              glu=bool(kw.get("SWIGLU") or kw.get("DSWIGLU")
                                       or kw.get("B_PROLOGUE") == PROLOGUE_SWIGLU.value),
                              rope=int(getattr(kw.get("ROPE", 0), "value", kw.get("ROPE", 0)) or 0),
-                             residual=bool(kw.get("HAS_RESIDUAL")), b_ln=kw.get("B_PROLOGUE") == PROLOGUE_LN.value)
+                             residual=bool(kw.get("HAS_RESIDUAL")) and (not kw.get("HAS_BIAS")
+                                                                         or kw.get("A_PROLOGUE") == PROLOGUE_LN.value),
+                             b_ln=kw.get("B_PROLOGUE") == PROLOGUE_LN.value)
 
 
 def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
@@ -585,10 +587,11 @@ def pair_reason(g0: Gemm, g1: Gemm) -> str | None:
         return "an empty problem"
     if g0.compute_dtype != g1.compute_dtype or g0.a.tensor.dtype != g1.a.tensor.dtype:
         return "different operand dtypes"
-    if triton_version() < NEWER_TRITON and any(d % 16 for g in (g0, g1) for d in (g.M, g.N, g.K)):
-        # a SwiGLU hidden width such as ViT-H's 3413: the pointer pair of fc2's backward with its hidden LayerNorm
-        # on load left 112 B per thread on the stack on sm_80 (AOT check, Triton 3.4)
-        return f"a dimension not a multiple of 16 before Triton {NEWER_TRITON[0]}.{NEWER_TRITON[1]}"
+    if any(s % 16 for g in (g0, g1) for op in (g.a, g.b, g.c) for s in (op.rows, op.cols) if s != 1):
+        # a feature width that is not a multiple of 16, such as a SwiGLU hidden width (ViT-H-sized: 3413): the
+        # pointer pair of fc2's backward with its hidden LayerNorm on load left 64-248 B per thread on the stack on
+        # sm_80 (AOT check, Triton 3.4 and 3.9)
+        return "an operand row stride that is not a multiple of 16 elements (such pairs spilled)"
     if not (g0.fusion.plain and g1.fusion.plain) or _route(g0) == "cublas" or _route(g1) == "cublas":
         return pair_plan(g0.fusion, g1.fusion, form="pointer", dtype=g0.compute_dtype,
                          triton_version=triton_version()) or "a GEMM routed to cuBLAS"
