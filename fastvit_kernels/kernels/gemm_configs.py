@@ -28,7 +28,8 @@ def autotune_enabled() -> bool:
 
 
 def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = False, b_gelu: bool = False,
-         glu: bool = False, rope: int = 0, residual: bool = False, b_ln: bool = False) -> bool:
+         glu: bool = False, rope: int = 0, residual: bool = False, b_ln: bool = False,
+         gelu_no_bias: bool = False) -> bool:
     """Whether candidate ``cfg`` stays in the autotune set for operands of ``dtype`` (``split``: an index is
     split, the patch-embed GEMMs; ``dgelu``: the GELU' epilogue; ``b_gelu``: GELU on B's load, fc2's weight
     gradient; ``glu``: the SwiGLU epilogue or its derivative, see :func:`gemm_configs`). Each prune below says
@@ -49,9 +50,10 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
       and bias-free workloads; ViT-H's SwiGLU width 3413 is not a multiple of 16), on every Triton: a residual
       epilogue without a bias or after a LayerNorm prologue (``residual``) spilled 40-456 B with 128 x 128 x 64 and
       with 4 warps (Triton 3.4 and 3.9); a weight-grad GEMM with LayerNorm on B's load run alone (``b_ln``) 24-104 B
-      with 128 x 128 x 64 (3.4). Before ``NEWER_TRITON`` (3.4): the RoPE GEMMs 8-456 B with every 4-warp tile and,
-      in the forward, every default tile (``rope``: the half-size list, 8 warps); the SwiGLU derivative 48 B with
-      64 x 128 on sm_90 (``glu``).
+      with 128 x 128 x 64 (3.4); the GELU epilogue without a bias (``gelu_no_bias``: fc1 of a bias-free MLP) 8 B
+      with 4 warps on sm_80 (3.8 and 3.9). Before ``NEWER_TRITON`` (3.4): the RoPE GEMMs 8-456 B with every 4-warp tile and,
+      in the forward, every default tile (``rope``: the half-size list, 8 warps), and the rotate_half weight
+      gradient 16 B with 128 x 64 on sm_90 (3.8); the SwiGLU derivative 48 B with 64 x 128 on sm_90 (``glu``).
     """
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     if dtype == torch.float32 and cfg.num_warps < 8:
@@ -67,19 +69,21 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
             return False
         if rope and cfg.num_warps < 8:
             return False
+        if rope in (2, 3) and (bm, bn) == (128, 64):
+            return False
         if glu and (bm, bn) == (64, 128):
             return False
     if dtype != torch.float32 and not split:
         if (residual or b_ln) and bk >= 64:
             return False
-        if residual and cfg.num_warps < 8:
+        if (residual or gelu_no_bias) and cfg.num_warps < 8:
             return False
     return True
 
 
 def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = None,
                  dgelu: bool = False, b_gelu: bool = False, glu: bool = False, rope: int = 0,
-                 residual: bool = False, b_ln: bool = False) -> list[triton.Config]:
+                 residual: bool = False, b_ln: bool = False, gelu_no_bias: bool = False) -> list[triton.Config]:
     """Autotune candidates for the GEMM core, the default candidate first: ``triton.Config`` with BLOCK_M / BLOCK_N /
     BLOCK_K / GROUP_M, num_warps, num_stages. ``dtype``: the dot's operand dtype (fp16 and bf16 share a list);
     ``split``: an index is split; ``dgelu``, ``b_gelu``: as in :func:`keep`; ``arch``: compute capability (80,
@@ -119,9 +123,10 @@ def gemm_configs(dtype: torch.dtype, split: bool = False, arch: int | None = Non
             cands += [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
     out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
            for bm, bn, bk, w, st in cands]
-    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu, glu, rope, residual, b_ln)]
+    out = [c for c in out if keep(c, dtype, split, dgelu, b_gelu, glu, rope, residual, b_ln, gelu_no_bias)]
     assert out, f"no GEMM configuration survives keep() for {dtype}, split={split}, dgelu={dgelu}, " \
-                f"b_gelu={b_gelu}, glu={glu}, rope={rope}, residual={residual}, b_ln={b_ln}"
+                f"b_gelu={b_gelu}, glu={glu}, rope={rope}, residual={residual}, b_ln={b_ln}, " \
+                f"gelu_no_bias={gelu_no_bias}"
     return out
 
 

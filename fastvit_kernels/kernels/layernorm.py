@@ -104,10 +104,16 @@ def _layernorm_bwd_kernel(
     mask_c = cols < D
     dgamma = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbeta = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if BLOCK_D < 4096:
+        gamma_row = tl.load(gamma_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     for blk in range(pid, tl.cdiv(M, ROWS), n_prog):
-        # gamma re-read per row block (a cache hit) rather than held across the loop: one BLOCK_D vector fewer
-        # live beside dgamma / dbeta, which wide rows (4096 columns) need
-        gamma = tl.load(gamma_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        if BLOCK_D >= 4096:
+            # wide rows re-read gamma per row block (a cache hit) rather than hold it across the loop: one vector
+            # fewer live beside dgamma / dbeta (the 4096-wide backward spilled 8 B on sm_90 with it held, Triton
+            # 3.4); narrower rows keep it (re-reading it spilled 8 B at 2048 columns on sm_90, Triton 3.8)
+            gamma = tl.load(gamma_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        else:
+            gamma = gamma_row
         rows = blk * ROWS + tl.arange(0, ROWS)
         mask_r = rows < M
         mask = mask_r[:, None] & mask_c[None, :]

@@ -93,7 +93,8 @@ def _candidates(dtype: torch.dtype, kw: dict, split: bool) -> list:
                              rope=int(getattr(kw.get("ROPE", 0), "value", kw.get("ROPE", 0)) or 0),
                              residual=bool(kw.get("HAS_RESIDUAL")) and (not kw.get("HAS_BIAS")
                                                                          or kw.get("A_PROLOGUE") == PROLOGUE_LN.value),
-                             b_ln=kw.get("B_PROLOGUE") == PROLOGUE_LN.value)
+                             b_ln=kw.get("B_PROLOGUE") == PROLOGUE_LN.value,
+                             gelu_no_bias=bool(kw.get("ACT_GELU")) and not kw.get("HAS_BIAS"))
 
 
 def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
@@ -116,13 +117,15 @@ def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
 
 
 # every dtype's / split's / flag's candidates: what the autotuners hold; the prunes pick one list per launch
-# (a residual epilogue joins none of GELU', GELU on B, SwiGLU or RoPE, and GELU' never meets GELU on B: fc2's
-# backward has them in two GEMMs; fusion.Gemm refuses the others)
-_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl, rope=rp, residual=rs, b_ln=bl)
+# (combinations no launch makes are skipped: a residual epilogue joins none of GELU', GELU on B, SwiGLU or RoPE;
+# GELU' never meets GELU on B (fc2's backward has them in two GEMMs), nor SwiGLU RoPE; fusion.Gemm refuses the rest)
+_ALL_CONFIGS = cfgs.union(cfgs.gemm_configs(dt, sp, dgelu=dg, b_gelu=bg, glu=gl, rope=rp, residual=rs, b_ln=bl,
+                                            gelu_no_bias=gn)
                           for dt in (torch.float32, torch.float16) for sp in (False, True) for dg in (False, True)
                           for bg in (False, True) for gl in (False, True) for rp in (0, 1, 2, 3)
-                          for rs in (False, True) for bl in (False, True)
-                          if not (rs and (dg or bg or gl or rp)) and not (dg and bg) and not (bl and (bg or rs)))
+                          for rs in (False, True) for bl in (False, True) for gn in (False, True)
+                          if not (rs and (dg or bg or gl or rp)) and not (dg and bg) and not (bl and (bg or rs))
+                          and not (gl and rp) and not (gn and (dg or gl or rp or rs)))
 
 
 def _autotuned(name: str, key: list, prune):

@@ -107,7 +107,7 @@ def test_modern_block_fusion_lists(version):
     small = {(128, 64, 32, 8), (64, 128, 32, 8), (64, 64, 32, 4)}
     default = _tiles(gemm_configs.gemm_configs(BF16))
     for role in (2, 3):
-        assert _tiles(gemm_configs.gemm_configs(BF16, rope=role)) == (small - {(64, 64, 32, 4)} if old else small)
+        assert _tiles(gemm_configs.gemm_configs(BF16, rope=role)) == ({(64, 128, 32, 8)} if old else small)
     assert _tiles(gemm_configs.gemm_configs(BF16, rope=1)) == ({(128, 64, 32, 8), (64, 128, 32, 8)} if old
                                                                else default)
     assert _tiles(gemm_configs.gemm_configs(BF16, glu=True)) == (small - {(64, 128, 32, 8)} if old else small)
@@ -119,3 +119,5 @@ def test_modern_block_fusion_lists(version):
     ids = [gemm_configs.config_id(c) for c in matmul._prune_plain(matmul._ALL_CONFIGS, {"a_ptr": a, "b_ptr": a},
                                                                 ROPE=3)]
     assert ids == [gemm_configs.config_id(c) for c in gemm_configs.gemm_configs(BF16, rope=3)]
+    # fc1's GELU epilogue without a bias (a bias-free MLP) drops the 4-warp tile on every release (Triton 3.8, 3.9)
+    assert all(w == 8 for *_, w in _tiles(gemm_configs.gemm_configs(BF16, gelu_no_bias=True)))
