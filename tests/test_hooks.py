@@ -75,7 +75,8 @@ def test_a_real_launcher_is_recorded_with_its_kernel_object():
         layernorm.row_stats(x, 1e-6)
     ((kernel, grid, args, kwargs),) = calls
     assert kernel is layernorm._layernorm_stats_kernel and args[0] is x
-    assert set(kwargs) == {"RMS", "ROWS", "BLOCK_D"} and not kwargs["RMS"] and grid == (-(-6 // kwargs["ROWS"]),)
+    assert set(kwargs) == {"RMS", "ROWS", "BLOCK_D", "num_warps"} and not kwargs["RMS"]
+    assert grid == (-(-6 // kwargs["ROWS"]),) and kwargs["num_warps"] == 4
 
 
 def _subscript_calls(tree: ast.AST) -> list[ast.Call]:
