@@ -590,11 +590,12 @@ def pair_reason(g0: Gemm, g1: Gemm) -> str | None:
         return "an empty problem"
     if g0.compute_dtype != g1.compute_dtype or g0.a.tensor.dtype != g1.a.tensor.dtype:
         return "different operand dtypes"
-    if any(s % 16 for g in (g0, g1) for op in (g.a, g.b, g.c) for s in (op.rows, op.cols) if s != 1):
-        # a feature width that is not a multiple of 16, such as a SwiGLU hidden width (ViT-H-sized: 3413): the
-        # pointer pair of fc2's backward with its hidden LayerNorm on load left 64-248 B per thread on the stack on
-        # sm_80 (AOT check, Triton 3.4 and 3.9)
-        return "an operand row stride that is not a multiple of 16 elements (such pairs spilled)"
+    if any(isinstance(g.b_prologue, LayerNorm) for g in (g0, g1)) and \
+            any(s % 16 for g in (g0, g1) for op in (g.a, g.b, g.c) for s in (op.rows, op.cols) if s != 1):
+        # LayerNorm on B's load with a feature width that is not a multiple of 16, such as a SwiGLU hidden width
+        # (ViT-H-sized: 3413; EVA-02-L: 2730): the pointer pair of fc2's backward with its hidden LayerNorm on load
+        # left 64-248 B per thread on the stack on sm_80 (AOT check, Triton 3.4 and 3.9)
+        return "LayerNorm on B's load with an operand row stride that is not a multiple of 16 elements (spilled)"
     if not (g0.fusion.plain and g1.fusion.plain) or _route(g0) == "cublas" or _route(g1) == "cublas":
         return pair_plan(g0.fusion, g1.fusion, form="pointer", dtype=g0.compute_dtype,
                          triton_version=triton_version()) or "a GEMM routed to cuBLAS"

@@ -370,7 +370,7 @@ def test_tma_build_failure_falls_back_visibly(device, monkeypatch):
 
 # the backward's dgrad + wgrad pairs (ops/linear.py, ops/layernorm_mlp.py): (name, problem 0, problem 1) with the
 # fusions each carries; M_P rows of tokens, D_P / DH_P features (TMA-describable in fp32 / fp16, ragged tiles)
-M_P, D_P, DH_P = 72, 56, 88
+M_P, D_P, DH_P = 72, 48, 80
 PAIRS = ["fc2", "fc1", "proj", "qkv"]
 
 
@@ -661,3 +661,20 @@ def test_split_pair_epilogues(device, monkeypatch):
     torch.testing.assert_close(c0, ref0.float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rs, dy.sum(0), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(c1, dy @ w + b1, atol=1e-4, rtol=1e-4)
+
+
+def test_unaligned_layernorm_pair_runs_one_by_one(device):
+    """A backward pair with LayerNorm on B's load and a feature width that is not a multiple of 16 (a SwiGLU hidden
+    width such as 2730) runs as two launches (its pair form spilled; AOT check); aligned ones pair."""
+    from fastvit_kernels.kernels import matmul as mm
+
+    global DH_P
+    aligned = mm.pair_reason(*_pair_specs("fc1", torch.float16, device)[0])
+    saved, DH_P = DH_P, 88
+    try:
+        unaligned = mm.pair_reason(*_pair_specs("fc1", torch.float16, device)[0])
+        plain = mm.pair_reason(*_pair_specs("proj", torch.float16, device)[0])
+    finally:
+        DH_P = saved
+    assert aligned is None and plain is None
+    assert unaligned is not None and "LayerNorm on B's load" in unaligned
