@@ -99,7 +99,11 @@ def _cmd_model(args) -> int:
     from . import cost_model
     from .flops import ViTShape
 
-    shape = ViTShape.from_config(training_config(args.model))  # the cost model needs a head
+    from .flops import TIMM_EVA_OPTIONS
+
+    # the cost model needs a class token with a head: the Eva names' modelled form (TIMM_EVA_OPTIONS), else the
+    # named config with a head where it has none
+    shape = ViTShape.from_config(args.model if args.model in TIMM_EVA_OPTIONS else training_config(args.model))
     peak = resolve_peak(args.device, args.dtype, args.peak_tflops, args.bandwidth_gbs)
     gemm_kernel = args.gemm_kernel
     if gemm_kernel == "auto":
