@@ -30,6 +30,8 @@ no launch writes an operand it reads), so autotuning may rerun it without reset_
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -653,9 +655,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _with_role(rope: Rope | None, role: str) -> Rope | None:
-    if rope is None:
-        return None
-    return Rope(rope.coords, rope.freqs, rope.num_heads, rope.head_dim, rope.layout, role)
+    return None if rope is None else dataclasses.replace(rope, role=role)
 
 
 def linear_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor,
