@@ -1,9 +1,10 @@
 """Plain eager PyTorch: the spec every kernel is held to, the CPU path, and the baseline of the benchmarks.
 
-* ``patch_embed_ref``, ``attention_ref``, ``layernorm_mlp_ref``, ``swiglu_mlp_ref``, ``layernorm_linear_ref``,
-  ``linear_residual_ref``, ``attention_block_ref``: one function per fused op, same arguments and
-  semantics as the op in :mod:`fastvit_kernels.ops`; ``rope_ref``: the 2-D RoPE the qkv GEMM epilogue applies
-  (tables from :mod:`fastvit_kernels.rope`); ``rms_norm_ref``: timm's ``RmsNorm``.
+* ``patch_embed_ref``, ``attention_ref`` (with ``attention_varlen_ref`` / ``attention_masked_ref``, the packed and
+  key-padding forms), ``patch_embed_tokens_ref`` (pre-patchified tokens), ``layernorm_mlp_ref``,
+  ``swiglu_mlp_ref``, ``layernorm_linear_ref``, ``linear_residual_ref``, ``attention_block_ref``: one function per
+  fused op, same arguments and semantics as the op in :mod:`fastvit_kernels.ops`; ``rope_ref``: the 2-D RoPE the
+  qkv GEMM epilogue applies (tables from :mod:`fastvit_kernels.rope`); ``rms_norm_ref``: timm's ``RmsNorm``.
 * ``VisionTransformer``: a ViT that follows timm's ``VisionTransformer`` computation step for step (timm 1.0,
   ``timm/models/vision_transformer.py``; Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021):
   Conv2d patch embedding, class token then position add, pre-norm blocks
@@ -102,6 +103,120 @@ def attention_ref(qkv: torch.Tensor, num_heads: int, scale: float | None = None)
     attn = (q * scale) @ k.transpose(-2, -1)
     attn = attn.softmax(dim=-1)
     return (attn @ v).transpose(1, 2).reshape(B, N, D)
+
+
+def attention_varlen_ref(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention over packed variable-length sequences: each sequence attends only to itself.
+
+    A per-sequence loop of :func:`attention_ref` (one host read of ``cu_seqlens``); the spec of
+    ``ops.attention(qkv, num_heads, cu_seqlens=...)`` (FlashAttention-2's varlen form, Dao 2023; NaViT,
+    Dehghani et al. 2023, "Patch n' Pack").
+
+    Args:
+        qkv: (T, 3 * D), T = total tokens of all sequences, each row laid out as (3, H, head_dim).
+        cu_seqlens: (S + 1,) int32, cumulative sequence lengths: sequence s is rows cu_seqlens[s]:cu_seqlens[s+1];
+            0 first, strictly increasing, T last.
+        num_heads: H. scale: softmax scale; default head_dim ** -0.5.
+
+    Returns:
+        out: (T, D) in qkv's dtype, heads concatenated.
+    """
+    bounds = cu_seqlens.tolist()
+    outs = [attention_ref(qkv[a:b].unsqueeze(0), num_heads, scale).squeeze(0) for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=0) if outs else qkv.new_empty((0, qkv.shape[-1] // 3))
+
+
+def attention_masked_ref(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention on a padded batch with a key-padding mask (timm NaFlex's ``patch_valid`` form).
+
+    Query i of image b attends to the keys j with ``key_valid[b, j]``; the output rows of invalid queries
+    (``key_valid[b, i]`` False) are zero, as are the rows of an image with no valid token. On valid rows this is
+    timm ``NaFlexVit``'s attention with its symmetric additive mask (``create_attention_mask``).
+
+    Args:
+        qkv: (B, N, 3 * D). key_valid: (B, N) bool, True = a real token.
+        num_heads: H. scale: softmax scale; default head_dim ** -0.5.
+
+    Returns:
+        out: (B, N, D) in qkv's dtype.
+    """
+    B, N, three_d = qkv.shape
+    D = three_d // 3
+    hd = D // num_heads
+    scale = hd**-0.5 if scale is None else scale
+    q, k, v = qkv.reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn.masked_fill(~key_valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    attn = attn.nan_to_num(0.0)  # a row with no valid key
+    out = (attn @ v).transpose(1, 2).reshape(B, N, D)
+    return out * key_valid[..., None].to(out.dtype)
+
+
+def patch_embed_tokens_ref(
+    patches: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos: torch.Tensor | None = None,
+    pos_index: torch.Tensor | None = None,
+    *,
+    ids_keep: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Patch embedding of already-patchified tokens (timm ``NaFlexEmbeds`` with its Linear projection), with
+    token selection, mask-token substitution, per-token position rows and prefix tokens.
+
+    ``out = where(mask, mask_token, patches[src] @ weight^T + bias) + pos[pos_index[src]]`` for each kept token
+    (the mask token replaces the embedding before the position add, as DINOv2 / iBOT do), with ``prefix`` rows
+    (class / register tokens, no position added: NaFlex's form) first in each sequence.
+
+    Args:
+        patches: (B, N, K) (timm's NaFlex collator form) or (T, K) packed, K = P * P * C in the collator's
+            (ph, pw, C) flat order.
+        weight: (D, K), bias: (D,) or None: the projection ``nn.Linear(K, D)``.
+        pos: (R, D) position rows (e.g. the learned grid resampled per image size, stacked) or None.
+        pos_index: int64 with patches' leading shape ((B, N) or (T,)): the pos row of each patch, -1 = none
+            (a padding patch). Required with pos.
+        ids_keep: int64 (B, N_keep) indices into each image's N patches (MAE / timm ``PatchDropout``), or (T_keep,)
+            indices into the T packed rows; None = keep all. src = the selected patches in this order.
+        mask: bool, the output tokens' leading shape ((B, N_out) or (T_out,)), True = replace by mask_token.
+        mask_token: (D,), required with mask.
+        prefix: (n_prefix, D) rows put first in every sequence (3-D form: every image; 2-D form: every sequence of
+            cu_seqlens), or None.
+        cu_seqlens: (S + 1,) int32 over the T_out selected packed rows; required with prefix in the 2-D form.
+
+    Returns:
+        3-D: (B, n_prefix + N_out, D); 2-D: (T_out + S * n_prefix, D); patches' dtype.
+    """
+    x = patches
+    if ids_keep is not None:
+        if x.dim() == 3:
+            x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        else:
+            x = x.index_select(0, ids_keep)
+    out = F.linear(x, weight, bias)
+    if mask is not None:
+        out = torch.where(mask[..., None], mask_token.to(out.dtype), out)
+    if pos is not None:
+        idx = pos_index
+        if ids_keep is not None:
+            idx = idx.gather(1, ids_keep) if idx.dim() == 2 else idx.index_select(0, ids_keep)
+        rows = pos.to(out.dtype)[idx.clamp(min=0)] * (idx >= 0)[..., None].to(out.dtype)
+        out = out + rows
+    if prefix is None:
+        return out
+    prefix = prefix.to(out.dtype)
+    if out.dim() == 3:
+        return torch.cat([prefix.expand(out.shape[0], -1, -1), out], dim=1)
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for a, b in zip(bounds, bounds[1:]):
+        pieces += [prefix, out[a:b]]
+    return torch.cat(pieces, dim=0)
 
 
 def layernorm_mlp_ref(

@@ -5,7 +5,10 @@ Each custom op's implementation runs under its inputs' device (:func:`fastvit_ke
 kernels launch on that device and its current stream whichever device is current.
 
 * :func:`patch_embed` — fused patch embedding + class token + position add.
-* :func:`attention` — flash-style multi-head attention on the packed qkv tensor.
+* :func:`attention` — flash-style multi-head attention on the packed qkv tensor (also packed variable-length
+  sequences with ``cu_seqlens`` and padded batches with a key-padding mask).
+* :func:`patch_embed_tokens` — embedding of pre-patchified tokens (NaFlex) with token selection, mask token and
+  per-token position rows.
 * :func:`layernorm_mlp` — ``x + fc2(GELU(fc1(LayerNorm(x))))`` (or RMSNorm).
 * :func:`swiglu_mlp` — ``x + fc2(hnorm(silu(gate) * up))``, ``(gate, up) = fc1(norm(x))`` (timm's SwiGLU /
   SwiGLUPacked, LayerNorm or RMSNorm, optional hidden LayerNorm).
@@ -40,11 +43,12 @@ from .linear import FLOP_FORMULAS as _LINEAR_FLOPS
 from .linear import layernorm_linear, linear_residual
 from .patch_embed import FLOP_FORMULAS as _PATCH_EMBED_FLOPS
 from .patch_embed import patch_embed
+from .patch_tokens import patch_embed_tokens
 from .swiglu_mlp import FLOP_FORMULAS as _SWIGLU_MLP_FLOPS
 from .swiglu_mlp import swiglu_mlp
 
 __all__ = ["attention", "attention_block", "flop_formulas", "layernorm_linear", "layernorm_mlp", "linear_residual",
-           "patch_embed", "register_flop_formulas", "swiglu_mlp"]
+           "patch_embed", "patch_embed_tokens", "register_flop_formulas", "swiglu_mlp"]
 
 _FLOP_COUNTER = "torch.utils.flop_counter"
 # op name -> formula, from the modules that define the ops

@@ -121,8 +121,9 @@ def check_heads(width: int, num_heads, scale, where: str, got: tuple, groups: in
 
 
 @instrumented("attention")
-def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, backend: str | None = None
-              ) -> torch.Tensor:
+def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *,
+              cu_seqlens: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention on the packed output of a ViT's qkv Linear.
 
     ``out[b, i, h] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, h]) v[b, j, h]``, no mask, no dropout; the same
@@ -134,16 +135,25 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, 
             dim is not contiguous. Under ``torch.autocast`` it is cast to the autocast dtype.
         num_heads: H, a positive int.
         scale: softmax scale, positive and finite; default ``head_dim ** -0.5``.
+        cu_seqlens: packed variable-length sequences (NaViT / NaFlex): qkv is (T, 3 * D), all sequences' tokens
+            back to back, and cu_seqlens (S + 1,) int32 on qkv's device gives their bounds (sequence s = rows
+            cu_seqlens[s]:cu_seqlens[s+1]; 0 first, strictly increasing, T last). Each sequence attends only to
+            itself (:func:`fastvit_kernels.reference.attention_varlen_ref`). No host-side maximum length.
+        key_valid: (B, N) bool, a key-padding mask for a padded batch (timm NaFlex's ``patch_valid`` with the
+            prefix tokens prepended): queries attend only to valid keys; the output rows of invalid tokens are
+            zero (:func:`fastvit_kernels.reference.attention_masked_ref`). Not with cu_seqlens.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | None (see :func:`fastvit_kernels.backend.resolve_backend`).
 
     Returns:
-        out: (B, N, H * head_dim), qkv's dtype, heads concatenated (head h at columns h * head_dim), ready for the
+        out: (B, N, H * head_dim) ((T, H * head_dim) with cu_seqlens), qkv's dtype, heads concatenated (head h at columns h * head_dim), ready for the
         output projection. Differentiable with respect to qkv.
 
     Raises:
         TypeError: qkv is not a floating tensor; num_heads is not an int; scale is not a real number; bf16 qkv on
             the CPU Triton path.
-        ValueError: qkv is not 3-D; N < 1; the last dim is not 3 * D with D divisible by num_heads; num_heads < 1;
+        ValueError: qkv is not 3-D (2-D with cu_seqlens); N < 1; cu_seqlens not 1-D int32 with at least 2 entries,
+            on another device, or (checked in eager mode, one host read) not 0-first, strictly increasing, T-last;
+            key_valid not a (B, N) bool tensor on qkv's device; both cu_seqlens and key_valid given; the last dim is not 3 * D with D divisible by num_heads; num_heads < 1;
             head_dim is not a multiple of 8 or exceeds 128; scale is not positive and finite; a bad backend name.
         RuntimeError: backend='triton' where Triton cannot run (see resolve_backend).
 
@@ -152,6 +162,12 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, 
     """
     check_tensor("qkv", qkv)
     (qkv,) = autocast_inputs(qkv)
+    if cu_seqlens is not None:
+        if key_valid is not None:
+            raise ValueError("cu_seqlens (packed sequences) and key_valid (padded batch) are exclusive; got both")
+        return _attention_varlen(qkv, cu_seqlens, num_heads, scale, backend)
+    if key_valid is not None:
+        return _attention_masked(qkv, key_valid, num_heads, scale, backend)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be a 3-D tensor (B, N, 3*D); got {qkv.dim()}-D with shape {tuple(qkv.shape)}")
     B, N, three_d = qkv.shape
@@ -166,6 +182,67 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *, 
         qkv = qkv.contiguous()
     out, _lse = _attention_fwd_op(qkv, num_heads, scale)
     return out
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens") -> int:
+    """Validate packed-sequence bounds before any launch; returns S, the number of sequences.
+
+    Shape, dtype and device are always checked; the values (0 first, strictly increasing, ``total`` last) need one
+    host read, so they are checked in eager mode only, not while ``torch.compile`` traces (no graph break).
+
+    Raises:
+        TypeError: not a tensor, or not int32.
+        ValueError: not 1-D with at least 2 entries; on another device than the tokens; bad values (eager).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (S + 1,); got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with S + 1 >= 2 entries; got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} must be on the tokens' device {device}; got {cu_seqlens.device}")
+    if not torch.compiler.is_compiling():
+        v = cu_seqlens.tolist()
+        if v[0] != 0 or v[-1] != total or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(
+                f"{name} must start at 0, increase strictly and end at T={total}; got {v[:8]}{' ...' if len(v) > 8 else ''}"
+            )
+    return cu_seqlens.numel() - 1
+
+
+def _attention_varlen(qkv, cu_seqlens, num_heads, scale, backend) -> torch.Tensor:
+    if qkv.dim() != 2:
+        raise ValueError(f"with cu_seqlens, qkv must be 2-D (T, 3*D) packed tokens; got shape {tuple(qkv.shape)}")
+    T, three_d = qkv.shape
+    if T < 1:
+        raise ValueError(f"qkv must have at least one token (T >= 1); got shape {tuple(qkv.shape)}")
+    num_heads, scale = check_heads(three_d, num_heads, scale, "qkv must be (T, 3*D)", tuple(qkv.shape), groups=3)
+    check_cu_seqlens(cu_seqlens, T, qkv.device)
+    if resolve_backend(qkv.device, backend) == "torch":
+        return reference.attention_varlen_ref(qkv, cu_seqlens, num_heads, scale)
+    check_triton_dtype("qkv", qkv)
+    raise NotImplementedError("the Triton varlen attention kernel is not wired yet")
+
+
+def _attention_masked(qkv, key_valid, num_heads, scale, backend) -> torch.Tensor:
+    if qkv.dim() != 3:
+        raise ValueError(f"with key_valid, qkv must be 3-D (B, N, 3*D); got shape {tuple(qkv.shape)}")
+    B, N, three_d = qkv.shape
+    if N < 1:
+        raise ValueError(f"qkv must have at least one token (N >= 1); got shape {tuple(qkv.shape)}")
+    num_heads, scale = check_heads(three_d, num_heads, scale, "qkv must be (B, N, 3*D)", tuple(qkv.shape), groups=3)
+    if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool:
+        raise TypeError(f"key_valid must be a bool tensor (B, N); got "
+                        f"{getattr(key_valid, 'dtype', type(key_valid).__name__)}")
+    if tuple(key_valid.shape) != (B, N):
+        raise ValueError(f"key_valid must be (B, N) = {(B, N)}; got {tuple(key_valid.shape)}")
+    if key_valid.device != qkv.device:
+        raise ValueError(f"key_valid must be on qkv's device {qkv.device}; got {key_valid.device}")
+    if resolve_backend(qkv.device, backend) == "torch":
+        return reference.attention_masked_ref(qkv, key_valid, num_heads, scale)
+    check_triton_dtype("qkv", qkv)
+    raise NotImplementedError("the Triton key-padding attention kernel is not wired yet")
 
 
 def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
