@@ -20,6 +20,7 @@ T = sum over images of (valid patches + prefix tokens). Images (B, C, H, W) are 
 
 from __future__ import annotations
 
+import warnings
 from itertools import accumulate
 
 import torch
@@ -27,8 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference, reference_naflex
-from ._blocks import BlocksBackend
-from .model import Block
+from ._blocks import BlocksBackend, norm_mlp, norm_qkv
 from .reference_naflex import NaFlexVitCfg, batch_patchify, check_image_input, check_naflex_input
 
 
@@ -84,38 +84,70 @@ class Packing:
         return x * mask[self.seq_index][None, :, None]
 
 
-class FastNaFlexBlock(Block):
-    """:class:`fastvit_kernels.model.Block` (timm's ``Block`` parameters) that also runs on packed rows.
+class FastNaFlexBlock(reference.Block):
+    """timm's pre-norm ``Block`` (parameters as :class:`fastvit_kernels.reference.Block`) computing through the
+    ops, on padded-free packed rows or on equal-length images.
 
-    ``forward(x)``: (B, N, D) as FastViT's block (images: every image the same length). ``forward(x, packing)``:
-    x (1, T, D) packed sequences (:class:`Packing`): norm1 + qkv (``ops.layernorm_linear``, qk_norm eager),
-    ``ops.attention(qkv (T, 3 D), cu_seqlens=...)``, proj + residual (``ops.linear_residual``; around LayerScale,
-    proj dropout or stochastic depth: ``F.linear`` and those on the branch), then norm2 + MLP
-    (``ops.layernorm_mlp``, the residual in its epilogue unless LayerScale / stochastic depth sit on the branch);
-    stochastic depth per image (:meth:`Packing.drop_path`). Attention dropout is not available (the model rejects
+    ``forward(x, packing)``: x (1, T, D) packed sequences (:class:`Packing`); ``forward(x)``: x (B, N, D), every
+    image the same length. Either way: norm1 + qkv (``ops.layernorm_linear``; qk_norm eager),
+    ``ops.attention`` (with ``cu_seqlens`` when packed: each image attends to itself), proj + residual
+    (``ops.linear_residual``; around LayerScale, proj dropout or stochastic depth: ``F.linear`` and those on the
+    branch), norm2 + MLP (``ops.layernorm_mlp``, the residual in its epilogue unless LayerScale / stochastic depth
+    sit on the branch; MLP dropout while training: the eager MLP, with a one-time warning). Stochastic depth is
+    per image (:meth:`Packing.drop_path` when packed). Attention dropout is not available (FastNaFlexVit rejects
     attn_drop_rate > 0)."""
 
+    backend: str | None = None  # set by FastNaFlexVit
+
     def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
-        if packing is None:
-            return super().forward(x)
         attn, training = self.attn, self.training
-        o = ops.attention(self._qkv(x)[0], attn.num_heads, attn.scale, cu_seqlens=packing.cu_seqlens,
-                          backend=self.backend)[None]
+        drop_path = packing.drop_path if packing is not None else reference.drop_path
+        qkv = self._qkv(x)
+        if packing is not None:
+            o = ops.attention(qkv[0], attn.num_heads, attn.scale, cu_seqlens=packing.cu_seqlens,
+                              backend=self.backend)[None]
+        else:
+            o = ops.attention(qkv, attn.num_heads, attn.scale, backend=self.backend)
         p1 = self.drop_path1.drop_prob
         if isinstance(self.ls1, nn.Identity) and not (training and (p1 > 0 or attn.proj_drop.p > 0)):
             x = ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x, backend=self.backend)
         else:
             branch = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
-            x = x + packing.drop_path(self.ls1(branch), p1, training)
+            x = x + drop_path(self.ls1(branch), p1, training)
         p2 = self.drop_path2.drop_prob
         if training and self.mlp.drop1.p > 0:
-            self._warn_eager("MLP dropout (proj_drop_rate)")
+            if not getattr(self, "_warned", False):
+                warnings.warn("FastNaFlexVit: MLP dropout (proj_drop_rate) > 0 is not implemented by the fused ops; "
+                              "the MLP runs eager PyTorch while training", stacklevel=2)
+                self._warned = True
             y = self.mlp(self.norm2(x))
         elif isinstance(self.ls2, nn.Identity) and not (training and p2 > 0):
             return self._mlp(x, add_residual=True)
         else:
             y = self._mlp(x, add_residual=False)
-        return x + packing.drop_path(self.ls2(y), p2, training)
+        return x + drop_path(self.ls2(y), p2, training)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """norm1 + qkv (+ qk_norm): (B, N, D) -> (B, N, 3 D); ``ops.layernorm_linear`` for a LayerNorm / RMSNorm
+        (:func:`fastvit_kernels._blocks.norm_qkv`), then qk_norm over head_dim (eager)."""
+        attn, norm1 = self.attn, self.norm1
+        qkv = norm_qkv(x, norm1, attn.qkv.weight, attn.qkv.bias, attn.num_heads, backend=self.backend)
+        if qkv is None:
+            qkv = F.linear(norm1(x), attn.qkv.weight, attn.qkv.bias)
+        if not isinstance(attn.q_norm, nn.Identity):
+            B, N, _ = qkv.shape
+            q, k, v = qkv.view(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
+            qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=2).reshape(B, N, -1)
+        return qkv
+
+    def _mlp(self, x: torch.Tensor, add_residual: bool) -> torch.Tensor:
+        """``[x +] mlp(norm2(x))``, (B, N, D): ``ops.layernorm_mlp`` (:func:`fastvit_kernels._blocks.norm_mlp`),
+        eager for a norm it does not apply."""
+        y = norm_mlp(x, self.norm2, self.mlp, add_residual, self.backend)
+        if y is not None:
+            return y
+        y = self.mlp(self.norm2(x))
+        return x + y if add_residual else y
 
 
 class FastNaFlexVit(BlocksBackend, reference_naflex.NaFlexVit):
