@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
-from .reference import AttentionPoolLatent, Block, DropPath, NormSpec
+from .reference import Block, NormSpec
 
 POOLS = ("", "avg", "avgmax", "max", "token", "map")
 
@@ -253,8 +253,9 @@ def patch_dropout_keep(B: int, N: int, prob: float, device) -> torch.Tensor:
     return torch.argsort(torch.randn(B, N, device=device), dim=-1)[:, :keep]
 
 
-class NaFlexAttentionPool(AttentionPoolLatent):
-    """timm ``AttentionPoolLatent`` (see :class:`fastvit_kernels.reference.AttentionPoolLatent`) taking timm's
+class AttentionPoolLatent(reference.AttentionPoolLatent):
+    """timm ``AttentionPoolLatent`` (:class:`fastvit_kernels.reference.AttentionPoolLatent`, same name and
+    parameters) also taking timm's
     additive ``attn_mask`` (B, 1, 1, N) over the keys, as NaFlexVit's 'map' head calls it. Input (B, N, D); output
     (B, D)."""
 
@@ -438,7 +439,7 @@ class NaFlexVit(nn.Module):
             for i in range(depth)])
         fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
         self.norm = norm.make(D) if cfg.final_norm and not fc_norm else nn.Identity()
-        self.attn_pool = NaFlexAttentionPool(D, cfg.attn_pool_num_heads or cfg.num_heads,
+        self.attn_pool = AttentionPoolLatent(D, cfg.attn_pool_num_heads or cfg.num_heads,
                                              cfg.attn_pool_mlp_ratio or cfg.mlp_ratio, norm,
                                              nn.GELU(approximate=approximate)) if cfg.global_pool == "map" else None
         self.fc_norm = norm.make(D) if cfg.final_norm and fc_norm else nn.Identity()
