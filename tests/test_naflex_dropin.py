@@ -236,3 +236,34 @@ def test_from_timm_rejects_what_it_cannot_run():
         src = NaFlexVit(TimmCfg(**BASE, rope_type="axial"), num_classes=5)
     with pytest.raises(NotImplementedError, match="rope_type"):
         FastNaFlexVit.from_timm(src)
+
+
+def test_stochastic_depth_is_per_image_on_packed_rows():
+    from fastvit_kernels.naflex import Packing
+
+    lengths = [2, 3, 1, 4]
+    packing = Packing(torch.tensor([0, 2, 5, 6, 10], dtype=torch.int32), lengths, torch.ones(4, 4, dtype=torch.bool))
+    assert packing.seq_index.tolist() == [0, 0, 1, 1, 1, 2, 3, 3, 3, 3]
+    torch.manual_seed(0)
+    y = packing.drop_path(torch.ones(1, 10, 3), 0.5, training=True)[0, :, 0]
+    for s, (a, b) in enumerate(zip([0, 2, 5, 6], [2, 5, 6, 10])):
+        assert set(y[a:b].tolist()) <= {0.0, 2.0} and len(set(y[a:b].tolist())) == 1, s  # whole image kept / dropped
+    assert packing.drop_path(torch.ones(1, 10, 3), 0.5, training=False).eq(1).all()
+
+
+def test_training_with_dropouts_and_grad_checkpointing_runs():
+    """Stochastic depth, projection / MLP dropout, pos dropout (other random streams than timm: shapes and
+    finiteness only) and, without them, gradient checkpointing (timm's results)."""
+    ref = timm_model("gap")
+    fast = FastNaFlexVit.from_timm(ref, backend="torch").train()
+    fast.set_grad_checkpointing(True)
+    ref.train()
+    batch = naflex_batch()
+    assert_same(fast, ref, batch)
+    noisy = FastNaFlexVit(NaFlexVitCfg(**{**BASE, **VARIANTS["gap"], "drop_path_rate": 0.5, "proj_drop_rate": 0.1,
+                                          "pos_drop_rate": 0.1}), num_classes=5, backend="torch").train()
+    with pytest.warns(UserWarning, match="MLP dropout"):
+        out = noisy(batch)
+    out.sum().backward()
+    assert out.shape == (5, 5) and torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in noisy.parameters() if p.grad is not None)
