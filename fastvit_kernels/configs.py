@@ -1,7 +1,8 @@
 """Named model configurations (timm's names for the standard ViTs; small ones for tests and CPU runs).
 
-Each entry holds VisionTransformer constructor arguments (timm ``Eva``'s for the names in :data:`EVA_MODELS`);
-``create_model(name, **overrides)`` builds a FastViT (a FastEva for those). A timm-named entry builds what
+Each entry holds VisionTransformer constructor arguments (timm ``Eva``'s for the names in :data:`EVA_MODELS`, timm
+``NaFlexVit``'s, i.e. ``NaFlexVitCfg`` fields, for :data:`NAFLEX_MODELS`); ``create_model(name, **overrides)``
+builds a FastViT (a FastEva, a FastNaFlexVit for those). A timm-named entry builds what
 ``timm.create_model(name)`` builds (same modules with parameters, parameter names and shapes;
 ``tests/test_timm_parity.py``, ``tests/test_eva_dropin.py``), so the weights of timm's default pretrained tag for
 that name load with ``strict=True``: including its head, which that tag may lack (``vit_huge_patch14_224``).
@@ -51,6 +52,17 @@ MODEL_CONFIGS: dict[str, dict] = {
                                          rope_grid_offset=1.0, rope_grid_indexing="xy", attn_pool_num_heads=8,
                                          attn_pool_mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-5),
                                          num_classes=1024),
+    # timm NaFlexVit models (FastNaFlexVit; SigLIP 2's NaFlex, Tschannen et al. 2025): NaFlexVitCfg fields
+    "naflexvit_base_patch16_gap": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, init_values=1e-5,
+                                       global_pool="avg", reg_tokens=4, fc_norm=True),
+    "naflexvit_base_patch16_par_gap": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, init_values=1e-5,
+                                           pos_embed_ar_preserving=True, global_pool="avg", reg_tokens=4,
+                                           fc_norm=True),
+    "naflexvit_base_patch16_parfac_gap": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                              init_values=1e-5, pos_embed_ar_preserving=True, pos_embed="factorized",
+                                              global_pool="avg", reg_tokens=4, fc_norm=True),
+    "naflexvit_base_patch16_map": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, init_values=1e-5,
+                                       global_pool="map", reg_tokens=1),
     # small ones for CPU runs and tests
     # scikit-learn digits: 8x8 grayscale, patch 2 -> 16 patches + class token = 17 tokens
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2),
@@ -65,6 +77,9 @@ MODEL_CONFIGS: dict[str, dict] = {
 
 # names whose config is timm Eva's constructor arguments (built as FastEva)
 EVA_MODELS = frozenset({"eva02_base_patch14_224", "vit_base_patch16_dinov3", "vit_pe_core_base_patch16_224"})
+# names whose config is timm NaFlexVit's (NaFlexVitCfg fields; built as FastNaFlexVit)
+NAFLEX_MODELS = frozenset({"naflexvit_base_patch16_gap", "naflexvit_base_patch16_par_gap",
+                           "naflexvit_base_patch16_parfac_gap", "naflexvit_base_patch16_map"})
 
 
 def get_config(name: str) -> dict:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import ops, reference
 from ._blocks import BlocksBackend, norm_mlp, norm_qkv
-from .configs import EVA_MODELS, get_config
+from .configs import EVA_MODELS, NAFLEX_MODELS, get_config
 
 
 class Block(reference.Block):
@@ -306,8 +306,10 @@ class FastViT(BlocksBackend, reference.VisionTransformer):
 
 
 def create_model(name: str, pretrained: bool = False, **overrides) -> nn.Module:
-    """Build the named FastViT, or FastEva for the timm ``Eva`` names (:data:`fastvit_kernels.configs.EVA_MODELS`;
-    see :mod:`fastvit_kernels.configs`), with constructor overrides.
+    """Build the named FastViT, or FastEva for the timm ``Eva`` names (:data:`fastvit_kernels.configs.EVA_MODELS`),
+    or FastNaFlexVit for the timm ``NaFlexVit`` names (:data:`fastvit_kernels.configs.NAFLEX_MODELS`; overrides are
+    ``NaFlexVitCfg`` fields, ``in_chans``, ``num_classes``, ``img_size``, ``backend``; see
+    :mod:`fastvit_kernels.configs`), with constructor overrides.
 
     Args:
         name: a key of :data:`fastvit_kernels.configs.MODEL_CONFIGS` (e.g. "vit_base_patch16_224", "vit_digits").
@@ -335,4 +337,34 @@ def create_model(name: str, pretrained: bool = False, **overrides) -> nn.Module:
         from .eva import FastEva
 
         return FastEva(**cfg)
+    if name in NAFLEX_MODELS:
+        from .naflex import FastNaFlexVit
+
+        return FastNaFlexVit(**cfg)
     return FastViT(**cfg)
+
+
+def from_timm(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """This package's drop-in for a timm model, with its weights (``strict=True``), on the model's device and dtype,
+    in its training mode: dispatched on the timm class, ``VisionTransformer`` -> :meth:`FastViT.from_timm`,
+    ``Eva`` -> :meth:`fastvit_kernels.FastEva.from_timm`, ``NaFlexVit`` ->
+    :meth:`fastvit_kernels.naflex.FastNaFlexVit.from_timm` (this package's reference models of those classes
+    too).
+
+    Raises:
+        TypeError: another model class.
+        NotImplementedError: an option the drop-in does not implement (named; see each ``from_timm``).
+    """
+    name = type(model).__name__.removeprefix("Fast")
+    if name == "VisionTransformer":
+        return FastViT.from_timm(model, backend=backend)
+    if name == "Eva":
+        from .eva import FastEva
+
+        return FastEva.from_timm(model, backend=backend)
+    if name == "NaFlexVit":
+        from .naflex import FastNaFlexVit
+
+        return FastNaFlexVit.from_timm(model, backend=backend)
+    raise TypeError(f"from_timm: no drop-in for {type(model).__name__} (supported: timm VisionTransformer, Eva, "
+                    "NaFlexVit)")

@@ -17,13 +17,16 @@ STANDARD = {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_2
 # the encoders pretrained at scale today (FastEva for timm's Eva ones; FastViT options for AIMv2 / SigLIP)
 MODERN = {"eva02_base_patch14_224", "vit_base_patch16_dinov3", "vit_pe_core_base_patch16_224",
           "aimv2_large_patch14_224", "vit_so400m_patch14_siglip_224"}
+# timm NaFlexVit models (FastNaFlexVit; tests/test_naflex_dropin.py holds their outputs and gradients to timm's)
+NAFLEX = {"naflexvit_base_patch16_gap", "naflexvit_base_patch16_map", "naflexvit_base_patch16_par_gap",
+          "naflexvit_base_patch16_parfac_gap"}
 # model attributes timm's VisionTransformer sets from its constructor arguments (what timm's own code branches on)
 ATTRIBUTES = ("num_classes", "global_pool", "embed_dim", "num_features", "num_prefix_tokens", "has_class_token",
               "num_reg_tokens", "no_embed_class", "dynamic_img_size")
 
 
 def test_the_named_configs_are_timm_names():
-    assert set(TIMM_NAMES) == STANDARD | MODERN  # the small CPU configs are not timm models; every other one is
+    assert set(TIMM_NAMES) == STANDARD | MODERN | NAFLEX  # the small CPU configs are not timm models; every other one is
 
 
 def _on_meta(name: str):
@@ -48,6 +51,11 @@ def test_named_config_builds_timm_model(name):
         {k: (v.shape, v.dtype) for k, v in ref.state_dict().items()}
     assert (fast.embed_dim, fast.num_prefix_tokens) == (ref.embed_dim, ref.num_prefix_tokens)
     fast.load_state_dict(ref.state_dict(), strict=True)  # meta: keys and shapes checked, no data copied
+    if name in NAFLEX:
+        assert type(fast).__name__ == "FastNaFlexVit" and _own_state(fast) == _own_state(ref)
+        for attr in ("num_classes", "global_pool", "embed_dim", "num_prefix_tokens", "has_class_token",
+                     "num_reg_tokens", "pool_include_prefix"):
+            assert getattr(fast, attr) == getattr(ref, attr), attr
     if name not in STANDARD:
         # FastEva computes RoPE tables its own way (timm's non-persistent rope buffers are not state);
         # tests/test_eva_dropin.py holds the modern models' outputs and gradients to timm's
