@@ -84,6 +84,102 @@ def _attention_backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tens
 torch.library.register_autograd("fastvit::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
 
 
+# packed variable-length sequences: qkv (T, 3 * D), cu_seqlens (S + 1,) int32
+@torch.library.custom_op("fastvit::attention_varlen_fwd", mutates_args=())
+@launches_on_input_device
+def _attention_varlen_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward of packed sequences: qkv (T, 3 * D), cu_seqlens (S + 1,) int32 -> (out (T, D) in qkv's
+    dtype, lse (H, T) fp32 log2-sum-exp2, internal to the backward)."""
+    from ..kernels.attention import attention_seq_fwd
+
+    return attention_seq_fwd(qkv, num_heads, scale, cu_seqlens=cu_seqlens)
+
+
+@_attention_varlen_fwd_op.register_fake
+def _(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    T, three_d = qkv.shape
+    return qkv.new_empty((T, three_d // 3)), qkv.new_empty((num_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_varlen_bwd", mutates_args=())
+@launches_on_input_device
+def _attention_varlen_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Triton backward of packed sequences: d(qkv) (T, 3 * D), contiguous, qkv's dtype."""
+    from ..kernels.attention import attention_seq_bwd
+
+    return attention_seq_bwd(dout, qkv, out, lse, num_heads, scale, cu_seqlens=cu_seqlens)
+
+
+@_attention_varlen_bwd_op.register_fake
+def _(dout: torch.Tensor, qkv: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+      num_heads: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+# padded batch with a key-padding mask: qkv (B, N, 3 * D), key_valid (B, N) bool
+@torch.library.custom_op("fastvit::attention_masked_fwd", mutates_args=())
+@launches_on_input_device
+def _attention_masked_fwd_op(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward of a padded batch: qkv (B, N, 3 * D), key_valid (B, N) bool -> (out (B, N, D), qkv's dtype,
+    rows of invalid tokens 0; lse (B, H, N) fp32, internal to the backward)."""
+    from ..kernels.attention import attention_seq_fwd
+
+    return attention_seq_fwd(qkv, num_heads, scale, key_valid=key_valid)
+
+
+@_attention_masked_fwd_op.register_fake
+def _(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, three_d = qkv.shape
+    return qkv.new_empty((B, N, three_d // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_masked_bwd", mutates_args=())
+@launches_on_input_device
+def _attention_masked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, key_valid: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Triton backward of a padded batch: d(qkv) (B, N, 3 * D), contiguous, qkv's dtype, rows of invalid tokens 0."""
+    from ..kernels.attention import attention_seq_bwd
+
+    return attention_seq_bwd(dout, qkv, out, lse, num_heads, scale, key_valid=key_valid)
+
+
+@_attention_masked_bwd_op.register_fake
+def _(dout: torch.Tensor, qkv: torch.Tensor, key_valid: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+      num_heads: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _seq_setup_context(ctx, inputs, output) -> None:
+    qkv, seqs, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, seqs, out, lse)
+    ctx.num_heads = num_heads
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _seq_backward(bwd_op):
+    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        if grad_out is None:
+            return None, None, None, None
+        qkv, seqs, out, lse = ctx.saved_tensors
+        return bwd_op(grad_out.contiguous(), qkv, seqs, out, lse, ctx.num_heads, ctx.scale), None, None, None
+
+    return backward
+
+
+torch.library.register_autograd("fastvit::attention_varlen_fwd", _seq_backward(_attention_varlen_bwd_op),
+                                setup_context=_seq_setup_context)
+torch.library.register_autograd("fastvit::attention_masked_fwd", _seq_backward(_attention_masked_bwd_op),
+                                setup_context=_seq_setup_context)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +318,10 @@ def _attention_varlen(qkv, cu_seqlens, num_heads, scale, backend) -> torch.Tenso
     if resolve_backend(qkv.device, backend) == "torch":
         return reference.attention_varlen_ref(qkv, cu_seqlens, num_heads, scale)
     check_triton_dtype("qkv", qkv)
-    raise NotImplementedError("the Triton varlen attention kernel is not wired yet")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out, _lse = _attention_varlen_fwd_op(qkv, cu_seqlens, num_heads, scale)
+    return out
 
 
 def _attention_masked(qkv, key_valid, num_heads, scale, backend) -> torch.Tensor:
@@ -242,7 +341,10 @@ def _attention_masked(qkv, key_valid, num_heads, scale, backend) -> torch.Tensor
     if resolve_backend(qkv.device, backend) == "torch":
         return reference.attention_masked_ref(qkv, key_valid, num_heads, scale)
     check_triton_dtype("qkv", qkv)
-    raise NotImplementedError("the Triton key-padding attention kernel is not wired yet")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out, _lse = _attention_masked_fwd_op(qkv, key_valid.contiguous(), num_heads, scale)
+    return out
 
 
 def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
