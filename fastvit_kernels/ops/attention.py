@@ -358,6 +358,19 @@ def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
     return 4 * B * H * N * N * head_dim
 
 
+def attention_varlen_flops(seqlens: list[int], H: int, head_dim: int) -> int:
+    """Model FLOPs of attention over packed sequences of lengths ``seqlens``: ``4 * H * head_dim * sum_s len_s^2``
+    (:func:`attention_flops` per sequence; only real tokens, each sequence attending to itself). The key-padding
+    form counts the same with ``seqlens`` = the valid tokens per image. Returns an int.
+
+    Raises:
+        ValueError: a negative length."""
+    lengths = [int(n) for n in seqlens]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"seqlens must be non-negative; got {lengths[:8]}")
+    return 4 * H * head_dim * sum(n * n for n in lengths)
+
+
 # FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by
 # fastvit_kernels.ops.register_flop_formulas
 def _attention_fwd_flop(qkv, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
@@ -371,4 +384,30 @@ def _attention_bwd_flop(dout, qkv, out, lse, num_heads, scale, *args, out_shape=
     return 2 * _attention_fwd_flop(qkv, num_heads, scale)
 
 
-FLOP_FORMULAS = {"attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop}
+# The varlen / masked formulas see only shapes, while the real count, sum_s len_s^2, depends on the lengths (data):
+# the packed formulas assume S equal sequences of T / S tokens (T^2 / S in all: exact for equal lengths, otherwise a
+# lower bound, since sum_s len_s^2 >= T^2 / S), the padded ones every token valid (an upper bound). Use
+# attention_varlen_flops with the real lengths for exact figures.
+def _attention_varlen_fwd_flop(qkv, cu_seqlens, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
+    T, three_d = qkv
+    S = max(1, cu_seqlens[0] - 1)
+    return 4 * num_heads * (three_d // 3 // num_heads) * T * T // S
+
+
+def _attention_varlen_bwd_flop(dout, qkv, cu_seqlens, out, lse, num_heads, scale, *args, out_shape=None,
+                               **kwargs) -> int:
+    return 2 * _attention_varlen_fwd_flop(qkv, cu_seqlens, num_heads, scale)
+
+
+def _attention_masked_fwd_flop(qkv, key_valid, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
+    return _attention_fwd_flop(qkv, num_heads, scale)
+
+
+def _attention_masked_bwd_flop(dout, qkv, key_valid, out, lse, num_heads, scale, *args, out_shape=None,
+                               **kwargs) -> int:
+    return 2 * _attention_fwd_flop(qkv, num_heads, scale)
+
+
+FLOP_FORMULAS = {"attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop,
+                 "attention_varlen_fwd": _attention_varlen_fwd_flop, "attention_varlen_bwd": _attention_varlen_bwd_flop,
+                 "attention_masked_fwd": _attention_masked_fwd_flop, "attention_masked_bwd": _attention_masked_bwd_flop}
