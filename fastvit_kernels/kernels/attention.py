@@ -66,6 +66,16 @@ Kernel arguments (each kernel takes the ones it needs, in this order; documented
   each kernel says); ``INPUT_PRECISION`` (``tl.dot``'s input_precision from
   :func:`~fastvit_kernels.kernels._common.dot_precision`: fp32 "ieee" or "tf32").
 
+Sequence kernels (``_attention_seq_*``, launched by :func:`attention_seq_fwd` / :func:`attention_seq_bwd`): the
+same block functions over packed variable-length sequences (QKV (T, 3 * D), ``Seq`` = cu_seqlens (S + 1,) int32,
+Lse (H, T)) or a padded batch with a key-padding mask (QKV (B, N, 3 * D), ``Seq`` = kv_end (B,) int32, ``Valid``
+(B, N) uint8, Lse (B, H, N); constexpr ``PADDED``). Sequence s starts at ``s * stride_<t>_s + start * stride_<t>_n``
+(packed: stride_s = 0, start = cu_seqlens[s]; padded: the batch stride, start = 0) and has ``length`` rows
+(packed: its length; padded: kv_end), which every block function takes as its N (EVEN_N off). The grid (row
+blocks, H) comes from the shapes only; each program finds its (sequence, block) in the kernel (:func:`_seq_block`,
+``SEQ_CHUNK`` sequences of cu_seqlens per step) and blocks past the sequence exit. ``N``: padded N (packed: T,
+unused); ``S``: sequences / images; ``stride_valid_s``: Valid's batch stride.
+
 Caveats: the column stride of every tensor must be 1 (the op in ``ops/`` guarantees it). The tests run the
 interpreter path; the autotuned (GPU) launch path is covered by the AOT check (it compiles), not by the tests.
 """

@@ -1,7 +1,8 @@
 """The public differentiable attention op: ``attention(qkv, num_heads)`` on the packed qkv Linear output.
 
 Input checks -> backend choice -> ``torch.library`` custom ops (``fastvit::attention_fwd`` /
-``fastvit::attention_bwd``, each with a fake for torch.compile, autograd on the forward). The Triton kernels live
+``fastvit::attention_bwd``; with ``cu_seqlens`` ``fastvit::attention_varlen_fwd`` / ``_bwd``; with ``key_valid``
+``fastvit::attention_masked_fwd`` / ``_bwd``; each with a fake for torch.compile, autograd on the forward). The Triton kernels live
 in :mod:`fastvit_kernels.kernels.attention` and are imported lazily, on the first Triton launch, so
 ``import fastvit_kernels`` never imports triton. The eager spec is :func:`fastvit_kernels.reference.attention_ref`.
 
@@ -234,27 +235,33 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *,
         cu_seqlens: packed variable-length sequences (NaViT / NaFlex): qkv is (T, 3 * D), all sequences' tokens
             back to back, and cu_seqlens (S + 1,) int32 on qkv's device gives their bounds (sequence s = rows
             cu_seqlens[s]:cu_seqlens[s+1]; 0 first, strictly increasing, T last). Each sequence attends only to
-            itself (:func:`fastvit_kernels.reference.attention_varlen_ref`). No host-side maximum length.
+            itself (:func:`fastvit_kernels.reference.attention_varlen_ref`). No host-side maximum length and no
+            device-to-host sync on the launch path (the eager value check aside): under ``torch.compile`` the graph
+            depends on T and S only.
         key_valid: (B, N) bool, a key-padding mask for a padded batch (timm NaFlex's ``patch_valid`` with the
             prefix tokens prepended): queries attend only to valid keys; the output rows of invalid tokens are
-            zero (:func:`fastvit_kernels.reference.attention_masked_ref`). Not with cu_seqlens.
+            zero, as are their d(qkv) rows (:func:`fastvit_kernels.reference.attention_masked_ref`); any pattern,
+            with the work bounded by each image's last valid key. Not with cu_seqlens.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | None (see :func:`fastvit_kernels.backend.resolve_backend`).
 
     Returns:
-        out: (B, N, H * head_dim) ((T, H * head_dim) with cu_seqlens), qkv's dtype, heads concatenated (head h at columns h * head_dim), ready for the
-        output projection. Differentiable with respect to qkv.
+        out: (B, N, H * head_dim) ((T, H * head_dim) with cu_seqlens), qkv's dtype, heads concatenated (head h
+        at columns h * head_dim), ready for the output projection. Differentiable with respect to qkv.
 
     Raises:
         TypeError: qkv is not a floating tensor; num_heads is not an int; scale is not a real number; bf16 qkv on
-            the CPU Triton path.
-        ValueError: qkv is not 3-D (2-D with cu_seqlens); N < 1; cu_seqlens not 1-D int32 with at least 2 entries,
+            the CPU Triton path; cu_seqlens not an int32 tensor; key_valid not a bool tensor.
+        ValueError: qkv is not 3-D (2-D with cu_seqlens); N < 1; cu_seqlens not 1-D with at least 2 entries,
             on another device, or (checked in eager mode, one host read) not 0-first, strictly increasing, T-last;
-            key_valid not a (B, N) bool tensor on qkv's device; both cu_seqlens and key_valid given; the last dim is not 3 * D with D divisible by num_heads; num_heads < 1;
-            head_dim is not a multiple of 8 or exceeds 128; scale is not positive and finite; a bad backend name.
+            key_valid not a (B, N) bool tensor on qkv's device; both cu_seqlens and key_valid given; the last dim
+            is not 3 * D with D divisible by num_heads; num_heads < 1; head_dim is not a multiple of 8 or exceeds
+            128; scale is not positive and finite; a bad backend name.
         RuntimeError: backend='triton' where Triton cannot run (see resolve_backend).
 
     Algorithm (Triton path): FlashAttention-2 (T. Dao, 2023): tiled online softmax in fp32 with exp2, log-sum-exp
-    saved for a recompute backward; deterministic (no atomics). See :mod:`fastvit_kernels.kernels.attention`.
+    saved for a recompute backward; deterministic (no atomics); its variable-length form for cu_seqlens, with the
+    tile schedule computed in the kernel (docs/design.md, "Packed variable-length attention"). See
+    :mod:`fastvit_kernels.kernels.attention`.
     """
     check_tensor("qkv", qkv)
     (qkv,) = autocast_inputs(qkv)
@@ -284,7 +291,9 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
     """Validate packed-sequence bounds before any launch; returns S, the number of sequences.
 
     Shape, dtype and device are always checked; the values (0 first, strictly increasing, ``total`` last) need one
-    host read, so they are checked in eager mode only, not while ``torch.compile`` traces (no graph break).
+    host read, so they are checked in eager mode only, not while ``torch.compile`` traces (no graph break), nor on
+    the "meta" device (no values; the AOT grid trace). Under ``torch.compile`` the values are the caller's contract:
+    bounds outside [0, T] would make the kernels read and write outside the tensors.
 
     Raises:
         TypeError: not a tensor, or not int32.
@@ -298,7 +307,7 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
         raise ValueError(f"{name} must be 1-D with S + 1 >= 2 entries; got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} must be on the tokens' device {device}; got {cu_seqlens.device}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and cu_seqlens.device.type != "meta":  # meta tensors have no values
         v = cu_seqlens.tolist()
         if v[0] != 0 or v[-1] != total or any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(
