@@ -152,7 +152,7 @@ def _device_arch(t: torch.Tensor) -> int | None:
 
 
 def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | None, arch: int | None,
-                      n_bkt: int | None) -> list:
+                      n_bkt: int | None, seq: bool = False) -> list:
     """Autotune candidates for one attention kernel at one (head_dim, dtype, GPU arch, N bucket).
 
     Args:
@@ -161,6 +161,7 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
             both loops, one tile pair).
         head_dim, dtype, arch (80, 90, ... or None: any), n_bkt (:func:`n_bucket` of N): the call; None in all
             four gives every candidate of the kernel (the autotuner's full list, pruned per call).
+        seq: for the sequence kernels (packed / padded, ``_attention_seq_*``), which :func:`keep` prunes further.
 
     Returns:
         list of ``triton.Config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) that pass :func:`keep`; never empty.
@@ -184,12 +185,13 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
                for bm, bn, w, s in low + fp32]
     if dtype is None:
         return configs
-    kept = [c for c in configs if keep(c, kernel, head_dim, dtype, arch, n_bkt)]
+    kept = [c for c in configs if keep(c, kernel, head_dim, dtype, arch, n_bkt, seq)]
     assert kept, (kernel, head_dim, dtype, arch, n_bkt)
     return kept
 
 
-def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None, n_bkt: int) -> bool:
+def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None, n_bkt: int,
+         seq: bool = False) -> bool:
     """Whether a candidate of :func:`attention_configs` is worth benchmarking for this call (see there for args).
 
     Pruned, and why (the spill figures are from ``python -m fastvit_kernels.aot check``, Triton 3.9, bf16 at ViT-B/16
@@ -204,6 +206,9 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
     * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80.
+    * ``seq`` fwd with BLOCK_N = 128 (the sequence forward: runtime length, key-mask loads): 64 x 128 (4 warps)
+      spilled 8 B and 128 x 128 (8 warps) 8-24 B on sm_80 (padded at head_dim 64; packed and padded at 80; bf16,
+      Triton 3.8); the 64-key tiles build clean.
     * fused: only the two tiles that build clean are listed (see :func:`fused_bwd_builds`).
     * dkdv at a chunked width above 64 (head_dim 80) with BLOCK_M = 64: spilled 16-24 B per thread on Triton 3.6
       (64 x 64 and 64 x 128, 8 warps: sm_80; 64 x 128: sm_90) and 16 B on Triton 3.9 (64 x 128, 8 warps, sm_80,
@@ -220,7 +225,7 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
         return (bm == 32) == (width <= 80 and kernel not in ("dkdv", "dq"))
     if max(bm, bn) > max(64, n_bkt):
         return False
-    if kernel == "fwd" and bn == 256:
+    if kernel == "fwd" and (bn == 256 or (seq and bn == 128)):
         return False
     if kernel == "dq" and (bm, bn) == (64, 128):
         return False
@@ -255,11 +260,12 @@ def _interpreter_config(N: int) -> dict:
     return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
 
 
-def _autotuned(kernel: str, name: str | None = None, key: list[str] | None = None):
+def _autotuned(kernel: str, name: str | None = None, key: list[str] | None = None, seq: bool = False):
     """Decorator: ``triton.autotune`` over :func:`attention_configs` on a GPU, the bare kernel under the interpreter.
     With ``FASTVIT_AUTOTUNE=0`` (read when a shape is first launched) the pruning keeps only the first candidate,
     which then runs without benchmarking, as the GEMM core's first candidate does. ``name``: the tuning record's
-    kernel name (default ``attention.<kernel>``); ``key``: the autotune key (default the dense kernels').
+    kernel name (default ``attention.<kernel>``); ``key``: the autotune key (default the dense kernels'); ``seq``:
+    a sequence kernel (see :func:`keep`).
 
     Not ``reset_to_zero`` / ``restore_value``: the kernels only write outputs they fully overwrite, so re-running one
     while benchmarking is harmless."""
@@ -268,7 +274,7 @@ def _autotuned(kernel: str, name: str | None = None, key: list[str] | None = Non
 
     def prune(configs, nargs, **kwargs):
         qkv = nargs["QKV"]
-        kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
+        kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"], seq)
         return kept if autotune_requested() else kept[:1]
 
     # + the tensors' dtypes (added by Triton)
@@ -482,9 +488,8 @@ def _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_n, qk_sca
     and dv thirds at ``dqkv_base``. ``q_base`` / ``do_base`` / ``dqkv_base``: the head's column 0 in QKV / DOut /
     DQKV; ``lse_ptrs`` / ``delta_ptrs``: that head's rows [0, BLOCK_M) of Lse and Delta (the loop steps them by
     BLOCK_M). With KEY_MASK, the keys whose byte at ``valid_base + row`` is 0 get P = 0 (so dK = dV = 0 there)."""
-    key_ok = offs_n < N
     if KEY_MASK:
-        key_ok = _key_valid(valid_base, offs_n, N)
+        key_ok = _key_valid(valid_base, offs_n, N)  # once per key block
     k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     offs_m = _rows(0, BLOCK_M, ROW64)
@@ -498,10 +503,12 @@ def _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_n, qk_sca
         delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
         # Transposed probabilities P^T (BLOCK_N, BLOCK_M), recomputed from q, k and the saved lse.
         s_t = _dot_nt(k0, k1, k2, q0, q1, q2, D1, D2, INPUT_PRECISION) * qk_scale
-        if KEY_MASK or not EVEN_N:
+        if KEY_MASK:
+            s_t = tl.where(key_ok[:, None], s_t, MASK_VALUE)
+        elif not EVEN_N:
             # Padded key rows (offs_n >= N) are never stored, but exp2(0 - lse) there can be inf (see _dq_block);
             # mask them so no inf / NaN is ever formed.
-            s_t = tl.where(key_ok[:, None], s_t, MASK_VALUE)
+            s_t = tl.where(offs_n[:, None] < N, s_t, MASK_VALUE)
         # Padded query columns (offs_qm >= N) need no mask: q, lse, dO and delta load as 0 there, so p_t is
         # exp2(0) = 1 (finite) and both its dV and its dS terms are multiplied by dO = 0 / (dp_t - delta) = 0.
         p_t = tl.math.exp2(s_t - lse[None, :])
@@ -761,7 +768,7 @@ def _seq_block(Seq, S, N, BLOCK: tl.constexpr, PADDED: tl.constexpr, SEQ_CHUNK: 
     return seq.to(tl.int64), blk, start.to(tl.int64), length
 
 
-@_autotuned("fwd", "attention.seq_fwd", SEQ_KEY)
+@_autotuned("fwd", "attention.seq_fwd", SEQ_KEY, seq=True)
 @triton.jit
 def _attention_seq_fwd_kernel(
     QKV, Out, Lse, Seq, Valid, qk_scale, stride_qkv_s, stride_qkv_n, stride_out_s, stride_out_n, stride_lse_s,
@@ -784,7 +791,7 @@ def _attention_seq_fwd_kernel(
                INPUT_PRECISION, ROW64, PADDED)
 
 
-@_autotuned("dkdv", "attention.seq_dkdv", SEQ_KEY)
+@_autotuned("dkdv", "attention.seq_dkdv", SEQ_KEY, seq=True)
 @triton.jit
 def _attention_seq_dkdv_kernel(
     QKV, DOut, Lse, Delta, DQKV, Seq, Valid, qk_scale, sm_scale, stride_qkv_s, stride_qkv_n, stride_do_s,
@@ -809,7 +816,7 @@ def _attention_seq_dkdv_kernel(
                 Valid + seq * stride_valid_s, PADDED)
 
 
-@_autotuned("dq", "attention.seq_dq", SEQ_KEY)
+@_autotuned("dq", "attention.seq_dq", SEQ_KEY, seq=True)
 @triton.jit
 def _attention_seq_dq_kernel(
     QKV, DOut, Lse, Delta, DQKV, Seq, Valid, qk_scale, sm_scale, stride_qkv_s, stride_qkv_n, stride_do_s,
@@ -833,7 +840,7 @@ def _attention_seq_dq_kernel(
               False, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64, Valid + seq * stride_valid_s, PADDED)
 
 
-@_autotuned("fused", "attention.seq_fused", SEQ_KEY)
+@_autotuned("fused", "attention.seq_fused", SEQ_KEY, seq=True)
 @triton.jit
 def _attention_seq_bwd_fused_kernel(
     QKV, Out, DOut, Lse, Delta, DQKV, Seq, Valid, qk_scale, sm_scale, stride_qkv_s, stride_qkv_n, stride_out_s,

@@ -329,7 +329,7 @@ def _attention_varlen(qkv, cu_seqlens, num_heads, scale, backend) -> torch.Tenso
     check_triton_dtype("qkv", qkv)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    out, _lse = _attention_varlen_fwd_op(qkv, cu_seqlens, num_heads, scale)
+    out, _lse = _attention_varlen_fwd_op(qkv, cu_seqlens.contiguous(), num_heads, scale)
     return out
 
 

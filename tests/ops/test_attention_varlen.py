@@ -298,3 +298,28 @@ def test_torch_backend_is_the_reference(device):
     kv = torch.rand(2, 4, device=device) > 0.5
     qkv = qkv.reshape(2, 4, 96)
     assert torch.equal(attention(qkv, 2, key_valid=kv, backend="torch"), attention_masked_ref(qkv, kv, 2))
+
+
+# ---- host-side schedule and tiles ------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_packed_blocks_bounds_the_tiles(block):
+    """The grid's row blocks (from T and S only) cover every sequence's blocks, with at most S - 1 to spare."""
+    from fastvit_kernels.kernels.attention import packed_blocks
+
+    g = torch.Generator().manual_seed(1)
+    for S in (1, 2, 7, 100):
+        for _ in range(20):
+            lengths = torch.randint(1, 300, (S,), generator=g).tolist()
+            need = sum(-(-n // block) for n in lengths)
+            have = packed_blocks(sum(lengths), S, block)
+            assert need <= have <= need + S - 1, (lengths, block)
+
+
+def test_sequence_forward_prunes_the_spilling_tiles():
+    from fastvit_kernels.kernels.attention import attention_configs
+
+    for hd in (64, 80):
+        dense = attention_configs("fwd", hd, F16, None, 256)
+        seq = attention_configs("fwd", hd, F16, None, 256, seq=True)
+        assert seq and all(c.kwargs["BLOCK_N"] <= 64 for c in seq)
+        assert any(c.kwargs["BLOCK_N"] == 128 for c in dense)
