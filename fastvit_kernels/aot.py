@@ -78,6 +78,7 @@ MODELS = ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224
 SHORT_MODEL = {"vit_base_patch16_224": "B/16", "vit_large_patch16_224": "L/16", "vit_huge_patch14_224": "H/14"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("train", "infer")
+PACKED_TOKENS = 4096  # tokens of the packed-sequence attention workloads (a token budget, independent of the batch)
 DEFAULT_BATCHES = (64,)  # per-GPU batch; the batch only changes whether B * N is a multiple of 16
 # The grid check's workload (grids need no compile, so it spans far more than the compiled set): per-GPU batches up
 # to 8192 and inputs at the config's size (0) and 1024 px (N = 4097 tokens at patch 16, 5330 at patch 14).
@@ -86,7 +87,9 @@ GRID_IMG_SIZES = (0, 1024)
 
 # Kernels whose fp16 / bf16 builds must use tensor cores (the GEMM core and the attention kernels with tl.dot).
 TENSOR_CORE_KERNELS = ("_matmul_kernel", "_matmul_rope_kernel", "_matmul_tma_kernel", "_attention_fwd_kernel",
-                       "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_fused_kernel")
+                       "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_fused_kernel",
+                       "_attention_seq_fwd_kernel", "_attention_seq_dkdv_kernel", "_attention_seq_dq_kernel",
+                       "_attention_seq_bwd_fused_kernel")
 # CUDA's largest launch grid, blocks per axis (x, y, z); see grid_problems
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 _CONFIG_NAMES = ("GROUP_M", "ROWS", "GROUP")  # constexprs that are tile configuration (with BLOCK*), not specialisation
@@ -504,6 +507,13 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
     def t(*shape, grad=train, dt=dtype):
         return torch.empty(*shape, dtype=dt, device=device).requires_grad_(grad)
 
+    def cu(S):  # cu_seqlens of S sequences of alternating lengths (1 and 7 parts of 8) over PACKED_TOKENS tokens
+        unit = PACKED_TOKENS // S // 4
+        lengths = [unit * (1 if i % 2 == 0 else 7) for i in range(S)]
+        lengths[-1] += PACKED_TOKENS - sum(lengths)
+        bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return bounds.to(device)  # real values on the CPU (the op checks them); shapes only on "meta"
+
     def run(fn, *inputs, **kw):
         def thunk():
             with torch.set_grad_enabled(train):
@@ -548,6 +558,17 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
         ("attention", run(ops.attention, t(B, N, 3 * D), s["H"])),
         # one image: too few (batch, head) programs for the fused backward, so the three-launch backward
         ("attention(1 image: split backward)", run(ops.attention, t(1, N, 3 * D), s["H"])),
+        # packed variable-length sequences (NaViT / NaFlex token-budget packing): 4096 tokens; 16 sequences take
+        # the split backward (16 * H < 256 for ViT-B), 64 the fused one (where it builds)
+        ("attention(packed, 16 sequences)", run(ops.attention, t(PACKED_TOKENS, 3 * D), s["H"],
+                                                cu_seqlens=cu(16))),
+        ("attention(packed, 64 sequences)", run(ops.attention, t(PACKED_TOKENS, 3 * D), s["H"],
+                                                cu_seqlens=cu(64))),
+        # a padded batch with a key-padding mask (NaFlex's patch_valid); one image: the split backward
+        ("attention(key-padding mask)", run(ops.attention, t(B, N, 3 * D), s["H"],
+                                            key_valid=t(B, N, grad=False, dt=torch.bool))),
+        ("attention(key-padding mask, 1 image)", run(ops.attention, t(1, N, 3 * D), s["H"],
+                                                     key_valid=t(1, N, grad=False, dt=torch.bool))),
         ("linear_residual", run(ops.linear_residual, t(B, N, D), t(D, D), t(D), t(B, N, D))),
         ("layernorm_mlp", run(ops.layernorm_mlp, t(B, N, D), *mlp_w)),
         # timm's act_layer='gelu_tanh': every GELU / GELU' of the MLP in the tanh form

@@ -66,6 +66,16 @@ Kernel arguments (each kernel takes the ones it needs, in this order; documented
   each kernel says); ``INPUT_PRECISION`` (``tl.dot``'s input_precision from
   :func:`~fastvit_kernels.kernels._common.dot_precision`: fp32 "ieee" or "tf32").
 
+Sequence kernels (``_attention_seq_*``, launched by :func:`attention_seq_fwd` / :func:`attention_seq_bwd`): the
+same block functions over packed variable-length sequences (QKV (T, 3 * D), ``Seq`` = cu_seqlens (S + 1,) int32,
+Lse (H, T)) or a padded batch with a key-padding mask (QKV (B, N, 3 * D), ``Seq`` = kv_end (B,) int32, ``Valid``
+(B, N) uint8, Lse (B, H, N); constexpr ``PADDED``). Sequence s starts at ``s * stride_<t>_s + start * stride_<t>_n``
+(packed: stride_s = 0, start = cu_seqlens[s]; padded: the batch stride, start = 0) and has ``length`` rows
+(packed: its length; padded: kv_end), which every block function takes as its N (EVEN_N off). The grid (row
+blocks, H) comes from the shapes only; each program finds its (sequence, block) in the kernel (:func:`_seq_block`,
+``SEQ_CHUNK`` sequences of cu_seqlens per step) and blocks past the sequence exit. ``N``: padded N (packed: T,
+unused); ``S``: sequences / images; ``stride_valid_s``: Valid's batch stride.
+
 Caveats: the column stride of every tensor must be 1 (the op in ``ops/`` guarantees it). The tests run the
 interpreter path; the autotuned (GPU) launch path is covered by the AOT check (it compiles), not by the tests.
 """
@@ -142,7 +152,7 @@ def _device_arch(t: torch.Tensor) -> int | None:
 
 
 def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | None, arch: int | None,
-                      n_bkt: int | None) -> list:
+                      n_bkt: int | None, seq: bool = False) -> list:
     """Autotune candidates for one attention kernel at one (head_dim, dtype, GPU arch, N bucket).
 
     Args:
@@ -151,6 +161,7 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
             both loops, one tile pair).
         head_dim, dtype, arch (80, 90, ... or None: any), n_bkt (:func:`n_bucket` of N): the call; None in all
             four gives every candidate of the kernel (the autotuner's full list, pruned per call).
+        seq: for the sequence kernels (packed / padded, ``_attention_seq_*``), which :func:`keep` prunes further.
 
     Returns:
         list of ``triton.Config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) that pass :func:`keep`; never empty.
@@ -174,12 +185,13 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
                for bm, bn, w, s in low + fp32]
     if dtype is None:
         return configs
-    kept = [c for c in configs if keep(c, kernel, head_dim, dtype, arch, n_bkt)]
+    kept = [c for c in configs if keep(c, kernel, head_dim, dtype, arch, n_bkt, seq)]
     assert kept, (kernel, head_dim, dtype, arch, n_bkt)
     return kept
 
 
-def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None, n_bkt: int) -> bool:
+def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None, n_bkt: int,
+         seq: bool = False) -> bool:
     """Whether a candidate of :func:`attention_configs` is worth benchmarking for this call (see there for args).
 
     Pruned, and why (the spill figures are from ``python -m fastvit_kernels.aot check``, Triton 3.9, bf16 at ViT-B/16
@@ -194,6 +206,9 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
     * fwd BLOCK_N = 256, the one-pass tile for N <= 256: 64 x 256 with 8 warps spilled 16-800 B per thread (all
       but head_dim 64 on sm_90), 128 x 256 64-800 B; 16 warps cap registers at 128 and spilled 0.3-7 KB.
     * dq 64 x 128 (4 or 8 warps): 24-32 B of spills on sm_80.
+    * ``seq`` fwd with BLOCK_N = 128 (the sequence forward: runtime length, key-mask loads): 64 x 128 (4 warps)
+      spilled 8 B and 128 x 128 (8 warps) 8-24 B on sm_80 (padded at head_dim 64; packed and padded at 80; bf16,
+      Triton 3.8); the 64-key tiles build clean.
     * fused: only the two tiles that build clean are listed (see :func:`fused_bwd_builds`).
     * dkdv at a chunked width above 64 (head_dim 80) with BLOCK_M = 64: spilled 16-24 B per thread on Triton 3.6
       (64 x 64 and 64 x 128, 8 warps: sm_80; 64 x 128: sm_90) and 16 B on Triton 3.9 (64 x 128, 8 warps, sm_80,
@@ -210,7 +225,7 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
         return (bm == 32) == (width <= 80 and kernel not in ("dkdv", "dq"))
     if max(bm, bn) > max(64, n_bkt):
         return False
-    if kernel == "fwd" and bn == 256:
+    if kernel == "fwd" and (bn == 256 or (seq and bn == 128)):
         return False
     if kernel == "dq" and (bm, bn) == (64, 128):
         return False
@@ -245,10 +260,12 @@ def _interpreter_config(N: int) -> dict:
     return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
 
 
-def _autotuned(kernel: str):
+def _autotuned(kernel: str, name: str | None = None, key: list[str] | None = None, seq: bool = False):
     """Decorator: ``triton.autotune`` over :func:`attention_configs` on a GPU, the bare kernel under the interpreter.
     With ``FASTVIT_AUTOTUNE=0`` (read when a shape is first launched) the pruning keeps only the first candidate,
-    which then runs without benchmarking, as the GEMM core's first candidate does.
+    which then runs without benchmarking, as the GEMM core's first candidate does. ``name``: the tuning record's
+    kernel name (default ``attention.<kernel>``); ``key``: the autotune key (default the dense kernels'); ``seq``:
+    a sequence kernel (see :func:`keep`).
 
     Not ``reset_to_zero`` / ``restore_value``: the kernels only write outputs they fully overwrite, so re-running one
     while benchmarking is harmless."""
@@ -257,14 +274,21 @@ def _autotuned(kernel: str):
 
     def prune(configs, nargs, **kwargs):
         qkv = nargs["QKV"]
-        kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"])
+        kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"], seq)
         return kept if autotune_requested() else kept[:1]
 
-    key = ["N_BUCKET", "N_ALIGN", "HEAD_DIM", "ROW64", "INPUT_PRECISION"]  # + the tensors' dtypes (added by Triton)
+    # + the tensors' dtypes (added by Triton)
+    key = key or ["N_BUCKET", "N_ALIGN", "HEAD_DIM", "ROW64", "INPUT_PRECISION"]
     # the tuning record, when one is active, picks the candidate untimed (kernels/tuning_record.py)
     return triton.autotune(configs=attention_configs(kernel, None, None, None, None), key=key,
                            do_bench=tuning_record.bench, prune_configs_by={
-                               "early_config_prune": tuning_record.tuned_prune(f"attention.{kernel}", key, prune)})
+                               "early_config_prune": tuning_record.tuned_prune(name or f"attention.{kernel}", key,
+                                                                               prune)})
+
+
+# The sequence kernels' autotune key: the average sequence length's bucket (N_BUCKET = n_bucket(T // S), or of N for
+# a padded batch), never the lengths themselves (data), plus the static flags.
+SEQ_KEY = ["N_BUCKET", "HEAD_DIM", "PADDED", "ROW64", "INPUT_PRECISION"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,6 +458,12 @@ def _store_row(ptrs, row, offs_rows, N, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _key_valid(valid_base, offs_rows, N):
+    """(rows,) bool: row < N and its key-padding byte (at ``valid_base + row``) is nonzero."""
+    return tl.load(valid_base + offs_rows, mask=offs_rows < N, other=0) != 0
+
+
+@triton.jit
 def _delta_block(o_base, do_base, delta_base, offs_rows, stride_out_n, stride_do_n, N, HEAD_DIM: tl.constexpr,
                  D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr):
     """delta = rowsum(dO * O) (fp32) of one row block (rows ``offs_rows``) of one (batch, head), stored into that
@@ -453,11 +483,13 @@ def _delta_block(o_base, do_base, delta_base, offs_rows, stride_out_n, stride_do
 def _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_n, qk_scale, sm_scale, stride_qkv_n,
                 stride_do_n, stride_dqkv_n, N, D, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                 D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
+                INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr, valid_base, KEY_MASK: tl.constexpr):
     """dK and dV of one key block (rows ``offs_n``) of one (batch, head) over every query block, stored into the dk
     and dv thirds at ``dqkv_base``. ``q_base`` / ``do_base`` / ``dqkv_base``: the head's column 0 in QKV / DOut /
     DQKV; ``lse_ptrs`` / ``delta_ptrs``: that head's rows [0, BLOCK_M) of Lse and Delta (the loop steps them by
-    BLOCK_M)."""
+    BLOCK_M). With KEY_MASK, the keys whose byte at ``valid_base + row`` is 0 get P = 0 (so dK = dV = 0 there)."""
+    if KEY_MASK:
+        key_ok = _key_valid(valid_base, offs_n, N)  # once per key block
     k0, k1, k2 = _load_chunks(q_base + D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_n, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     offs_m = _rows(0, BLOCK_M, ROW64)
@@ -471,7 +503,9 @@ def _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_n, qk_sca
         delta = _load_row(delta_ptrs + start_m, offs_qm, N, EVEN_N)
         # Transposed probabilities P^T (BLOCK_N, BLOCK_M), recomputed from q, k and the saved lse.
         s_t = _dot_nt(k0, k1, k2, q0, q1, q2, D1, D2, INPUT_PRECISION) * qk_scale
-        if not EVEN_N:
+        if KEY_MASK:
+            s_t = tl.where(key_ok[:, None], s_t, MASK_VALUE)
+        elif not EVEN_N:
             # Padded key rows (offs_n >= N) are never stored, but exp2(0 - lse) there can be inf (see _dq_block);
             # mask them so no inf / NaN is ever formed.
             s_t = tl.where(offs_n[:, None] < N, s_t, MASK_VALUE)
@@ -491,10 +525,10 @@ def _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_n, qk_sca
 def _dq_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_qm, qk_scale, sm_scale, stride_qkv_n,
               stride_do_n, stride_dqkv_n, N, D, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
               D2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
+              INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr, valid_base, KEY_MASK: tl.constexpr):
     """dQ of one query block (rows ``offs_qm``) of one (batch, head) over every key block, stored into the dq third
-    at ``dqkv_base``. Bases as in :func:`_dkdv_block`; ``lse_ptrs`` / ``delta_ptrs``: this block's rows of Lse and
-    Delta."""
+    at ``dqkv_base``. Bases and the key mask as in :func:`_dkdv_block`; ``lse_ptrs`` / ``delta_ptrs``: this block's
+    rows of Lse and Delta."""
     q0, q1, q2 = _load_chunks(q_base, offs_qm, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     do0, do1, do2 = _load_chunks(do_base, offs_qm, stride_do_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
     lse = _load_row(lse_ptrs, offs_qm, N, EVEN_N)
@@ -506,7 +540,9 @@ def _dq_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_qm, qk_scal
         k0, k1, k2 = _load_chunks(q_base + D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         v0, v1, v2 = _load_chunks(q_base + 2 * D, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         s = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, INPUT_PRECISION) * qk_scale
-        if not EVEN_N:
+        if KEY_MASK:
+            s = tl.where(_key_valid(valid_base, offs_kn, N)[None, :], s, MASK_VALUE)
+        elif not EVEN_N:
             # Padded keys load k = v = 0, so s = 0 and exp2(0 - lse) would overflow to inf when every real score
             # is very negative (inf * 0 = NaN in dS @ K). The finite mask value makes their P exactly 0.
             s = tl.where(offs_kn[None, :] < N, s, MASK_VALUE)
@@ -521,22 +557,21 @@ def _dq_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, offs_qm, qk_scal
 # ----------------------------------------------------------------------------------------------------------------
 # kernels (arguments: see "Kernel arguments" in the module docstring)
 # ----------------------------------------------------------------------------------------------------------------
-@_autotuned("fwd")
 @triton.jit
-def _attention_fwd_kernel(
-    QKV, Out, Lse, qk_scale, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, stride_lse_b, stride_lse_h,
-    N, H, D, N_BUCKET, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    N_ALIGN: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Forward: a program per (BLOCK_M query rows, batch * head) streams over the keys BLOCK_N rows at a time with
-    an online softmax; writes Out and Lse."""
-    EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)  # no sequence-tail masks
-    pid_m, b, h = _block_and_head(N, H, BLOCK_M)
+def _fwd_block(q_base, out_base, lse_ptrs, valid_base, offs_m, qk_scale, stride_qkv_n, stride_out_n, N, D,
+               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, EVEN_N: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
+               KEY_MASK: tl.constexpr):
+    """Forward of one query block (rows ``offs_m`` of a sequence of N rows) of one head: streams over the keys
+    BLOCK_N rows at a time with an online softmax; stores the block's output rows at ``out_base`` (the head's
+    column 0 in Out) and its log2-sum-exp2 at ``lse_ptrs`` (this block's rows of Lse). ``q_base``: the head's
+    column 0 in QKV (k and v at + D and + 2 * D).
 
-    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
+    KEY_MASK: keys whose byte at ``valid_base + row`` is 0 get the score MASK_VALUE, and the output rows of such
+    queries are stored as 0. Each row needs one valid key among its N (the launcher makes N the last valid key + 1);
+    a leading tile of masked keys then only adds terms that the first valid key's rescale ``alpha = exp2(MASK_VALUE
+    - m)`` = 0 removes."""
     offs_n = _rows(0, BLOCK_N, ROW64)
-    q_base = QKV + b * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + D
     v_base = q_base + 2 * D
 
@@ -549,7 +584,9 @@ def _attention_fwd_kernel(
         offs_kn = start_n + offs_n
         k0, k1, k2 = _load_chunks(k_base, offs_kn, stride_qkv_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
         s = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, INPUT_PRECISION) * qk_scale
-        if not EVEN_N:
+        if KEY_MASK:
+            s = tl.where(_key_valid(valid_base, offs_kn, N)[None, :], s, MASK_VALUE)
+        elif not EVEN_N:
             s = tl.where(offs_kn[None, :] < N, s, MASK_VALUE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -561,10 +598,30 @@ def _attention_fwd_kernel(
         m_i = m_new
 
     # l_i >= 1 for every row (the row max contributes exp2(0)), so the division and log2 are safe.
-    acc0, acc1, acc2 = _scale_chunks(acc0, acc1, acc2, 1.0 / l_i[:, None], D1, D2)
-    out_base = Out + b * stride_out_b + h * HEAD_DIM
+    inv_l = 1.0 / l_i
+    if KEY_MASK:
+        inv_l = tl.where(_key_valid(valid_base, offs_m, N), inv_l, 0.0)  # invalid queries: zero output rows
+    acc0, acc1, acc2 = _scale_chunks(acc0, acc1, acc2, inv_l[:, None], D1, D2)
     _store_chunks(out_base, acc0, acc1, acc2, offs_m, stride_out_n, N, HEAD_DIM, D0, D1, D2, EVEN_N)
-    _store_row(Lse + b * stride_lse_b + h * stride_lse_h + offs_m, m_i + tl.math.log2(l_i), offs_m, N, EVEN_N)
+    _store_row(lse_ptrs, m_i + tl.math.log2(l_i), offs_m, N, EVEN_N)
+
+
+@_autotuned("fwd")
+@triton.jit
+def _attention_fwd_kernel(
+    QKV, Out, Lse, qk_scale, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, stride_lse_b, stride_lse_h,
+    N, H, D, N_BUCKET, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    N_ALIGN: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Forward: a program per (BLOCK_M query rows, batch * head) streams over the keys BLOCK_N rows at a time with
+    an online softmax (:func:`_fwd_block`); writes Out and Lse."""
+    EVEN_N: tl.constexpr = (N_ALIGN % BLOCK_M == 0) and (N_ALIGN % BLOCK_N == 0)  # no sequence-tail masks
+    pid_m, b, h = _block_and_head(N, H, BLOCK_M)
+    offs_m = _rows(pid_m * BLOCK_M, BLOCK_M, ROW64)
+    _fwd_block(QKV + b * stride_qkv_b + h * HEAD_DIM, Out + b * stride_out_b + h * HEAD_DIM,
+               Lse + b * stride_lse_b + h * stride_lse_h + offs_m, QKV, offs_m, qk_scale, stride_qkv_n, stride_out_n,
+               N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64, False)
 
 
 @triton.jit
@@ -601,7 +658,7 @@ def _attention_bwd_dkdv_kernel(
                 DQKV + b * stride_dqkv_b + h * HEAD_DIM, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
                 Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_n, qk_scale, sm_scale, stride_qkv_n,
                 stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION,
-                ROW64)
+                ROW64, QKV, False)
 
 
 @_autotuned("dq")
@@ -620,7 +677,8 @@ def _attention_bwd_dq_kernel(
     _dq_block(QKV + b * stride_qkv_b + h * HEAD_DIM, DOut + b * stride_do_b + h * HEAD_DIM,
               DQKV + b * stride_dqkv_b + h * HEAD_DIM, Lse + b * stride_lse_b + h * stride_lse_h + offs_m,
               Delta + b * stride_lse_b + h * stride_lse_h + offs_m, offs_m, qk_scale, sm_scale, stride_qkv_n,
-              stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64)
+              stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64,
+              QKV, False)
 
 
 @_autotuned("fused")
@@ -653,12 +711,175 @@ def _attention_bwd_fused_kernel(
     for start_n in range(0, N, BLOCK_N):
         _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, _rows(start_n, BLOCK_N, ROW64), qk_scale,
                     sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M,
-                    BLOCK_N, INPUT_PRECISION, ROW64)
+                    BLOCK_N, INPUT_PRECISION, ROW64, QKV, False)
 
     for start_m in range(0, N, BLOCK_M):
         _dq_block(q_base, do_base, dqkv_base, lse_ptrs + start_m, delta_ptrs + start_m, start_m + offs_m, qk_scale,
                   sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n, N, D, HEAD_DIM, D0, D1, D2, EVEN_N, BLOCK_M,
-                  BLOCK_N, INPUT_PRECISION, ROW64)
+                  BLOCK_N, INPUT_PRECISION, ROW64, QKV, False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sequence kernels: packed variable-length sequences (cu_seqlens) and padded batches with a key mask (key_valid)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _seq_bounds(Seq, seq, S, PADDED: tl.constexpr):
+    """(first row, length) of sequence ``seq``. Packed: rows Seq[seq] .. Seq[seq + 1] - 1 of the packed tensors
+    (Seq = cu_seqlens), length 0 for seq >= S. Padded: rows 0 .. Seq[seq] - 1 of image ``seq`` (Seq = kv_end)."""
+    if PADDED:
+        start = seq * 0
+        length = tl.load(Seq + seq)
+    else:
+        start = tl.load(Seq + seq, mask=seq < S, other=0)
+        length = tl.load(Seq + seq + 1, mask=seq < S, other=0) - start
+    return start, length
+
+
+@triton.jit
+def _seq_block(Seq, S, N, BLOCK: tl.constexpr, PADDED: tl.constexpr, SEQ_CHUNK: tl.constexpr):
+    """(sequence, row block, first row, length) of this program (axis 0) in a :func:`seq_block_grid` launch.
+
+    Padded: the grid is every image's ``cdiv(N, BLOCK)`` blocks (block fastest); a block at or past the image's
+    kv_end gets length <= its first row, and the caller exits. Packed: the grid is an upper bound on the total
+    ``sum_s cdiv(len_s, BLOCK)``; the blocks are numbered sequence by sequence, so program ``pid`` belongs to the
+    sequence s with ``c_s <= pid < c_{s+1}`` (c: the running sum of the blocks per sequence, computed here from
+    cu_seqlens SEQ_CHUNK sequences at a time with tl.cumsum; s = how many c_{s+1} are <= pid). Past the total, s = S
+    and the length is 0. O(S) scalar work per program, no host-side maximum length."""
+    pid = tl.program_id(0)
+    if PADDED:
+        num_blocks = tl.cdiv(N, BLOCK)
+        seq = pid // num_blocks
+        blk = pid - seq * num_blocks
+    else:
+        seq = pid * 0
+        before = pid * 0  # blocks of the sequences before ``seq``
+        carry = pid * 0
+        for c in range(0, S, SEQ_CHUNK):
+            offs = c + tl.arange(0, SEQ_CHUNK)
+            lo = tl.load(Seq + offs, mask=offs < S, other=0)
+            hi = tl.load(Seq + offs + 1, mask=offs < S, other=0)
+            ends = carry + tl.cumsum((hi - lo + BLOCK - 1) // BLOCK, 0)  # c_{s+1}; padding entries repeat the total
+            done = ends <= pid
+            seq += tl.sum(done.to(tl.int32), 0)
+            before = tl.maximum(before, tl.max(tl.where(done, ends, 0), 0))
+            carry = tl.max(ends, 0)
+        blk = pid - before
+    start, length = _seq_bounds(Seq, seq, S, PADDED)
+    return seq.to(tl.int64), blk, start.to(tl.int64), length
+
+
+@_autotuned("fwd", "attention.seq_fwd", SEQ_KEY, seq=True)
+@triton.jit
+def _attention_seq_fwd_kernel(
+    QKV, Out, Lse, Seq, Valid, qk_scale, stride_qkv_s, stride_qkv_n, stride_out_s, stride_out_n, stride_lse_s,
+    stride_lse_h, stride_valid_s, S, N, D, N_BUCKET, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, PADDED: tl.constexpr, SEQ_CHUNK: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Forward over sequences: a program per (BLOCK_M query rows of one sequence, head) (:func:`_seq_block`; the
+    head on axis 1) runs :func:`_fwd_block` over that sequence's keys only; blocks past the sequence exit at once.
+    Padded: the key mask of Valid, and the loop bound kv_end."""
+    seq, blk, start, length = _seq_block(Seq, S, N, BLOCK_M, PADDED, SEQ_CHUNK)
+    if blk * BLOCK_M >= length:
+        return
+    h = tl.program_id(1)
+    offs_m = _rows(blk * BLOCK_M, BLOCK_M, ROW64)
+    _fwd_block(QKV + seq * stride_qkv_s + start * stride_qkv_n + h * HEAD_DIM,
+               Out + seq * stride_out_s + start * stride_out_n + h * HEAD_DIM,
+               Lse + seq * stride_lse_s + h * stride_lse_h + start + offs_m, Valid + seq * stride_valid_s, offs_m,
+               qk_scale, stride_qkv_n, stride_out_n, length, D, HEAD_DIM, D0, D1, D2, False, BLOCK_M, BLOCK_N,
+               INPUT_PRECISION, ROW64, PADDED)
+
+
+@_autotuned("dkdv", "attention.seq_dkdv", SEQ_KEY, seq=True)
+@triton.jit
+def _attention_seq_dkdv_kernel(
+    QKV, DOut, Lse, Delta, DQKV, Seq, Valid, qk_scale, sm_scale, stride_qkv_s, stride_qkv_n, stride_do_s,
+    stride_do_n, stride_lse_s, stride_lse_h, stride_dqkv_s, stride_dqkv_n, stride_valid_s, S, N, D, N_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PADDED: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Backward dK / dV over sequences: a program per (BLOCK_N key rows of one sequence, head) runs
+    :func:`_dkdv_block` over that sequence's queries."""
+    seq, blk, start, length = _seq_block(Seq, S, N, BLOCK_N, PADDED, SEQ_CHUNK)
+    if blk * BLOCK_N >= length:
+        return
+    h = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_lse = seq * stride_lse_s + h * stride_lse_h + start + offs_m
+    _dkdv_block(QKV + seq * stride_qkv_s + start * stride_qkv_n + h * HEAD_DIM,
+                DOut + seq * stride_do_s + start * stride_do_n + h * HEAD_DIM,
+                DQKV + seq * stride_dqkv_s + start * stride_dqkv_n + h * HEAD_DIM, Lse + row_lse, Delta + row_lse,
+                _rows(blk * BLOCK_N, BLOCK_N, ROW64), qk_scale, sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n,
+                length, D, HEAD_DIM, D0, D1, D2, False, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64,
+                Valid + seq * stride_valid_s, PADDED)
+
+
+@_autotuned("dq", "attention.seq_dq", SEQ_KEY, seq=True)
+@triton.jit
+def _attention_seq_dq_kernel(
+    QKV, DOut, Lse, Delta, DQKV, Seq, Valid, qk_scale, sm_scale, stride_qkv_s, stride_qkv_n, stride_do_s,
+    stride_do_n, stride_lse_s, stride_lse_h, stride_dqkv_s, stride_dqkv_n, stride_valid_s, S, N, D, N_BUCKET,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PADDED: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Backward dQ over sequences: a program per (BLOCK_M query rows of one sequence, head) runs :func:`_dq_block`
+    over that sequence's keys."""
+    seq, blk, start, length = _seq_block(Seq, S, N, BLOCK_M, PADDED, SEQ_CHUNK)
+    if blk * BLOCK_M >= length:
+        return
+    h = tl.program_id(1)
+    offs_m = _rows(blk * BLOCK_M, BLOCK_M, ROW64)
+    row_lse = seq * stride_lse_s + h * stride_lse_h + start + offs_m
+    _dq_block(QKV + seq * stride_qkv_s + start * stride_qkv_n + h * HEAD_DIM,
+              DOut + seq * stride_do_s + start * stride_do_n + h * HEAD_DIM,
+              DQKV + seq * stride_dqkv_s + start * stride_dqkv_n + h * HEAD_DIM, Lse + row_lse, Delta + row_lse,
+              offs_m, qk_scale, sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n, length, D, HEAD_DIM, D0, D1, D2,
+              False, BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64, Valid + seq * stride_valid_s, PADDED)
+
+
+@_autotuned("fused", "attention.seq_fused", SEQ_KEY, seq=True)
+@triton.jit
+def _attention_seq_bwd_fused_kernel(
+    QKV, Out, DOut, Lse, Delta, DQKV, Seq, Valid, qk_scale, sm_scale, stride_qkv_s, stride_qkv_n, stride_out_s,
+    stride_out_n, stride_do_s, stride_do_n, stride_lse_s, stride_lse_h, stride_dqkv_s, stride_dqkv_n,
+    stride_valid_s, S, N, D, N_BUCKET, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, PADDED: tl.constexpr, SEQ_CHUNK: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The whole backward of one (sequence, head) in one program (grid (S, H)), as
+    :func:`_attention_bwd_fused_kernel` does for a (batch, head), with every loop bounded by the sequence's own
+    length (padded: kv_end)."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    start, length = _seq_bounds(Seq, seq, S, PADDED)
+    seq = seq.to(tl.int64)
+    start = start.to(tl.int64)
+    q_base = QKV + seq * stride_qkv_s + start * stride_qkv_n + h * HEAD_DIM
+    do_base = DOut + seq * stride_do_s + start * stride_do_n + h * HEAD_DIM
+    dqkv_base = DQKV + seq * stride_dqkv_s + start * stride_dqkv_n + h * HEAD_DIM
+    valid_base = Valid + seq * stride_valid_s
+    offs_m = _rows(0, BLOCK_M, ROW64)
+    row0 = seq * stride_lse_s + h * stride_lse_h + start
+    lse_ptrs = Lse + row0 + offs_m
+    delta_ptrs = Delta + row0 + offs_m
+
+    for start_m in range(0, length, BLOCK_M):
+        _delta_block(Out + seq * stride_out_s + start * stride_out_n + h * HEAD_DIM, do_base, Delta + row0,
+                     start_m + offs_m, stride_out_n, stride_do_n, length, HEAD_DIM, D0, D1, D2, False)
+    tl.debug_barrier()  # every thread of the program sees every delta row before the loops read them
+
+    for start_n in range(0, length, BLOCK_N):
+        _dkdv_block(q_base, do_base, dqkv_base, lse_ptrs, delta_ptrs, _rows(start_n, BLOCK_N, ROW64), qk_scale,
+                    sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n, length, D, HEAD_DIM, D0, D1, D2, False,
+                    BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64, valid_base, PADDED)
+
+    for start_m in range(0, length, BLOCK_M):
+        _dq_block(q_base, do_base, dqkv_base, lse_ptrs + start_m, delta_ptrs + start_m, start_m + offs_m, qk_scale,
+                  sm_scale, stride_qkv_n, stride_do_n, stride_dqkv_n, length, D, HEAD_DIM, D0, D1, D2, False,
+                  BLOCK_M, BLOCK_N, INPUT_PRECISION, ROW64, valid_base, PADDED)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -822,4 +1043,198 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     meta = dict(**chunks, INPUT_PRECISION=dot_precision(qkv.dtype), **_tiles(N))
     _launch.launch(_attention_bwd_dkdv_kernel, lambda m: block_head_grid(B, num_heads, N, m["BLOCK_N"]), *args, **meta)
     _launch.launch(_attention_bwd_dq_kernel, lambda m: block_head_grid(B, num_heads, N, m["BLOCK_M"]), *args, **meta)
+    return dqkv
+
+
+# ---- sequence launchers: packed (cu_seqlens) and padded with a key mask (key_valid) ------------------------------
+MAX_SEQ_CHUNK = 1024  # sequences per step of the in-kernel tile count (_seq_block): one register block
+
+
+def seq_chunk(S: int) -> int:
+    """SEQ_CHUNK for S packed sequences: the next power of two >= S (at least 16), at most MAX_SEQ_CHUNK (larger S
+    loops); a constexpr, so only a change of this bucket recompiles."""
+    return max(16, min(triton.next_power_of_2(S), MAX_SEQ_CHUNK))
+
+
+def packed_blocks(T: int, S: int, block: int) -> int:
+    """An upper bound on the row blocks of S packed sequences of T tokens in all, ``sum_s cdiv(len_s, block)``,
+    from the shapes alone: ``cdiv(len, block) <= (len + block - 1) / block`` summed over s gives
+    ``(T + S * (block - 1)) // block`` (at most S - 1 more than cdiv(T, block); the extra programs exit at once)."""
+    return (T + S * (block - 1)) // block
+
+
+def seq_block_grid(T_or_N: int, S: int, H: int, block: int, padded: bool) -> tuple[int, int]:
+    """Grid of the sequence kernels with a program per (row block, head): axis 0 the row blocks
+    (:func:`packed_blocks` of T tokens in S sequences; padded: S images x ``cdiv(N, block)``), axis 1 the H heads.
+
+    Raises:
+        ValueError: more than 2**31 - 1 blocks or 65,535 heads (CUDA's grid limits)."""
+    n = S * triton.cdiv(T_or_N, block) if padded else packed_blocks(T_or_N, S, block)
+    if n > MAX_GRID_X or H > 65535:
+        raise ValueError(f"attention launch needs ({n}, {H}) programs; CUDA allows ({MAX_GRID_X}, 65535)")
+    return (n, H)
+
+
+def _seq_row64(rows: int, *tensors: torch.Tensor) -> bool:
+    """ROW64 for the sequence kernels: some row offset ``row * stride(-2)`` within a sequence (rows < ``rows``)
+    reaches 2**31 (see :func:`needs_row64`); sequence and start offsets are int64 regardless."""
+    return any((rows - 1) * t.stride(-2) + t.shape[-1] - 1 > 2**31 - 1 for t in tensors)
+
+
+def kv_end(key_valid: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: per image, the index of the last valid key + 1 (0 when none), computed on the device (no host
+    sync): the key-loop bound of the padded kernels, and every row block at or past it is skipped."""
+    N = key_valid.shape[1]
+    pos = torch.arange(1, N + 1, device=key_valid.device, dtype=torch.int32)
+    return (key_valid.to(torch.int32) * pos).amax(dim=1).to(torch.int32)
+
+
+def _seq_setup(qkv: torch.Tensor, num_heads: int, seqs: torch.Tensor, key_valid: torch.Tensor | None):
+    """Shared launch arguments of the sequence kernels: (S, N, head-dim constexprs, Valid, stride_valid_s)."""
+    padded = key_valid is not None
+    D = qkv.shape[-1] // 3
+    head_dim = D // num_heads
+    d0, d1, d2 = head_dim_chunks(head_dim)
+    if padded:
+        S, N = qkv.shape[0], qkv.shape[1]
+        valid = key_valid.view(torch.uint8) if key_valid.dtype == torch.bool else key_valid
+        assert valid.stride(-1) == 1
+        valid_args = (valid, valid.stride(0))
+        bucket = n_bucket(N)
+    else:
+        S, N = seqs.numel() - 1, qkv.shape[0]
+        valid_args = (seqs, 0)  # never read (PADDED is False)
+        bucket = n_bucket(max(1, N // S))
+    meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, PADDED=padded, SEQ_CHUNK=seq_chunk(S))
+    return S, N, D, bucket, valid_args, meta
+
+
+def _seq_strides(t: torch.Tensor, padded: bool) -> tuple[int, int]:
+    """(stride over sequences, stride over rows): a packed (T, width) tensor has no sequence stride (the start row
+    places each sequence); a padded (B, N, width) one has its batch stride."""
+    return (t.stride(0), t.stride(1)) if padded else (0, t.stride(0))
+
+
+def attention_seq_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: torch.Tensor | None = None,
+                      key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward attention over packed variable-length sequences (``cu_seqlens``) or a padded batch with a key mask
+    (``key_valid``); exactly one of the two.
+
+    Args:
+        qkv: packed (T, 3 * D) with cu_seqlens (S + 1,) int32 (0 first, strictly increasing, T last); or padded
+            (B, N, 3 * D) with key_valid (B, N) bool. Column stride 1; fp32 | fp16 | bf16 (validated by the op).
+        num_heads: H. scale: softmax scale (> 0).
+
+    Returns:
+        out: (T, D) / (B, N, D), qkv's dtype (padded: rows of invalid tokens 0).
+        lse: (H, T) / (B, H, N) fp32 log2-sum-exp2 (file header) for the backward; padded: 0 at the rows at or
+        past the image's kv_end (not computed; no kernel reads them).
+
+    The grid depends only on the shapes (T, S, H / B, N, H): no host read of the lengths (:func:`_seq_block`).
+    """
+    padded = key_valid is not None
+    assert padded != (cu_seqlens is not None) and qkv.stride(-1) == 1
+    D = qkv.shape[-1] // 3
+    if padded:
+        seqs = kv_end(key_valid)
+        B, N = qkv.shape[:2]
+        out = torch.zeros((B, N, D), device=qkv.device, dtype=qkv.dtype)  # rows past kv_end stay 0
+        # rows past kv_end are never computed; zeros keep the op's outputs defined (fakes / opcheck compare them)
+        lse = torch.zeros((B, num_heads, N), device=qkv.device, dtype=torch.float32)
+    else:
+        seqs = cu_seqlens
+        out = torch.empty((qkv.shape[0], D), device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty((num_heads, qkv.shape[0]), device=qkv.device, dtype=torch.float32)
+    S, N, D, bucket, valid_args, meta = _seq_setup(qkv, num_heads, seqs, key_valid)
+    if S == 0:
+        return out, lse
+    rows = N if padded else qkv.shape[0]
+    _launch.launch(
+        _attention_seq_fwd_kernel, lambda m: seq_block_grid(N, S, num_heads, m["BLOCK_M"], padded),
+        qkv, out, lse, seqs, valid_args[0], float(scale) * LOG2E,
+        *_seq_strides(qkv, padded), *_seq_strides(out, padded),
+        lse.stride(0) if padded else 0, lse.stride(-2),
+        valid_args[1], S, N, D, bucket,
+        **meta, ROW64=_seq_row64(rows, qkv, out), INPUT_PRECISION=dot_precision(qkv.dtype),
+        **_seq_tiles(bucket),
+    )
+    return out, lse
+
+
+def _seq_tiles(bucket: int) -> dict:
+    """:func:`_tiles` of the sequence kernels: the interpreter's tile from the average length's bucket."""
+    return {} if AUTOTUNE else _interpreter_config(bucket)
+
+
+def attention_seq_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                      scale: float, cu_seqlens: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                      fused: bool | None = None) -> torch.Tensor:
+    """Backward of :func:`attention_seq_fwd`: d(qkv) in qkv's packed / padded layout (padded: rows of invalid
+    tokens 0).
+
+    Plans as :func:`attention_bwd`, with sequences for images: *fused* (one program per (sequence, head), grid (S,
+    H)) when ``S * H >= FUSED_BWD_MIN_HEADS`` and :func:`fused_bwd_builds` -- S is static (the shape of cu_seqlens /
+    the batch), so the plan never depends on the lengths --, else *split* (delta pre-pass over all rows, then the dK
+    / dV and dQ kernels over the packed row blocks). Padded: dout's rows of invalid tokens are zeroed first (those
+    outputs are constant 0, so their gradient must not reach q, k or v).
+
+    Args:
+        dout: gradient of out, out's shape, qkv's dtype, column stride 1. qkv, out, lse: as the forward took /
+            returned them. num_heads, scale: the forward's. cu_seqlens / key_valid: the forward's (one of them).
+        fused: force a plan (True / False); None: the rule above.
+
+    Returns:
+        dqkv: qkv's shape, contiguous, qkv's dtype.
+    """
+    padded = key_valid is not None
+    assert padded != (cu_seqlens is not None)
+    assert qkv.stride(-1) == 1 and out.stride(-1) == 1 and dout.stride(-1) == 1 and lse.stride(-1) == 1
+    if padded:
+        seqs = kv_end(key_valid)
+        dout = dout * key_valid[..., None].to(dout.dtype)
+        dqkv = torch.zeros_like(qkv, memory_format=torch.contiguous_format)  # rows past kv_end stay 0
+    else:
+        seqs = cu_seqlens
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    S, N, D, bucket, valid_args, meta = _seq_setup(qkv, num_heads, seqs, key_valid)
+    if S == 0:
+        return dqkv
+    rows = N if padded else qkv.shape[0]
+    meta.update(ROW64=_seq_row64(rows, qkv, out, dout, dqkv), INPUT_PRECISION=dot_precision(qkv.dtype),
+                **_seq_tiles(bucket))
+    lse_strides = (lse.stride(0) if padded else 0, lse.stride(-2))
+    qk_scale = float(scale) * LOG2E
+    delta = torch.empty_like(lse)
+    if fused is None:  # the interpreter has no register budget: there the rule only asks for enough heads
+        fused = S * num_heads >= FUSED_BWD_MIN_HEADS and (
+            interpreter_enabled() or fused_bwd_builds(meta["HEAD_DIM"], qkv.dtype))
+    if fused:
+        _launch.launch(
+            _attention_seq_bwd_fused_kernel, (S, num_heads),
+            qkv, out, dout, lse, delta, dqkv, seqs, valid_args[0], qk_scale, float(scale),
+            *_seq_strides(qkv, padded), *_seq_strides(out, padded), *_seq_strides(dout, padded), *lse_strides,
+            *_seq_strides(dqkv, padded), valid_args[1], S, N, D, bucket, **meta,
+        )
+        return dqkv
+
+    # The dense pre-pass over all rows: delta needs no sequence bounds (a packed (T, D) is one "image" of T rows).
+    B3, N3 = (qkv.shape[0], qkv.shape[1]) if padded else (1, qkv.shape[0])
+    out3, dout3 = (out, dout) if padded else (out.unsqueeze(0), dout.unsqueeze(0))
+    delta3 = delta if padded else delta.unsqueeze(0)
+    pre_m = 16 if N3 <= 16 else 32 if N3 <= 32 else 64
+    _launch.launch(
+        _attention_bwd_preprocess_kernel, block_head_grid(B3, num_heads, N3, pre_m),
+        out3, dout3, delta3, out3.stride(0), out3.stride(1), dout3.stride(0), dout3.stride(1),
+        delta3.stride(0), delta3.stride(1), N3, num_heads,
+        HEAD_DIM=meta["HEAD_DIM"], D0=meta["D0"], D1=meta["D1"], D2=meta["D2"], N_ALIGN=n_align(N3),
+        ROW64=needs_row64(N3, out3, dout3), BLOCK_M=pre_m,
+    )
+    assert delta.stride() == lse.stride()  # the bwd kernels share the lse strides between Lse and Delta
+    args = (qkv, dout, lse, delta, dqkv, seqs, valid_args[0], qk_scale, float(scale),
+            *_seq_strides(qkv, padded), *_seq_strides(dout, padded), *lse_strides, *_seq_strides(dqkv, padded),
+            valid_args[1], S, N, D, bucket)
+    _launch.launch(_attention_seq_dkdv_kernel, lambda m: seq_block_grid(N, S, num_heads, m["BLOCK_N"], padded),
+                   *args, **meta)
+    _launch.launch(_attention_seq_dq_kernel, lambda m: seq_block_grid(N, S, num_heads, m["BLOCK_M"], padded),
+                   *args, **meta)
     return dqkv

@@ -1,7 +1,8 @@
 """The public differentiable attention op: ``attention(qkv, num_heads)`` on the packed qkv Linear output.
 
 Input checks -> backend choice -> ``torch.library`` custom ops (``fastvit::attention_fwd`` /
-``fastvit::attention_bwd``, each with a fake for torch.compile, autograd on the forward). The Triton kernels live
+``fastvit::attention_bwd``; with ``cu_seqlens`` ``fastvit::attention_varlen_fwd`` / ``_bwd``; with ``key_valid``
+``fastvit::attention_masked_fwd`` / ``_bwd``; each with a fake for torch.compile, autograd on the forward). The Triton kernels live
 in :mod:`fastvit_kernels.kernels.attention` and are imported lazily, on the first Triton launch, so
 ``import fastvit_kernels`` never imports triton. The eager spec is :func:`fastvit_kernels.reference.attention_ref`.
 
@@ -84,6 +85,102 @@ def _attention_backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tens
 torch.library.register_autograd("fastvit::attention_fwd", _attention_backward, setup_context=_attention_setup_context)
 
 
+# packed variable-length sequences: qkv (T, 3 * D), cu_seqlens (S + 1,) int32
+@torch.library.custom_op("fastvit::attention_varlen_fwd", mutates_args=())
+@launches_on_input_device
+def _attention_varlen_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward of packed sequences: qkv (T, 3 * D), cu_seqlens (S + 1,) int32 -> (out (T, D) in qkv's
+    dtype, lse (H, T) fp32 log2-sum-exp2, internal to the backward)."""
+    from ..kernels.attention import attention_seq_fwd
+
+    return attention_seq_fwd(qkv, num_heads, scale, cu_seqlens=cu_seqlens)
+
+
+@_attention_varlen_fwd_op.register_fake
+def _(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    T, three_d = qkv.shape
+    return qkv.new_empty((T, three_d // 3)), qkv.new_empty((num_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_varlen_bwd", mutates_args=())
+@launches_on_input_device
+def _attention_varlen_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Triton backward of packed sequences: d(qkv) (T, 3 * D), contiguous, qkv's dtype."""
+    from ..kernels.attention import attention_seq_bwd
+
+    return attention_seq_bwd(dout, qkv, out, lse, num_heads, scale, cu_seqlens=cu_seqlens)
+
+
+@_attention_varlen_bwd_op.register_fake
+def _(dout: torch.Tensor, qkv: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+      num_heads: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+# padded batch with a key-padding mask: qkv (B, N, 3 * D), key_valid (B, N) bool
+@torch.library.custom_op("fastvit::attention_masked_fwd", mutates_args=())
+@launches_on_input_device
+def _attention_masked_fwd_op(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward of a padded batch: qkv (B, N, 3 * D), key_valid (B, N) bool -> (out (B, N, D), qkv's dtype,
+    rows of invalid tokens 0; lse (B, H, N) fp32, internal to the backward)."""
+    from ..kernels.attention import attention_seq_fwd
+
+    return attention_seq_fwd(qkv, num_heads, scale, key_valid=key_valid)
+
+
+@_attention_masked_fwd_op.register_fake
+def _(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, three_d = qkv.shape
+    return qkv.new_empty((B, N, three_d // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_masked_bwd", mutates_args=())
+@launches_on_input_device
+def _attention_masked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, key_valid: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Triton backward of a padded batch: d(qkv) (B, N, 3 * D), contiguous, qkv's dtype, rows of invalid tokens 0."""
+    from ..kernels.attention import attention_seq_bwd
+
+    return attention_seq_bwd(dout, qkv, out, lse, num_heads, scale, key_valid=key_valid)
+
+
+@_attention_masked_bwd_op.register_fake
+def _(dout: torch.Tensor, qkv: torch.Tensor, key_valid: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+      num_heads: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _seq_setup_context(ctx, inputs, output) -> None:
+    qkv, seqs, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, seqs, out, lse)
+    ctx.num_heads = num_heads
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _seq_backward(bwd_op):
+    def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        if grad_out is None:
+            return None, None, None, None
+        qkv, seqs, out, lse = ctx.saved_tensors
+        return bwd_op(grad_out.contiguous(), qkv, seqs, out, lse, ctx.num_heads, ctx.scale), None, None, None
+
+    return backward
+
+
+torch.library.register_autograd("fastvit::attention_varlen_fwd", _seq_backward(_attention_varlen_bwd_op),
+                                setup_context=_seq_setup_context)
+torch.library.register_autograd("fastvit::attention_masked_fwd", _seq_backward(_attention_masked_bwd_op),
+                                setup_context=_seq_setup_context)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,27 +235,33 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None, *,
         cu_seqlens: packed variable-length sequences (NaViT / NaFlex): qkv is (T, 3 * D), all sequences' tokens
             back to back, and cu_seqlens (S + 1,) int32 on qkv's device gives their bounds (sequence s = rows
             cu_seqlens[s]:cu_seqlens[s+1]; 0 first, strictly increasing, T last). Each sequence attends only to
-            itself (:func:`fastvit_kernels.reference.attention_varlen_ref`). No host-side maximum length.
+            itself (:func:`fastvit_kernels.reference.attention_varlen_ref`). No host-side maximum length and no
+            device-to-host sync on the launch path (the eager value check aside): under ``torch.compile`` the graph
+            depends on T and S only.
         key_valid: (B, N) bool, a key-padding mask for a padded batch (timm NaFlex's ``patch_valid`` with the
             prefix tokens prepended): queries attend only to valid keys; the output rows of invalid tokens are
-            zero (:func:`fastvit_kernels.reference.attention_masked_ref`). Not with cu_seqlens.
+            zero, as are their d(qkv) rows (:func:`fastvit_kernels.reference.attention_masked_ref`); any pattern,
+            with the work bounded by each image's last valid key. Not with cu_seqlens.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | None (see :func:`fastvit_kernels.backend.resolve_backend`).
 
     Returns:
-        out: (B, N, H * head_dim) ((T, H * head_dim) with cu_seqlens), qkv's dtype, heads concatenated (head h at columns h * head_dim), ready for the
-        output projection. Differentiable with respect to qkv.
+        out: (B, N, H * head_dim) ((T, H * head_dim) with cu_seqlens), qkv's dtype, heads concatenated (head h
+        at columns h * head_dim), ready for the output projection. Differentiable with respect to qkv.
 
     Raises:
         TypeError: qkv is not a floating tensor; num_heads is not an int; scale is not a real number; bf16 qkv on
-            the CPU Triton path.
-        ValueError: qkv is not 3-D (2-D with cu_seqlens); N < 1; cu_seqlens not 1-D int32 with at least 2 entries,
+            the CPU Triton path; cu_seqlens not an int32 tensor; key_valid not a bool tensor.
+        ValueError: qkv is not 3-D (2-D with cu_seqlens); N < 1; cu_seqlens not 1-D with at least 2 entries,
             on another device, or (checked in eager mode, one host read) not 0-first, strictly increasing, T-last;
-            key_valid not a (B, N) bool tensor on qkv's device; both cu_seqlens and key_valid given; the last dim is not 3 * D with D divisible by num_heads; num_heads < 1;
-            head_dim is not a multiple of 8 or exceeds 128; scale is not positive and finite; a bad backend name.
+            key_valid not a (B, N) bool tensor on qkv's device; both cu_seqlens and key_valid given; the last dim
+            is not 3 * D with D divisible by num_heads; num_heads < 1; head_dim is not a multiple of 8 or exceeds
+            128; scale is not positive and finite; a bad backend name.
         RuntimeError: backend='triton' where Triton cannot run (see resolve_backend).
 
     Algorithm (Triton path): FlashAttention-2 (T. Dao, 2023): tiled online softmax in fp32 with exp2, log-sum-exp
-    saved for a recompute backward; deterministic (no atomics). See :mod:`fastvit_kernels.kernels.attention`.
+    saved for a recompute backward; deterministic (no atomics); its variable-length form for cu_seqlens, with the
+    tile schedule computed in the kernel (docs/design.md, "Packed variable-length attention"). See
+    :mod:`fastvit_kernels.kernels.attention`.
     """
     check_tensor("qkv", qkv)
     (qkv,) = autocast_inputs(qkv)
@@ -188,7 +291,9 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
     """Validate packed-sequence bounds before any launch; returns S, the number of sequences.
 
     Shape, dtype and device are always checked; the values (0 first, strictly increasing, ``total`` last) need one
-    host read, so they are checked in eager mode only, not while ``torch.compile`` traces (no graph break).
+    host read, so they are checked in eager mode only, not while ``torch.compile`` traces (no graph break), nor on
+    the "meta" device (no values; the AOT grid trace). Under ``torch.compile`` the values are the caller's contract:
+    bounds outside [0, T] would make the kernels read and write outside the tensors.
 
     Raises:
         TypeError: not a tensor, or not int32.
@@ -202,7 +307,7 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
         raise ValueError(f"{name} must be 1-D with S + 1 >= 2 entries; got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} must be on the tokens' device {device}; got {cu_seqlens.device}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and cu_seqlens.device.type != "meta":  # meta tensors have no values
         v = cu_seqlens.tolist()
         if v[0] != 0 or v[-1] != total or any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(
@@ -222,7 +327,10 @@ def _attention_varlen(qkv, cu_seqlens, num_heads, scale, backend) -> torch.Tenso
     if resolve_backend(qkv.device, backend) == "torch":
         return reference.attention_varlen_ref(qkv, cu_seqlens, num_heads, scale)
     check_triton_dtype("qkv", qkv)
-    raise NotImplementedError("the Triton varlen attention kernel is not wired yet")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out, _lse = _attention_varlen_fwd_op(qkv, cu_seqlens.contiguous(), num_heads, scale)
+    return out
 
 
 def _attention_masked(qkv, key_valid, num_heads, scale, backend) -> torch.Tensor:
@@ -242,7 +350,10 @@ def _attention_masked(qkv, key_valid, num_heads, scale, backend) -> torch.Tensor
     if resolve_backend(qkv.device, backend) == "torch":
         return reference.attention_masked_ref(qkv, key_valid, num_heads, scale)
     check_triton_dtype("qkv", qkv)
-    raise NotImplementedError("the Triton key-padding attention kernel is not wired yet")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out, _lse = _attention_masked_fwd_op(qkv, key_valid.contiguous(), num_heads, scale)
+    return out
 
 
 def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
@@ -254,6 +365,19 @@ def attention_flops(B: int, N: int, H: int, head_dim: int) -> int:
     Returns an int.
     """
     return 4 * B * H * N * N * head_dim
+
+
+def attention_varlen_flops(seqlens: list[int], H: int, head_dim: int) -> int:
+    """Model FLOPs of attention over packed sequences of lengths ``seqlens``: ``4 * H * head_dim * sum_s len_s^2``
+    (:func:`attention_flops` per sequence; only real tokens, each sequence attending to itself). The key-padding
+    form counts the same with ``seqlens`` = the valid tokens per image. Returns an int.
+
+    Raises:
+        ValueError: a negative length."""
+    lengths = [int(n) for n in seqlens]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"seqlens must be non-negative; got {lengths[:8]}")
+    return 4 * H * head_dim * sum(n * n for n in lengths)
 
 
 # FlopCounterMode formulas (torch.utils.flop_counter conventions: tensor arguments arrive as shapes); registered by
@@ -269,4 +393,30 @@ def _attention_bwd_flop(dout, qkv, out, lse, num_heads, scale, *args, out_shape=
     return 2 * _attention_fwd_flop(qkv, num_heads, scale)
 
 
-FLOP_FORMULAS = {"attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop}
+# The varlen / masked formulas see only shapes, while the real count, sum_s len_s^2, depends on the lengths (data):
+# the packed formulas assume S equal sequences of T / S tokens (T^2 / S in all: exact for equal lengths, otherwise a
+# lower bound, since sum_s len_s^2 >= T^2 / S), the padded ones every token valid (an upper bound). Use
+# attention_varlen_flops with the real lengths for exact figures.
+def _attention_varlen_fwd_flop(qkv, cu_seqlens, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
+    T, three_d = qkv
+    S = max(1, cu_seqlens[0] - 1)
+    return 4 * num_heads * (three_d // 3 // num_heads) * T * T // S
+
+
+def _attention_varlen_bwd_flop(dout, qkv, cu_seqlens, out, lse, num_heads, scale, *args, out_shape=None,
+                               **kwargs) -> int:
+    return 2 * _attention_varlen_fwd_flop(qkv, cu_seqlens, num_heads, scale)
+
+
+def _attention_masked_fwd_flop(qkv, key_valid, num_heads, scale, *args, out_shape=None, **kwargs) -> int:
+    return _attention_fwd_flop(qkv, num_heads, scale)
+
+
+def _attention_masked_bwd_flop(dout, qkv, key_valid, out, lse, num_heads, scale, *args, out_shape=None,
+                               **kwargs) -> int:
+    return 2 * _attention_fwd_flop(qkv, num_heads, scale)
+
+
+FLOP_FORMULAS = {"attention_fwd": _attention_fwd_flop, "attention_bwd": _attention_bwd_flop,
+                 "attention_varlen_fwd": _attention_varlen_fwd_flop, "attention_varlen_bwd": _attention_varlen_bwd_flop,
+                 "attention_masked_fwd": _attention_masked_fwd_flop, "attention_masked_bwd": _attention_masked_bwd_flop}
