@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -291,7 +292,8 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
     """Validate packed-sequence bounds before any launch; returns S, the number of sequences.
 
     Shape, dtype and device are always checked; the values (0 first, strictly increasing, ``total`` last) need one
-    host read, so they are checked in eager mode only, not while ``torch.compile`` traces (no graph break), nor on
+    host read, so they are checked in eager mode only (once per tensor: a tensor checked before, not written in place
+    since, is not read again), not while ``torch.compile`` traces (no graph break), nor on
     the "meta" device (no values; the AOT grid trace). Under ``torch.compile`` the values are the caller's contract:
     bounds outside [0, T] would make the kernels read and write outside the tensors.
 
@@ -308,12 +310,39 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
     if cu_seqlens.device != device:
         raise ValueError(f"{name} must be on the tokens' device {device}; got {cu_seqlens.device}")
     if not torch.compiler.is_compiling() and cu_seqlens.device.type != "meta":  # meta tensors have no values
-        v = cu_seqlens.tolist()
-        if v[0] != 0 or v[-1] != total or any(b <= a for a, b in zip(v, v[1:])):
-            raise ValueError(
-                f"{name} must start at 0, increase strictly and end at T={total}; got {v[:8]}{' ...' if len(v) > 8 else ''}"
-            )
+        if not _validated_before(cu_seqlens, total):
+            v = cu_seqlens.tolist()
+            if v[0] != 0 or v[-1] != total or any(b <= a for a, b in zip(v, v[1:])):
+                raise ValueError(f"{name} must start at 0, increase strictly and end at T={total}; got "
+                                 f"{v[:8]}{' ...' if len(v) > 8 else ''}")
+            _remember_validated(cu_seqlens, total)
     return cu_seqlens.numel() - 1
+
+
+# cu_seqlens tensors whose values passed the check, by id: (weak reference, version counter, T). A packed model
+# passes the same tensor to every block's attention; re-reading it to the host would cost one device sync per
+# block, so it is read once per tensor and again only after an in-place write (a new version).
+_VALIDATED: dict[int, tuple] = {}
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: checked on every call
+        return None
+
+
+def _validated_before(t: torch.Tensor, total: int) -> bool:
+    entry = _VALIDATED.get(id(t))
+    return (entry is not None and entry[0]() is t and entry[2] == total
+            and entry[1] is not None and entry[1] == _version_of(t))
+
+
+def _remember_validated(t: torch.Tensor, total: int) -> None:
+    if len(_VALIDATED) > 64:  # drop entries whose tensor is gone
+        for key in [k for k, e in _VALIDATED.items() if e[0]() is None]:
+            del _VALIDATED[key]
+    _VALIDATED[id(t)] = (weakref.ref(t), _version_of(t), total)
 
 
 def _attention_varlen(qkv, cu_seqlens, num_heads, scale, backend) -> torch.Tensor:

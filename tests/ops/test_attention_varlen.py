@@ -11,6 +11,7 @@ plans run (fused: one program per (sequence, head); split: pre-pass + dK / dV + 
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -282,6 +283,24 @@ def test_bad_key_valid_raise_before_launch(device, no_launch, make_kv, error, ma
     qkv = torch.randn(2, 8, 48, device=device)
     with pytest.raises(error, match=match):
         attention(qkv, 1, key_valid=make_kv(device), backend="triton")
+
+
+def test_cu_seqlens_values_read_once_per_tensor_version(device, no_launch, monkeypatch):
+    # a packed model passes one cu_seqlens to every block: its values are read to the host once, and again only
+    # after an in-place write, which must still be caught
+    op_module = importlib.import_module("fastvit_kernels.ops.attention")  # the module, not the function
+    reads = []
+    real = op_module._remember_validated
+    monkeypatch.setattr(op_module, "_remember_validated", lambda t, total: (reads.append(total), real(t, total)))
+    cu = _cu([3, 5], device)
+    for _ in range(3):
+        assert op_module.check_cu_seqlens(cu, 8, cu.device) == 2
+    assert reads == [8]
+    with pytest.raises(ValueError, match="end at T=9"):
+        op_module.check_cu_seqlens(cu, 9, cu.device)  # another T: checked again
+    cu[1] = 9
+    with pytest.raises(ValueError, match="increase strictly"):
+        attention(torch.randn(8, 48, device=device), 1, cu_seqlens=cu, backend="triton")
 
 
 def test_cu_seqlens_and_key_valid_are_exclusive(device, no_launch):
