@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--naflex needs variable-size images: --data digits or 'imagefolder PATH'; got synthetic")
         if args.distributed != "none":
             p.error(f"--naflex does not support --distributed {args.distributed} yet")
+        for flag, given in (("--resume", args.resume), ("--img-size", args.img_size)):
+            if given is not None:
+                p.error(f"{flag} does not apply with --naflex (sizes come from --seq-lens; no resume yet)")
         if args.token_budget < 1:
             p.error(f"--token-budget must be positive; got {args.token_budget}")
         if not 0.0 <= args.mask_ratio < 1.0:
@@ -247,6 +250,8 @@ def main(argv=None) -> float:
         train_src, held_src, num_classes = naflex_sources(args, in_chans)
         model = create_model(args.model, in_chans=in_chans, num_classes=num_classes,
                              drop_path_rate=args.drop_path_rate, backend=args.backend).to(device)
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         return train_naflex(model, args, device, cfg["patch_size"], train_src, held_src)["accuracy"]
     img_size = args.img_size or cfg["img_size"]
     train_set, held_set, num_classes, in_chans = build_datasets(args, cfg, img_size)

@@ -66,6 +66,6 @@ def test_naflex_cli_validation():
     assert args.naflex and args.seq_lens == [4, 16] and args.token_budget == 64 and args.mask_ratio == 0.25
     for bad in (["--naflex", "--data", "synthetic"], ["--naflex", "--mask-ratio", "1.0"], ["--mask-ratio", "0.5"],
                 ["--naflex", "--seq-lens", "0,4"], ["--naflex", "--token-budget", "0"],
-                ["--naflex", "--distributed", "ddp"]):
+                ["--naflex", "--distributed", "ddp"], ["--naflex", "--img-size", "32"], ["--naflex", "--resume", "x"]):
         with pytest.raises(SystemExit):
             parse_args(bad)

@@ -31,7 +31,7 @@ Not modelled: RoPE, dropout, drop-path, autocast casts, the host-side work of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,9 +50,7 @@ NAFLEX_SHAPES: dict[str, ViTShape] = {
                                            num_heads=12, num_classes=1000, class_token=False, global_pool="avg",
                                            reg_tokens=4, layer_scale=True),
 }
-# per-image patch counts of the default comparison: 64..1024 in steps of 32 (31 lengths), each twice, in a fixed
-# shuffled order (mixed native resolutions)
-DEFAULT_TOKEN_BUDGET = 16384
+DEFAULT_TOKEN_BUDGET = 16384  # padded tokens per step: timm's NaFlex loader default (4096 * 4)
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,8 @@ class NaFlexBatch:
 
 
 def default_seq_lens(lo: int = 64, hi: int = 1024, step: int = 32, repeats: int = 2, seed: int = 0) -> list[int]:
-    """The fixed mixed-length list: lo, lo + step, ..., hi, each ``repeats`` times, in a seeded shuffled order."""
+    """The fixed mixed-length list of the default comparison (mixed native resolutions): lo, lo + step, ..., hi
+    patches (64..1024 in steps of 32: 31 lengths), each ``repeats`` times, in a seeded shuffled order."""
     lens = [n for n in range(lo, hi + 1, step) for _ in range(repeats)]
     perm = torch.randperm(len(lens), generator=torch.Generator().manual_seed(seed)).tolist()
     return [lens[i] for i in perm]
@@ -204,7 +203,6 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
     sel = T * I64 if batch.keep_ratio < 1 else 0  # ids_keep
 
     def pair(first, second, shapes, cls):
-        from dataclasses import replace
         return [replace(k, op_class=cls) for k in cm._pair(first, second, gemm_kernel, e, shapes, num_sms)]
 
     # ---- forward ----
