@@ -9,6 +9,12 @@ Distributed, on PyTorch's own engine: ``torchrun --nproc_per_node N -m fastvit_k
 (DistributedDataParallel) or ``--distributed fsdp`` (FSDP2: ``fully_shard`` per block then the root; with
 ``--amp bf16`` a bf16 ``MixedPrecisionPolicy`` with fp32 gradient reduction). ``--batch-size`` is the global
 batch, split evenly over the ranks; NCCL on GPUs, gloo on CPUs.
+
+Native resolution (``--naflex``): images keep their aspect ratio and are cut into patch sequences
+(:mod:`fastvit_kernels.naflex_data`), each batch at a maximum length drawn from ``--seq-lens`` with
+``--token-budget // length`` images; the model's forward takes timm's NaFlex dict (``patches``, ``patch_coord``,
+``patch_valid``) and returns logits. ``--mask-ratio r`` drops a random fraction r of each image's patches before
+the model (MAE-style). The log reports images/s and tokens/s (real tokens).
 """
 
 from __future__ import annotations
@@ -29,6 +35,18 @@ from .bench.meter import ThroughputMeter
 from .configs import MODEL_CONFIGS, training_config
 from .data import ImageFolder, load_digits_split, synthetic_split
 from .model import create_model
+from .naflex_data import (DEFAULT_SEQ_LENS, DEFAULT_TOKEN_BUDGET, NaFlexDataset, NativeImageFolder,
+                          TokenBudgetBatchSampler, digits_variable_resolution, drop_tokens, real_tokens)
+
+
+def _int_list(v: str) -> list[int]:
+    try:
+        out = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints; got {v!r}")
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints; got {v!r}")
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="log plain lines instead of a progress bar")
+    p.add_argument("--naflex", action="store_true",
+                   help="native-resolution training: patch sequences in timm's NaFlex dict, batched by a token budget "
+                        "(the model's forward takes the dict)")
+    p.add_argument("--seq-lens", type=_int_list, default=list(DEFAULT_SEQ_LENS),
+                   help="--naflex: the maximum sequence lengths a batch draws from (comma-separated)")
+    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+                   help="--naflex: padded tokens per batch (batch size = budget // sequence length)")
+    p.add_argument("--mask-ratio", type=float, default=0.0,
+                   help="--naflex: MAE-style fraction of each image's patches dropped before the model")
     args = p.parse_args(argv)
     for name in ("batch_size", "epochs", "steps"):
         v = getattr(args, name)
@@ -67,6 +94,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--data must be digits, synthetic or 'imagefolder PATH'; got {kind!r}")
     if (kind == "imagefolder") != (len(args.data) == 2) or len(args.data) > 2:
         p.error(f"--data {' '.join(args.data)}: only imagefolder takes (exactly) one PATH")
+    if args.naflex:
+        if kind == "synthetic":
+            p.error("--naflex needs variable-size images: --data digits or 'imagefolder PATH'; got synthetic")
+        if args.distributed != "none":
+            p.error(f"--naflex does not support --distributed {args.distributed} yet")
+        for flag, given in (("--resume", args.resume), ("--img-size", args.img_size)):
+            if given is not None:
+                p.error(f"{flag} does not apply with --naflex (sizes come from --seq-lens; no resume yet)")
+        if args.token_budget < 1:
+            p.error(f"--token-budget must be positive; got {args.token_budget}")
+        if not 0.0 <= args.mask_ratio < 1.0:
+            p.error(f"--mask-ratio must be in [0, 1); got {args.mask_ratio}")
+    elif args.mask_ratio:
+        p.error("--mask-ratio drops NaFlex patches: it needs --naflex")
     return args
 
 
@@ -204,6 +245,14 @@ def main(argv=None) -> float:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     torch.manual_seed(args.seed)
     cfg = training_config(args.model)  # synthetic data draws its classes from here: a head even where the name has none
+    if args.naflex:
+        in_chans = cfg.get("in_chans", 3) if args.data[0] == "digits" else 3
+        train_src, held_src, num_classes = naflex_sources(args, in_chans)
+        model = create_model(args.model, in_chans=in_chans, num_classes=num_classes,
+                             drop_path_rate=args.drop_path_rate, backend=args.backend).to(device)
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return train_naflex(model, args, device, cfg["patch_size"], train_src, held_src)["accuracy"]
     img_size = args.img_size or cfg["img_size"]
     train_set, held_set, num_classes, in_chans = build_datasets(args, cfg, img_size)
     model = create_model(args.model, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
@@ -302,6 +351,126 @@ def main(argv=None) -> float:
     if dist.is_initialized():
         dist.destroy_process_group()
     return acc
+
+
+def naflex_sources(args, in_chans: int):
+    """(train source, held-out source, num_classes) of variable-size images for ``--naflex``: the digits at random
+    sizes and aspect ratios (:func:`~fastvit_kernels.naflex_data.digits_variable_resolution`), or an image folder at
+    native sizes (PATH/train and PATH/val when present, else a seeded 10 % held-out split)."""
+    if args.data[0] == "digits":
+        tr, te = digits_variable_resolution(in_chans, seed=args.seed)
+        return tr, te, 10
+    root = args.data[1]
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        tr = NativeImageFolder(os.path.join(root, "train"), train=True, seed=args.seed)
+        return tr, NativeImageFolder(os.path.join(root, "val"), train=False), len(tr.classes)
+    full_tr, full_ev = NativeImageFolder(root, train=True, seed=args.seed), NativeImageFolder(root, train=False)
+    perm = torch.randperm(len(full_tr), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_held = max(1, len(perm) // 10)
+    return (torch.utils.data.Subset(full_tr, perm[n_held:]), torch.utils.data.Subset(full_ev, perm[:n_held]),
+            len(full_tr.classes))
+
+
+def _naflex_inputs(batch: dict, device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in ("patches", "patch_coord", "patch_valid")}
+
+
+def train_naflex(model: torch.nn.Module, args, device, patch_size: int, train_src, held_src) -> dict:
+    """The ``--naflex`` training loop: AdamW (or SGD) with warmup + cosine, cross-entropy on
+    ``model({'patches' (B, N, K), 'patch_coord' (B, N, 2) int64, 'patch_valid' (B, N) bool}) -> logits (B, classes)``.
+
+    Each step takes a :class:`~fastvit_kernels.naflex_data.TokenBudgetBatchSampler` batch (``args.seq_lens``,
+    ``args.token_budget``, seeded by ``args.seed``), patchified with ``patch_size`` at the batch's length and padded
+    to it (timm's collator), then, with ``args.mask_ratio`` > 0, MAE-style token dropping
+    (:func:`~fastvit_kernels.naflex_data.drop_tokens`, a seeded generator). Evaluation runs the held-out images at
+    the longest length, nothing dropped.
+
+    Args:
+        model: any module with that forward (timm's NaFlexVit, fastvit's NaFlex model, a test stand-in).
+        args: :func:`parse_args`'s namespace (steps / epochs, lr, opt, weight_decay, warmup_steps, amp, seed,
+            no_progress, checkpoint_dir).
+        device: where the model lives.
+        patch_size: P.
+        train_src, held_src: indexable (image (C, H, W) float, label) sources.
+
+    Returns:
+        {'accuracy' (held-out top-1 in [0, 1]), 'steps', 'images', 'tokens' (real tokens trained on),
+        'images_per_s', 'tokens_per_s' (over the whole run, first step included)}.
+    """
+    ds, held = NaFlexDataset(train_src, patch_size), NaFlexDataset(held_src, patch_size)
+    sampler = TokenBudgetBatchSampler(len(ds), args.seq_lens, args.token_budget, seed=args.seed)
+    steps_per_epoch = len(sampler)
+    total = args.steps or args.epochs * steps_per_epoch
+    groups = param_groups(model, args.weight_decay) if hasattr(model, "no_weight_decay") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999)) if args.opt == "adamw" else \
+        torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    warm = min(args.warmup_steps, max(total // 10, 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
+    )
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    drop_gen = torch.Generator().manual_seed(args.seed + 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model} (NaFlex): ~{n_params / 1e6:.2f} M parameters, patch {patch_size}, on {device}; "
+          f"{len(ds)} train / {len(held)} held-out images; lengths {list(sampler.seq_lens)}, "
+          f"{args.token_budget} tokens per batch" + (f", mask ratio {args.mask_ratio}" if args.mask_ratio else "")
+          + f"; {total} steps")
+    model.train()
+    step = images = tokens = 0
+    t_start, epoch = time.perf_counter(), 0
+    while step < total:
+        sampler.set_epoch(epoch)
+        if hasattr(train_src, "epoch"):
+            train_src.epoch = epoch
+        for seq_len, idx in sampler:
+            if step >= total:
+                break
+            batch, labels = ds.batch(seq_len, idx)
+            if args.mask_ratio:
+                batch = drop_tokens(batch, args.mask_ratio, drop_gen)
+            n_tok = real_tokens(batch)
+            inputs, labels = _naflex_inputs(batch, device), labels.to(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(inputs), labels)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step, images, tokens = step + 1, images + len(idx), tokens + n_tok
+            if not args.no_progress or step % 25 == 0 or step == total:
+                print(f"step {step}/{total}  loss {loss.item():.4f}  length {seq_len}  {len(idx)} images  "
+                      f"{len(idx) / dt:.0f} images/s  {n_tok / dt:.0f} tokens/s")
+        epoch += 1
+    elapsed = max(time.perf_counter() - t_start, 1e-9)
+    model.eval()
+    correct = total_eval = 0
+    L = max(args.seq_lens)
+    per = max(1, args.token_budget // L)
+    with torch.no_grad():
+        for i in range(0, len(held), per):
+            batch, labels = held.batch(L, list(range(i, min(i + per, len(held)))))
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(_naflex_inputs(batch, device))
+            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+            total_eval += len(labels)
+    model.train()
+    acc = correct / max(total_eval, 1)
+    if args.checkpoint_dir:
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step},
+                   os.path.join(args.checkpoint_dir, "checkpoint.pt"))
+    print(f"trained {step} steps in {elapsed:.1f} s ({images / elapsed:.0f} images/s, {tokens / elapsed:.0f} "
+          f"tokens/s overall, real tokens)")
+    print(f"held-out accuracy: {acc:.4f}")
+    return {"accuracy": acc, "steps": step, "images": images, "tokens": tokens, "images_per_s": images / elapsed,
+            "tokens_per_s": tokens / elapsed}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """``python -m fastvit_kernels.bench {model,profile,report,gemm-impl}``.
 
 * ``model``: the cost model's comparison (FastViT vs eager PyTorch) of one training step or inference forward:
-  kernel launches, device-memory bytes, FLOPs, roofline time for a device -- MODELLED, runs anywhere.
+  kernel launches, device-memory bytes, FLOPs, roofline time for a device -- MODELLED, runs anywhere. A NaFlex name
+  (``naflexvit_base_patch16_gap``) compares fastvit's packed variable-length step with timm's padded one over
+  mixed sequence lengths (``--seq-lens``, ``--token-budget``, ``--keep-ratio``).
 * ``profile``: a measured training step broken down by op class (time share, TFLOP/s or GB/s, MFU). On a GPU
   it runs the requested model and batch; on a CPU a small configuration, labelled "CPU".
 * ``report``: pytest-benchmark ``--benchmark-json`` output -> markdown table (stdout and a .md file) and a bar
@@ -22,6 +24,7 @@ import torch
 from ..configs import MODEL_CONFIGS, training_config
 from .devices import DEVICES, dtype_name, lookup_device, resolve_peak
 from .flops import TIMM_EVA_OPTIONS
+from .naflex_cost import NAFLEX_SHAPES
 
 
 def _add_peak_flags(p: argparse.ArgumentParser) -> None:
@@ -38,6 +41,18 @@ def _positive(name: str):
     return conv
 
 
+def _seq_lens(v: str):
+    if v == "default":
+        return v
+    try:
+        lens = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seq-lens must be 'default' or comma-separated ints; got {v!r}")
+    if not lens or min(lens) < 1:
+        raise argparse.ArgumentTypeError(f"--seq-lens needs positive lengths; got {v!r}")
+    return lens
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the four subcommands."""
     p = argparse.ArgumentParser(prog="python -m fastvit_kernels.bench", description=__doc__.split("\n\n")[0])
@@ -45,8 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("model", help="cost-model comparison FastViT vs eager (modelled; runs anywhere)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m.add_argument("--model", default="vit_base_patch16_224", choices=sorted({*MODEL_CONFIGS, *TIMM_EVA_OPTIONS}),
-                   help="a config name, or a timm Eva name of the bench's own table (flops.TIMM_EVA_OPTIONS)")
+    m.add_argument("--model", default="vit_base_patch16_224",
+                   choices=sorted({*MODEL_CONFIGS, *TIMM_EVA_OPTIONS, *NAFLEX_SHAPES}),
+                   help="a config name, a timm Eva name of the bench's own table (flops.TIMM_EVA_OPTIONS), or a NaFlex "
+                        "name (naflex_cost.NAFLEX_SHAPES: packed vs padded variable-length steps)")
+    m.add_argument("--seq-lens", default="default", type=_seq_lens,
+                   help="NaFlex: per-image patch counts, comma-separated, or 'default' (64..1024 step 32, each twice, "
+                        "in a fixed shuffled order)")
+    m.add_argument("--token-budget", type=_positive("--token-budget"), default=16384,
+                   help="NaFlex: padded tokens per step; the lengths are split into steps by timm's budget rule")
+    m.add_argument("--keep-ratio", type=float, default=1.0,
+                   help="NaFlex: MAE-style fraction of patches kept (e.g. 0.25)")
     m.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="the one dtype of the step")
     m.add_argument("--device", default="h100-sxm",
@@ -95,9 +119,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cmd_naflex(args) -> int:
+    from . import naflex_cost
+
+    if not 0.0 < args.keep_ratio <= 1.0:
+        print(f"--keep-ratio must be in (0, 1]; got {args.keep_ratio}", file=sys.stderr)
+        return 2
+    shape = naflex_cost.NAFLEX_SHAPES[args.model]
+    lens = naflex_cost.default_seq_lens() if args.seq_lens == "default" else args.seq_lens
+    batches = naflex_cost.budget_batches(lens, args.token_budget, args.keep_ratio)
+    peak = resolve_peak(args.device, args.dtype, args.peak_tflops, args.bandwidth_gbs)
+    gemm_kernel = args.gemm_kernel
+    if gemm_kernel == "auto":
+        spec = lookup_device(args.device)
+        gemm_kernel = "pointer" if spec is not None and spec.arch < 90 else "tma"
+    print(f"{args.model}: D={shape.embed_dim}, depth {shape.depth}, {shape.num_heads} heads of {shape.head_dim}, "
+          f"{shape.prefix_tokens} prefix tokens; {len(lens)} images (patches {min(lens)}..{max(lens)}) in "
+          f"{len(batches)} steps of at most {args.token_budget} padded tokens"
+          + (f"; keep ratio {args.keep_ratio}" if args.keep_ratio < 1 else ""))
+    res = naflex_cost.comparison(shape, batches, args.dtype, args.mode, peak, gemm_kernel=gemm_kernel)
+    print(naflex_cost.comparison_table(res, peak))
+    if args.mode == "train":
+        fb = naflex_cost.comparison(shape, batches, args.dtype, args.mode, optimizer=False, gemm_kernel=gemm_kernel)
+        print(f"\nMODELLED, forward + backward only (no optimizer): bytes packed / padded "
+              f"{fb['ratio']['bytes']:.2f}, executed FLOPs {fb['ratio']['flops']:.2f}")
+    return 0
+
+
 def _cmd_model(args) -> int:
     from . import cost_model
     from .flops import ViTShape
+
+    if args.model in NAFLEX_SHAPES:
+        return _cmd_naflex(args)
 
     from .flops import TIMM_EVA_OPTIONS
 

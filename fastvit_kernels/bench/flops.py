@@ -325,3 +325,68 @@ def model_flops(shape: ViTShape, batch_size: int, kind: str = "forward") -> int:
 def flops_per_image(shape: ViTShape, kind: str = "forward") -> int:
     """Model FLOPs per image (forward, backward or a training step)."""
     return model_flops(shape, 1, kind)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# native-resolution (NaFlex) batches: variable-length sequences, packed or padded
+# ------------------------------------------------------------------------------------------------------------
+def naflex_flops_by_class(shape: ViTShape, seq_lens, kind: str = "forward", *, pad_to: int | None = None,
+                          embed_tokens: int | None = None) -> dict[str, int]:
+    """Model FLOPs of a NaFlex ViT (NaViT packing, Dehghani et al. 2023) over a batch of variable-length
+    sequences, by op class (:data:`OP_CLASSES`), with the conventions of :func:`flops_by_class`.
+
+    Packed (``pad_to=None``, real tokens only): every GEMM runs on sum_s (n_s + p) rows and attention costs
+    ``4 * H * head_dim * sum_s (n_s + p)^2`` (each sequence attends to itself), p = ``shape.prefix_tokens`` (class
+    and register tokens, added to every sequence). Padded (timm's NaFlex collator + a [B, 1, N, N] mask): every
+    sequence is ``pad_to`` patch rows, so the GEMMs run on S (pad_to + p) rows and attention on (pad_to + p)^2 per
+    image -- the masked-out work is executed and counted.
+
+    Args:
+        shape: the model's sizes (``img_size`` is not used: sequence lengths come from ``seq_lens``).
+        seq_lens: the S per-image patch counts n_s (after any token dropping), each >= 1.
+        kind: "forward" | "backward" | "train".
+        pad_to: None (packed) or N_max >= max(n_s) (padded).
+        embed_tokens: patch rows through the patch-embedding GEMM (default: sum n_s packed, S * pad_to padded);
+            e.g. timm's MAE-style patch dropout embeds every patch before dropping (pass the undropped count).
+
+    Returns:
+        {op class: FLOPs} with every key of :data:`OP_CLASSES`, ints.
+
+    Raises:
+        ValueError: no sequence, a length below 1, pad_to below the longest, embed_tokens below 0, a bad kind.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    lens = [int(n) for n in seq_lens]
+    if not lens or min(lens) < 1:
+        raise ValueError(f"seq_lens must hold at least one length, each >= 1; got {lens[:8]}")
+    if pad_to is not None and pad_to < max(lens):
+        raise ValueError(f"pad_to={pad_to} is below the longest sequence ({max(lens)})")
+    S, p, D, L = len(lens), shape.prefix_tokens, shape.embed_dim, shape.depth
+    rows = [(n if pad_to is None else pad_to) + p for n in lens]
+    M = sum(rows)
+    if embed_tokens is None:
+        embed_tokens = sum(lens) if pad_to is None else S * pad_to
+    if embed_tokens < 0:
+        raise ValueError(f"embed_tokens must be >= 0; got {embed_tokens}")
+    fwd = {
+        "patch_embed": linear_flops(embed_tokens, shape.in_chans * shape.patch_size ** 2, D),
+        "ln_qkv": L * linear_flops(M, D, 3 * D),
+        "attention": L * sum(attention_flops(1, n, shape.num_heads, shape.head_dim) for n in rows),
+        "proj": L * linear_flops(M, D, D),
+        "mlp": L * (mlp_flops(M, D, shape.hidden) + (linear_flops(M, D, shape.hidden) if shape.mlp != "gelu" else 0)),
+        "head": linear_flops(S, D, shape.num_classes),
+        "optimizer": 0,
+    }
+    bwd = {k: (v if k == "patch_embed" else 2 * v) for k, v in fwd.items()}
+    if kind == "forward":
+        return fwd
+    if kind == "backward":
+        return bwd
+    return {k: fwd[k] + bwd[k] for k in fwd}
+
+
+def naflex_model_flops(shape: ViTShape, seq_lens, kind: str = "forward", *, pad_to: int | None = None,
+                       embed_tokens: int | None = None) -> int:
+    """Total of :func:`naflex_flops_by_class` (same arguments)."""
+    return sum(naflex_flops_by_class(shape, seq_lens, kind, pad_to=pad_to, embed_tokens=embed_tokens).values())
