@@ -66,6 +66,9 @@ MODEL_CONFIGS: dict[str, dict] = {
     # small ones for CPU runs and tests
     # scikit-learn digits: 8x8 grayscale, patch 2 -> 16 patches + class token = 17 tokens
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2),
+    # the digits at native (mixed) sizes for `train --naflex`: patch 4, at most 64 patches + 1 register token
+    "naflexvit_digits": dict(patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2,
+                             reg_tokens=1, global_pool="avg", fc_norm=True, pos_embed_grid_size=(8, 8)),
     # head_dim 80 like ViT-H, D = 160 (not a power of two), 17 tokens
     "vit_test_hd80": dict(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=160, depth=2,
                           num_heads=2),
@@ -79,7 +82,9 @@ MODEL_CONFIGS: dict[str, dict] = {
 EVA_MODELS = frozenset({"eva02_base_patch14_224", "vit_base_patch16_dinov3", "vit_pe_core_base_patch16_224"})
 # names whose config is timm NaFlexVit's (NaFlexVitCfg fields; built as FastNaFlexVit)
 NAFLEX_MODELS = frozenset({"naflexvit_base_patch16_gap", "naflexvit_base_patch16_par_gap",
-                           "naflexvit_base_patch16_parfac_gap", "naflexvit_base_patch16_map"})
+                           "naflexvit_base_patch16_parfac_gap", "naflexvit_base_patch16_map", "naflexvit_digits"})
+# `train --naflex` on the digits: the model, maximum sequence lengths and padded tokens per batch it defaults to
+NAFLEX_DIGITS = dict(model="naflexvit_digits", seq_lens=(16, 36, 64), token_budget=1024)
 
 
 def get_config(name: str) -> dict:

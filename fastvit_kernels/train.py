@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .backend import resolve_backend
 from .bench.meter import ThroughputMeter
-from .configs import MODEL_CONFIGS, training_config
+from .configs import MODEL_CONFIGS, NAFLEX_DIGITS, NAFLEX_MODELS, training_config
 from .data import ImageFolder, load_digits_split, synthetic_split
 from .model import create_model
 from .naflex_data import (DEFAULT_SEQ_LENS, DEFAULT_TOKEN_BUDGET, NaFlexDataset, NativeImageFolder,
@@ -78,10 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--naflex", action="store_true",
                    help="native-resolution training: patch sequences in timm's NaFlex dict, batched by a token budget "
                         "(the model's forward takes the dict)")
-    p.add_argument("--seq-lens", type=_int_list, default=list(DEFAULT_SEQ_LENS),
-                   help="--naflex: the maximum sequence lengths a batch draws from (comma-separated)")
-    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
-                   help="--naflex: padded tokens per batch (batch size = budget // sequence length)")
+    p.add_argument("--seq-lens", type=_int_list, default=None,
+                   help="--naflex: the maximum sequence lengths a batch draws from (comma-separated; default "
+                        f"{','.join(map(str, DEFAULT_SEQ_LENS))}, on the digits "
+                        f"{','.join(map(str, NAFLEX_DIGITS['seq_lens']))})")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="--naflex: padded tokens per batch (batch size = budget // sequence length; default "
+                        f"{DEFAULT_TOKEN_BUDGET}, on the digits {NAFLEX_DIGITS['token_budget']})")
     p.add_argument("--mask-ratio", type=float, default=0.0,
                    help="--naflex: MAE-style fraction of each image's patches dropped before the model")
     args = p.parse_args(argv)
@@ -95,6 +98,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (kind == "imagefolder") != (len(args.data) == 2) or len(args.data) > 2:
         p.error(f"--data {' '.join(args.data)}: only imagefolder takes (exactly) one PATH")
     if args.naflex:
+        if args.model == p.get_default("model"):  # the digits ViT takes images; its NaFlex counterpart
+            args.model = NAFLEX_DIGITS["model"]
+        if args.model not in NAFLEX_MODELS:
+            p.error(f"--naflex needs a NaFlex model ({', '.join(sorted(NAFLEX_MODELS))}); got --model {args.model}")
+        digits = args.model == NAFLEX_DIGITS["model"]
+        if args.seq_lens is None:
+            args.seq_lens = list(NAFLEX_DIGITS["seq_lens"] if digits else DEFAULT_SEQ_LENS)
+        if args.token_budget is None:
+            args.token_budget = NAFLEX_DIGITS["token_budget"] if digits else DEFAULT_TOKEN_BUDGET
         if kind == "synthetic":
             p.error("--naflex needs variable-size images: --data digits or 'imagefolder PATH'; got synthetic")
         if args.distributed != "none":

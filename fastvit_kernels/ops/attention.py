@@ -354,12 +354,28 @@ def _attention_varlen(qkv, cu_seqlens, num_heads, scale, backend) -> torch.Tenso
     num_heads, scale = check_heads(three_d, num_heads, scale, "qkv must be (T, 3*D)", tuple(qkv.shape), groups=3)
     check_cu_seqlens(cu_seqlens, T, qkv.device)
     if resolve_backend(qkv.device, backend) == "torch":
-        return reference.attention_varlen_ref(qkv, cu_seqlens, num_heads, scale)
+        return _attention_varlen_eager(qkv, cu_seqlens, num_heads, scale)
     check_triton_dtype("qkv", qkv)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     out, _lse = _attention_varlen_fwd_op(qkv, cu_seqlens.contiguous(), num_heads, scale)
     return out
+
+
+def _attention_varlen_eager(qkv, cu_seqlens, num_heads, scale) -> torch.Tensor:
+    """The torch path of the packed form: the sequences scattered into a zero-padded (S, L_max, 3 * D) batch, one
+    batched :func:`fastvit_kernels.reference.attention_masked_ref`, the valid rows gathered back: the same values as
+    the per-sequence loop of :func:`~fastvit_kernels.reference.attention_varlen_ref`, but a handful of batched ops
+    (and autograd nodes) instead of a few per sequence. One host read (L_max)."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    S, T = lengths.numel(), qkv.shape[0]
+    seq = torch.repeat_interleave(torch.arange(S, device=qkv.device), lengths, output_size=T)
+    pos = torch.arange(T, device=qkv.device) - cu[seq]
+    L = int(lengths.max())
+    padded = qkv.new_zeros(S, L, qkv.shape[1]).index_put((seq, pos), qkv)
+    valid = torch.zeros(S, L, dtype=torch.bool, device=qkv.device).index_put((seq, pos), torch.tensor(True))
+    return reference.attention_masked_ref(padded, valid, num_heads, scale)[seq, pos]
 
 
 def _attention_masked(qkv, key_valid, num_heads, scale, backend) -> torch.Tensor:
