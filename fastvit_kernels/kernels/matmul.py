@@ -14,6 +14,9 @@ epilogue steps; docs/design.md, "The GEMM core"). The description is read by the
   patches per image and D2 = patches per row it walks image pixels patch by patch (im2col without a copy). An
   operand may be converted on load (cast, or a per-channel affine then the cast: uint8 pixels ->
   ``(v / 255 - mean) / std``), and pixels outside an H x W image read as 0 (A, B) or are not written (C).
+* ``_matmul_split_kernel`` also carries token selection (:class:`~.fusion.TokenGather`: rows of A / columns of A
+  / rows of B gathered by index tensors, C's rows stored through a row map) and the mask-token / position-row
+  epilogue steps, for :func:`fastvit_kernels.ops.patch_embed_tokens`;
 * ``_matmul_rope_kernel``: GEMMs with 2D RoPE on their qkv axis (:class:`~.fusion.Rope`): the qkv GEMM rotating
   q / k in its epilogue, and its two backward GEMMs un-rotating d(qkv) as they load it;
 * on Hopper, plain GEMMs run the same description on :mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors,
@@ -108,11 +111,13 @@ def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
 
 def _prune_split(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of ``_matmul_split_kernel``: the candidates of the dot's dtype (B's when A is
-    converted on load, else A's) and of whether an index is split."""
+    converted on load, else A's) and of whether an index is split; a token step (gather, row map, mask token,
+    position rows) takes the split candidates too (gemm_configs.keep: the index loads cost registers as the split
+    arithmetic does)."""
     a_converted = kwargs.get("A_PROLOGUE") in (PROLOGUE_CAST.value, PROLOGUE_AFFINE.value)
     dtype = named_args["b_ptr" if a_converted else "a_ptr"].dtype
     split = bool(kwargs.get("SPLIT_M") or kwargs.get("SPLIT_N") or kwargs.get("SPLIT_K"))
-    return cfgs.pick(configs, _candidates(dtype, kwargs, split))
+    return cfgs.pick(configs, _candidates(dtype, kwargs, split or any(kwargs.get(k) for k in _TOKEN_KEY)))
 
 
 def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
@@ -487,7 +492,7 @@ def _launch_pointer(g: Gemm) -> None:
     ix = g.index
     kernel, cfg = _fixed(_matmul_split_kernel, lambda: _candidates(g.compute_dtype, {**f.constexprs(),
                                                                                      **f.glu_constexprs()},
-                                                                   split=ix.split))
+                                                                   split=ix.split or f.tokens))
     launch(kernel, _tiles(g.M, g.N), *_split_args(g), **f.constexprs(), DOT_PRECISION=dot_precision(g.compute_dtype),
            SPLIT_M=ix.m_split is not None, SPLIT_N=ix.n_split is not None, SPLIT_K=ix.k_split is not None,
            IMG_BOUNDS=BOUNDS_OF[f.image_bounds], **f.glu_constexprs(), **f.token_constexprs(), **cfg)
@@ -607,7 +612,9 @@ def gemm(g: Gemm) -> torch.Tensor:
 
     A plain GEMM (no split index, conversion or image bounds) runs on this core's pointer or TMA kernel or as
     cuBLAS + fused elementwise kernels, as :func:`fastvit_kernels.kernels.gemm_impl.choose` decides for its (GPU,
-    dtype, shape, fusion); the others run on ``_matmul_split_kernel``. ``g`` was validated when built
+    dtype, shape, fusion); the others run on ``_matmul_split_kernel`` (a GEMM with token steps, a row gather or
+    row map, may also take the cuBLAS path; never the TMA kernel: :func:`route` says where a launch goes and
+    why). ``g`` was validated when built
     (:class:`~fastvit_kernels.kernels.fusion.Gemm` raises ValueError for combinations the core cannot run).
     """
     if not g.empty:

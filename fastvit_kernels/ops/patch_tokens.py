@@ -126,20 +126,34 @@ def patch_embed_tokens(patches: torch.Tensor, weight: torch.Tensor, bias: torch.
     which documents every argument).
 
     Args:
-        patches: (B, N, K) or (T, K) floating, K = P * P * C. weight: (D, K). bias: (D,) or None.
-        pos: (R, D) or None; pos_index: int64 (B, N) / (T,), -1 = no position.
-        ids_keep: int64 (B, N_keep) / (T_keep,) or None. mask: bool (B, N_out) / (T_out,); mask_token: (D,).
-        prefix: (n_prefix, D) or None; cu_seqlens: (S + 1,) int32 over the kept packed rows (2-D form with prefix).
+        patches: (B, N, K) (NaFlex collator form) or (T, K) packed, fp32 | fp16 | bf16 (bf16 on GPU only),
+            K = P * P * C. weight: (D, K) (the projection ``nn.Linear(K, D)``); bias: (D,) or None.
+        pos: (R, D) position rows or None; pos_index: int64 (B, N) / (T,), the pos row of each patch in [-1, R),
+            -1 = no position (a padding patch); required with pos.
+        ids_keep: int64 (B, N_keep) indices into each image's N patches / (T_keep,) into the T packed rows, in
+            [0, N) / [0, T), any order (MAE's shuffled keep list), or None = keep all; the output follows its order.
+        mask: bool (B, N_out) / (T_out,) over the output tokens (True: replaced by mask_token); mask_token: D
+            elements ((D,), (1, D) or (1, 1, D)), required with mask and only with it.
+        prefix: (n_prefix, D) rows (class / register tokens) first in every sequence, or None.
+        cu_seqlens: (S + 1,) int32 over the T_out kept packed rows: 0 first, strictly increasing, T_out last;
+            required with prefix in the 2-D form.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | None.
 
     Returns:
         (B, n_prefix + N_out, D) or (T_out + S * n_prefix, D), patches' dtype; differentiable with respect to
-        patches, weight, bias, pos, mask_token and prefix.
+        patches, weight, bias, pos, mask_token and prefix. On the Triton path: one GEMM launch with the token
+        selection, mask token, position rows and row placement fused (docs/design.md, "Token selection in the
+        patch-embedding GEMM"), then one copy of the prefix rows; the backward is deterministic.
 
     Raises:
-        TypeError: a non-floating tensor, an index that is not int64, a mask that is not bool.
-        ValueError: patches not 2-D / 3-D; a shape that does not match; pos without pos_index (or the reverse);
-            mask without mask_token; prefix in the 2-D form without cu_seqlens; a tensor on another device.
+        TypeError: a non-floating tensor, an index that is not int64 (cu_seqlens: int32), a mask that is not bool;
+            on the Triton path, parameters of another dtype than patches.
+        ValueError: patches not 2-D / 3-D; a shape that does not match (prefix must be exactly (n_prefix, D));
+            index values out of range (checked in eager mode before any launch); pos without pos_index (or the
+            reverse); mask without mask_token (or the reverse); prefix in the 2-D form without cu_seqlens; bad
+            cu_seqlens values; cu_seqlens with 3-D patches; a tensor on another device; meta tensors (outside the
+            AOT recorder).
+        RuntimeError: backend="triton" where Triton cannot run.
 
     Algorithm: Dosovitskiy et al. 2021 (patch embedding), Dehghani et al. 2023 (NaViT packing), He et al. 2022
     (MAE token selection), Zhou et al. 2022 (iBOT mask token).
