@@ -232,9 +232,11 @@ def patch_embed_tokens(patches: torch.Tensor, weight: torch.Tensor, bias: torch.
                     ("prefix", prefix)):
         if t is not None and t.dtype != patches.dtype:
             raise TypeError(f"{name} must have patches' dtype {patches.dtype} on the Triton path; got {t.dtype}")
-    return _patch_embed_tokens_fwd(patches.contiguous(), weight.contiguous(), bias, pos, pos_index, ids_keep,
-                                   mask, None if mask_token is None else mask_token.contiguous(),
-                                   prefix, cu_seqlens)
+    # the kernels read every parameter with unit strides (no-op copies when they already are contiguous)
+    bias, pos, mask_token, prefix = (None if t is None else t.contiguous() for t in (bias, pos, mask_token, prefix))
+    return _patch_embed_tokens_fwd(patches.contiguous(), weight.contiguous(), bias, pos, pos_index.contiguous()
+                                   if pos_index is not None else None, ids_keep, mask, mask_token, prefix,
+                                   cu_seqlens)
 
 
 def patch_embed_tokens_flops(tokens: int, K: int, D: int) -> int:

@@ -228,3 +228,16 @@ def test_flop_formulas_count_kept_tokens():
     with FlopCounterMode(display=False, custom_mapping=ops.flop_formulas()) as counter:
         ops.patch_embed_tokens(patches, weight, None, ids_keep=kw["ids_keep"], backend="triton").sum().backward()
     assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 48 * 72)  # forward + the weight-gradient GEMM
+
+
+def test_strided_parameters():
+    """Non-contiguous weight / pos / bias views (a transposed weight, every other pos row and bias entry) give the
+    reference's result."""
+    inputs, kw = _case("3d", 2, 17, 48, 72, 4, True, True, 1)
+    patches, weight, bias, pos, tok, pre = inputs
+    w_t = weight.t().contiguous().t()
+    pos2 = torch.stack([pos, torch.zeros_like(pos)], 1).reshape(-1, pos.shape[1])[::2]
+    bias2 = torch.stack([bias, torch.zeros_like(bias)], 1).reshape(-1)[::2]
+    assert not (w_t.is_contiguous() or bias2.is_contiguous())
+    out = _op(patches, w_t, bias2, pos2, tok, pre, **kw)
+    torch.testing.assert_close(out, _ref(patches, weight, bias, pos, tok, pre, **kw), rtol=1e-5, atol=1e-5)
