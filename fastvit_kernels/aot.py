@@ -535,6 +535,16 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
         return forced
 
     patch_w = (t(D, s["C"], s["P"], s["P"]), t(D), t(1, N, D), t(1, 1, D))
+    # pre-patchified tokens (NaFlex collator form) with MAE's 25 % keep, iBOT masks, per-token position rows and a
+    # class + 4 register rows; index tensors hold valid (zero) indices: the op checks their values
+    n_patch, K_patch = s["num_patches"], s["C"] * s["P"] ** 2
+    n_keep = max(1, n_patch // 4)
+
+    def idx(*shape, dt=torch.int64):
+        return torch.zeros(*shape, dtype=dt, device=device)
+
+    tok_args = (t(B, n_patch, K_patch, grad=False), t(D, K_patch), t(D), t(n_patch, D), idx(B, n_patch))
+    tok_kw = dict(ids_keep=idx(B, n_keep), mask=idx(B, n_keep, dt=torch.bool), mask_token=t(D), prefix=t(5, D))
     mlp_w = (t(D), t(D), t(hidden, D), t(hidden), t(D, hidden), t(D))
     img = (B, s["C"], s["img"], s["img"])
     work = [
@@ -545,6 +555,11 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
         ("patch_embed(uint8 images, mean/std)", run(ops.patch_embed, t(*img, grad=False, dt=torch.uint8), *patch_w,
                                                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))),
         ("layernorm_linear", run(ops.layernorm_linear, t(B, N, D), t(D), t(D), t(3 * D, D), t(3 * D))),
+        ("patch_embed_tokens(MAE keep, mask, pos, prefix)", run(ops.patch_embed_tokens, *tok_args, **tok_kw)),
+        ("patch_embed_tokens(cuBLAS path, 1 image)", on_cublas(run(
+            ops.patch_embed_tokens, t(1, n_patch, K_patch, grad=False), t(D, K_patch), t(D), t(n_patch, D),
+            idx(1, n_patch), ids_keep=idx(1, n_keep), mask=idx(1, n_keep, dt=torch.bool), mask_token=t(D),
+            prefix=t(5, D)))),
         # 2D RoPE in the qkv GEMM epilogue, inverse rotation in the backward GEMMs' loads (EVA-02 / DINOv3 / PE):
         # rotate_half pairs with one table, interleaved pairs with per-head tables (a learned mixed RoPE)
         ("layernorm_linear(RoPE, half)", run(ops.layernorm_linear, t(B, N, D), t(D), t(D), t(3 * D, D), t(3 * D),
@@ -598,6 +613,8 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
             ("layernorm_mlp(add_residual=False)", run(ops.layernorm_mlp, t(B, N, D), *mlp_w, add_residual=False)),
             # images that require grad (not in ViT training, but a path the op offers)
             ("patch_embed(images grad)", run(ops.patch_embed, t(*img), *patch_w)),
+            ("patch_embed_tokens(patches grad)", run(ops.patch_embed_tokens, t(B, n_patch, K_patch), *tok_args[1:],
+                                                     **tok_kw)),
         ]
     return work
 

@@ -101,6 +101,13 @@ def _case(name: str, device: str):
         "patch_embed": (ops.patch_embed, [torch.randn(B, 3, 8, 8, device=device), w(D, 3, 4, 4), b(D),
                                           0.5 * torch.randn(1, 5, D, device=device),
                                           torch.randn(1, 1, D, device=device)], {}),
+        "patch_embed_tokens": (ops.patch_embed_tokens, [torch.randn(B, N, 12, device=device), w(D, 12), b(D),
+                                                        torch.randn(7, D, device=device)],
+                               dict(pos_index=torch.arange(B * N, device=device).view(B, N) % 7,
+                                    ids_keep=torch.tensor([[3, 1], [0, 4]], device=device),
+                                    mask=torch.tensor([[True, False], [False, False]], device=device),
+                                    mask_token=torch.randn(D, device=device),
+                                    prefix=torch.randn(2, D, device=device))),
         "layernorm_linear": (ops.layernorm_linear, [x, nw, nb, w(3 * D, D), b(3 * D)], {}),
         "linear_residual": (ops.linear_residual, [x, w(D, D), b(D), torch.randn(B, N, D, device=device)], {}),
         "attention": (ops.attention, [torch.randn(B, N, 3 * D, device=device)], dict(num_heads=H)),
@@ -114,7 +121,7 @@ def _case(name: str, device: str):
 
 # the public differentiable ops; ops.__all__ also exports the FLOP-formula helpers, which launch nothing
 OP_NAMES = ("attention", "attention_block", "layernorm_linear", "layernorm_mlp", "linear_residual", "patch_embed",
-            "swiglu_mlp")
+            "patch_embed_tokens", "swiglu_mlp")
 
 
 def test_every_public_op_is_covered():
@@ -217,6 +224,6 @@ def test_every_custom_op_implementation_is_guarded():
             i = names.index("torch.library.custom_op")
             if "launches_on_input_device" not in names[i + 1:]:
                 unguarded.append(f"{path.name}:{node.lineno} {node.name}")
-    # forward and backward of the seven ops, of layernorm_linear with RoPE and of attention's varlen / masked forms
-    assert found == 20, found
+    # forward and backward of the eight ops, of layernorm_linear with RoPE and of attention's varlen / masked forms
+    assert found == 22, found
     assert not unguarded, f"custom ops without the device guard: {unguarded}"

@@ -11,6 +11,10 @@ described once, by :class:`Gemm`:
   a second B operand);
 * the :class:`Epilogue` steps, in this order: + bias, * GELU'(pre-activation) (activation derivative), GELU with
   the pre-activation stored, + residual; and A's row sums (a bias gradient) from the A tiles the main loop loads;
+* token selection (:class:`TokenGather`): rows of A gathered by an index tensor (MAE / iBOT token selection in the
+  patch-embedding GEMM), the token axis of a weight-grad GEMM gathered on A's columns and B's rows, C's rows written
+  through a row map (prefix rows left for a small copy), index -1 = a zero row / a row not written; and the epilogue
+  steps after the bias, mask-token select ``where(mask[m], mask_token[n], acc)`` then + ``pos[pos_index[m], n]``;
 * the SwiGLU steps (Shazeer 2020, "GLU Variants Improve Transformer"): a second B operand ``b2`` (the up
   projection) read beside B (the gate) into a second accumulator, ``silu(gate + bias) * (up + up_bias)`` in the
   epilogue with the (gate | up) pre-activation stored (:attr:`Epilogue.swiglu`), and its derivative, two output
@@ -217,6 +221,32 @@ class IndexMap:
 
 
 @dataclass(frozen=True)
+class TokenGather:
+    """Token selection by index tensors (int32 or int64, contiguous), on the unsplit token axes of a launch:
+
+    * ``a_rows`` (M,): A's logical row m is loaded from A's row ``a_rows[m]`` (the kept patches of MAE's ids_keep:
+      the forward and the patch-gradient GEMM);
+    * ``a_cols`` (K,) / ``b_rows`` (K,): along k, A's column k is A's column ``a_cols[k]`` and B's row k is B's row
+      ``b_rows[k]`` (the weight-gradient GEMM ``dW = dY^T @ X``, whose k axis is the tokens);
+    * ``c_rows`` (M,): C's logical row m is stored at C's row ``c_rows[m]`` (the token rows of a sequence behind its
+      prefix rows, which a small copy fills: no concatenation of the output).
+
+    An index < 0 reads as a zero row / column (A, B: a dropped or masked token contributes nothing) or is not
+    written (C). Indices must lie within the operand (the ops check their values before a launch). The TMA form
+    cannot gather rows (no TMA gather before Blackwell), so a launch with any of these runs on the general pointer
+    kernel or on the cuBLAS path (``index_select`` around ``torch.mm``)."""
+
+    a_rows: torch.Tensor | None = None
+    a_cols: torch.Tensor | None = None
+    b_rows: torch.Tensor | None = None
+    c_rows: torch.Tensor | None = None
+
+    def present(self) -> tuple:
+        """(a_rows, a_cols, b_rows, c_rows) as booleans."""
+        return tuple(t is not None for t in (self.a_rows, self.a_cols, self.b_rows, self.c_rows))
+
+
+@dataclass(frozen=True)
 class Epilogue:
     """The epilogue steps of a launch, applied in this order to the fp32 product tile:
 
@@ -226,6 +256,11 @@ class Epilogue:
     * ``gelu``: GELU of the tile, first storing the pre-activation to ``store_preact`` ((M, N) contiguous) when
       given (the activation with its stored pre-activation);
     * ``residual``: a logical (M, N) :class:`Operand` added last (may broadcast over the batch, e.g. pos_embed);
+    * ``mask`` (M,) bool with ``mask_token`` (N,): right after the bias, ``where(mask[m], mask_token[n], acc)``
+      (iBOT / DINOv2 masked-token substitution; Zhou et al. 2022), then ``pos`` (R, N) (row stride ``pos.stride(0)``,
+      unit column stride) with ``pos_index`` (M,) int32 / int64: + ``pos[pos_index[m], n]``, nothing where
+      ``pos_index[m] < 0`` (per-token position rows, e.g. NaFlex's resampled grid); both in fp32 (they join no
+      activation, residual or SwiGLU step);
 
     and ``a_rowsum``: (M,) contiguous output written with ``sum_k prologue(A)[m, k]`` (fp32 accumulation, one
     program per row tile, fixed order): a weight-grad GEMM ``dW = dY^T @ X`` yields the bias gradient from the dY
@@ -249,6 +284,10 @@ class Epilogue:
     swiglu: bool = False
     up_bias: torch.Tensor | None = None
     swiglu_grad_of: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    mask_token: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    pos_index: torch.Tensor | None = None
 
     @property
     def aux(self) -> torch.Tensor | None:
@@ -282,6 +321,12 @@ class Fusion:
     swiglu: bool = False
     up_bias: bool = False
     swiglu_grad: bool = False
+    a_rows: bool = False  # TokenGather.a_rows
+    a_cols: bool = False  # TokenGather.a_cols
+    b_rows: bool = False  # TokenGather.b_rows
+    c_rows: bool = False  # TokenGather.c_rows
+    mask_token: bool = False  # Epilogue.mask / mask_token
+    pos_rows: bool = False  # Epilogue.pos / pos_index
 
     @property
     def converts(self) -> bool:
@@ -294,11 +339,33 @@ class Fusion:
         return self.swiglu or self.swiglu_grad or self.b_prologue == PROLOGUE_SWIGLU.value
 
     @property
+    def tokens(self) -> bool:
+        """A token-selection step: a :class:`TokenGather` index or the mask-token / position-row epilogue."""
+        return (self.a_rows or self.a_cols or self.b_rows or self.c_rows or self.mask_token or self.pos_rows)
+
+    @property
     def plain(self) -> bool:
-        """No split index, conversion, image bounds, SwiGLU step or RoPE: the TMA kernel, the cuBLAS path and pairs
-        apply (the others run on the general pointer kernel, ``matmul._matmul_split_kernel``, or, with RoPE,
-        ``matmul._matmul_rope_kernel``)."""
+        """No split index, conversion, image bounds, SwiGLU step, RoPE or token step: the TMA kernel, the plain
+        pointer kernel and pairs apply (the others run on the general pointer kernel, ``matmul._matmul_split_kernel``,
+        or, with RoPE, ``matmul._matmul_rope_kernel``)."""
+        return not (self.split or self.converts or self.image_bounds is not None or self.glu or self.rope
+                    or self.tokens)
+
+    @property
+    def cublas_form(self) -> bool:
+        """The cuBLAS path (:func:`fastvit_kernels.kernels.gemm_impl.cublas_gemm`) can run it: plain, or plain but
+        for token steps (``index_select`` around ``torch.mm``, the mask / position steps in its epilogue kernel)."""
         return not (self.split or self.converts or self.image_bounds is not None or self.glu or self.rope)
+
+    def tma_refusal(self) -> str | None:
+        """None when the TMA form can run this fusion, else why not (a sentence): the route decision of
+        :func:`fastvit_kernels.kernels.matmul.gemm` names it."""
+        if self.a_rows or self.a_cols or self.b_rows or self.c_rows:
+            return "a row gather / row map: TMA descriptors load and store rectangular boxes (no TMA gather " \
+                   "before Blackwell), so it runs on the general pointer kernel"
+        if not self.plain:
+            return "a split index, conversion, image bounds, SwiGLU, RoPE or token step: general pointer kernel"
+        return None
 
     @staticmethod
     def from_constexprs(kw: dict, suffix: str = "") -> "Fusion":
@@ -316,7 +383,10 @@ class Fusion:
                       store_preact=bool(get("STORE_PREACT")), residual=bool(get("HAS_RESIDUAL")),
                       a_rowsum=bool(get("A_ROWSUM")), gelu_tanh=bool(get("GELU_TANH")), split=split,
                       image_bounds=bounds, swiglu=bool(get("SWIGLU")), up_bias=bool(get("HAS_UP_BIAS")),
-                      swiglu_grad=bool(get("DSWIGLU")), rope=int(get("ROPE", 0)), rope_half=bool(get("ROPE_HALF")))
+                      swiglu_grad=bool(get("DSWIGLU")), rope=int(get("ROPE", 0)), rope_half=bool(get("ROPE_HALF")),
+                      a_rows=bool(get("GATHER_A_ROWS")), a_cols=bool(get("GATHER_A_COLS")),
+                      b_rows=bool(get("GATHER_B_ROWS")), c_rows=bool(get("MAP_C_ROWS")),
+                      mask_token=bool(get("MASK_TOKEN")), pos_rows=bool(get("POS_ROWS")))
 
     def constexprs(self) -> dict:
         """The prologue / epilogue constexprs every GEMM kernel form takes, by name."""
@@ -328,6 +398,12 @@ class Fusion:
         """The SwiGLU constexprs, taken by the general pointer kernel (``matmul._matmul_split_kernel``) only, the
         one form that carries the SwiGLU steps (a SwiGLU fusion is not :attr:`plain`, so no other form runs it)."""
         return dict(SWIGLU=self.swiglu, HAS_UP_BIAS=self.up_bias, DSWIGLU=self.swiglu_grad)
+
+    def token_constexprs(self) -> dict:
+        """The token-selection constexprs (:class:`TokenGather`, the mask-token / position-row epilogue), taken by
+        the general pointer kernel and the cuBLAS path's epilogue kernel (a token step is not :attr:`plain`)."""
+        return dict(GATHER_A_ROWS=self.a_rows, GATHER_A_COLS=self.a_cols, GATHER_B_ROWS=self.b_rows,
+                    MAP_C_ROWS=self.c_rows, MASK_TOKEN=self.mask_token, POS_ROWS=self.pos_rows)
 
     @property
     def name(self) -> str:
@@ -341,7 +417,10 @@ class Fusion:
                  "swiglu_store" if self.store_preact and self.swiglu else ("swiglu" if self.swiglu else ""),
                  "residual" if self.residual else "", "tanh" if self.gelu_tanh else "",
                  "a_rowsum" if self.a_rowsum else "",
-                 f"rope_{_ROPE_NAMES[self.rope]}{'_half' if self.rope_half else ''}" if self.rope else ""]
+                 f"rope_{_ROPE_NAMES[self.rope]}{'_half' if self.rope_half else ''}" if self.rope else "",
+                 "a_rows" if self.a_rows else "", "a_cols" if self.a_cols else "", "b_rows" if self.b_rows else "",
+                 "c_rows" if self.c_rows else "", "mask_token" if self.mask_token else "",
+                 "pos_rows" if self.pos_rows else ""]
         return "+".join(p for p in parts if p) or "plain"
 
 
@@ -385,11 +464,13 @@ class Gemm:
     gelu_approximate: str = "none"
     rope: Rope | None = None
     b2: Operand | None = None
+    gather: TokenGather = field(default_factory=TokenGather)
 
     def __post_init__(self):
         ep, ix = self.epilogue, self.index
         if self.rope is not None:
             self._check_rope()
+        self._check_tokens()
         a_conv, b_conv = _converts(self.a_prologue), _converts(self.b_prologue)
         if a_conv and b_conv:
             raise _err("a_prologue / b_prologue", "at most one converted operand (Cast / ChannelAffine)",
@@ -457,6 +538,40 @@ class Gemm:
             raise _err("rope", "a plain GEMM with only LayerNorm prologues, bias and row sums beside it", self.fusion)
         if r.role == "out" and ep.a_rowsum is not None:
             raise _err("epilogue.a_rowsum", "None with rope role 'out'", "a row-sum buffer")
+    def _check_tokens(self) -> None:
+        """The token-selection part of :meth:`__post_init__`."""
+        g, ep, ix = self.gather, self.epilogue, self.index
+        for name, t, n in (("gather.a_rows", g.a_rows, self.M), ("gather.a_cols", g.a_cols, self.K),
+                           ("gather.b_rows", g.b_rows, self.K), ("gather.c_rows", g.c_rows, self.M),
+                           ("epilogue.pos_index", ep.pos_index, self.M)):
+            if t is not None and not (t.dtype in (torch.int32, torch.int64) and t.dim() == 1 and t.numel() == n
+                                      and t.is_contiguous()):
+                raise _err(name, f"a contiguous ({n},) int32 / int64 tensor", (tuple(t.shape), t.dtype))
+        if (ep.mask is None) != (ep.mask_token is None) or (ep.pos is None) != (ep.pos_index is None):
+            raise _err("epilogue", "mask with mask_token and pos with pos_index (each pair together)", ep)
+        if ep.mask is not None:
+            if not (ep.mask.dtype == torch.bool and ep.mask.dim() == 1 and ep.mask.numel() == self.M
+                    and ep.mask.is_contiguous()):
+                raise _err("epilogue.mask", f"a contiguous ({self.M},) bool tensor",
+                           (tuple(ep.mask.shape), ep.mask.dtype))
+            if not (ep.mask_token.dim() == 1 and ep.mask_token.numel() == self.N and ep.mask_token.is_contiguous()):
+                raise _err("epilogue.mask_token", f"a contiguous ({self.N},) tensor", tuple(ep.mask_token.shape))
+        if ep.pos is not None and not (ep.pos.dim() == 2 and ep.pos.shape[1] == self.N and ep.pos.stride(1) == 1):
+            raise _err("epilogue.pos", f"an (R, {self.N}) tensor with unit column stride",
+                       (tuple(ep.pos.shape), ep.pos.stride()))
+        f = self.fusion
+        if not f.tokens:
+            return
+        if (g.a_rows is not None or g.c_rows is not None) and ix.m_split is not None or \
+                (g.a_cols is not None or g.b_rows is not None) and ix.k_split is not None:
+            raise _err("gather", "no split on a gathered axis", ix)
+        if (ix.image_bounds is not None or f.glu or f.rope or f.converts or ep.gelu or ep.gelu_grad_of is not None
+                or ep.residual is not None):
+            raise _err("gather / epilogue", "token steps with no image bounds, conversion, GELU, residual, SwiGLU or "
+                       "RoPE in the same launch", f.name)
+        if (f.mask_token or f.pos_rows) and f.a_rowsum:
+            raise _err("epilogue.a_rowsum", "None beside the mask-token / position-row epilogue", f.name)
+
     def _check_glu(self) -> None:
         """The SwiGLU part of :meth:`__post_init__`."""
         ep, b2 = self.epilogue, self.b2
@@ -499,7 +614,9 @@ class Gemm:
                       split=ix.split, image_bounds=ix.image_bounds.operand if ix.image_bounds else None,
                       swiglu=ep.swiglu, up_bias=ep.up_bias is not None, swiglu_grad=ep.swiglu_grad_of is not None,
                       rope=ROPE_ROLES[self.rope.role] if self.rope is not None else 0,
-                      rope_half=self.rope is not None and self.rope.half)
+                      rope_half=self.rope is not None and self.rope.half,
+                      **dict(zip(("a_rows", "a_cols", "b_rows", "c_rows"), self.gather.present())),
+                      mask_token=ep.mask is not None, pos_rows=ep.pos is not None)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -534,6 +651,15 @@ class Gemm:
         operand), up_bias. An absent one is C's tensor (never read)."""
         dummy = self.c.tensor
         return (self.b2.tensor if self.b2 is not None else dummy, _or(self.epilogue.up_bias, dummy))
+
+
+    def token_pointers(self) -> tuple:
+        """The token-selection tensor arguments, after :meth:`glu_pointers`: a_rows, a_cols, b_rows, c_rows, mask
+        (as uint8), mask_token, pos, pos_index. An absent one is C's tensor (never read)."""
+        g, ep, dummy = self.gather, self.epilogue, self.c.tensor
+        mask = ep.mask.view(torch.uint8) if ep.mask is not None else None
+        return tuple(_or(t, dummy) for t in (g.a_rows, g.a_cols, g.b_rows, g.c_rows, mask, ep.mask_token, ep.pos,
+                                             ep.pos_index))
 
 
 def _or(t, dummy):
@@ -718,6 +844,39 @@ def epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS: 
         if STORE_PREACT:
             tl.store(aux_ptr + aux_offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
         acc = gelu(acc, GELU_TANH)
+    return acc
+
+
+@triton.jit
+def gathered(idx_ptr, t, mask_t, GATHER: tl.constexpr):
+    """(index, ok) along one token axis (:class:`TokenGather`): with GATHER the memory index ``idx_ptr[t]`` of
+    logical indices ``t`` (int32) and ``ok`` = in range and not negative (a negative index is a zero row / a row not
+    written); else ``t`` itself and ``mask_t``."""
+    if GATHER:
+        i = tl.load(idx_ptr + t, mask=mask_t, other=-1)
+        ok = i >= 0
+        return tl.where(ok, i, 0).to(tl.int32), ok
+    else:
+        return t, mask_t
+
+
+@triton.jit
+def token_epilogue(acc, offs_m, mask_m, offs_n, mask_n, tok_mask_ptr, mask_token_ptr, pos_ptr, pos_index_ptr,
+                   stride_pos, MASK_TOKEN: tl.constexpr, POS_ROWS: tl.constexpr):
+    """The token steps of :class:`Epilogue` after the bias, on an fp32 (rows, cols) tile at logical rows ``offs_m`` /
+    columns ``offs_n``: ``where(mask[m], mask_token[n], acc)`` (MASK_TOKEN; mask as uint8), then
+    ``+ pos[pos_index[m], n]`` where ``pos_index[m] >= 0`` (POS_ROWS). Called by the general pointer kernel and the
+    cuBLAS path's epilogue kernel."""
+    if MASK_TOKEN:
+        sel = tl.load(tok_mask_ptr + offs_m, mask=mask_m, other=0) != 0
+        tok = tl.load(mask_token_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = tl.where(sel[:, None], tok[None, :], acc)
+    if POS_ROWS:
+        r = tl.load(pos_index_ptr + offs_m, mask=mask_m, other=-1)
+        has = r >= 0
+        rows = tl.where(has, r, 0).to(tl.int64) * stride_pos
+        acc += tl.load(pos_ptr + rows[:, None] + offs_n[None, :], mask=has[:, None] & mask_n[None, :],
+                       other=0.0).to(tl.float32)
     return acc
 
 

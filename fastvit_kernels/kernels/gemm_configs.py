@@ -40,6 +40,9 @@ def keep(cfg: triton.Config, dtype: torch.dtype, split: bool, dgelu: bool = Fals
     * split indices: ``_split_offsets`` divides in int32 (int64 division compiles to subroutine calls that
       spilled 24-1400 B); a deeper K step still does not fit: 128 x 128 x 64 with 8 warps spilled 24-264 B per
       thread in the patch-embed forward (split m / k + bias + residual, 255 registers) on sm_80 and sm_90.
+      Token steps (``fusion.TokenGather``, mask token, position rows) take the split list: the patch_embed_tokens
+      forward (row gather + row map + bias + mask token + position rows) spilled 240-280 B per thread with
+      128 x 128 x 64 and 8 warps on sm_80 / sm_90 (AOT check, Triton 3.8).
     * Triton before ``NEWER_TRITON`` (AOT check, Triton 3.6, ViT-B/16 + ViT-H/14 bf16, sm_80 / sm_90): with a split
       index both 16-bit tiles of the newer list spilled 8-640 B per thread (patch 14 worst), while 128 x 64 x 32
       with 8 warps and 64 x 64 x 32 with 4 warps (3 stages) built clean: those are the split list there (see

@@ -12,6 +12,10 @@ The cuBLAS path of one launch of :func:`fastvit_kernels.kernels.matmul.gemm`:
    by one elementwise kernel reading the product; without an epilogue cuBLAS writes C directly;
 4. A's row sums (``a_rowsum``, the bias gradient of a weight-grad GEMM) by one column-sum launch.
 
+Token selection (:class:`fusion.TokenGather`): A's rows / columns and B's rows are gathered with ``index_select``
+before ``torch.mm`` (a negative index: a zero row), and the epilogue kernel substitutes the mask token, adds the
+position rows and stores C's rows through the row map (:func:`fusion.token_epilogue`, the Triton forms' step).
+
 It computes what the fused launch computes (same flags, fp32 epilogue math); the product is rounded to the
 operand dtype before the epilogue, as eager PyTorch's ``F.linear`` + elementwise ops do. GEMMs with split indices,
 image bounds or converting prologues (the patch embedding) have no cuBLAS form and always run on the Triton core.
@@ -50,7 +54,7 @@ from .._env import interpreter_enabled
 from . import tuning_record
 from ._common import gelu
 from ._launch import launch
-from .fusion import PROLOGUE_GELU, PROLOGUE_LN, Fusion, Gemm, epilogue
+from .fusion import PROLOGUE_GELU, PROLOGUE_LN, Fusion, Gemm, epilogue, gathered, token_epilogue
 from .reduce import column_sum
 
 log = logging.getLogger("fastvit_kernels")
@@ -212,9 +216,12 @@ def _gemm_epilogue_kernel(
     bias_ptr,  # (N,)
     aux_ptr,  # (M, N) contiguous pre-activation: read (DGELU) or written (STORE_PREACT)
     res_ptr,  # logical (M, N) residual, strides (stride_r_m, stride_r_n)
-    M, N, stride_c_m, stride_c_n, stride_r_m, stride_r_n,
+    c_rows_ptr,  # (M,) C row map (MAP_C_ROWS)
+    tok_mask_ptr, mask_token_ptr, pos_ptr, pos_index_ptr,  # token steps, as in matmul._matmul_split_kernel
+    M, N, stride_c_m, stride_c_n, stride_r_m, stride_r_n, stride_pos,
     HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr,
+    MAP_C_ROWS: tl.constexpr, MASK_TOKEN: tl.constexpr, POS_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # the GEMM core's epilogue, in its order, on a product read from memory
@@ -222,21 +229,37 @@ def _gemm_epilogue_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & mask_n[None, :]
     m64 = offs_m.to(tl.int64)[:, None]
     acc = tl.load(p_ptr + m64 * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     acc = epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU, STORE_PREACT,
                    GELU_TANH)
+    acc = token_epilogue(acc, offs_m, mask_m, offs_n, mask_n, tok_mask_ptr, mask_token_ptr, pos_ptr, pos_index_ptr,
+                         stride_pos, MASK_TOKEN, POS_ROWS)
     n64 = offs_n.to(tl.int64)[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + m64 * stride_r_m + n64 * stride_r_n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptr + m64 * stride_c_m + n64 * stride_c_n, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    c_m, c_ok = gathered(c_rows_ptr, offs_m, mask_m, MAP_C_ROWS)
+    c64 = c_m.to(tl.int64)[:, None]
+    tl.store(c_ptr + c64 * stride_c_m + n64 * stride_c_n, acc.to(c_ptr.dtype.element_ty),
+             mask=c_ok[:, None] & mask_n[None, :])
 
 
 def _view(op, R: int, C: int) -> torch.Tensor:
     """An unsplit Operand as a strided (R, C) tensor view (no copy)."""
     t = op.tensor
     return torch.as_strided(t, (R, C), (op.rows, op.cols), t.storage_offset())
+
+
+def _take(x: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with its rows (dim 0) / columns (dim 1) gathered by ``idx`` (a negative index: zeros), or ``x``."""
+    if idx is None:
+        return x
+    ok = idx >= 0
+    out = x.index_select(dim, idx.clamp(min=0))
+    keep = ok[:, None] if dim == 0 else ok[None, :]
+    return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def _prologue(x: torch.Tensor, kind: int, ln, gelu_tanh: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -262,23 +285,29 @@ def cublas_gemm(g: Gemm) -> torch.Tensor:
     Returns:
         ``g.c.tensor``. The product is rounded to the operand dtype before the epilogue (as eager ``F.linear``).
 
+    Token steps (:class:`fusion.TokenGather`, mask token, position rows): the operands are gathered with
+    ``index_select`` (the gathered axes' memory extents are the operand tensors' own), the epilogue kernel does the
+    rest.
+
     Raises:
-        ValueError: ``g`` is not plain (a split index, conversion or image bounds: no cuBLAS form).
+        ValueError: ``g`` has no cuBLAS form (a split index, conversion, image bounds, SwiGLU or RoPE).
     """
     f, ep, M, N, K = g.fusion, g.epilogue, g.M, g.N, g.K
-    if not f.plain:
-        raise ValueError(f"g: cublas_gemm takes plain GEMMs only; got fusion {f}")
+    if not f.cublas_form:
+        raise ValueError(f"g: cublas_gemm takes plain GEMMs (token steps allowed) only; got fusion {f.name}")
     dtype = g.a.tensor.dtype
-    A = _view(g.a, M, K)
-    B = _view(g.b, K, N)
+    gt = g.gather
+    A = _take(_take(_view(g.a, _extent(g.a, 0, M, gt.a_rows), _extent(g.a, 1, K, gt.a_cols)), 0, gt.a_rows), 1,
+              gt.a_cols)
+    B = _take(_view(g.b, _extent(g.b, 0, K, gt.b_rows), N), 0, gt.b_rows)
     if f.a_prologue:
         A = _prologue(A, f.a_prologue, g.a_prologue if f.a_prologue == PROLOGUE_LN.value else None, f.gelu_tanh, dtype)
     if f.b_prologue:
         B = _prologue(B, f.b_prologue, g.b_prologue if f.b_prologue == PROLOGUE_LN.value else None, f.gelu_tanh, dtype)
     if ep.a_rowsum is not None:  # sum over k of prologue(A): the columns of A^T (K, M)
         ep.a_rowsum.copy_(column_sum(A.t(), torch.float32))
-    C = _view(g.c, M, N)
-    if not (f.bias or f.gelu_grad or f.gelu or f.residual):
+    C = _view(g.c, _extent(g.c, 0, M, gt.c_rows), N)
+    if not (f.bias or f.gelu_grad or f.gelu or f.residual or f.tokens):
         if C.is_contiguous():
             torch.mm(A, B, out=C)
         else:
@@ -287,8 +316,24 @@ def cublas_gemm(g: Gemm) -> torch.Tensor:
     P = torch.mm(A, B).contiguous()
     R = _view(ep.residual, M, N) if ep.residual is not None else None
     bias, _, aux, *_ = g.pointers()
-    launch(_gemm_epilogue_kernel, tile_grid(M, N, 32, 64), P, C, bias, aux, R if R is not None else P, M, N,
-           C.stride(0), C.stride(1), R.stride(0) if R is not None else 0, R.stride(1) if R is not None else 0,
+    _, _, _, c_rows, tok_mask, mask_token, pos, pos_index = g.token_pointers()
+    launch(_gemm_epilogue_kernel, tile_grid(M, N, 32, 64), P, C, bias, aux, R if R is not None else P, c_rows,
+           tok_mask, mask_token, pos, pos_index, M, N, C.stride(0), C.stride(1), R.stride(0) if R is not None else 0,
+           R.stride(1) if R is not None else 0, ep.pos.stride(0) if ep.pos is not None else 0,
            HAS_BIAS=f.bias, DGELU=f.gelu_grad, ACT_GELU=f.gelu, STORE_PREACT=f.store_preact, HAS_RESIDUAL=f.residual,
-           GELU_TANH=f.gelu_tanh, BLOCK_M=32, BLOCK_N=64)
+           GELU_TANH=f.gelu_tanh, MAP_C_ROWS=f.c_rows, MASK_TOKEN=f.mask_token, POS_ROWS=f.pos_rows,
+           BLOCK_M=32, BLOCK_N=64)
     return g.c.tensor
+
+
+def _extent(op, axis: int, logical: int, idx: torch.Tensor | None) -> int:
+    """Memory extent of an operand axis: the logical length, or for a gathered axis the rows / columns the operand
+    tensor holds along it (its elements over the other stride, for the 2-D operands the token ops pass)."""
+    if idx is None:
+        return logical
+    t = op.tensor
+    stride = op.rows if axis == 0 else op.cols
+    other = op.cols if axis == 0 else op.rows
+    # a 2-D tensor viewed straight or transposed: the gathered axis is the dim with this stride
+    dim = next(d for d in range(t.dim()) if t.stride(d) == stride and (t.dim() == 1 or t.stride(1 - d) == other))
+    return t.shape[dim]

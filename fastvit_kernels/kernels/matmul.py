@@ -14,6 +14,9 @@ epilogue steps; docs/design.md, "The GEMM core"). The description is read by the
   patches per image and D2 = patches per row it walks image pixels patch by patch (im2col without a copy). An
   operand may be converted on load (cast, or a per-channel affine then the cast: uint8 pixels ->
   ``(v / 255 - mean) / std``), and pixels outside an H x W image read as 0 (A, B) or are not written (C).
+* ``_matmul_split_kernel`` also carries token selection (:class:`~.fusion.TokenGather`: rows of A / columns of A
+  / rows of B gathered by index tensors, C's rows stored through a row map) and the mask-token / position-row
+  epilogue steps, for :func:`fastvit_kernels.ops.patch_embed_tokens`;
 * ``_matmul_rope_kernel``: GEMMs with 2D RoPE on their qkv axis (:class:`~.fusion.Rope`): the qkv GEMM rotating
   q / k in its epilogue, and its two backward GEMMs un-rotating d(qkv) as they load it;
 * on Hopper, plain GEMMs run the same description on :mod:`fastvit_kernels.kernels.matmul_tma` (TMA descriptors,
@@ -43,7 +46,7 @@ from ._common import dot_precision, triton_version
 from ._launch import launch
 from .fusion import (BOUNDS_A, BOUNDS_B, BOUNDS_C, BOUNDS_OF, PROLOGUE_AFFINE, PROLOGUE_CAST, PROLOGUE_GELU,
                      PROLOGUE_LN, PROLOGUE_SWIGLU, ROPE_A_COLS, ROPE_A_ROWS, ROPE_OUT, Epilogue, Gelu, Gemm, LayerNorm,
-                     Operand, Rope, accumulate, apply_prologues, epilogue, pair_plan, rope_coords, rope_freqs, rope_index,
+                     Operand, Rope, accumulate, apply_prologues, epilogue, gathered, pair_plan, token_epilogue, rope_coords, rope_freqs, rope_index,
                      rope_rotate_out, rope_unrotate, store_rowsum, swiglu_epilogue, swiglu_grad_epilogue,
                      swiglu_operand, tile_coords, tile_start)
 
@@ -81,7 +84,9 @@ def _image_mask(tok, pix, T_D1, T_D2, P_D1, P_D2, img_h, img_w):
 _FUSION_KEY = ["A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "DGELU", "ACT_GELU", "STORE_PREACT", "HAS_RESIDUAL",
                "GELU_TANH", "A_ROWSUM"]
 _PLAIN_KEY = ["M_BUCKET", "N", "K", *_FUSION_KEY, "DOT_PRECISION"]
-_SPLIT_KEY = [*_PLAIN_KEY, "SPLIT_M", "SPLIT_N", "SPLIT_K", "IMG_BOUNDS", "SWIGLU", "HAS_UP_BIAS", "DSWIGLU"]
+_TOKEN_KEY = ["GATHER_A_ROWS", "GATHER_A_COLS", "GATHER_B_ROWS", "MAP_C_ROWS", "MASK_TOKEN", "POS_ROWS"]
+_SPLIT_KEY = [*_PLAIN_KEY, "SPLIT_M", "SPLIT_N", "SPLIT_K", "IMG_BOUNDS", "SWIGLU", "HAS_UP_BIAS", "DSWIGLU",
+              *_TOKEN_KEY]
 _ROPE_KEY = ["M_BUCKET", "N", "K", "A_PROLOGUE", "B_PROLOGUE", "HAS_BIAS", "A_ROWSUM", "ROPE", "ROPE_HALF",
              "DOT_PRECISION"]
 _PAIR_KEY = [f"{k}{i}" for i in (0, 1) for k in ("M_BUCKET", "N", "K", *_FUSION_KEY)] + ["DOT_PRECISION"]
@@ -106,11 +111,13 @@ def _prune_plain(configs: list, named_args: dict, **kwargs) -> list:
 
 def _prune_split(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of ``_matmul_split_kernel``: the candidates of the dot's dtype (B's when A is
-    converted on load, else A's) and of whether an index is split."""
+    converted on load, else A's) and of whether an index is split; a token step (gather, row map, mask token,
+    position rows) takes the split candidates too (gemm_configs.keep: the index loads cost registers as the split
+    arithmetic does)."""
     a_converted = kwargs.get("A_PROLOGUE") in (PROLOGUE_CAST.value, PROLOGUE_AFFINE.value)
     dtype = named_args["b_ptr" if a_converted else "a_ptr"].dtype
     split = bool(kwargs.get("SPLIT_M") or kwargs.get("SPLIT_N") or kwargs.get("SPLIT_K"))
-    return cfgs.pick(configs, _candidates(dtype, kwargs, split))
+    return cfgs.pick(configs, _candidates(dtype, kwargs, split or any(kwargs.get(k) for k in _TOKEN_KEY)))
 
 
 def _prune_pair(configs: list, named_args: dict, **kwargs) -> list:
@@ -232,6 +239,9 @@ def _matmul_split_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, aux_ptr, rowsum_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     b2_ptr,  # second B operand (K, N), B's strides: the up weights (SWIGLU) or up pre-activation (B's SwiGLU prologue)
     up_bias_ptr,  # (N,) up bias (HAS_UP_BIAS)
+    a_rows_ptr, a_cols_ptr, b_rows_ptr, c_rows_ptr,  # fusion.TokenGather: (M,), (K,), (K,), (M,) int32 / int64
+    tok_mask_ptr, mask_token_ptr,  # (M,) uint8 mask, (N,) mask token (MASK_TOKEN)
+    pos_ptr, pos_index_ptr,  # (R, N) position rows (row stride stride_pos), (M,) int row index, -1 = none (POS_ROWS)
     M, N, K, M_BUCKET,  # as in _matmul_kernel; gamma / beta may be a channel affine's (scale, shift): (channels,)
     img_h, img_w,  # image height / width in pixels (IMG_BOUNDS)
     M_D1, M_D2, N_D1, N_D2, K_D1, K_D2,  # three-level index splits (used when SPLIT_* is set)
@@ -239,12 +249,15 @@ def _matmul_split_kernel(
     stride_b_k1, stride_b_k2, stride_b_k3, stride_b_n1, stride_b_n2, stride_b_n3,
     stride_c_m1, stride_c_m2, stride_c_m3, stride_c_n1, stride_c_n2, stride_c_n3,
     stride_r_m1, stride_r_m2, stride_r_m3, stride_r_n1, stride_r_n2, stride_r_n3,
+    stride_pos,
     A_PROLOGUE: tl.constexpr, B_PROLOGUE: tl.constexpr,  # any fusion.PROLOGUE_* (affine: channel k // K_D1 / n // N_D1)
     HAS_BIAS: tl.constexpr, DGELU: tl.constexpr, ACT_GELU: tl.constexpr, STORE_PREACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, GELU_TANH: tl.constexpr, A_ROWSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, SPLIT_K: tl.constexpr,
     IMG_BOUNDS: tl.constexpr,  # fusion.BOUNDS_NONE / _A (m x k) / _B (k x n) / _C (m x n)
     SWIGLU: tl.constexpr, HAS_UP_BIAS: tl.constexpr, DSWIGLU: tl.constexpr,  # fusion.Fusion.glu_constexprs
+    GATHER_A_ROWS: tl.constexpr, GATHER_A_COLS: tl.constexpr, GATHER_B_ROWS: tl.constexpr,  # token_constexprs
+    MAP_C_ROWS: tl.constexpr, MASK_TOKEN: tl.constexpr, POS_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One output tile per program of a GEMM with split indices, a converted operand or image bounds (the patch
@@ -254,13 +267,18 @@ def _matmul_split_kernel(
     of the up weights at the same (k, n) meet one A tile (loaded and normalised once) in two dots, into two fp32
     accumulators, so each gate column and its up column land in the same output tile and silu(gate) * up is
     formed in the epilogue (fusion.swiglu_epilogue); B's SwiGLU prologue forms silu(B) * B2 on load; with DSWIGLU
-    the epilogue writes the two gradient tiles d gate (columns n) and d up (columns N + n) of C."""
+    the epilogue writes the two gradient tiles d gate (columns n) and d up (columns N + n) of C.
+
+    Token selection (fusion.TokenGather, unsplit axes only): A's rows / columns and B's rows are read through index
+    tensors and C's rows written through one (a negative index: a zero row, a row not written), and the epilogue
+    substitutes the mask token and adds gathered position rows after the bias (fusion.token_epilogue)."""
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_row = _split_offsets(offs_m, M_D1, M_D2, stride_a_m1, stride_a_m2, stride_a_m3, SPLIT_M)
+    a_m, a_m_ok = gathered(a_rows_ptr, offs_m, mask_m, GATHER_A_ROWS)
+    a_row = _split_offsets(a_m, M_D1, M_D2, stride_a_m1, stride_a_m2, stride_a_m3, SPLIT_M)
     b_col = _split_offsets(offs_n, N_D1, N_D2, stride_b_n1, stride_b_n2, stride_b_n3, SPLIT_N)
     acc, a_sum, p0, p1, p2, p3 = tile_start(offs_m, mask_m, offs_n, mask_n, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
                                             N_D1, A_PROLOGUE, B_PROLOGUE, BLOCK_M, BLOCK_N)
@@ -269,12 +287,14 @@ def _matmul_split_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a_col = _split_offsets(offs_k, K_D1, K_D2, stride_a_k1, stride_a_k2, stride_a_k3, SPLIT_K)
-        b_row = _split_offsets(offs_k, K_D1, K_D2, stride_b_k1, stride_b_k2, stride_b_k3, SPLIT_K)
-        a_mask = mask_m[:, None] & mask_k[None, :]
+        a_k, a_k_ok = gathered(a_cols_ptr, offs_k, mask_k, GATHER_A_COLS)
+        b_k, b_k_ok = gathered(b_rows_ptr, offs_k, mask_k, GATHER_B_ROWS)
+        a_col = _split_offsets(a_k, K_D1, K_D2, stride_a_k1, stride_a_k2, stride_a_k3, SPLIT_K)
+        b_row = _split_offsets(b_k, K_D1, K_D2, stride_b_k1, stride_b_k2, stride_b_k3, SPLIT_K)
+        a_mask = a_m_ok[:, None] & a_k_ok[None, :]
         if IMG_BOUNDS == BOUNDS_A:
             a_mask = a_mask & _image_mask(offs_m, offs_k, M_D1, M_D2, K_D1, K_D2, img_h, img_w)
-        b_mask = mask_k[:, None] & mask_n[None, :]
+        b_mask = b_k_ok[:, None] & mask_n[None, :]
         if IMG_BOUNDS == BOUNDS_B:
             b_mask = b_mask & _image_mask(offs_k, offs_n, K_D1, K_D2, N_D1, N_D2, img_h, img_w)
         a = tl.load(a_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
@@ -299,11 +319,16 @@ def _matmul_split_kernel(
     else:
         acc = epilogue(acc, offs_m, offs_n, mask, mask_n, N, bias_ptr, aux_ptr, HAS_BIAS, DGELU, ACT_GELU,
                        STORE_PREACT, GELU_TANH)
+        acc = token_epilogue(acc, offs_m, mask_m, offs_n, mask_n, tok_mask_ptr, mask_token_ptr, pos_ptr,
+                             pos_index_ptr, stride_pos, MASK_TOKEN, POS_ROWS)
     if HAS_RESIDUAL:
         r_row = _split_offsets(offs_m, M_D1, M_D2, stride_r_m1, stride_r_m2, stride_r_m3, SPLIT_M)
         r_col = _split_offsets(offs_n, N_D1, N_D2, stride_r_n1, stride_r_n2, stride_r_n3, SPLIT_N)
         acc += tl.load(res_ptr + r_row[:, None] + r_col[None, :], mask=mask, other=0.0).to(tl.float32)
-    c_row = _split_offsets(offs_m, M_D1, M_D2, stride_c_m1, stride_c_m2, stride_c_m3, SPLIT_M)
+    c_m, c_m_ok = gathered(c_rows_ptr, offs_m, mask_m, MAP_C_ROWS)
+    if MAP_C_ROWS:
+        mask = mask & c_m_ok[:, None]
+    c_row = _split_offsets(c_m, M_D1, M_D2, stride_c_m1, stride_c_m2, stride_c_m3, SPLIT_M)
     c_col = _split_offsets(offs_n, N_D1, N_D2, stride_c_n1, stride_c_n2, stride_c_n3, SPLIT_N)
     if DSWIGLU:  # C is (M, 2N): d gate in columns [0, N), d up in [N, 2N)
         d_gate, d_up = swiglu_grad_epilogue(acc, offs_m, offs_n, mask, N, aux_ptr)
@@ -417,11 +442,13 @@ def _split_args(g: Gemm) -> tuple:
     def axes(op: Operand | None, row_split, col_split) -> tuple:
         return (0,) * 6 if op is None else (*_axis(op.rows, row_split), *_axis(op.cols, col_split))
 
-    return (g.a.tensor, g.b.tensor, g.c.tensor, *g.pointers(), *g.glu_pointers(), g.M, g.N, g.K,
+    pos = g.epilogue.pos
+    return (g.a.tensor, g.b.tensor, g.c.tensor, *g.pointers(), *g.glu_pointers(), *g.token_pointers(), g.M, g.N, g.K,
             triton.next_power_of_2(g.M), ib.height if ib else 0, ib.width if ib else 0,
             *(ix.m_split or (1, 1)), *(ix.n_split or (1, 1)), *(ix.k_split or (1, 1)),
             *axes(g.a, ix.m_split, ix.k_split), *axes(g.b, ix.k_split, ix.n_split),
-            *axes(g.c, ix.m_split, ix.n_split), *axes(g.epilogue.residual, ix.m_split, ix.n_split))
+            *axes(g.c, ix.m_split, ix.n_split), *axes(g.epilogue.residual, ix.m_split, ix.n_split),
+            pos.stride(0) if pos is not None else 0)
 
 
 def _fixed(kernel, candidates) -> tuple:
@@ -465,10 +492,10 @@ def _launch_pointer(g: Gemm) -> None:
     ix = g.index
     kernel, cfg = _fixed(_matmul_split_kernel, lambda: _candidates(g.compute_dtype, {**f.constexprs(),
                                                                                      **f.glu_constexprs()},
-                                                                   split=ix.split))
+                                                                   split=ix.split or f.tokens))
     launch(kernel, _tiles(g.M, g.N), *_split_args(g), **f.constexprs(), DOT_PRECISION=dot_precision(g.compute_dtype),
            SPLIT_M=ix.m_split is not None, SPLIT_N=ix.n_split is not None, SPLIT_K=ix.k_split is not None,
-           IMG_BOUNDS=BOUNDS_OF[f.image_bounds], **f.glu_constexprs(), **cfg)
+           IMG_BOUNDS=BOUNDS_OF[f.image_bounds], **f.glu_constexprs(), **f.token_constexprs(), **cfg)
 
 
 def _launch_pointer_pair(g0: Gemm, g1: Gemm) -> None:
@@ -515,7 +542,7 @@ def _tma_failed(err: Exception) -> None:
 def _use_tma(g: Gemm) -> bool:
     """Whether a GEMM runs on the TMA persistent kernel (see :func:`fastvit_kernels.backend.gemm_kernel`)."""
     setting = gemm_kernel()
-    if setting == "pointer" or not g.fusion.plain:
+    if setting == "pointer" or g.fusion.tma_refusal() is not None:
         return False
     if setting == "auto":
         device = g.c.tensor.device
@@ -554,9 +581,25 @@ def _launch_triton(g: Gemm) -> None:
     _launch_pointer(g)
 
 
+def route(g: Gemm) -> tuple[str, str]:
+    """(path, why) of a launch: "cublas", "tma" or "pointer", and the reason. A launch the cuBLAS path can run
+    (:attr:`fusion.Fusion.cublas_form`) goes where :mod:`gemm_impl`'s rule says; on the Triton path, a fusion the TMA
+    form cannot run (:meth:`fusion.Fusion.tma_refusal`: a row gather / row map, a split index, ...) goes to the
+    pointer kernels, and so does a plain one :func:`_use_tma` turns down (setting, device, alignment)."""
+    if _route(g) == "cublas":
+        return "cublas", "gemm_impl's per-shape rule"
+    refusal = g.fusion.tma_refusal()
+    if refusal is not None:
+        return "pointer", refusal
+    if not _TMA_FAILED and _use_tma(g):
+        return "tma", "plain GEMM on a TMA-capable GPU"
+    return "pointer", "FASTVIT_GEMM_KERNEL, the device or the operand alignment"
+
+
 def _route(g: Gemm) -> str:
-    """"triton" or "cublas" for a plain launch, by the shape-aware rule of :mod:`gemm_impl`; "triton" otherwise."""
-    if not g.fusion.plain:
+    """"triton" or "cublas" for a launch the cuBLAS path can run, by the shape-aware rule of :mod:`gemm_impl`;
+    "triton" otherwise."""
+    if not g.fusion.cublas_form:
         return "triton"
     from . import gemm_impl
 
@@ -569,7 +612,9 @@ def gemm(g: Gemm) -> torch.Tensor:
 
     A plain GEMM (no split index, conversion or image bounds) runs on this core's pointer or TMA kernel or as
     cuBLAS + fused elementwise kernels, as :func:`fastvit_kernels.kernels.gemm_impl.choose` decides for its (GPU,
-    dtype, shape, fusion); the others run on ``_matmul_split_kernel``. ``g`` was validated when built
+    dtype, shape, fusion); the others run on ``_matmul_split_kernel`` (a GEMM with token steps, a row gather or
+    row map, may also take the cuBLAS path; never the TMA kernel: :func:`route` says where a launch goes and
+    why). ``g`` was validated when built
     (:class:`~fastvit_kernels.kernels.fusion.Gemm` raises ValueError for combinations the core cannot run).
     """
     if not g.empty:

@@ -22,7 +22,7 @@ Instrumentation: every op above runs inside :func:`fastvit_kernels.ops._instrume
 check.
 
 FLOPs: each op module defines its op's model-FLOP count (``linear_flops``, ``attention_flops``, ``mlp_flops``,
-``swiglu_mlp_flops``, ``patch_embed_flops``) and the ``FlopCounterMode`` formulas of its ``fastvit::*`` custom ops
+``swiglu_mlp_flops``, ``patch_embed_flops``, ``patch_embed_tokens_flops``) and the ``FlopCounterMode`` formulas of its ``fastvit::*`` custom ops
 (``FLOP_FORMULAS``); :func:`flop_formulas` collects them and :func:`register_flop_formulas` hands them to
 ``torch.utils.flop_counter``.
 """
@@ -43,6 +43,7 @@ from .linear import FLOP_FORMULAS as _LINEAR_FLOPS
 from .linear import layernorm_linear, linear_residual
 from .patch_embed import FLOP_FORMULAS as _PATCH_EMBED_FLOPS
 from .patch_embed import patch_embed
+from .patch_tokens import FLOP_FORMULAS as _PATCH_TOKENS_FLOPS
 from .patch_tokens import patch_embed_tokens
 from .swiglu_mlp import FLOP_FORMULAS as _SWIGLU_MLP_FLOPS
 from .swiglu_mlp import swiglu_mlp
@@ -53,7 +54,7 @@ __all__ = ["attention", "attention_block", "flop_formulas", "layernorm_linear", 
 _FLOP_COUNTER = "torch.utils.flop_counter"
 # op name -> formula, from the modules that define the ops
 _FLOP_TABLE = {**_PATCH_EMBED_FLOPS, **_ATTENTION_FLOPS, **_LINEAR_FLOPS, **_ATTENTION_BLOCK_FLOPS,
-               **_LAYERNORM_MLP_FLOPS, **_SWIGLU_MLP_FLOPS}
+               **_LAYERNORM_MLP_FLOPS, **_SWIGLU_MLP_FLOPS, **_PATCH_TOKENS_FLOPS}
 
 
 def flop_formulas() -> dict:

@@ -115,7 +115,8 @@ def test_registration_needs_no_triton_import_nor_import_hooks():
     names = ("'patch_embed_fwd', 'patch_embed_bwd', 'attention_fwd', 'attention_bwd', 'layernorm_mlp_fwd', "
              "'layernorm_mlp_bwd', 'layernorm_linear_fwd', 'layernorm_linear_bwd', 'linear_residual_fwd', "
              "'linear_residual_bwd', 'attention_block_fwd', 'attention_block_bwd', 'layernorm_linear_rope_fwd', "
-             "'layernorm_linear_rope_bwd', 'swiglu_mlp_fwd', 'swiglu_mlp_bwd'")
+             "'layernorm_linear_rope_bwd', 'swiglu_mlp_fwd', 'swiglu_mlp_bwd', 'patch_embed_tokens_fwd', "
+             "'patch_embed_tokens_bwd'")
     registered = f"all(getattr(torch.ops.fastvit, n) in flop_registry for n in ({names}))"
     later = ("import sys, torch\nn = len(sys.meta_path)\nimport fastvit_kernels\n"
              "assert len(sys.meta_path) == n and 'triton' not in sys.modules\n"
@@ -128,7 +129,7 @@ def test_registration_needs_no_triton_import_nor_import_hooks():
                f"assert {registered}\n"
                "assert fastvit_kernels.ops.register_flop_formulas() == []  # idempotent\n")
     on_request = ("import sys, torch, fastvit_kernels\n"
-                  "assert len(fastvit_kernels.ops.register_flop_formulas()) == 20\n"
+                  "assert len(fastvit_kernels.ops.register_flop_formulas()) == 22\n"
                   "from torch.utils.flop_counter import flop_registry\n"
                   f"assert {registered}\n")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -141,7 +142,7 @@ def test_flop_formulas_as_custom_mapping():
     from fastvit_kernels import ops
 
     table = ops.flop_formulas()
-    assert len(table) == 20  # 8 ops x (fwd, bwd) + attention_varlen_* and attention_masked_*
+    assert len(table) == 22  # 9 ops x (fwd, bwd) + attention_varlen_* and attention_masked_*
     fwd = table[torch.ops.fastvit.attention_block_fwd]
     B, N, D, H = 2, 17, 96, 3
     expect = 2 * B * N * D * 3 * D + 4 * B * H * N * N * (D // H) + 2 * B * N * D * D
