@@ -27,15 +27,6 @@ GPU_LENS = default_seq_lens()[:16]  # 16 images, 64..1024 patches
 CPU_LENS = [5, 17, 9]
 
 
-def run_unless_triton_unwired(fn):
-    """TEMPORARY (remove once the varlen attention / patch-token Triton kernels are merged): call ``fn``; where the
-    Triton path still raises ``NotImplementedError`` ("not wired yet"), skip the case instead of failing."""
-    try:
-        return fn()
-    except NotImplementedError as exc:
-        pytest.skip(f"Triton path not wired yet: {exc}")
-
-
 def _attention_inputs(lens, D, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     T = sum(lens)
@@ -157,7 +148,7 @@ def test_attention_mixed_lengths(benchmark, impl):
     D, H = 768, 12
     benchmark.group = f"attention fwd + bwd, {len(GPU_LENS)} images of 64..1024 tokens, ViT-B heads, bf16"
     fn = attention_case(impl, GPU_LENS, D, H, DEVICE, torch.bfloat16)
-    first = run_unless_triton_unwired(lambda: timed(benchmark, fn, rounds=10, warmup_rounds=2))
+    first = timed(benchmark, fn, rounds=10, warmup_rounds=2)
     record(benchmark, impl=impl, tokens=sum(GPU_LENS), dtype=torch.bfloat16, first_call_s=first,
            flops=_attention_flops(GPU_LENS, D))
 
@@ -168,7 +159,7 @@ def test_mae_patch_embed(benchmark, impl):
     K, D = 3 * 16 * 16, 768
     benchmark.group = f"MAE 25% keep patch embedding fwd + bwd, {len(GPU_LENS)} images padded to 1024, bf16"
     fn = embed_case(impl, GPU_LENS, K, D, 0.25, DEVICE, torch.bfloat16)
-    first = run_unless_triton_unwired(lambda: timed(benchmark, fn, rounds=10, warmup_rounds=2))
+    first = timed(benchmark, fn, rounds=10, warmup_rounds=2)
     kept = len(GPU_LENS) * max(1, int(max(GPU_LENS) * 0.25))
     record(benchmark, impl=impl, tokens=kept, dtype=torch.bfloat16, first_call_s=first, flops=2 * 2 * kept * K * D)
 

@@ -3,9 +3,8 @@ NaFlex batch made by timm's own ``patchify_image`` + ``NaFlexCollator`` (an imag
 maximum length, one on the learned grid's own size, padding rows): logits and every parameter gradient; image
 input; patch dropout (eval, and training with timm's RNG draw); the dict form of forward_features; errors.
 
-Each parity test runs on backend "torch" (the eager references of the packed ops) and "triton"; the Triton
-variants skip through :func:`skip_if_triton_path_unwired` while the packed ops' Triton paths raise
-NotImplementedError."""
+Each parity test runs on backend "torch" (the eager paths of the packed ops) and "triton" (the packed ops' kernels
+under the interpreter)."""
 
 import pytest
 import timm
@@ -37,16 +36,6 @@ SIZES = [(4, 24), (20, 20), (16, 16), (12, 16), (8, 12)]
 MAX_LEN = 25
 
 
-def skip_if_triton_path_unwired(backend: str, fn):
-    """Run ``fn()``; on the "triton" backend, skip the test when a packed op's Triton path is not wired yet (it
-    raises NotImplementedError). TEMPORARY: remove this skip once the varlen attention / patch_embed_tokens
-    kernels are merged, so that the Triton variants must pass."""
-    try:
-        return fn()
-    except NotImplementedError as e:
-        if backend != "triton":
-            raise
-        pytest.skip(f"Triton path not wired yet: {e}")
 
 
 def timm_model(variant: str, **extra) -> NaFlexVit:
@@ -106,7 +95,7 @@ def test_mixed_size_batch_matches_timm_fwd_bwd(variant, backend):
     fast.load_state_dict(ref.state_dict(), strict=True)
     batch = naflex_batch()
     assert batch["patch_valid"].sum(1).tolist() == [6, 25, 16, 12, 6]
-    skip_if_triton_path_unwired(backend, lambda: assert_same(fast, ref, batch))
+    assert_same(fast, ref, batch)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,8 +103,7 @@ def test_forward_features_is_timms_dict_on_valid_tokens(backend):
     ref = timm_model("gap").eval()
     fast = FastNaFlexVit.from_timm(ref, backend=backend)
     batch = naflex_batch()
-    feats = skip_if_triton_path_unwired(backend, lambda: fast.forward_features(
-        batch["patches"], batch["patch_coord"], batch["patch_valid"]))
+    feats = fast.forward_features(batch["patches"], batch["patch_coord"], batch["patch_valid"])
     ref_feats = ref.forward_features(batch["patches"], batch["patch_coord"], batch["patch_valid"])
     assert feats.keys() == {"patches", "patch_valid"}
     assert feats["patches"].shape == ref_feats["patches"].shape == (5, 4 + MAX_LEN, 64)
@@ -151,7 +139,7 @@ def test_image_input_matches_timm(backend):
     ref = timm_model("par_gap", dynamic_img_pad=True).train()
     fast = FastNaFlexVit.from_timm(ref, backend=backend)
     x = torch.randn(2, 3, 18, 10)  # 5 x 3 patches after padding
-    skip_if_triton_path_unwired(backend, lambda: assert_same(fast, ref, x))
+    assert_same(fast, ref, x)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -170,7 +158,7 @@ def test_patch_dropout_eval_is_off_and_training_matches_timm(backend):
         assert_same(fast, ref, batch, seed=3)
         assert_same(fast, ref, torch.randn(2, 3, 16, 20), seed=4)
 
-    skip_if_triton_path_unwired(backend, check)
+    check()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,7 +170,7 @@ def test_patch_dropout_that_drops_a_whole_image(backend):
     ref.train()
     batch = naflex_batch(sizes=[(4, 4), (20, 20), (8, 8)])
     seed = next(s for s in range(200) if _first_image_dropped(s, batch["patch_valid"], 2))
-    skip_if_triton_path_unwired(backend, lambda: assert_same(fast, ref, batch, seed=seed, grads_reached=False))
+    assert_same(fast, ref, batch, seed=seed, grads_reached=False)
 
 
 def _first_image_dropped(seed, valid, keep) -> bool:
