@@ -229,7 +229,7 @@ def build_job(job: aot.Job, out_dir: str) -> dict:
             grid=dict(max=list(job.grid), rules=_grid_rules(job.launches),
                       launches=[dict(use=x["use"], grid=x["grid"]) for x in job.launches]),
             uses=list(job.uses), signature=dict(job.signature),
-            attrs={names[path[0]]: a for path, a in job.attrs.items() if a},
+            attrs={names[path[0]]: a for path, a in job.attrs.items()},  # Triton's, every argument, in order
             options=dict(job.options), triton_hash=compiled.hash)
     except Exception as e:  # noqa: BLE001 - reported per variant; the table is not written when any failed
         msg = str(e).strip().splitlines()
@@ -252,20 +252,23 @@ def _build_all(jobs: list, out_dir: str, num_procs: int) -> list[dict]:
 
 @contextmanager
 def _tuning(path: str | None):
-    """Make the tuning record at ``path`` the active one for the trace (applied whatever GPU it was made on: the
-    user chose it for the build), restoring the previous state after. None: no record (the first candidates)."""
+    """Make the tuning record at ``path`` the active one for the trace, or none (``path`` None: the first
+    candidates, whatever ``FASTVIT_TUNING`` says), restoring the previous state after. The record applies whatever
+    GPU it was made on: the user chose it for the build. Yields the record or None.
+
+    Raises:
+        ValueError: ``FASTVIT_AUTOTUNE=0`` with a record (the GEMM launchers would ignore it), or not a record.
+        FileNotFoundError: no file at ``path``."""
+    from ._env import autotune_requested
     from .kernels import tuning_record
 
-    if path is None:
-        yield None
-        return
-    from ._env import autotune_requested
-
-    if not autotune_requested():
-        raise ValueError("--tuning with FASTVIT_AUTOTUNE=0: the launchers would take their first candidates and "
-                         "ignore the record; unset FASTVIT_AUTOTUNE")
-    record = tuning_record.load(path)
-    record.check = False
+    record = None
+    if path is not None:
+        if not autotune_requested():
+            raise ValueError("a tuning record with FASTVIT_AUTOTUNE=0: the launchers would take their first "
+                             "candidates and ignore the record; unset FASTVIT_AUTOTUNE")
+        record = tuning_record.load(path)
+        record.check = False
     previous = tuning_record.active()
     tuning_record.install(record)
     try:
@@ -303,7 +306,8 @@ def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf
         modes: "train" / "infer"; batches: batch sizes traced (each >= 1).
         kernel: a regular expression; only kernels whose name it matches (``re.search``) are built. None: all.
         tuning: path of a tuning record (``python -m fastvit_kernels.tune``) whose picks fix the autotuned tiles;
-            None: the first candidate after pruning.
+            None: the first candidate after pruning (``FASTVIT_TUNING`` is not consulted here; the command line
+            passes it as the default of ``--tuning``).
         num_procs: compile processes (default: CPU count).
 
     Returns:
@@ -421,8 +425,9 @@ def add_parser(sub) -> None:
     b.add_argument("--batch", action="append", type=int,
                    help=f"batch size (repeatable; default {', '.join(map(str, aot.DEFAULT_BATCHES))})")
     b.add_argument("--kernel", help="regular expression: build only the kernels whose name matches")
-    b.add_argument("--tuning", help="tuning record (python -m fastvit_kernels.tune) fixing the autotuned tiles; "
-                                    "default: the first candidate after pruning (as FASTVIT_AUTOTUNE=0)")
+    b.add_argument("--tuning", help="tuning record (python -m fastvit_kernels.tune) fixing the autotuned tiles "
+                                    "(default: $FASTVIT_TUNING; without one, the first candidate after pruning, "
+                                    "as FASTVIT_AUTOTUNE=0 launches)")
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPU count)")
     b.add_argument("--json", action="store_true", help="print the table as JSON instead of a summary")
 
@@ -432,7 +437,8 @@ def run(args, parser) -> int:
     try:
         result = build(args.out, args.arch or list(aot.ARCHS), args.model or aot.MODELS,
                        args.dtype or ["bf16", "fp16", "fp32"], args.mode or aot.MODES,
-                       args.batch or aot.DEFAULT_BATCHES, args.kernel, args.tuning, args.jobs)
+                       args.batch or aot.DEFAULT_BATCHES, args.kernel, args.tuning or os.environ.get("FASTVIT_TUNING")
+                       or None, args.jobs)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.json:
