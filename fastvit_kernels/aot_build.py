@@ -122,14 +122,20 @@ def _jsonable_value(v):
     return str(v)  # a tl.dtype or another constexpr object: its Triton spelling
 
 
-def _kernel_params(job: aot.Job, tensordesc_meta: list) -> tuple[list[dict], dict, dict]:
+def _kernel_params(job: aot.Job, metadata) -> tuple[list[dict], dict, dict]:
     """(parameters the entry takes, constexprs by name, folded arguments by name) of one compiled job.
 
-    The parameter list is Triton's launcher's: the signature's non-constexpr arguments in order, each host tensor
-    descriptor expanded by ``triton.backends.driver.expand_signature`` (a CUtensorMap, then its shape as i32 and its
-    strides as i64 when the compile produced descriptor metadata), then the two scratch pointers."""
-    from triton.backends.driver import expand_signature
-
+    The parameter list is Triton's launcher's (``CudaLauncher`` and ``launch`` in Triton 3.8's
+    ``backends/nvidia/driver.py`` / ``driver.c``): the signature's non-constexpr arguments in order, each host
+    tensor descriptor expanded by ``triton.backends.driver.expand_signature`` (a CUtensorMap, then its shape as i32
+    and its strides as i64 when the compile produced descriptor metadata), then a global-scratch and a
+    profile-scratch pointer, each when the compile's metadata has that scratch (Triton 3.8 has both; the build
+    compares the list with the cubin's own, so a Triton that passes something else fails loudly)."""
+    try:
+        from triton.backends.driver import expand_signature
+    except ImportError:  # a Triton without it: any tensor descriptor argument is refused below
+        expand_signature = None
+    tensordesc_meta = getattr(metadata, "tensordesc_meta", None)
     fn = getattr(importlib.import_module(job.module), job.name)
     fn = fn if hasattr(fn, "params") else fn.fn
     declared = {p.name for p in fn.params if p.is_constexpr}
@@ -143,6 +149,9 @@ def _kernel_params(job: aot.Job, tensordesc_meta: list) -> tuple[list[dict], dic
         if sig == "constexpr":
             continue
         if isinstance(sig, str) and sig.startswith("tensordesc"):
+            if expand_signature is None:
+                raise ValueError(f"{job.name}: tensor descriptor argument {name!r} needs "
+                                 "triton.backends.driver.expand_signature, which this Triton lacks")
             expanded = expand_signature([sig], meta[:1] if meta else None, _TMA_DESC)
             desc_meta = meta.pop(0) if meta else None
             ndim = (len(expanded) - 1) // 2 if desc_meta else None
@@ -159,8 +168,8 @@ def _kernel_params(job: aot.Job, tensordesc_meta: list) -> tuple[list[dict], dic
         if isinstance(sig, tuple):
             raise ValueError(f"{job.name}: tuple argument {name!r} is not supported by the AOT build")
         params.append(dict(name=name, arg=name, type=sig, role="argument"))
-    params += [dict(name="global_scratch", arg=None, type="*i8", role="global_scratch"),
-               dict(name="profile_scratch", arg=None, type="*i8", role="profile_scratch")]
+    params += [dict(name=f"{kind}_scratch", arg=None, type="*i8", role=f"{kind}_scratch")
+               for kind in ("global", "profile") if hasattr(metadata, f"{kind}_scratch_size")]
     for p, lay in zip(params, param_layout([p["type"] for p in params])):
         p.update(size=lay["size"], align=lay["align"], offset=lay["offset"])
     return params, constexprs, folded
@@ -204,7 +213,7 @@ def build_job(job: aot.Job, out_dir: str) -> dict:
                                                         text=True, check=True).stdout)
         elf = subprocess.run([tool, "-elf", path], capture_output=True, text=True, check=True).stdout
         kparams = parse_kparams(elf, md.name)
-        params, constexprs, folded = _kernel_params(job, md.tensordesc_meta)
+        params, constexprs, folded = _kernel_params(job, md)
         if [p["size"] for p in params] != [k["size"] for k in kparams]:
             raise ValueError(f"{cubin}: the cubin's parameter sizes {[k['size'] for k in kparams]} differ from the "
                              f"table's {[p['size'] for p in params]} ({[p['type'] for p in params]})")
@@ -223,8 +232,8 @@ def build_job(job: aot.Job, out_dir: str) -> dict:
             divisible_by_16=[names[path[0]] for path, a in job.attrs.items()
                              if any(k == "tt.divisibility" and v == 16 for k, v in a)],
             params=params, param_buffer_bytes=params[-1]["offset"] + params[-1]["size"],
-            scratch=dict(global_bytes=md.global_scratch_size, global_align=md.global_scratch_align,
-                         profile_bytes=md.profile_scratch_size, profile_align=md.profile_scratch_align),
+            scratch={f"{kind}_{what}": getattr(md, f"{kind}_scratch_{attr}", 0 if attr == "size" else 1)
+                     for kind in ("global", "profile") for what, attr in (("bytes", "size"), ("align", "align"))},
             launch_cooperative_grid=bool(md.launch_cooperative_grid), launch_pdl=bool(md.launch_pdl),
             grid=dict(max=list(job.grid), rules=_grid_rules(job.launches),
                       launches=[dict(use=x["use"], grid=x["grid"]) for x in job.launches]),
@@ -278,7 +287,8 @@ def _tuning(path: str | None):
 
 
 def _remove_previous(out_dir: str) -> None:
-    """Delete the cubins an earlier build listed in ``out_dir``'s table (only those), so no stale binary remains."""
+    """Delete an earlier build's table, header and the cubins its table lists (only those), so that no stale binary
+    or table remains, also when this build fails."""
     table = os.path.join(out_dir, TABLE)
     if not os.path.isfile(table):
         return
@@ -292,6 +302,9 @@ def _remove_previous(out_dir: str) -> None:
     for k in old.get("kernels", []):
         name = os.path.basename(str(k.get("cubin", "")))
         if name.endswith(".cubin") and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    for name in (TABLE, HEADER):
+        if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -357,8 +370,9 @@ def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf
             shared="sharedMemBytes = shared_bytes (dynamic); when needs_shared_optin, first "
                    "cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes)",
             params="kernelParams[i] points to a value of params[i]'s size, in params order (constexprs and folded "
-                   "arguments are not passed); the last two are Triton's global- and profile-scratch pointers: NULL "
-                   "when scratch.*_bytes is 0, else a buffer of grid_x * grid_y * grid_z * num_ctas * bytes",
+                   "arguments are not passed); the trailing params with role global_scratch / profile_scratch are "
+                   "Triton's scratch pointers: NULL when scratch.global_bytes / profile_bytes is 0, else a buffer of "
+                   "grid_x * grid_y * grid_z * num_ctas * bytes",
             tensor_descriptor="a '<arg>.desc' parameter is a CUtensorMap encoded on the host "
                               "(cuTensorMapEncodeTiled) from the tensor and its tensordesc_meta (swizzle, elem_size, "
                               "elem_type, block_size), followed by the tensor's shape (i32) and strides (i64)"),
@@ -396,7 +410,8 @@ def c_header(table: dict) -> str:
         "  int num_ctas;", "  unsigned shared_bytes;           /* dynamic: sharedMemBytes */",
         "  unsigned static_shared_bytes;", "  int needs_shared_optin;         /* set MAX_DYNAMIC_SHARED_SIZE_BYTES */",
         "  unsigned global_scratch_bytes;   /* per program; 0: pass NULL */",
-        "  unsigned global_scratch_align;", "  int num_params;                  /* including the two scratch pointers */",
+        "  unsigned global_scratch_align;",
+        "  int num_params;                  /* including Triton's scratch pointers */",
         "  unsigned param_buffer_bytes;", "  const fastvit_aot_param *params;", "} fastvit_aot_kernel;", ""]
     for k in table["kernels"]:
         body = ", ".join(f"{{{_c_string(p['name'])}, {p['size']}u, {p['offset']}u}}" for p in k["params"])

@@ -286,6 +286,24 @@ def test_c_header(built, tmp_path):
     assert subprocess.run([str(tmp_path / "use")]).returncode == 0
 
 
+def test_rebuild_replaces_the_previous_build(built, tmp_path):
+    """A second build into the same directory removes the first one's cubins (only those: other files stay) and
+    writes its own table."""
+    out, table = built
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (again / "notes.txt").write_text("kept")
+    proc = subprocess.run([sys.executable, "-m", "fastvit_kernels.aot", "build", "--arch", "sm_90", *WORKLOAD,
+                           "--kernel", "_prefix_rows_kernel", "--out", str(again), "--jobs", "1"],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = json.loads((again / "kernels.json").read_text())
+    assert [(r["arch"], r["kernel"]) for r in new["kernels"]] == [("sm_90", "_prefix_rows_kernel")]
+    assert sorted(p.name for p in again.iterdir()) == sorted([new["kernels"][0]["cubin"], "kernels.json",
+                                                              "kernels.h", "notes.txt"])
+    assert new["kernels"][0]["symbol"] in {r["symbol"] for r in table["kernels"]}  # same variant, same name
+
+
 # ---- the configuration choice, on a synthetic autotuned kernel (no compile) -----------------------------------------
 _AUTOTUNED = '''
 import triton, triton.language as tl
