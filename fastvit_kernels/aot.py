@@ -4,6 +4,7 @@ Command::
 
     python -m fastvit_kernels.aot check --arch sm_80 --arch sm_90 [--json] [--model NAME ...] [--dtype bf16 ...]
     python -m fastvit_kernels.aot grids [--json] [--model NAME ...] [--batch 8192 ...] [--img 1024 ...]
+    python -m fastvit_kernels.aot build --out DIR [...]   (cubins + launch table: fastvit_kernels.aot_build)
 
 How it works (no GPU, no CUDA driver):
 
@@ -40,6 +41,7 @@ still be slow (bad tiles, memory-bound, low occupancy) or wrong (correctness is 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -175,6 +177,9 @@ class Job:
     config: str = ""  # readable tile configuration (BLOCK_*, GROUP_M, ROWS, warps, stages)
     uses: list = field(default_factory=list)  # "model dtype mode: ops/file.py:line" for each launch site
     grid: list = field(default_factory=lambda: [0, 0, 0])  # largest extent of each grid axis over its launches
+    # each distinct launch: {"use": as in uses, "grid": [x, y, z], "launcher": "kernels/<file>.py:<line>" of the
+    # _launch.launch call, "rule": the grid function's source, or the launcher's source line for a fixed grid}
+    launches: list = field(default_factory=list)
 
     def key(self) -> tuple:
         """Identity of the compiled binary: two launches with equal keys compile to the same cubin."""
@@ -333,13 +338,19 @@ class _Recorder:
     and counts their launches in ``launched``; a kernel outside it (a test's own) is named by its function's module.
     An autotuned kernel is expanded into its candidates whether the launcher hands over the ``Autotuner`` or, with a
     fixed configuration (``FASTVIT_AUTOTUNE=0``), its plain kernel: a GPU autotunes by default, so every candidate
-    is what can run."""
+    is what can run.
+
+    ``fixed=True`` (the AOT build, :mod:`fastvit_kernels.aot_build`): one configuration per launch instead, the one
+    the launcher runs without timing anything: a plain kernel with its fixed configuration as launched; an
+    ``Autotuner`` through its full ``early_config_prune`` (the kernel's filter, then the active tuning record's
+    pick, :func:`fastvit_kernels.kernels.tuning_record.tuned_prune`), first survivor (with no record that is the
+    first candidate after pruning, what ``FASTVIT_AUTOTUNE=0`` launches)."""
 
     def __init__(self, archs: list[int], jobs: dict, label: list, grids: dict | None = None,
-                 kernels: dict | None = None):
+                 kernels: dict | None = None, fixed: bool = False):
         from triton.runtime.autotuner import Autotuner
 
-        self.archs, self.jobs, self.label = archs, jobs, label
+        self.archs, self.jobs, self.label, self.fixed = archs, jobs, label, fixed
         self.grids = {} if grids is None else grids
         self.launched = {kid: 0 for kid in kernels or {}}  # kernel id -> launches recorded
         self._binders: dict = {}  # (kernel id, arch) -> (backend, binder)
@@ -367,23 +378,31 @@ class _Recorder:
     def __call__(self, kernel, grid, args: tuple, kwargs: dict) -> None:
         kid, module, tuner = self._identify(kernel)
         self.launched[kid] = self.launched.get(kid, 0) + 1
-        self._record(module, tuner or kernel, grid, args, kwargs)
+        frame = sys._getframe(2)  # the launcher's frame, which called _launch.launch
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        rule = _grid_rule(grid, path, frame.f_lineno)
+        launcher = f"{'/'.join(path.split('/')[-2:])}:{frame.f_lineno}"  # e.g. kernels/matmul.py:458
+        # fixed: a tuner's plain kernel launched with its fixed configuration is that configuration, as launched
+        run = kernel if self.fixed and tuner is not None and kernel is not tuner else tuner or kernel
+        self._record(module, run, grid, args, kwargs, launcher, rule)
 
-    @staticmethod
-    def _variants(k, args, kwargs):
-        """(JITFunction, kwargs) per autotune candidate of ``k`` (pruned as the autotuner prunes), or the launch
-        itself for a plain kernel; an iterator: a candidate's ``pre_hook`` (TMA descriptor block shapes) mutates
-        arguments shared by all candidates, so each candidate is bound before the next hook runs."""
+    def _variants(self, k, args, kwargs):
+        """(JITFunction, kwargs) per autotune candidate of ``k`` (pruned as the autotuner prunes; with ``fixed``
+        only the configuration it runs untimed), or the launch itself for a plain kernel; an iterator: a
+        candidate's ``pre_hook`` (TMA descriptor block shapes) mutates arguments shared by all candidates, so each
+        candidate is bound before the next hook runs."""
         from triton.runtime.autotuner import Autotuner
 
         if not isinstance(k, Autotuner):
             return [(k, kwargs)]
         configs = k.configs
-        # every candidate of the launch: the kernel's own filter, not a tuning record's single pick
         prune = getattr(k, "early_config_prune", None)
-        prune = getattr(prune, "candidates", prune)
-        if prune:
+        if not self.fixed:  # every candidate of the launch: the kernel's own filter, not a tuning record's pick
+            prune = getattr(prune, "candidates", prune)
+        if prune and len(configs) > 1:  # Triton's autotuner prunes only a list of more than one
             configs = prune(configs, dict(zip(k.arg_names, args)), **kwargs)
+        if self.fixed:
+            configs = configs[:1]
         if not hasattr(k.fn, "params"):
             raise TypeError(f"{k.fn!r}: only triton.autotune over a plain @triton.jit kernel is supported")
         return _Recorder._each(k, configs, args, kwargs)
@@ -413,7 +432,7 @@ class _Recorder:
             if extent > rec["grid"][axis]:
                 rec["grid"][axis], rec["at"][axis] = extent, use
 
-    def _record(self, module, kernel, grid, args, kwargs):
+    def _record(self, module, kernel, grid, args, kwargs, launcher: str = "", rule: str = ""):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
@@ -438,20 +457,60 @@ class _Recorder:
                 job = Job(module.__name__, fn.__name__, arch, signature, constexprs, attrs, options, spec, cfg)
                 job = self.jobs.setdefault(job.key(), job)
                 job.grid = [max(a, b) for a, b in zip(job.grid, launch_grid)]
+                launch = dict(use=use, grid=list(launch_grid), launcher=launcher, rule=rule)
+                if launch not in job.launches:
+                    job.launches.append(launch)
                 if use not in job.uses:
                     job.uses.append(use)
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_call_grid(path: str, line: int) -> str:
+    """Source of the grid argument of the ``launch(kernel, grid, ...)`` call that spans ``line`` of ``path`` (the
+    innermost such call), or '' when the file cannot be parsed or has none there."""
+    import ast
+
+    try:
+        with open(path) as f:
+            text = f.read()
+        tree = ast.parse(text)
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    best = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.lineno <= line <= (node.end_lineno or node.lineno) \
+                and len(node.args) >= 2 and (ast.get_source_segment(text, node.func) or "").endswith("launch"):
+            if best is None or node.lineno >= best.lineno:
+                best = node
+    return " ".join((ast.get_source_segment(text, best.args[1]) or "").split()) if best is not None else ""
+
+
+def _grid_rule(grid, path: str, line: int) -> str:
+    """Source text of a launch's grid rule: the grid argument's expression at the launcher's ``launch`` call, and
+    for a grid function that is not a lambda written there, its source (the rule over the launch's
+    meta-parameters)."""
+    import inspect
+
+    expr = _launch_call_grid(path, line)
+    if not callable(grid) or expr.startswith("lambda"):
+        return expr
+    try:
+        body = " ".join(inspect.getsource(grid).split())
+    except (OSError, TypeError):
+        body = getattr(grid, "__qualname__", repr(grid))
+    return f"{expr} with {body}" if expr else body
+
+
 @contextmanager
-def _recording(archs: list[int], jobs: dict, label: list, grids: dict | None = None):
+def _recording(archs: list[int], jobs: dict, label: list, grids: dict | None = None, fixed: bool = False):
     """Record the launches made inside the block into a :class:`_Recorder` over the package's kernels, through the
     launch hook :func:`fastvit_kernels.kernels._launch.recording` (nothing is launched). While it records, the
     public ops take the Triton path on CPU and meta tensors, bfloat16 included (the rule of
     :func:`fastvit_kernels.backend.resolve_backend`; the CPU-bfloat16 guard is for the interpreter, which does not
-    run here). Yields the recorder."""
+    run here). ``fixed``: one configuration per autotuned launch (see :class:`_Recorder`). Yields the recorder."""
     from .kernels import _launch
 
-    recorder = _Recorder(archs, jobs, label, grids, package_kernels())
+    recorder = _Recorder(archs, jobs, label, grids, package_kernels(), fixed)
     with _launch.recording(recorder):
         yield recorder
 
@@ -619,13 +678,15 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
     return work
 
 
-def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, batches=DEFAULT_BATCHES
-          ) -> tuple[list[Job], list[str]]:
+def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, batches=DEFAULT_BATCHES,
+          fixed: bool = False) -> tuple[list[Job], list[str]]:
     """Record every kernel launch of the workloads. Returns (unique jobs in first-launch order, ids of package
-    kernels that no workload launched). Each job's ``grid`` is the largest extent per axis of its launches."""
+    kernels that no workload launched). Each job's ``grid`` is the largest extent per axis of its launches.
+    ``fixed``: one configuration per autotuned launch, the one run untimed (the AOT build), instead of every
+    candidate (see :class:`_Recorder`)."""
     jobs: dict = {}
     label: list = []
-    with _recording(archs, jobs, label) as recorder:
+    with _recording(archs, jobs, label, fixed=fixed) as recorder:
         for model in models:
             for dt in dtypes:
                 for batch in batches:
@@ -886,6 +947,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="compile every kernel variant the ViT configs use and inspect the cubins; "
                                      "check every launch grid against CUDA's limits")
     g = sub.add_parser("grids", help="only the launch-grid check (seconds; no compiler)")
+    from . import aot_build
+
+    aot_build.add_parser(sub)
     ints = lambda text: ", ".join(map(str, text))  # noqa: E731
     for q in (p, g):
         q.add_argument("--model", action="append", help=f"model config name (repeatable; default {', '.join(MODELS)})")
@@ -910,8 +974,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "grids":
         missing = [m for m in missing if m == "triton"]
     if missing:
-        print(f"AOT check unavailable: missing {', '.join(missing)} (Triton's bundled CUDA tools)", file=sys.stderr)
+        print(f"AOT {args.command} unavailable: missing {', '.join(missing)} (Triton's bundled CUDA tools)",
+              file=sys.stderr)
         return 2
+    if args.command == "build":
+        return aot_build.run(args, parser)
     common = (args.model or MODELS, args.dtype or ["bf16", "fp16", "fp32"], args.mode or MODES)
     try:
         if args.command == "grids":
