@@ -49,9 +49,29 @@ def norm_qkv(x: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch
                                 backend=backend, **kw)
 
 
+def folds_layer_scale(x: torch.Tensor) -> bool:
+    """Whether a LayerScale ``gamma`` (D,) on a residual branch ending in a Linear is folded into that Linear here:
+    ``x + gamma * (h W^T + b) = x + h (gamma W)^T + gamma b`` (CaiT's LayerScale, Touvron et al. 2021), so the
+    residual add stays in the GEMM epilogue and the branch output is never stored or re-read (the scaled weight is a
+    (D, K) product, the activations (M, D)); autograd takes gamma's and W's gradients through the product. Not in
+    fp16 compute (the input's dtype, or the autocast dtype when autocast is on for x's device): gamma W with
+    LayerScale's 1e-5 initialisation falls among fp16's subnormals, so those blocks keep the eager scale."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return dtype != torch.float16
+
+
+def scaled_linear(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Linear ``(gamma[:, None] * weight, gamma * bias)`` whose output is gamma times the original's: weight
+    (D, K), bias (D,) or None, gamma (D,) (see :func:`folds_layer_scale`)."""
+    return weight * gamma[:, None], None if bias is None else bias * gamma
+
+
 def norm_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, add_residual: bool,
-             backend: str | None = None) -> torch.Tensor | None:
-    """``[x +] mlp(norm(x))`` as one fused op, (B, N, D) -> (B, N, D), or None when no op covers the pair:
+             backend: str | None = None, layer_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``[x +] mlp(norm(x))`` (``x + layer_scale * mlp(norm(x))`` with a LayerScale gamma (D,), folded into fc2:
+    :func:`scaled_linear`) as one fused op, (B, N, D) -> (B, N, D), or None when no op covers the pair:
 
     * a GELU :class:`~fastvit_kernels.reference.Mlp` without an inner norm: ``ops.layernorm_mlp``;
     * a SiLU-gated :class:`~fastvit_kernels.reference.SwiGLU` (separate gate / up layers) or
@@ -63,8 +83,11 @@ def norm_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, add_residual: boo
     if kind is None:
         return None
     nb = getattr(norm, "bias", None)
+    w2, b2 = mlp.fc2.weight, mlp.fc2.bias
+    if layer_scale is not None:
+        w2, b2 = scaled_linear(w2, b2, layer_scale)
     if type(mlp) is reference.Mlp and isinstance(mlp.act, nn.GELU) and isinstance(mlp.norm, nn.Identity):
-        return ops.layernorm_mlp(x, norm.weight, nb, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+        return ops.layernorm_mlp(x, norm.weight, nb, mlp.fc1.weight, mlp.fc1.bias, w2, b2,
                                  norm.eps, add_residual=add_residual, approximate=mlp.act.approximate, norm=kind,
                                  backend=backend)
     hidden = mlp.norm if isinstance(mlp, (reference.SwiGLU, reference.GluMlp)) else None
@@ -81,5 +104,5 @@ def norm_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, add_residual: boo
         return None
     hn = dict(hidden_norm_weight=hidden.weight, hidden_norm_bias=hidden.bias, hidden_norm_eps=hidden.eps) \
         if not isinstance(hidden, nn.Identity) else {}
-    return ops.swiglu_mlp(x, norm.weight, nb, gw, gb, uw, ub, mlp.fc2.weight, mlp.fc2.bias, norm.eps, norm=kind,
+    return ops.swiglu_mlp(x, norm.weight, nb, gw, gb, uw, ub, w2, b2, norm.eps, norm=kind,
                           add_residual=add_residual, backend=backend, **hn)

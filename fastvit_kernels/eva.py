@@ -4,7 +4,7 @@ same outputs. A block (see :mod:`fastvit_kernels.reference_eva`) runs
 
     qkv = RoPE(Linear(norm1(z)))                  _qkv: ops.layernorm_linear + reference.rope_ref (RMSNorm: eager)
     o   = MHA(qkv)                                _attn: ops.attention
-    z'  = z + drop_path(gamma_1 * proj(norm(o)))  _proj: ops.linear_residual (eager around LayerScale / dropout)
+    z'  = z + drop_path(gamma_1 * proj(norm(o)))  _proj: ops.linear_residual (gamma_1 folded; eager around dropout)
     z   = z' + drop_path(gamma_2 * mlp(norm2(z'))) _mlp: ops.layernorm_mlp (GELU Mlp); eager for SwiGLU / RMSNorm
 
 Each of the four is one method, the seam where a fused op replaces the eager part as it lands (RoPE in the qkv
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference, reference_eva
-from ._blocks import BlocksBackend, norm_mlp, norm_qkv
+from ._blocks import BlocksBackend, folds_layer_scale, norm_mlp, norm_qkv, scaled_linear
 from .rope import RopeTable
 
 
@@ -40,8 +40,13 @@ class FastEvaBlock(reference_eva.EvaBlock):
                 self._warned = True
             return super().forward(x, rope)
         x = self._proj(x, self._attn(self._qkv(x, rope)))  # z' = z + drop_path(gamma_1 * proj(MHA(...)))
-        if self.gamma_2 is None and not (self.training and self.drop_path2.drop_prob > 0):
-            return self._mlp(x, add_residual=True)
+        if not (self.training and self.drop_path2.drop_prob > 0):
+            if self.gamma_2 is None:
+                return self._mlp(x, add_residual=True)
+            if folds_layer_scale(x):  # gamma_2 folded into fc2, the residual in its epilogue
+                y = norm_mlp(x, self.norm2, self.mlp, True, self.backend, layer_scale=self.gamma_2)
+                if y is not None:
+                    return y
         y = self._mlp(x, add_residual=False)
         return x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
 
@@ -74,11 +79,16 @@ class FastEvaBlock(reference_eva.EvaBlock):
 
     def _proj(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Seam: ``x + drop_path1(gamma_1 * proj_drop(proj(norm(o))))`` (norm: the attention-output norm,
-        scale_attn_inner, eager): ``ops.linear_residual`` without LayerScale, proj dropout or stochastic depth."""
+        scale_attn_inner, eager): ``ops.linear_residual`` without proj dropout or stochastic depth, gamma_1 folded into
+        proj (:func:`fastvit_kernels._blocks.folds_layer_scale`; fp16 compute: eager LayerScale)."""
         attn = self.attn
         o = attn.norm(o)
-        if self.gamma_1 is None and not (self.training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0)):
-            return ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x, backend=self.backend)
+        if not (self.training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0)):
+            if self.gamma_1 is None:
+                return ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x, backend=self.backend)
+            if folds_layer_scale(x):
+                weight, bias = scaled_linear(attn.proj.weight, attn.proj.bias, self.gamma_1)
+                return ops.linear_residual(o, weight, bias, x, backend=self.backend)
         y = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
         return x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
 

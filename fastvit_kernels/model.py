@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference
-from ._blocks import BlocksBackend, norm_mlp, norm_qkv
+from ._blocks import BlocksBackend, folds_layer_scale, norm_mlp, norm_qkv, scaled_linear
 from .configs import EVA_MODELS, NAFLEX_MODELS, get_config
 
 
@@ -36,7 +36,8 @@ class Block(reference.Block):
     ``eval()`` changes whether dropout and stochastic depth apply (as timm chooses ``attn_layer`` / ``mlp_layer``
     when it builds a block), never per call. Options the Triton path does not implement (attention or MLP dropout
     > 0 while training) run that half on the eager reference modules, with a one-time warning: never silently
-    different. LayerScale and qk_norm run as eager ops around the fused ones.
+    different. LayerScale is folded into the branch's last Linear (not in fp16 compute); qk_norm runs as eager ops
+    around the fused ones.
 
     Seams (one method each, to be switched to fused ops as they land): :meth:`_qkv` (norm1 + qkv (+ qk_norm):
     ``ops.layernorm_linear``, or eager RMSNorm + ``F.linear``) and :meth:`_mlp` (norm2 + MLP (+ residual):
@@ -76,12 +77,15 @@ class Block(reference.Block):
           backward);
         * no LayerScale, no proj dropout or stochastic depth in effect (qk_norm or RMSNorm): :meth:`_qkv`,
           ``ops.attention``, ``ops.linear_residual`` (proj bias + residual in the GEMM epilogue);
+        * LayerScale, no proj dropout or stochastic depth in effect: the same with LayerScale folded into proj's
+          weight and bias (:func:`fastvit_kernels._blocks.folds_layer_scale`; not in fp16 compute);
         * otherwise the same up to the attention output, then proj as ``F.linear`` and dropout, LayerScale and
           stochastic depth on the branch before the residual add.
 
-        MLP half, ``z = MLP(LN(z')) + z'``: MLP dropout while training: the eager modules; LayerScale or
-        stochastic depth in effect: :meth:`_mlp` ``(add_residual=False)`` and those on the branch; otherwise
-        :meth:`_mlp` with the residual added (in fc2's epilogue on ``ops.layernorm_mlp``).
+        MLP half, ``z = MLP(LN(z')) + z'``: MLP dropout while training: the eager modules; stochastic depth in
+        effect (or a LayerScale that cannot be folded: fp16, or an MLP no fused op covers): :meth:`_mlp`
+        ``(add_residual=False)`` and those on the branch; otherwise :meth:`_mlp` with the residual added (in fc2's
+        epilogue on ``ops.layernorm_mlp``), LayerScale folded into fc2.
         """
         attn, training = self.attn, self.training
         branch_ops = training and (self.drop_path1.drop_prob > 0 or attn.proj_drop.p > 0)
@@ -91,11 +95,17 @@ class Block(reference.Block):
         elif not branch_ops and no_ls1:
             plain = isinstance(attn.q_norm, nn.Identity) and isinstance(self.norm1, nn.LayerNorm)
             self.attention_residual = self._attention_fused if plain else self._attention_proj_residual
+        elif not branch_ops and isinstance(self.ls1, reference.LayerScale):
+            self.attention_residual = self._attention_scaled_residual
         else:
             self.attention_residual = self._attention_branch
         if training and self.mlp.drop1.p > 0:
             self.mlp_residual = self._mlp_eager
-        elif (training and self.drop_path2.drop_prob > 0) or not isinstance(self.ls2, nn.Identity):
+        elif training and self.drop_path2.drop_prob > 0:
+            self.mlp_residual = self._mlp_branch
+        elif isinstance(self.ls2, reference.LayerScale):
+            self.mlp_residual = self._mlp_scaled_residual
+        elif not isinstance(self.ls2, nn.Identity):
             self.mlp_residual = self._mlp_branch
         else:
             self.mlp_residual = self._mlp_fused
@@ -128,6 +138,14 @@ class Block(reference.Block):
         proj = self.attn.proj
         return ops.linear_residual(self._msa(x), proj.weight, proj.bias, x, backend=self.backend)
 
+    def _attention_scaled_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + ls1(proj(o))`` with LayerScale folded into proj (:func:`fastvit_kernels._blocks.folds_layer_scale`;
+        fp16 compute: :meth:`_attention_branch`)."""
+        if not folds_layer_scale(x):
+            return self._attention_branch(x)
+        weight, bias = scaled_linear(self.attn.proj.weight, self.attn.proj.bias, self.ls1.gamma)
+        return ops.linear_residual(self._msa(x), weight, bias, x, backend=self.backend)
+
     def _attention_branch(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         branch = attn.proj_drop(F.linear(self._msa(x), attn.proj.weight, attn.proj.bias))
@@ -150,6 +168,16 @@ class Block(reference.Block):
 
     def _mlp_fused(self, x: torch.Tensor) -> torch.Tensor:
         return self._mlp(x, add_residual=True)
+
+    def _mlp_scaled_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + ls2(mlp(norm2(x)))`` with LayerScale folded into fc2 and the residual in its epilogue, where a fused
+        op covers the MLP and the dtype allows the fold (:func:`fastvit_kernels._blocks.folds_layer_scale`);
+        otherwise :meth:`_mlp_branch`."""
+        if folds_layer_scale(x):
+            y = norm_mlp(x, self.norm2, self.mlp, True, self.backend, layer_scale=self.ls2.gamma)
+            if y is not None:
+                return y
+        return self._mlp_branch(x)
 
     def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path2(self.ls2(self._mlp(x, add_residual=False)))

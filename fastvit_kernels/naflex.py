@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference, reference_naflex
-from ._blocks import BlocksBackend, norm_mlp, norm_qkv
+from ._blocks import BlocksBackend, folds_layer_scale, norm_mlp, norm_qkv, scaled_linear
 from .reference_naflex import NaFlexVitCfg, batch_patchify, check_image_input, check_naflex_input
 
 
@@ -91,10 +91,12 @@ class FastNaFlexBlock(reference.Block):
     ``forward(x, packing)``: x (1, T, D) packed sequences (:class:`Packing`); ``forward(x)``: x (B, N, D), every
     image the same length. Either way: norm1 + qkv (``ops.layernorm_linear``; qk_norm eager),
     ``ops.attention`` (with ``cu_seqlens`` when packed: each image attends to itself), proj + residual
-    (``ops.linear_residual``; around LayerScale, proj dropout or stochastic depth: ``F.linear`` and those on the
-    branch), norm2 + MLP (``ops.layernorm_mlp``, the residual in its epilogue unless LayerScale / stochastic depth
-    sit on the branch; MLP dropout while training: the eager MLP, with a one-time warning). Stochastic depth is
-    per image (:meth:`Packing.drop_path` when packed). Attention dropout is not available (FastNaFlexVit rejects
+    (``ops.linear_residual``, LayerScale folded into proj's weight and bias
+    (:func:`fastvit_kernels._blocks.folds_layer_scale`, not in fp16); around proj dropout, stochastic depth or an
+    fp16 LayerScale: ``F.linear`` and those on the branch), norm2 + MLP (``ops.layernorm_mlp``, the residual in its
+    epilogue and LayerScale folded into fc2 unless stochastic depth or an fp16 LayerScale sits on the branch; MLP
+    dropout while training: the eager MLP, with a one-time warning). Stochastic depth is per image
+    (:meth:`Packing.drop_path` when packed). Attention dropout is not available (FastNaFlexVit rejects
     attn_drop_rate > 0)."""
 
     backend: str | None = None  # set by FastNaFlexVit
@@ -109,8 +111,12 @@ class FastNaFlexBlock(reference.Block):
         else:
             o = ops.attention(qkv, attn.num_heads, attn.scale, backend=self.backend)
         p1 = self.drop_path1.drop_prob
-        if isinstance(self.ls1, nn.Identity) and not (training and (p1 > 0 or attn.proj_drop.p > 0)):
+        no_branch_ops = not (training and (p1 > 0 or attn.proj_drop.p > 0))
+        if isinstance(self.ls1, nn.Identity) and no_branch_ops:
             x = ops.linear_residual(o, attn.proj.weight, attn.proj.bias, x, backend=self.backend)
+        elif isinstance(self.ls1, reference.LayerScale) and no_branch_ops and folds_layer_scale(x):
+            weight, bias = scaled_linear(attn.proj.weight, attn.proj.bias, self.ls1.gamma)
+            x = ops.linear_residual(o, weight, bias, x, backend=self.backend)
         else:
             branch = attn.proj_drop(F.linear(o, attn.proj.weight, attn.proj.bias))
             x = x + drop_path(self.ls1(branch), p1, training)
@@ -124,6 +130,10 @@ class FastNaFlexBlock(reference.Block):
         elif isinstance(self.ls2, nn.Identity) and not (training and p2 > 0):
             return self._mlp(x, add_residual=True)
         else:
+            if isinstance(self.ls2, reference.LayerScale) and not (training and p2 > 0) and folds_layer_scale(x):
+                y = norm_mlp(x, self.norm2, self.mlp, True, self.backend, layer_scale=self.ls2.gamma)
+                if y is not None:  # LayerScale folded into fc2, the residual in its epilogue
+                    return y
             y = self._mlp(x, add_residual=False)
         return x + drop_path(self.ls2(y), p2, training)
 

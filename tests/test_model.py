@@ -123,7 +123,10 @@ def _paths(blk) -> tuple[str, str]:
     (dict(attn_drop_rate=0.1), ("_attention_eager", "_mlp_fused"), ("_attention_fused", "_mlp_fused")),
     (dict(proj_drop_rate=0.1), ("_attention_branch", "_mlp_eager"), ("_attention_fused", "_mlp_fused")),
     (dict(drop_path_rate=0.5, depth=2), ("_attention_branch", "_mlp_branch"), ("_attention_fused", "_mlp_fused")),
-    (dict(init_values=1e-5), ("_attention_branch", "_mlp_branch"), ("_attention_branch", "_mlp_branch")),
+    (dict(init_values=1e-5), ("_attention_scaled_residual", "_mlp_scaled_residual"),
+     ("_attention_scaled_residual", "_mlp_scaled_residual")),
+    (dict(init_values=1e-5, drop_path_rate=0.5, depth=2), ("_attention_branch", "_mlp_branch"),
+     ("_attention_scaled_residual", "_mlp_scaled_residual")),
     (dict(qk_norm=True), ("_attention_proj_residual", "_mlp_fused"), ("_attention_proj_residual", "_mlp_fused")),
 ])
 def test_block_chooses_its_paths_at_build_and_mode_change(kwargs, train, eval_):
@@ -134,6 +137,47 @@ def test_block_chooses_its_paths_at_build_and_mode_change(kwargs, train, eval_):
     assert _paths(blk) == eval_
     model.train()
     assert _paths(blk) == train
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_scale_folded_into_the_branch_linear(backend):
+    # x + gamma * (h W^T + b) computed as x + h (gamma W)^T + gamma b (residual in the GEMM epilogue): the eager
+    # branch's values and every gradient (gamma's through the scaled weight), in fp32
+    torch.manual_seed(0)
+    model = create_model("vit_test_hd80", depth=1, init_values=0.1, backend=backend).eval()
+    blk = model.blocks[0]
+    with torch.no_grad():
+        blk.ls1.gamma.uniform_(-1, 1)
+        blk.ls2.gamma.uniform_(-1, 1)
+    x = torch.randn(2, 17, 160, requires_grad=True)
+    results = []
+    for attn_path, mlp_path in ((blk._attention_scaled_residual, blk._mlp_scaled_residual),
+                                (blk._attention_branch, blk._mlp_branch)):
+        out = mlp_path(attn_path(x))
+        params = [x, blk.ls1.gamma, blk.ls2.gamma, blk.attn.proj.weight, blk.attn.proj.bias, blk.mlp.fc2.weight,
+                  blk.mlp.fc2.bias, blk.mlp.fc1.weight]
+        results.append((out, torch.autograd.grad(out, params, torch.ones_like(out))))
+    (out_f, grads_f), (out_e, grads_e) = results
+    torch.testing.assert_close(out_f, out_e, rtol=1e-5, atol=1e-5)
+    for gf, ge in zip(grads_f, grads_e):
+        torch.testing.assert_close(gf, ge, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_scale_not_folded_in_fp16(monkeypatch):
+    # gamma * W at LayerScale's 1e-5 init is an fp16 subnormal: fp16 compute keeps the eager scale
+    from fastvit_kernels import _blocks
+
+    assert _blocks.folds_layer_scale(torch.zeros(1)) and _blocks.folds_layer_scale(torch.zeros(1, dtype=torch.bfloat16))
+    assert not _blocks.folds_layer_scale(torch.zeros(1, dtype=torch.float16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not _blocks.folds_layer_scale(torch.zeros(1))
+    blk = create_model("vit_digits", depth=1, init_values=1e-5, backend="torch").eval().blocks[0]
+    taken = []
+    monkeypatch.setattr(blk, "_attention_branch", lambda x: taken.append("attention") or x)
+    monkeypatch.setattr(blk, "_mlp_branch", lambda x: taken.append("mlp") or x)
+    x = torch.randn(2, 5, 64, dtype=torch.float16)
+    blk.attention_residual(x), blk.mlp_residual(x)
+    assert taken == ["attention", "mlp"]
 
 
 def test_block_forward_is_the_chosen_path():

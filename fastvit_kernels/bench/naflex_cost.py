@@ -7,9 +7,11 @@ sequences, for two paths (conventions, :class:`~fastvit_kernels.bench.cost_model
   ``cu_seqlens``; ``fastvit::patch_embed_tokens`` embeds only the kept patches (its A load gathers them through
   ``ids_keep``; position rows gathered per token; prefix rows written in the same launch), every block GEMM runs
   on sum_s (n_s + p) rows, attention is the varlen kernel (each sequence attends to itself: sum_s (n_s + p)^2
-  work; its backward as preprocess + dK dV + dQ launches). The blocks are FastEva's with LayerScale: norm1 + qkv
-  as row stats + one GEMM, proj as ``F.linear`` + ``gamma * y`` + add, ``layernorm_mlp`` without its residual +
-  ``gamma * y`` + add (the backward's dgrad / wgrad pairs as :mod:`~fastvit_kernels.bench.cost_model` models them).
+  work; its backward as preprocess + dK dV + dQ launches). The blocks are FastNaFlexVit's: norm1 + qkv as row
+  stats + one GEMM, LayerScale folded into proj's and fc2's weight and bias (``gamma W``, ``gamma b``: elementwise
+  ops on parameters) so that ``linear_residual`` and ``layernorm_mlp`` keep the residual in their epilogues (the
+  backward's dgrad / wgrad pairs as :mod:`~fastvit_kernels.bench.cost_model` models them, then the fold's
+  parameter-sized backward).
 * ``"padded"``: timm's NaFlexVit on its collator's padded batch: the Linear patch embedding over every padded
   row, the position rows added per image by ``index_add_``, the register-token cat, MAE-style patch dropout as
   timm's ``PatchDropout`` (argsort of noise over every slot, padding included, then a gather: the embedding ran
@@ -210,11 +212,13 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
     b.ew("aten.cat", "cat the images' pos rows (R, D)", sum(lens) * D * e, sum(lens) * D * e)
     b.cls = "patch_embed"
     b.call("fastvit.patch_embed_tokens_fwd",
-           _triton(name="_patch_embed_tokens_kernel", flops=2 * T * K * D,
-                   bytes_read=T * K * e + sel + D * K * e + D * e + T * I64 + T * D * e + p * D * e + cu,
-                   bytes_written=M * D * e,
+           _triton(name="_matmul_split_kernel", flops=2 * T * K * D,
+                   bytes_read=T * K * e + sel + D * K * e + D * e + T * I64 + T * D * e + cu,
+                   bytes_written=T * D * e,
                    note="kept patches gathered in the A load (ids_keep); bias + gathered pos rows in the epilogue; "
-                        "prefix rows written per sequence"))
+                        "rows stored through the row map past each sequence's prefix rows"),
+           Kernel(name="aten.index_copy", bytes_read=(M - T) * D * e + (M - T) * I64, bytes_written=(M - T) * D * e,
+                  note="the prefix rows of every sequence"))
     for _ in range(L):
         b.cls = "ln_qkv"
         b.call("fastvit.layernorm_linear_fwd",
@@ -228,24 +232,20 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
                        bytes_written=M * D * e + lse, note="each sequence attends to itself (cu_seqlens)"))
         b.cls = "proj"
         if ls:
-            b.addmm(M, D, D, e, note="proj as F.linear (LayerScale on the branch)")
-            b.layer_scale(M, D, e)
-            b.add(M * D, e, "residual")
-        else:
-            b.call("fastvit.linear_residual_fwd",
-                   _triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e + D * D * e + D * e,
-                           bytes_written=M * D * e, note="bias + residual epilogue"))
+            _fold_layer_scale(b, D, D, e)
+        b.call("fastvit.linear_residual_fwd",
+               _triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e + D * D * e + D * e,
+                       bytes_written=M * D * e, note="bias + residual epilogue" + (" (LayerScale folded)" if ls else "")))
         b.cls = "mlp"
-        res = 0 if ls else M * D * e
+        if ls:
+            _fold_layer_scale(b, D, Dh, e)
+        res = M * D * e
         b.call("fastvit.layernorm_mlp_fwd",
                _triton(name="_layernorm_stats_kernel", bytes_read=M * D * e, bytes_written=2 * M * F32),
                _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + 2 * M * F32 + 2 * D * e + Dh * D * e
                        + Dh * e, bytes_written=2 * M * Dh * e, note="LayerNorm prologue; bias + GELU epilogue"),
                _triton(name=GK, flops=2 * M * Dh * D, bytes_read=M * Dh * e + D * Dh * e + D * e + res,
-                       bytes_written=M * D * e, note="bias" + ("" if ls else " + residual") + " epilogue"))
-        if ls:
-            b.layer_scale(M, D, e)
-            b.add(M * D, e, "residual")
+                       bytes_written=M * D * e, note="bias + residual epilogue"))
     _head_fwd(b, s, M, T, S, e, padded=False)
     if not train:
         return
@@ -253,8 +253,6 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
     _head_bwd(b, s, M, T, S, e, padded=False)
     for _ in range(L):
         b.cls = "mlp"
-        if ls:
-            b.layer_scale_bwd(M, D, e)
         b.call("fastvit.layernorm_mlp_bwd",
                *pair(_triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * D * e + M * Dh * e,
                              bytes_written=D * Dh * e + D * e, note="dW2; GELU recomputed", fusion=cm.WGRAD_GELU),
@@ -266,20 +264,18 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
                      _triton(name=GK, flops=2 * M * D * Dh, bytes_read=M * Dh * e + Dh * D * e,
                              bytes_written=M * D * e, note="d LayerNorm(x)", fusion=cm.DGRAD),
                      ((Dh, D, M), (M, D, Dh)), "mlp"),
-               *cm._ln_bwd_kernels(M, D, e, not ls, "mlp"))
+               *cm._ln_bwd_kernels(M, D, e, True, "mlp"))
         if ls:
-            b.add(M * D, e, "grad accumulation (residual + MLP branch)")
+            _fold_layer_scale_bwd(b, D, Dh, e)
         b.cls = "proj"
+        b.call("fastvit.linear_residual_bwd",
+               *pair(_triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e,
+                             bytes_written=D * D * e + D * e, note="dW", fusion=cm.WGRAD),
+                     _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e,
+                             bytes_written=M * D * e, note="dx", fusion=cm.DGRAD),
+                     ((D, D, M), (M, D, D)), "proj"))
         if ls:
-            b.layer_scale_bwd(M, D, e)
-            b.linear_bwd(M, D, D, e)
-        else:
-            b.call("fastvit.linear_residual_bwd",
-                   *pair(_triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e,
-                                 bytes_written=D * D * e + D * e, note="dW", fusion=cm.WGRAD),
-                         _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e,
-                                 bytes_written=M * D * e, note="dx", fusion=cm.DGRAD),
-                         ((D, D, M), (M, D, D)), "proj"))
+            _fold_layer_scale_bwd(b, D, D, e)
         b.cls = "attention"
         b.call("fastvit.attention_bwd", *_attention_varlen_bwd(M, D, H, sq, e))
         b.cls = "ln_qkv"
@@ -298,10 +294,31 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
            _triton(name="_matmul_split_kernel", flops=2 * T * K * D,
                    bytes_read=T * D * e + T * K * e + sel, bytes_written=D * K * e + D * e,
                    note="dW = d(rows)^T @ kept patches (re-gathered); db = row sums"),
-           _triton(name="_prefix_rows_grad_kernel", bytes_read=S * p * D * e + cu, bytes_written=p * D * e,
-                   note="prefix-row grads summed over the sequences"))
-    b.ew("aten.slice", "pos rows grad = the token rows' grad (one row per token)", T * D * e, T * D * e)
+           Kernel(name="aten.sort", bytes_read=S * p * I64, bytes_written=2 * S * p * I64,
+                  note="prefix keys (stable sort: a fixed summation order)"),
+           _triton(name="_segment_sum_kernel", bytes_read=S * p * D * e + S * p * I64, bytes_written=p * D * e,
+                   note="prefix-row grads summed over the sequences"),
+           Kernel(name="aten.sort", bytes_read=T * I64, bytes_written=2 * T * I64, note="pos_index keys"),
+           _triton(name="_segment_sum_kernel", bytes_read=T * D * e + 2 * T * I64, bytes_written=T * D * e,
+                   note="pos rows grad: each token's row (one token per pos row here)"))
     _pos_tables_bwd(b, kept, D, e)
+
+
+def _fold_layer_scale(b: _Builder, D: int, K: int, e: int) -> None:
+    """LayerScale folded into the branch's last Linear (weight (D, K), bias (D,)): ``gamma W`` and ``gamma b``,
+    two elementwise ops on parameters (fastvit_kernels._blocks.scaled_linear)."""
+    b.ew("aten.mul", "gamma * W (LayerScale folded)", D * K * e + D * e, D * K * e)
+    b.ew("aten.mul", "gamma * b", 2 * D * e, D * e)
+
+
+def _fold_layer_scale_bwd(b: _Builder, D: int, K: int, e: int) -> None:
+    """The fold's backward (autograd through ``gamma W``, ``gamma b``): dW = gamma dW', d gamma = rowsum(dW' W) +
+    b db', db = gamma db'."""
+    b.ew("aten.mul", "dW = gamma * dW'", D * K * e + D * e, D * K * e)
+    b.ew("aten.mul", "dW' * W", 2 * D * K * e, D * K * e)
+    b.ew("aten.sum", "d gamma (rows of dW' * W)", D * K * e, D * e)
+    b.ew("aten.mul", "db = gamma * db'; b * db'", 3 * D * e, 2 * D * e)
+    b.ew("aten.add", "d gamma (+ b db')", 2 * D * e, D * e)
 
 
 # ---- the padded path (timm NaFlexVit) ------------------------------------------------------------------------
