@@ -221,6 +221,21 @@ class _Builder:
         self.call("aten.slice_backward", Kernel(name="fill (zeros)", bytes_read=0, bytes_written=full * e, note=note),
                   Kernel(name="copy into the slice", bytes_read=part * e, bytes_written=part * e, note=note))
 
+    def fold_layer_scale(self, D: int, K: int, e: int) -> None:
+        """LayerScale folded into the branch's last Linear (weight (D, K), bias (D,)): ``gamma W`` and ``gamma b``,
+        elementwise ops on parameters (``fastvit_kernels._blocks.scaled_linear``)."""
+        self.ew("aten.mul", "gamma * W (LayerScale folded)", D * K * e + D * e, D * K * e)
+        self.ew("aten.mul", "gamma * b", 2 * D * e, D * e)
+
+    def fold_layer_scale_bwd(self, D: int, K: int, e: int) -> None:
+        """The fold's backward (autograd through ``gamma W``, ``gamma b``): dW = gamma dW',
+        d gamma = rowsum(dW' W) + b db', db = gamma db'."""
+        self.ew("aten.mul", "dW = gamma * dW'", D * K * e + D * e, D * K * e)
+        self.ew("aten.mul", "dW' * W", 2 * D * K * e, D * K * e)
+        self.ew("aten.sum", "d gamma (rows of dW' * W)", D * K * e, D * e)
+        self.ew("aten.mul", "db = gamma * db'; b * db'", 3 * D * e, 2 * D * e)
+        self.ew("aten.add", "d gamma (+ b db')", 2 * D * e, D * e)
+
     def layer_scale(self, M: int, D: int, e: int) -> None:
         """LayerScale forward, ``gamma * y`` (gamma (D,))."""
         self.ew("aten.mul", "LayerScale gamma * y", M * D * e + D * e, M * D * e)
@@ -719,9 +734,9 @@ def _attention_bwd_kernels(B: int, H: int, N: int, D: int, e: int) -> list[Kerne
 
 
 def _fastvit_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, attention_block: bool = True,
-                  gemm_kernel: str = "tma", num_sms: int = REFERENCE_SMS) -> None:
+                  gemm_kernel: str = "tma", num_sms: int = REFERENCE_SMS, fold_ls: bool = True) -> None:
     if not s.classic:
-        _fastvit_modern_plan(b, s, B, e, train, gemm_kernel, num_sms)
+        _fastvit_modern_plan(b, s, B, e, train, gemm_kernel, num_sms, fold_ls)
         return
     D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
     M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
@@ -830,12 +845,13 @@ WGRAD_LN_NOBIAS = Fusion(b_prologue=PROLOGUE_LN.value)
 
 
 def _fastvit_modern_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, gemm_kernel: str = "tma",
-                         num_sms: int = REFERENCE_SMS) -> None:
+                         num_sms: int = REFERENCE_SMS, fold_ls: bool = True) -> None:
     """The fused path for the modern blocks (timm ``Eva`` as FastEva runs it, with the fused ops of the RoPE qkv
     GEMM and the SwiGLU MLP): per block the three attention ops (norm1 + qkv with RoPE
-    ``fastvit::layernorm_linear_rope``, ``fastvit::attention``, proj as ``fastvit::linear_residual`` or, with
-    LayerScale, ``F.linear`` + eager ``gamma * y`` + add), then the MLP op (``fastvit::layernorm_mlp`` or
-    ``fastvit::swiglu_mlp``; with LayerScale without the residual, then ``gamma * y`` + add). See the module
+    ``fastvit::layernorm_linear_rope``, ``fastvit::attention``, proj as ``fastvit::linear_residual``), then the
+    MLP op (``fastvit::layernorm_mlp`` or ``fastvit::swiglu_mlp``) with the residual in its epilogue; LayerScale
+    folded into proj's and fc2's weight and bias (``fold_ls``; fp16 compute: ``F.linear`` + eager
+    ``gamma * y`` + add for proj, the MLP op without its residual, then ``gamma * y`` + add). See the module
     docstring for what is taken from which branch's code."""
     D, Dh, H, N, Np, L = s.embed_dim, s.hidden, s.num_heads, s.tokens, s.num_patches, s.depth
     M, CPP, img = B * N, s.in_chans * s.patch_size**2, B * s.in_chans * s.img_size[0] * s.img_size[1]
@@ -843,7 +859,8 @@ def _fastvit_modern_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, 
     att = 4 * B * N * N * D
     lse = B * H * N * F32
     GK = "_matmul_tma_kernel" if gemm_kernel == "tma" else "_matmul_kernel"
-    ls = s.layer_scale
+    fold = s.layer_scale and fold_ls  # LayerScale folded into proj / fc2 (fastvit_kernels._blocks)
+    ls = s.layer_scale and not fold_ls  # LayerScale as an eager scale + add on the branch
     qkv_b = 3 * D * e if s.qkv_bias else 0  # the (3 D,) bias the qkv GEMM reads (k's part zeros in the "qv" form)
     # RoPE arguments the rope GEMMs read: coords (N, 2) fp32 and freqs (1, head_dim / 2, 2) fp32 (timm's cat /
     # dinov3 tables: one for all heads); no (N, head_dim) sin / cos table
@@ -902,10 +919,14 @@ def _fastvit_modern_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, 
             b.layer_scale(M, D, e)
             b.add(M * D, e, "residual")
         else:
+            if fold:
+                b.fold_layer_scale(D, D, e)
             b.call("fastvit.linear_residual_fwd",
                    _triton(name=GK, flops=2 * M * D * D, bytes_read=M * D * e + D * D * e + D * e + M * D * e,
                            bytes_written=M * D * e, note="bias + residual epilogue"))
         b.cls = "mlp"
+        if fold:
+            b.fold_layer_scale(D, Dh, e)
         res = 0 if ls else M * D * e  # add_residual=False with LayerScale
         stats2 = _triton(name="_layernorm_stats_kernel", bytes_read=M * D * e, bytes_written=2 * M * F32)
         if s.mlp == "gelu":
@@ -997,11 +1018,15 @@ def _fastvit_modern_plan(b: _Builder, s: ViTShape, B: int, e: int, train: bool, 
                    *_ln_bwd_kernels(M, D, e, not ls, "mlp"))
         if ls:
             b.add(M * D, e, "grad accumulation (residual + MLP branch)")
+        if fold:
+            b.fold_layer_scale_bwd(D, Dh, e)
         b.cls = "proj"
         if ls:
             b.layer_scale_bwd(M, D, e)
             b.linear_bwd(M, D, D, e)
         else:
+            if fold:
+                b.fold_layer_scale_bwd(D, D, e)
             b.call("fastvit.linear_residual_bwd",
                    *pair(_triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e,
                                  bytes_written=D * D * e + D * e,
@@ -1090,7 +1115,8 @@ def step_launches(shape: ViTShape, batch_size: int, dtype="bf16", path: str = "f
             raise ValueError(f"gemm_kernel must be 'tma' or 'pointer'; got {gemm_kernel!r}")
         if num_sms < 1:
             raise ValueError(f"num_sms must be >= 1; got {num_sms}")
-        _fastvit_plan(b, shape, batch_size, e, mode == "train", attention_block, gemm_kernel, num_sms)
+        _fastvit_plan(b, shape, batch_size, e, mode == "train", attention_block, gemm_kernel, num_sms,
+                      fold_ls=dtype_name(dtype) != "fp16")
     else:
         _eager_plan(b, shape, batch_size, e, mode == "train")
     if mode == "train" and optimizer:

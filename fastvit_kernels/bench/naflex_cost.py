@@ -232,13 +232,13 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
                        bytes_written=M * D * e + lse, note="each sequence attends to itself (cu_seqlens)"))
         b.cls = "proj"
         if ls:
-            _fold_layer_scale(b, D, D, e)
+            b.fold_layer_scale(D, D, e)
         b.call("fastvit.linear_residual_fwd",
                _triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e + D * D * e + D * e,
                        bytes_written=M * D * e, note="bias + residual epilogue" + (" (LayerScale folded)" if ls else "")))
         b.cls = "mlp"
         if ls:
-            _fold_layer_scale(b, D, Dh, e)
+            b.fold_layer_scale(D, Dh, e)
         res = M * D * e
         b.call("fastvit.layernorm_mlp_fwd",
                _triton(name="_layernorm_stats_kernel", bytes_read=M * D * e, bytes_written=2 * M * F32),
@@ -266,7 +266,7 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
                      ((Dh, D, M), (M, D, Dh)), "mlp"),
                *cm._ln_bwd_kernels(M, D, e, True, "mlp"))
         if ls:
-            _fold_layer_scale_bwd(b, D, Dh, e)
+            b.fold_layer_scale_bwd(D, Dh, e)
         b.cls = "proj"
         b.call("fastvit.linear_residual_bwd",
                *pair(_triton(name=GK, flops=2 * M * D * D, bytes_read=2 * M * D * e,
@@ -275,7 +275,7 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
                              bytes_written=M * D * e, note="dx", fusion=cm.DGRAD),
                      ((D, D, M), (M, D, D)), "proj"))
         if ls:
-            _fold_layer_scale_bwd(b, D, D, e)
+            b.fold_layer_scale_bwd(D, D, e)
         b.cls = "attention"
         b.call("fastvit.attention_bwd", *_attention_varlen_bwd(M, D, H, sq, e))
         b.cls = "ln_qkv"
@@ -302,23 +302,6 @@ def _packed_plan(b: _Builder, s: ViTShape, batch: NaFlexBatch, e: int, train: bo
            _triton(name="_segment_sum_kernel", bytes_read=T * D * e + 2 * T * I64, bytes_written=T * D * e,
                    note="pos rows grad: each token's row (one token per pos row here)"))
     _pos_tables_bwd(b, kept, D, e)
-
-
-def _fold_layer_scale(b: _Builder, D: int, K: int, e: int) -> None:
-    """LayerScale folded into the branch's last Linear (weight (D, K), bias (D,)): ``gamma W`` and ``gamma b``,
-    two elementwise ops on parameters (fastvit_kernels._blocks.scaled_linear)."""
-    b.ew("aten.mul", "gamma * W (LayerScale folded)", D * K * e + D * e, D * K * e)
-    b.ew("aten.mul", "gamma * b", 2 * D * e, D * e)
-
-
-def _fold_layer_scale_bwd(b: _Builder, D: int, K: int, e: int) -> None:
-    """The fold's backward (autograd through ``gamma W``, ``gamma b``): dW = gamma dW', d gamma = rowsum(dW' W) +
-    b db', db = gamma db'."""
-    b.ew("aten.mul", "dW = gamma * dW'", D * K * e + D * e, D * K * e)
-    b.ew("aten.mul", "dW' * W", 2 * D * K * e, D * K * e)
-    b.ew("aten.sum", "d gamma (rows of dW' * W)", D * K * e, D * e)
-    b.ew("aten.mul", "db = gamma * db'; b * db'", 3 * D * e, 2 * D * e)
-    b.ew("aten.add", "d gamma (+ b db')", 2 * D * e, D * e)
 
 
 # ---- the padded path (timm NaFlexVit) ------------------------------------------------------------------------
@@ -439,7 +422,7 @@ def step_launches(shape: ViTShape, batch: NaFlexBatch, dtype="bf16", path: str =
 
     Raises:
         ValueError: an unknown path / mode / dtype / gemm_kernel; a GELU-MLP LayerNorm ViT is assumed (other
-            shapes raise).
+            shapes raise); the packed path of a LayerScale model in fp16 (its blocks keep the eager scale there).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
@@ -452,6 +435,9 @@ def step_launches(shape: ViTShape, batch: NaFlexBatch, dtype="bf16", path: str =
         raise ValueError("the NaFlex cost model covers LayerNorm / GELU-MLP ViTs with a fused biased qkv and a head "
                          f"(no RoPE); got {shape}")
     e = cm._ELEM[dtype_name(dtype)]
+    if path == "packed" and shape.layer_scale and dtype_name(dtype) == "fp16":
+        raise ValueError("the packed NaFlex plan folds LayerScale into proj / fc2, which the blocks do not do in fp16 "
+                         "compute (fastvit_kernels._blocks.folds_layer_scale); fp16 is not modelled: use bf16 or fp32")
     b = _Builder()
     if path == "packed":
         _packed_plan(b, shape, batch, e, mode == "train", gemm_kernel, num_sms)
