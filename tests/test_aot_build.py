@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-from fastvit_kernels import aot, aot_build
+from fastvit_kernels import aot
+from fastvit_kernels.aot import build as aot_build
 
 pytestmark = pytest.mark.aot
 
@@ -323,7 +324,8 @@ def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 _CHOOSE = '''
 import json, sys, torch, autotuned
-from fastvit_kernels import aot, aot_build
+from fastvit_kernels import aot
+from fastvit_kernels.aot import build as aot_build
 from fastvit_kernels.kernels import _launch
 x = torch.empty(1000)
 k = autotuned._double_kernel

@@ -4,7 +4,7 @@ Command::
 
     python -m fastvit_kernels.aot check --arch sm_80 --arch sm_90 [--json] [--model NAME ...] [--dtype bf16 ...]
     python -m fastvit_kernels.aot grids [--json] [--model NAME ...] [--batch 8192 ...] [--img 1024 ...]
-    python -m fastvit_kernels.aot build --out DIR [...]   (cubins + launch table: fastvit_kernels.aot_build)
+    python -m fastvit_kernels.aot build --out DIR [...]   (cubins + launch table: fastvit_kernels.aot.build)
 
 How it works (no GPU, no CUDA driver):
 
@@ -40,10 +40,8 @@ still be slow (bad tiles, memory-bound, low occupancy) or wrong (correctness is 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
-import json
 import math
 import os
 import pkgutil
@@ -189,7 +187,7 @@ class Job:
 
 def _kernel_modules() -> list:
     """The modules of :mod:`fastvit_kernels.kernels` (imported; they define the kernels)."""
-    from . import kernels
+    from .. import kernels
 
     return [importlib.import_module(f"{kernels.__name__}.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
 
@@ -247,7 +245,7 @@ def _call_site() -> str:
 def _enum_name(module, param: str, value) -> str:
     """Readable value of an int constexpr that has named constants in the kernel's module or in
     :mod:`~fastvit_kernels.kernels.fusion` (``A_PROLOGUE=1`` -> ``A_PROLOGUE=LN`` via ``PROLOGUE_LN``)."""
-    from .kernels import fusion
+    from ..kernels import fusion
 
     prefix = param.split("_")[-1] + "_"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -284,7 +282,7 @@ def _describe(module, fn, signature: dict, constexprs: dict, options: dict) -> t
             if k in _OPTION_SHORT and v is not None and not (k == "num_ctas" and v == 1)]
     named = {names[idx]: value for (idx,), value in constexprs.items()}
     if "A_PROLOGUE" in named or "A_PROLOGUE0" in named:  # a GEMM-core launch: its fusion description's name
-        from .kernels.fusion import Fusion
+        from ..kernels.fusion import Fusion
 
         parts = [""] if "A_PROLOGUE" in named else ["0", "1"]
         spec.insert(1, "fusion=" + "|".join(Fusion.from_constexprs(named, p).name for p in parts))
@@ -340,7 +338,7 @@ class _Recorder:
     fixed configuration (``FASTVIT_AUTOTUNE=0``), its plain kernel: a GPU autotunes by default, so every candidate
     is what can run.
 
-    ``fixed=True`` (the AOT build, :mod:`fastvit_kernels.aot_build`): one configuration per launch instead, the one
+    ``fixed=True`` (the AOT build, :mod:`fastvit_kernels.aot.build`): one configuration per launch instead, the one
     the launcher runs without timing anything: a plain kernel with its fixed configuration as launched; an
     ``Autotuner`` through its full ``early_config_prune`` (the kernel's filter, then the active tuning record's
     pick, :func:`fastvit_kernels.kernels.tuning_record.tuned_prune`), first survivor (with no record that is the
@@ -508,7 +506,7 @@ def _recording(archs: list[int], jobs: dict, label: list, grids: dict | None = N
     public ops take the Triton path on CPU and meta tensors, bfloat16 included (the rule of
     :func:`fastvit_kernels.backend.resolve_backend`; the CPU-bfloat16 guard is for the interpreter, which does not
     run here). ``fixed``: one configuration per autotuned launch (see :class:`_Recorder`). Yields the recorder."""
-    from .kernels import _launch
+    from ..kernels import _launch
 
     recorder = _Recorder(archs, jobs, label, grids, package_kernels(), fixed)
     with _launch.recording(recorder):
@@ -536,7 +534,7 @@ def _vit_shapes(model: str, img_size: int | None = None) -> dict:
     """Sizes of a named ViT: B-independent dims D, H, head_dim, P, C, img, num_patches, N (with class token),
     hidden (MLP width). ``img_size``: the input side in pixels (default the config's), rounded down to a multiple
     of the patch size."""
-    from .configs import get_config
+    from ..configs import get_config
 
     cfg = get_config(model)
     D, P = cfg["embed_dim"], cfg["patch_size"]
@@ -555,8 +553,8 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
     default the config's; ``device``: "cpu", or "meta" for the grid trace, run inside :class:`_RunOpsOnMeta`).
     Add a line here when the model starts using a new op; ``check`` reports any package kernel that no workload
     launches."""
-    from . import ops
-    from .backend import use_gemm_impl, use_gemm_kernel
+    from .. import ops
+    from ..backend import use_gemm_impl, use_gemm_kernel
 
     s = _vit_shapes(model, img_size)
     B, D, N, hidden = batch, s["D"], s["N"], s["hidden"]
@@ -872,7 +870,7 @@ def format_grid_table(grid_rows: list[dict]) -> str:
 
 
 def _validate(archs=(), models=(), dtypes=(), modes=(), batches=(), img_sizes=()) -> None:
-    from .configs import MODEL_CONFIGS
+    from ..configs import MODEL_CONFIGS
 
     for name, values, known in (("arch", archs, ARCHS), ("model", models, MODEL_CONFIGS), ("dtype", dtypes, DTYPES),
                                 ("mode", modes, MODES)):
@@ -937,79 +935,3 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0: every variant and grid passes; 1: a failure or an
-    untraced kernel; 2: the tools are missing or a bad argument)."""
-    parser = argparse.ArgumentParser(prog="python -m fastvit_kernels.aot", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="compile every kernel variant the ViT configs use and inspect the cubins; "
-                                     "check every launch grid against CUDA's limits")
-    g = sub.add_parser("grids", help="only the launch-grid check (seconds; no compiler)")
-    from . import aot_build
-
-    aot_build.add_parser(sub)
-    ints = lambda text: ", ".join(map(str, text))  # noqa: E731
-    for q in (p, g):
-        q.add_argument("--model", action="append", help=f"model config name (repeatable; default {', '.join(MODELS)})")
-        q.add_argument("--dtype", action="append", choices=list(DTYPES),
-                       help="activation dtype (default bf16 fp16 fp32)")
-        q.add_argument("--mode", action="append", choices=list(MODES), help="train and / or infer (default both)")
-        q.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--arch", action="append", choices=list(ARCHS), help="target (repeatable; default both)")
-    p.add_argument("--batch", action="append", type=int,
-                   help=f"batch size to compile for (repeatable; default {ints(DEFAULT_BATCHES)})")
-    p.add_argument("--grid-batch", action="append", type=int,
-                   help=f"extra batch size of the grid check (repeatable; default {ints(GRID_BATCHES)})")
-    p.add_argument("--grid-img", action="append", type=int,
-                   help=f"input side in pixels of the grid check, 0: the model's own (default {ints(GRID_IMG_SIZES)})")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPU count)")
-    g.add_argument("--batch", action="append", type=int, help=f"batch size (repeatable; default {ints(GRID_BATCHES)})")
-    g.add_argument("--img", action="append", type=int,
-                   help=f"input side in pixels, 0: the model's own (repeatable; default {ints(GRID_IMG_SIZES)})")
-    args = parser.parse_args(argv)
-
-    missing = missing_tools()
-    if args.command == "grids":
-        missing = [m for m in missing if m == "triton"]
-    if missing:
-        print(f"AOT {args.command} unavailable: missing {', '.join(missing)} (Triton's bundled CUDA tools)",
-              file=sys.stderr)
-        return 2
-    if args.command == "build":
-        return aot_build.run(args, parser)
-    common = (args.model or MODELS, args.dtype or ["bf16", "fp16", "fp32"], args.mode or MODES)
-    try:
-        if args.command == "grids":
-            result = check_grids(*common, args.batch or GRID_BATCHES, args.img or GRID_IMG_SIZES)
-        else:
-            result = check(args.arch or list(ARCHS), *common, args.batch or DEFAULT_BATCHES, args.jobs,
-                           progress=not args.json, grid_batches=args.grid_batch or GRID_BATCHES,
-                           grid_img_sizes=args.grid_img or GRID_IMG_SIZES)
-    except ValueError as e:  # a bad --model / --batch value
-        parser.error(str(e))
-    import triton
-
-    result["triton"] = triton.__version__
-    if args.json:
-        print(json.dumps(_jsonable(result), indent=1))
-        return 1 if result["failures"] or result.get("not_traced") else 0
-    if "rows" in result:
-        print(format_table(result["rows"]) + "\n")
-    print(format_grid_table(result["grids"]))
-    bad_grids = sum(bool(r["problems"]) for r in result["grids"])
-    variants = f"{len(result['rows'])} variants, " if "rows" in result else ""
-    print(f"\n{variants}{len(result['grids'])} kernels' grids, {result['failures']} failing ({bad_grids} of them "
-          f"grids), triton {triton.__version__}, {result['seconds']} s")
-    if result.get("not_traced"):
-        print(f"kernels no workload launches (add them to vit_workloads): {result['not_traced']}")
-    return 1 if result["failures"] or result.get("not_traced") else 0
-
-
-if __name__ == "__main__":
-    if os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
-        print("note: TRITON_INTERPRET ignored (the AOT check compiles for real targets)", file=sys.stderr)
-    from fastvit_kernels.aot import main as _main  # the package module, so worker processes can unpickle jobs
-
-    sys.exit(_main())

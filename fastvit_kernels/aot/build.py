@@ -48,9 +48,9 @@ import sys
 import time
 from contextlib import contextmanager
 
-from . import aot
+from .. import aot
 
-FORMAT = "fastvit_kernels.aot_build/1"
+FORMAT = "fastvit_kernels.aot.build/1"
 TABLE = "kernels.json"
 HEADER = "kernels.h"
 HASH_DIGITS = 12
@@ -268,8 +268,8 @@ def _tuning(path: str | None):
     Raises:
         ValueError: ``FASTVIT_AUTOTUNE=0`` with a record (the GEMM launchers would ignore it), or not a record.
         FileNotFoundError: no file at ``path``."""
-    from ._env import autotune_requested
-    from .kernels import tuning_record
+    from .._env import autotune_requested
+    from ..kernels import tuning_record
 
     record = None
     if path is not None:
@@ -334,7 +334,7 @@ def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf
     """
     import triton
 
-    from . import __version__
+    from .. import __version__
 
     aot._validate(archs, models, dtypes, modes, batches)
     try:
