@@ -152,7 +152,7 @@ def _device_arch(t: torch.Tensor) -> int | None:
 
 
 def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | None, arch: int | None,
-                      n_bkt: int | None, seq: bool = False) -> list:
+                      n_bkt: int | None, seq: bool = False, padded: bool = False) -> list:
     """Autotune candidates for one attention kernel at one (head_dim, dtype, GPU arch, N bucket).
 
     Args:
@@ -161,7 +161,8 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
             both loops, one tile pair).
         head_dim, dtype, arch (80, 90, ... or None: any), n_bkt (:func:`n_bucket` of N): the call; None in all
             four gives every candidate of the kernel (the autotuner's full list, pruned per call).
-        seq: for the sequence kernels (packed / padded, ``_attention_seq_*``), which :func:`keep` prunes further.
+        seq: for the sequence kernels (packed / padded, ``_attention_seq_*``), which :func:`keep` prunes further;
+            padded: their key-padding form (key-mask loads).
 
     Returns:
         list of ``triton.Config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) that pass :func:`keep`; never empty.
@@ -176,7 +177,7 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
         "fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 1), (64, 256, 8, 2),
                 (128, 256, 8, 1)],
         "dkdv": [(64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
-        "dq": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2)],
+        "dq": [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 128, 8, 2), (64, 128, 4, 2), (64, 32, 4, 2)],
         # all loops in one program, one tile pair for both (see keep() and fused_bwd_builds for why these two)
         "fused": [(64, 32, 4, 2), (32, 64, 4, 2)],
     }[kernel]
@@ -185,13 +186,13 @@ def attention_configs(kernel: str, head_dim: int | None, dtype: torch.dtype | No
                for bm, bn, w, s in low + fp32]
     if dtype is None:
         return configs
-    kept = [c for c in configs if keep(c, kernel, head_dim, dtype, arch, n_bkt, seq)]
+    kept = [c for c in configs if keep(c, kernel, head_dim, dtype, arch, n_bkt, seq, padded)]
     assert kept, (kernel, head_dim, dtype, arch, n_bkt)
     return kept
 
 
 def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None, n_bkt: int,
-         seq: bool = False) -> bool:
+         seq: bool = False, padded: bool = False) -> bool:
     """Whether a candidate of :func:`attention_configs` is worth benchmarking for this call (see there for args).
 
     Pruned, and why (the spill figures are from ``python -m fastvit_kernels.aot check``, Triton 3.9, bf16 at ViT-B/16
@@ -217,10 +218,15 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
       128 x 32 with 4 warps left 8 B per thread on the stack.
     * Triton before ``TRITON_3_6`` (AOT check, Triton 3.4, sm_80): dkdv with BLOCK_M = 64 also at head_dim 64
       (24 B), fwd 128 x 128 at head_dim 80 (56 B), dq 128 x 64 with 8 warps at head_dim 80 (16 B, with the one-axis
-      grid's (row block, batch * head) decode).
+      grid's (row block, batch * head) decode). The key-padding sequence kernels (``padded``: key-mask loads) at
+      head_dim 80 there: dkdv 32 x 128 with 8 warps (32 B) and dq 64 x 64 with 8 warps (8 B); dq takes 64 x 32
+      with 4 warps instead (clean on sm_80 and sm_90 there), a candidate listed for that case only.
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     width = sum(head_dim_chunks(head_dim))
+    oldest_padded_wide = seq and padded and width > 64 and triton_version() < TRITON_3_6
+    if kernel == "dq" and (bm, bn) == (64, 32) and not oldest_padded_wide:
+        return False  # listed only as the replacement below
     if dtype == torch.float32:
         return (bm == 32) == (width <= 80 and kernel not in ("dkdv", "dq"))
     if max(bm, bn) > max(64, n_bkt):
@@ -239,6 +245,9 @@ def keep(config, kernel: str, head_dim: int, dtype: torch.dtype, arch: int | Non
             return False
         if oldest and ((kernel == "dq" and (bm, bn) == (128, 64) and width > 64)
                        or (kernel == "fwd" and (bm, bn) == (128, 128) and width > 64)):
+            return False
+        if oldest_padded_wide and ((kernel == "dkdv" and (bm, bn) == (32, 128))
+                                   or (kernel == "dq" and (bm, bn, config.num_warps) == (64, 64, 8))):
             return False
     return True
 
@@ -274,7 +283,8 @@ def _autotuned(kernel: str, name: str | None = None, key: list[str] | None = Non
 
     def prune(configs, nargs, **kwargs):
         qkv = nargs["QKV"]
-        kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"], seq)
+        kept = attention_configs(kernel, kwargs["HEAD_DIM"], qkv.dtype, _device_arch(qkv), nargs["N_BUCKET"], seq,
+                                 bool(kwargs.get("PADDED", False)))
         return kept if autotune_requested() else kept[:1]
 
     # + the tensors' dtypes (added by Triton)
