@@ -121,3 +121,20 @@ def test_modern_block_fusion_lists(version):
     assert ids == [gemm_configs.config_id(c) for c in gemm_configs.gemm_configs(BF16, rope=3)]
     # fc1's GELU epilogue without a bias (a bias-free MLP) drops the 4-warp tile on every release (Triton 3.8, 3.9)
     assert all(w == 8 for *_, w in _tiles(gemm_configs.gemm_configs(BF16, gelu_no_bias=True)))
+
+
+def test_key_padding_kernels_at_head_dim_80(version):
+    """Triton 3.4's AOT check: the key-padding sequence kernels (key-mask loads) at head_dim 80 spilled with dkdv
+    32 x 128 and dq 64 x 64 (8 warps); there dq takes 64 x 32 (4 warps), a tile no other case lists. The packed
+    form and newer releases keep their lists."""
+    oldest = version < _common.TRITON_3_6
+
+    def tiles(kernel, padded):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                for c in attention.attention_configs(kernel, 80, BF16, None, 256, seq=True, padded=padded)}
+
+    assert tiles("dq", True) == ({(64, 32, 4)} if oldest else tiles("dq", False))
+    assert (64, 32, 4) not in tiles("dq", False) and (64, 64, 8) in tiles("dq", False)
+    assert ((32, 128, 8) in tiles("dkdv", True)) != oldest and (32, 128, 8) in tiles("dkdv", False)
+    assert (64, 32, 4) not in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                               for c in attention.attention_configs("dq", 80, BF16, None, 256)}
