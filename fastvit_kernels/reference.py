@@ -95,14 +95,23 @@ def attention_ref(qkv: torch.Tensor, num_heads: int, scale: float | None = None)
     Returns:
         out: (B, N, D), heads concatenated, ready for the output projection.
     """
+    attn, v = _scores(qkv, num_heads, scale)
+    return _merge_heads(attn.softmax(dim=-1) @ v)
+
+
+def _scores(qkv: torch.Tensor, num_heads: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled scores q k^T (B, H, N, N), v (B, H, N, head_dim)) of a packed qkv (B, N, 3 * D)."""
     B, N, three_d = qkv.shape
-    D = three_d // 3
-    hd = D // num_heads
+    hd = three_d // 3 // num_heads
     scale = hd**-0.5 if scale is None else scale
     q, k, v = qkv.reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    attn = attn.softmax(dim=-1)
-    return (attn @ v).transpose(1, 2).reshape(B, N, D)
+    return (q * scale) @ k.transpose(-2, -1), v
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, head_dim) -> (B, N, H * head_dim), heads concatenated."""
+    B, H, N, hd = out.shape
+    return out.transpose(1, 2).reshape(B, N, H * hd)
 
 
 def attention_varlen_ref(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
@@ -142,15 +151,10 @@ def attention_masked_ref(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: 
     Returns:
         out: (B, N, D) in qkv's dtype.
     """
-    B, N, three_d = qkv.shape
-    D = three_d // 3
-    hd = D // num_heads
-    scale = hd**-0.5 if scale is None else scale
-    q, k, v = qkv.reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
-    attn = (q * scale) @ k.transpose(-2, -1)
+    attn, v = _scores(qkv, num_heads, scale)
     attn = attn.masked_fill(~key_valid[:, None, None, :], float("-inf")).softmax(dim=-1)
     attn = attn.nan_to_num(0.0)  # a row with no valid key
-    out = (attn @ v).transpose(1, 2).reshape(B, N, D)
+    out = _merge_heads(attn @ v)
     return out * key_valid[..., None].to(out.dtype)
 
 

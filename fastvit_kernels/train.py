@@ -123,6 +123,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def train_step(model: torch.nn.Module, inputs, labels: torch.Tensor, opt, scaler, sched, device: torch.device,
+               amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimisation step: cross-entropy of ``model(inputs)`` (logits (B, classes)) against ``labels`` (B,) int64
+    under autocast to ``amp_dtype`` (None: off), backward through the GradScaler, optimizer and scheduler steps; on
+    CUDA it waits for the device, so a caller's wall-clock time covers the step. Returns the loss (a 0-d tensor)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(inputs), labels)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups as timm's ``param_groups_weight_decay``: weight decay on the matrices only.
 
@@ -327,15 +344,8 @@ def main(argv=None) -> float:
                 continue
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and not fsdp_bf16):
-                loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            loss = train_step(model, xb, yb, opt, scaler, sched, device,
+                              amp_dtype if amp_dtype is not None and not fsdp_bf16 else None)
             dt = time.perf_counter() - t0
             step += 1
             images_seen += len(xb) * world
@@ -445,15 +455,7 @@ def train_naflex(model: torch.nn.Module, args, device, patch_size: int, train_sr
             n_tok = real_tokens(batch)
             inputs, labels = _naflex_inputs(batch, device), labels.to(device)
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(model(inputs), labels)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            loss = train_step(model, inputs, labels, opt, scaler, sched, device, amp_dtype)
             dt = time.perf_counter() - t0
             step, images, tokens = step + 1, images + len(idx), tokens + n_tok
             if not args.no_progress or step % 25 == 0 or step == total:
