@@ -106,3 +106,14 @@ def norm_mlp(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, add_residual: boo
         if not isinstance(hidden, nn.Identity) else {}
     return ops.swiglu_mlp(x, norm.weight, nb, gw, gb, uw, ub, w2, b2, norm.eps, norm=kind,
                           add_residual=add_residual, backend=backend, **hn)
+
+
+def mlp_or_eager(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, add_residual: bool,
+                 backend: str | None = None) -> torch.Tensor:
+    """``[x +] mlp(norm(x))``, (B, N, D) -> (B, N, D): the fused op of :func:`norm_mlp` where one covers the pair,
+    else the eager modules."""
+    y = norm_mlp(x, norm, mlp, add_residual, backend)
+    if y is not None:
+        return y
+    y = mlp(norm(x))
+    return x + y if add_residual else y

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference, reference_eva
-from ._blocks import BlocksBackend, folds_layer_scale, norm_mlp, norm_qkv, scaled_linear
+from ._blocks import BlocksBackend, folds_layer_scale, mlp_or_eager, norm_mlp, norm_qkv, scaled_linear
 from .rope import RopeTable
 
 
@@ -96,11 +96,7 @@ class FastEvaBlock(reference_eva.EvaBlock):
         """Seam: norm2 + MLP (+ residual): ``[x +] mlp(norm2(x))``, (B, N, D): ``ops.layernorm_mlp`` (GELU) or
         ``ops.swiglu_mlp`` (SwiGLU / SwiGLUPacked, EVA-02's hidden LayerNorm included) after a LayerNorm or an
         RMSNorm (:func:`fastvit_kernels._blocks.norm_mlp`); any other MLP or norm: eager."""
-        y = norm_mlp(x, self.norm2, self.mlp, add_residual, self.backend)
-        if y is not None:
-            return y
-        y = self.mlp(self.norm2(x))
-        return x + y if add_residual else y
+        return mlp_or_eager(x, self.norm2, self.mlp, add_residual, self.backend)
 
 
 class FastEva(BlocksBackend, reference_eva.Eva):

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference
-from ._blocks import BlocksBackend, folds_layer_scale, norm_mlp, norm_qkv, scaled_linear
+from ._blocks import BlocksBackend, folds_layer_scale, mlp_or_eager, norm_mlp, norm_qkv, scaled_linear
 from .configs import EVA_MODELS, NAFLEX_MODELS, get_config
 
 
@@ -160,11 +160,7 @@ class Block(reference.Block):
         """Seam: norm2 + MLP (+ residual): ``[x +] mlp(norm2(x))``, (B, N, D): ``ops.layernorm_mlp`` (GELU) or
         ``ops.swiglu_mlp`` (SwiGLU / SwiGLUPacked) after a LayerNorm or an RMSNorm
         (:func:`fastvit_kernels._blocks.norm_mlp`); any other MLP or norm: eager."""
-        y = norm_mlp(x, self.norm2, self.mlp, add_residual, self.backend)
-        if y is not None:
-            return y
-        y = self.mlp(self.norm2(x))
-        return x + y if add_residual else y
+        return mlp_or_eager(x, self.norm2, self.mlp, add_residual, self.backend)
 
     def _mlp_fused(self, x: torch.Tensor) -> torch.Tensor:
         return self._mlp(x, add_residual=True)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference, reference_naflex
-from ._blocks import BlocksBackend, folds_layer_scale, norm_mlp, norm_qkv, scaled_linear
+from ._blocks import BlocksBackend, folds_layer_scale, mlp_or_eager, norm_mlp, norm_qkv, scaled_linear
 from .reference_naflex import NaFlexVitCfg, batch_patchify, check_image_input, check_naflex_input
 
 
@@ -153,11 +153,7 @@ class FastNaFlexBlock(reference.Block):
     def _mlp(self, x: torch.Tensor, add_residual: bool) -> torch.Tensor:
         """``[x +] mlp(norm2(x))``, (B, N, D): ``ops.layernorm_mlp`` (:func:`fastvit_kernels._blocks.norm_mlp`),
         eager for a norm it does not apply."""
-        y = norm_mlp(x, self.norm2, self.mlp, add_residual, self.backend)
-        if y is not None:
-            return y
-        y = self.mlp(self.norm2(x))
-        return x + y if add_residual else y
+        return mlp_or_eager(x, self.norm2, self.mlp, add_residual, self.backend)
 
 
 class FastNaFlexVit(BlocksBackend, reference_naflex.NaFlexVit):
