@@ -1,0 +1,73 @@
+"""Fixtures of the C++ op library tests: ``_C`` is built once per session into a temporary directory (the
+README's ``FASTVIT_BUILD_CSRC=1`` build, ``setup.py build_ext``) and exercised in separate processes, so that the
+test process itself never loads it (the rest of the suite runs the Python-defined ops)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def build_library(out: pathlib.Path) -> pathlib.Path:
+    """Build ``fastvit_kernels._C`` from csrc/ into ``out`` and return the shared library's path."""
+    env = dict(os.environ, FASTVIT_BUILD_CSRC="1")
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(out / "lib"),
+           "--build-temp", str(out / "tmp")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"building _C failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    libs = sorted((out / "lib" / "fastvit_kernels").glob("_C*.so"))
+    assert len(libs) == 1, f"expected one _C library; got {libs}"
+    return libs[0]
+
+
+@pytest.fixture(scope="session")
+def csrc_library(tmp_path_factory) -> pathlib.Path:
+    """Path of a ``_C`` built from this checkout (skips only when no C++ compiler is installed)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    return build_library(tmp_path_factory.mktemp("csrc"))
+
+
+def run_isolated(script: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh Python from a directory outside the checkout (so ``fastvit_kernels`` is not
+    importable by accident) with TRITON_INTERPRET unset; raises with its output when it fails."""
+    run_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    run_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=pathlib.Path("/"), env=run_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"isolated run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def run_ops_in_library(library: pathlib.Path, calls: dict, tmp_path: pathlib.Path) -> dict:
+    """Call ``torch.ops.fastvit.<op>`` in a process that loads only ``library`` (never fastvit_kernels).
+
+    Args:
+        calls: {label: (op name, args tuple)}; tensors in the args are saved and loaded as they are.
+
+    Returns:
+        {label: the op's result (a tensor or a tuple of tensors)}.
+    """
+    inputs, outputs = tmp_path / "calls.pt", tmp_path / "results.pt"
+    torch.save(calls, inputs)
+    run_isolated(f"""
+        import sys, torch
+        torch.ops.load_library({str(library)!r})
+        calls = torch.load({str(inputs)!r}, weights_only=False)
+        results = {{label: getattr(torch.ops.fastvit, op)(*args) for label, (op, args) in calls.items()}}
+        assert "fastvit_kernels" not in sys.modules, "the isolated process imported fastvit_kernels"
+        torch.save(results, {str(outputs)!r})
+    """)
+    return torch.load(outputs, weights_only=False)
