@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from ._library import cpp_serves_cpu
 from .backend import launches_recorded as _launches_recorded
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,8 +73,9 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
 def check_triton_dtype(name: str, t: torch.Tensor) -> None:
     """Raise ``TypeError`` for bfloat16 under the Triton interpreter, which mis-handles it (adds bit patterns).
     While launches are only recorded (:func:`fastvit_kernels.backend.launches_recorded`: nothing is interpreted)
-    bfloat16 CPU tensors pass."""
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16 and not _launches_recorded():
+    bfloat16 CPU tensors pass, as they do when the C++ library's CPU kernels serve the CPU
+    (:func:`fastvit_kernels._library.cpp_serves_cpu`)."""
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16 and not _launches_recorded() and not cpp_serves_cpu():
         raise TypeError(
             f"{name} is bfloat16 on the CPU: the Triton interpreter does not support bfloat16; "
             "use float32/float16 there, backend='torch', or a GPU"

@@ -10,6 +10,9 @@ Rules (docs/design.md, "Backends"):
   (:func:`fastvit_kernels.kernels._launch.recording`, what the AOT check traces the ops under): nothing is
   launched then, only recorded, so neither a GPU nor the interpreter is needed, and the recorder sees the launches
   the launchers would make on a GPU.
+* With the C++ op library ``_C`` loaded and ``FASTVIT_LAUNCHER=cpp`` (:mod:`fastvit_kernels._library`), an
+  explicit ``"triton"`` also runs on CPU tensors without the interpreter: the fused ``fastvit::*`` ops then run
+  ``_C``'s CPU kernels (what an exported graph calls where no Triton runs). ``"auto"`` on the CPU stays ``"torch"``.
 * An explicit choice overrides the rule: the ``backend=`` argument of every op and of :class:`FastViT`, else the
   ``FASTVIT_BACKEND`` environment variable; each is ``"auto"``, ``"triton"`` or ``"torch"``.
 * Inside the Triton backend, each GEMM runs either on the fused Triton GEMM core or as cuBLAS (``torch.matmul``)
@@ -28,6 +31,7 @@ import sys
 import torch
 
 from ._env import interpreter_enabled
+from ._library import cpp_serves_cpu
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -79,6 +83,8 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     )
     if backend == "auto":
         return "triton" if can_triton else "torch"
+    if backend == "triton" and device.type == "cpu" and cpp_serves_cpu():
+        return backend  # the fused ops' CPU kernels of the C++ library (export / deployment without Triton)
     if backend == "triton" and not can_triton:
         if not triton_available():
             why = "the triton package is not importable"

@@ -166,7 +166,8 @@ def report() -> dict:
     CPU build), triton, numpy (None where not installed), cuda_available, gpus (list, see ``_gpus``), backend
     (``cuda`` / ``cpu`` tensors -> "triton" | "torch", the FASTVIT_BACKEND value), interpreter (TRITON_INTERPRET
     on?), gemm (impl, kernel setting, kernel form per device, pairs, tma_descriptors), autotune, attention_backward,
-    tuning_record (:func:`tuning_status`).
+    tuning_record (:func:`tuning_status`), csrc (:func:`csrc_status`: whether the C++ op library ``_C`` is loaded,
+    the launcher, and who serves each ``fastvit::*`` op on CPU and CUDA).
     """
     gpus = _gpus()
     triton_version = _version("triton") if backend.triton_available() else None
@@ -199,8 +200,26 @@ def report() -> dict:
         autotune=_autotune() if triton_version is not None else "n/a (no triton)",
         attention_backward=_attention_backward_plan() if triton_version is not None else "n/a (no triton)",
         tuning_record=tuning_status(),
+        csrc=csrc_status(),
     )
     return info
+
+
+def csrc_status() -> dict:
+    """The C++ op library's status (:mod:`fastvit_kernels._library`): loaded (bool), path (or None), launcher
+    ("cpp" | "triton", or "error: ..." for a bad FASTVIT_LAUNCHER), ops ({"fastvit::x": {"CPU": who, "CUDA": who}}
+    with who "cpp" | "triton" | "none")."""
+    from . import _library
+
+    try:
+        launcher = _library.launcher()
+    except (ValueError, RuntimeError) as err:
+        launcher = f"error: {err}"
+    names = sorted(n for n in (f"fastvit::{op}" for op in dir(torch.ops.fastvit))
+                   if _library.python_impl(n) is not None or _library.cpp_defines(n))
+    return dict(loaded=_library.csrc_loaded(),
+                path=None if _library.LIBRARY_PATH is None else str(_library.LIBRARY_PATH),
+                launcher=launcher, ops={n: _library.serving(n) for n in names})
 
 
 def format_report(info: dict) -> str:
@@ -235,6 +254,15 @@ def format_report(info: dict) -> str:
         for name, plan in info["attention_backward"]["fp16_bf16"].items():
             row(f"  {name}", plan)
     row("tuning record", describe_tuning(info["tuning_record"]))
+    c = info["csrc"]
+    row("C++ op library (_C)", f"loaded from {c['path']}" if c["loaded"] else
+        "not built (FASTVIT_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
+    row("launcher", f"{c['launcher']} (FASTVIT_LAUNCHER: cpp | triton)")
+    if c["loaded"]:
+        for name, who in c["ops"].items():
+            row(f"  {name.split('::')[1]}", f"CPU {who['CPU']}, CUDA {who['CUDA']}")
+    else:
+        row("  fastvit::* ops", f"{len(c['ops'])} Python custom ops (Triton on CUDA)")
     return "\n".join(lines)
 
 

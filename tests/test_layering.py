@@ -11,7 +11,7 @@ import fastvit_kernels
 ROOT = pathlib.Path(fastvit_kernels.__file__).parent
 PKG = "fastvit_kernels"
 # modules every layer may import: they import nothing of the package above themselves
-LEAVES = {f"{PKG}._env", f"{PKG}._checks", f"{PKG}._device"}
+LEAVES = {f"{PKG}._env", f"{PKG}._checks", f"{PKG}._device", f"{PKG}._library"}
 
 
 def _module_name(path: pathlib.Path) -> str:

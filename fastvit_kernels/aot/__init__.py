@@ -520,13 +520,13 @@ class _RunOpsOnMeta(TorchDispatchMode):
     batch 8192 and 1024 px: 0.3 TB) that could never be allocated."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch._library.custom_ops import _maybe_get_opdef
+        from .._library import python_impl
 
         kwargs = kwargs or {}
-        opdef = _maybe_get_opdef(func) if func.namespace == "fastvit" else None
-        if opdef is not None:
+        impl = python_impl(func._schema.name) if func.namespace == "fastvit" else None
+        if impl is not None:
             with self:  # the mode is off inside this method; nested ops (none today) would need it again
-                return opdef._init_fn(*args, **kwargs)
+                return impl(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -20,6 +20,7 @@ import torch
 from .. import reference
 from .._checks import autocast_inputs, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
+from .._library import fastvit_op
 from ..backend import resolve_backend
 from ._instrument import instrumented
 
@@ -29,7 +30,7 @@ MAX_HEAD_DIM = 128  # head_dim must be a multiple of 8 and at most this (BLOCK_D
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+@fastvit_op("fastvit::attention_fwd", mutates_args=())
 @launches_on_input_device
 def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward of :func:`attention`: qkv (B, N, 3 * D) -> (out (B, N, D) in qkv's dtype, lse (B, H, N) fp32
@@ -47,7 +48,7 @@ def _(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, to
     return out, lse
 
 
-@torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+@fastvit_op("fastvit::attention_bwd", mutates_args=())
 @launches_on_input_device
 def _attention_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
                       scale: float) -> torch.Tensor:
@@ -87,7 +88,7 @@ torch.library.register_autograd("fastvit::attention_fwd", _attention_backward, s
 
 
 # packed variable-length sequences: qkv (T, 3 * D), cu_seqlens (S + 1,) int32
-@torch.library.custom_op("fastvit::attention_varlen_fwd", mutates_args=())
+@fastvit_op("fastvit::attention_varlen_fwd", mutates_args=())
 @launches_on_input_device
 def _attention_varlen_fwd_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +106,7 @@ def _(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int,
     return qkv.new_empty((T, three_d // 3)), qkv.new_empty((num_heads, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastvit::attention_varlen_bwd", mutates_args=())
+@fastvit_op("fastvit::attention_varlen_bwd", mutates_args=())
 @launches_on_input_device
 def _attention_varlen_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
                              lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -122,7 +123,7 @@ def _(dout: torch.Tensor, qkv: torch.Tensor, cu_seqlens: torch.Tensor, out: torc
 
 
 # padded batch with a key-padding mask: qkv (B, N, 3 * D), key_valid (B, N) bool
-@torch.library.custom_op("fastvit::attention_masked_fwd", mutates_args=())
+@fastvit_op("fastvit::attention_masked_fwd", mutates_args=())
 @launches_on_input_device
 def _attention_masked_fwd_op(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +141,7 @@ def _(qkv: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
     return qkv.new_empty((B, N, three_d // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastvit::attention_masked_bwd", mutates_args=())
+@fastvit_op("fastvit::attention_masked_bwd", mutates_args=())
 @launches_on_input_device
 def _attention_masked_bwd_op(dout: torch.Tensor, qkv: torch.Tensor, key_valid: torch.Tensor, out: torch.Tensor,
                              lse: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from .. import reference
 from .._checks import autocast_inputs, check_layernorm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
+from .._library import fastvit_op
 from ..backend import resolve_backend
 from ._instrument import instrumented, op_scope
 from .attention import attention_flops, check_heads
@@ -41,7 +42,7 @@ from .linear import layernorm_linear_grads, linear_flops, linear_grads
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops (x: (B, N, D), contiguous)
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvit::attention_block_fwd", mutates_args=())
+@fastvit_op("fastvit::attention_block_fwd", mutates_args=())
 @launches_on_input_device
 def _attention_block_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
@@ -79,7 +80,7 @@ def _(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, n
             x.new_empty((B, num_heads, N), dtype=torch.float32), stats, torch.empty_like(stats))
 
 
-@torch.library.custom_op("fastvit::attention_block_bwd", mutates_args=())
+@fastvit_op("fastvit::attention_block_bwd", mutates_args=())
 @launches_on_input_device
 def _attention_block_bwd(
     dout: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor,

@@ -39,6 +39,7 @@ from .. import reference
 from .._checks import (autocast_inputs, check_gelu_approximate, check_norm_input, check_same, check_tensor,
                        check_triton_dtype)
 from .._device import launches_on_input_device
+from .._library import fastvit_op
 from ..backend import resolve_backend
 from ._instrument import instrumented
 from ._layout import norm_bias_or_zeros, rows
@@ -47,7 +48,7 @@ from ._layout import norm_bias_or_zeros, rows
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops (2-D tokens: M = B * N rows)
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvit::layernorm_mlp_fwd", mutates_args=())
+@fastvit_op("fastvit::layernorm_mlp_fwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_mlp_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], fc1_weight: torch.Tensor,
@@ -81,7 +82,7 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps
             torch.empty_like(stats))
 
 
-@torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
+@fastvit_op("fastvit::layernorm_mlp_bwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_mlp_bwd(
     dout: torch.Tensor, x: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,

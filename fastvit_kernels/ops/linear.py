@@ -24,6 +24,7 @@ import torch
 from .. import reference
 from .._checks import autocast_inputs, check_norm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
+from .._library import fastvit_op
 from ..backend import resolve_backend
 from ._instrument import instrumented
 from ._layout import norm_bias_or_zeros, rows
@@ -32,7 +33,7 @@ from ._layout import norm_bias_or_zeros, rows
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops: LayerNorm + Linear (2-D tokens: M = B * N rows)
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvit::layernorm_linear_fwd", mutates_args=())
+@fastvit_op("fastvit::layernorm_linear_fwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_linear_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], weight: torch.Tensor,
@@ -83,7 +84,7 @@ def layernorm_linear_grads(dout: torch.Tensor, x: torch.Tensor, mean: torch.Tens
     return dx, dgamma, dbeta, dw, db
 
 
-@torch.library.custom_op("fastvit::layernorm_linear_bwd", mutates_args=())
+@fastvit_op("fastvit::layernorm_linear_bwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_linear_bwd(
     dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
@@ -130,7 +131,7 @@ def _rope(coords: torch.Tensor, freqs: torch.Tensor, num_heads: int, D_qkv: int,
     return Rope(coords, freqs, num_heads, D_qkv // num_heads, "half" if half else "interleaved")
 
 
-@torch.library.custom_op("fastvit::layernorm_linear_rope_fwd", mutates_args=())
+@fastvit_op("fastvit::layernorm_linear_rope_fwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_linear_rope_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], weight: torch.Tensor,
@@ -156,7 +157,7 @@ def _(x, norm_weight, norm_bias, weight, bias, eps, coords, freqs, num_heads, ha
     return x.new_empty((M, weight.shape[0])), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastvit::layernorm_linear_rope_bwd", mutates_args=())
+@fastvit_op("fastvit::layernorm_linear_rope_bwd", mutates_args=())
 @launches_on_input_device
 def _layernorm_linear_rope_bwd(
     dout: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor,
@@ -242,7 +243,7 @@ _layernorm_linear_rope_fwd.register_autograd(_rope_backward, setup_context=_rope
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops: Linear + residual
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvit::linear_residual_fwd", mutates_args=())
+@fastvit_op("fastvit::linear_residual_fwd", mutates_args=())
 @launches_on_input_device
 def _linear_residual_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
@@ -278,7 +279,7 @@ def linear_grads(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_
     return dx, dw, db
 
 
-@torch.library.custom_op("fastvit::linear_residual_bwd", mutates_args=())
+@fastvit_op("fastvit::linear_residual_bwd", mutates_args=())
 @launches_on_input_device
 def _linear_residual_bwd(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,

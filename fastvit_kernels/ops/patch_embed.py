@@ -15,13 +15,14 @@ import torch
 from .. import reference
 from .._checks import autocast_inputs, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
+from .._library import fastvit_op
 from ..backend import resolve_backend
 from ._instrument import instrumented
 
 IMAGE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 
 
-@torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
+@fastvit_op("fastvit::patch_embed_fwd", mutates_args=())
 @launches_on_input_device
 def _patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      pos_embed: torch.Tensor, cls_token: Optional[torch.Tensor], reg_token: Optional[torch.Tensor],
@@ -43,7 +44,7 @@ def _(images, weight, bias, pos_embed, cls_token, reg_token, norm, no_embed_clas
     return weight.new_empty((images.shape[0], _num_tokens(images, weight, cls_token, reg_token), weight.shape[0]))
 
 
-@torch.library.custom_op("fastvit::patch_embed_bwd", mutates_args=())
+@fastvit_op("fastvit::patch_embed_bwd", mutates_args=())
 @launches_on_input_device
 def _patch_embed_bwd(dout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, norm: Optional[torch.Tensor],
                      num_cls: int, num_reg: int, no_embed_class: bool, needs_weight_grad: bool,

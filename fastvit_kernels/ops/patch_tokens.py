@@ -15,11 +15,12 @@ import torch
 from .. import reference
 from .._checks import autocast_inputs, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
+from .._library import fastvit_op
 from ..backend import launches_recorded, resolve_backend
 from ._instrument import instrumented
 
 
-@torch.library.custom_op("fastvit::patch_embed_tokens_fwd", mutates_args=())
+@fastvit_op("fastvit::patch_embed_tokens_fwd", mutates_args=())
 @launches_on_input_device
 def _patch_embed_tokens_fwd(patches: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             pos: Optional[torch.Tensor], pos_index: Optional[torch.Tensor],
@@ -48,7 +49,7 @@ def _(patches, weight, bias, pos, pos_index, ids_keep, mask, mask_token, prefix,
     return patches.new_empty(_out_shape(patches, weight, ids_keep, prefix, cu_seqlens))
 
 
-@torch.library.custom_op("fastvit::patch_embed_tokens_bwd", mutates_args=())
+@fastvit_op("fastvit::patch_embed_tokens_bwd", mutates_args=())
 @launches_on_input_device
 def _patch_embed_tokens_bwd(dout: torch.Tensor, patches: torch.Tensor, weight: torch.Tensor, pos_rows: int,
                             pos_index: Optional[torch.Tensor], ids_keep: Optional[torch.Tensor],

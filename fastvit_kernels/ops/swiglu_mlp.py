@@ -46,6 +46,7 @@ import torch
 from .. import reference
 from .._checks import autocast_inputs, check_norm_input, check_same, check_tensor, check_triton_dtype
 from .._device import launches_on_input_device
+from .._library import fastvit_op
 from ..backend import resolve_backend
 from ._instrument import instrumented
 from ._layout import norm_bias_or_zeros, rows
@@ -75,7 +76,7 @@ def _packed_weight(gate: torch.Tensor, up: Optional[torch.Tensor]) -> torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 # custom ops (2-D tokens: M = B * N rows)
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvit::swiglu_mlp_fwd", mutates_args=())
+@fastvit_op("fastvit::swiglu_mlp_fwd", mutates_args=())
 @launches_on_input_device
 def _swiglu_mlp_fwd(
     x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], gate_weight: torch.Tensor,
@@ -124,7 +125,7 @@ def _(x, norm_weight, norm_bias, gate_weight, gate_bias, up_weight, up_bias, fc2
             torch.empty_like(hstats))
 
 
-@torch.library.custom_op("fastvit::swiglu_mlp_bwd", mutates_args=())
+@fastvit_op("fastvit::swiglu_mlp_bwd", mutates_args=())
 @launches_on_input_device
 def _swiglu_mlp_bwd(
     dout: torch.Tensor, x: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
