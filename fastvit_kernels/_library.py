@@ -89,6 +89,9 @@ def launcher() -> str:
     return value
 
 
+launcher()  # a bad FASTVIT_LAUNCHER, or cpp without _C, fails at import, not later at the first op
+
+
 def cpp_serves_cpu() -> bool:
     """Whether CPU tensors on the fused-op path run ``_C``'s CPU kernels (``_C`` loaded, launcher ``cpp``)."""
     return csrc_loaded() and launcher() == "cpp"

@@ -1,0 +1,161 @@
+"""The C++ op library as the package sees it: ``_C`` defines exactly the schemas the Python ops define, has a CPU
+kernel for each, links with no undefined symbol; with ``_C`` loaded the package attaches its fakes, autograd and
+Triton launchers to ``_C``'s definitions (``FASTVIT_LAUNCHER``), ``info`` says who serves each op; and a FastViT
+exported with torch.export and packaged by AOTInductor runs in a fresh process that loads ``_C`` but never
+imports fastvit_kernels, giving eager's logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+import fastvit_kernels  # noqa: F401  (defines the Python ops in this process: the schemas to compare with)
+from tests.csrc.conftest import ROOT, run_isolated
+
+SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+
+
+def _python_schemas() -> dict[str, str]:
+    out = {}
+    for name in dir(torch.ops.fastvit):
+        packet = getattr(torch.ops.fastvit, name)
+        if hasattr(packet, "default"):
+            out[name] = str(packet.default._schema)
+    return out
+
+
+def _with_package(library, **env) -> dict:
+    """Environment of a process that imports fastvit_kernels from this checkout with ``library`` as its _C."""
+    return {"PYTHONPATH": str(ROOT), "FASTVIT_C_LIBRARY": str(library), **env}
+
+
+def test_cpp_schemas_equal_python_schemas_and_each_has_a_cpu_kernel(csrc_library):
+    proc = run_isolated(f"""
+        import json, torch
+        torch.ops.load_library({str(csrc_library)!r})
+        ops = {{n: getattr(torch.ops.fastvit, n) for n in dir(torch.ops.fastvit)}}
+        print(json.dumps({{n: [str(p.default._schema),
+                               torch._C._dispatch_has_kernel_for_dispatch_key("fastvit::" + n, "CPU")]
+                          for n, p in ops.items() if hasattr(p, "default")}}))
+    """)
+    cpp = json.loads(proc.stdout.strip().splitlines()[-1])
+    python = _python_schemas()
+    assert len(python) == 22
+    assert {n: s for n, (s, _) in cpp.items()} == python
+    assert [n for n, (_, has_cpu) in cpp.items() if not has_cpu] == []
+
+
+def test_library_links_without_undefined_symbols_and_without_python(csrc_library):
+    """setup.py links with -Wl,--no-undefined (the link itself fails on a missing symbol); the library needs no
+    libpython symbol (it is loaded with torch.ops.load_library, never imported) and no CUDA library."""
+    needed = subprocess.run(["readelf", "-d", str(csrc_library)], capture_output=True, text=True,
+                            check=True).stdout
+    assert "libtorch_cpu.so" in needed and "libc10.so" in needed
+    for lib in ("libpython", "libcuda", "libcudart", "libtorch_cuda", "libtorch_python"):
+        assert lib not in needed, f"_C must not need {lib}:\n{needed}"
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(csrc_library)], capture_output=True, text=True,
+                               check=True).stdout
+    assert " Py" not in undefined and " _Py" not in undefined
+
+
+def test_package_attaches_to_cpp_definitions(csrc_library):
+    """launcher cpp: _C's CPU kernels serve the CPU, the Triton launchers CUDA; FastViT with backend='triton'
+    runs the fused ops on the CPU through _C, forward and backward (the Python autograd formulas call _C's
+    backward kernels), matching the eager model; fake tensors use the Python fakes. launcher triton: Python
+    serves both devices."""
+    proc = run_isolated(f"""
+        import json, torch
+        import fastvit_kernels
+        from fastvit_kernels import FastViT, _library
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        assert _library.csrc_loaded() and _library.launcher() == "cpp"
+        served = {{n: _library.serving(n) for n in ("fastvit::attention_fwd", "fastvit::layernorm_mlp_bwd")}}
+        torch.manual_seed(0)
+        cfg = {SMALL_VIT!r}
+        fused = FastViT(**cfg, backend="triton")
+        eager = FastViT(**cfg, backend="torch")
+        eager.load_state_dict(fused.state_dict())
+        x = torch.randn(2, 3, 32, 32)
+        calls = []
+        with torch.profiler.profile() as prof:
+            out = fused(x)
+        ops_run = sorted({{e.name for e in prof.events() if e.name.startswith("fastvit::")}})
+        out.square().mean().backward()
+        ref = eager(x)
+        ref.square().mean().backward()
+        grad_err = max((a.grad - b.grad).abs().max().item()
+                       for a, b in zip(fused.parameters(), eager.parameters()))
+        with FakeTensorMode():
+            qkv = torch.empty(2, 7, 48)
+            fake_out, fake_lse = torch.ops.fastvit.attention_fwd(qkv, 3, 0.25)
+        print(json.dumps(dict(served=served, ops_run=ops_run, out_err=(out - ref).abs().max().item(),
+                              grad_err=grad_err, fake=[list(fake_out.shape), list(fake_lse.shape)])))
+    """, env=_with_package(csrc_library))
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["served"] == {"fastvit::attention_fwd": {"CPU": "cpp", "CUDA": "triton"},
+                             "fastvit::layernorm_mlp_bwd": {"CPU": "cpp", "CUDA": "triton"}}
+    assert {"fastvit::patch_embed_fwd", "fastvit::attention_block_fwd", "fastvit::layernorm_mlp_fwd"} <= \
+        set(got["ops_run"]), got["ops_run"]
+    assert got["out_err"] < 1e-5 and got["grad_err"] < 1e-5, got
+    assert got["fake"] == [[2, 7, 16], [2, 3, 7]]
+
+    proc = run_isolated("""
+        import json, fastvit_kernels
+        from fastvit_kernels import _library
+        print(json.dumps(_library.serving("fastvit::attention_fwd")))
+    """, env=_with_package(csrc_library, FASTVIT_LAUNCHER="triton"))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"CPU": "triton", "CUDA": "triton"}
+
+
+def test_launcher_errors_are_clear(csrc_library):
+    with pytest.raises(AssertionError, match="FASTVIT_LAUNCHER=cpp but the C\\+\\+ op library"):
+        run_isolated("import fastvit_kernels", env=_with_package("none", FASTVIT_LAUNCHER="cpp"))
+    with pytest.raises(AssertionError, match="FASTVIT_LAUNCHER must be one of"):
+        run_isolated("import fastvit_kernels", env=_with_package(csrc_library, FASTVIT_LAUNCHER="cuda"))
+    with pytest.raises(AssertionError, match="FASTVIT_C_LIBRARY='/nonexistent/_C.so': no such file"):
+        run_isolated("import fastvit_kernels", env=_with_package("/nonexistent/_C.so"))
+
+
+def test_info_reports_the_library(csrc_library):
+    proc = run_isolated("from fastvit_kernels.info import main; main(['--json'])", env=_with_package(csrc_library))
+    info = json.loads(proc.stdout)["csrc"]
+    assert info["loaded"] and info["path"] == str(csrc_library) and info["launcher"] == "cpp"
+    assert len(info["ops"]) == 22 and all(who["CPU"] == "cpp" for who in info["ops"].values())
+
+
+def test_exported_fastvit_runs_from_an_aoti_package_with_only_the_library(csrc_library, tmp_path):
+    """torch.export of FastViT (inference; backend='triton' so the graph calls the fused fastvit::* ops, served
+    on the CPU by _C) -> aoti_compile_and_package -> a fresh process that loads _C, never imports
+    fastvit_kernels, and gives the eager model's logits."""
+    package, data = tmp_path / "fastvit.pt2", tmp_path / "io.pt"
+    proc = run_isolated(f"""
+        import json, torch
+        from fastvit_kernels import FastViT
+        torch.manual_seed(0)
+        model = FastViT(**{SMALL_VIT!r}, backend="triton").eval()
+        eager = FastViT(**{SMALL_VIT!r}, backend="torch").eval()
+        eager.load_state_dict(model.state_dict())
+        x = torch.randn(3, 3, 32, 32)
+        ep = torch.export.export(model, (x,))
+        targets = sorted({{str(n.target) for n in ep.graph.nodes if str(n.target).startswith("fastvit.")}})
+        torch._inductor.aoti_compile_and_package(ep, package_path={str(package)!r})
+        with torch.no_grad():
+            torch.save((x, eager(x)), {str(data)!r})
+        print(json.dumps(targets))
+    """, env=_with_package(csrc_library))
+    targets = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "fastvit.attention_block_fwd.default" in targets and "fastvit.patch_embed_fwd.default" in targets
+    proc = run_isolated(f"""
+        import json, sys, torch
+        torch.ops.load_library({str(csrc_library)!r})
+        runner = torch._inductor.aoti_load_package({str(package)!r})
+        x, expected = torch.load({str(data)!r})
+        logits = runner(x)
+        assert "fastvit_kernels" not in sys.modules
+        print(json.dumps(dict(shape=list(logits.shape), err=(logits - expected).abs().max().item())))
+    """)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["shape"] == [3, 5] and got["err"] < 1e-5, got
