@@ -10,17 +10,16 @@
 // only this library. Norm statistics, GEMM accumulation, RoPE angles, softmax and log-sum-exp are fp32; like the
 // Triton epilogues, each output is rounded once to the input's dtype from its fp32 value (the SwiGLU hidden is
 // rounded before fc2, as the Triton op stores it).
-#include "../fastvit.h"
+#include "modern_common.h"
 
 #include <cmath>
 #include <limits>
 
 namespace fastvit {
 namespace {
+using namespace modern;
 
 constexpr double kLog2e = 1.4426950408889634;
-
-Tensor silu(const Tensor& x) { return call("aten::silu", "", x); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // SwiGLU MLP: x + fc2(hnorm(silu(gate) * up)), (gate | up) = fc1(norm(x))
@@ -33,8 +32,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_mlp_fwd(
   check_dim(x, 2, op, "x");
   check_dim(gate_weight, 2, op, "gate_weight");
   check_dim(fc2_weight, 2, op, "fc2_weight");
-  const int64_t M = x.size(0), D = x.size(1);
-  const int64_t Dh = fc2_weight.size(1);
+  const int64_t D = x.size(1), Dh = fc2_weight.size(1);
   const ScalarType dt = x.scalar_type();
   STD_TORCH_CHECK(fc2_weight.size(0) == D, op, ": fc2_weight must be (D=", D, ", D_hidden); got (",
                   fc2_weight.size(0), ", ", Dh, ")");
@@ -61,65 +59,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_mlp_fwd(
   }
   Tensor out = linear(z, f32(fc2_weight), opt_f32(fc2_bias));
   if (add_residual) out = add(out, f32(x));
-  (void)M;
   return {to_dtype(out, dt), to_dtype(pre32, dt), mean, rstd, hmean, hrstd};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // LayerNorm + Linear + 2-D RoPE of the q and k sections (reference.rope_ref)
 // ---------------------------------------------------------------------------------------------------------------
-// theta (M, 1, Hr, P) fp32: coords[m % Nc] . freqs[h, j] per token row m (the 1 broadcasts over q and k).
-Tensor rope_angles(const Tensor& coords, const Tensor& freqs, int64_t M) {
-  const int64_t Nc = coords.size(0);
-  Tensor c = f32(coords);
-  if (M != Nc) c = part(call("aten::repeat", "", c, std::vector<int64_t>{(M + Nc - 1) / Nc, 1}), 0, 0, M);
-  Tensor f = f32(freqs);  // (Hr, P, 2)
-  auto axis = [&](int64_t i) {
-    return mul(rshape(torch::stable::select(c, 1, i), {M, 1, 1}),
-               torch::stable::unsqueeze(torch::stable::select(f, 2, i), 0));
-  };
-  Tensor theta = add(axis(0), axis(1));  // (M, Hr, P)
-  return torch::stable::unsqueeze(theta, 1);
-}
-
-// Rotates the q and k columns of qkv32 (M, 3 * D) fp32 in place of a copy: pairs (2j, 2j + 1) ("interleaved")
-// or (j, j + head_dim / 2) ("half") of every head, by theta (M, 1, Hr, P).
-Tensor rope_rotate(const Tensor& qkv32, const Tensor& theta, int64_t H, bool half) {
-  const int64_t M = qkv32.size(0), D = qkv32.size(1) / 3, hd = D / H, P = hd / 2;
-  Tensor cosv = call("aten::cos", "", theta), sinv = call("aten::sin", "", theta);
-  Tensor qk = rshape(part(qkv32, 1, 0, 2 * D), {M, 2, H, hd});
-  Tensor rotated;
-  if (half) {
-    Tensor a = part(qk, 3, 0, P), b = part(qk, 3, P, P);
-    rotated = concat({sub(mul(a, cosv), mul(b, sinv)), add(mul(b, cosv), mul(a, sinv))}, 3);
-  } else {
-    Tensor pairs = rshape(qk, {M, 2, H, P, 2});
-    Tensor a = torch::stable::select(pairs, 4, 0), b = torch::stable::select(pairs, 4, 1);
-    rotated = call("aten::stack", "",
-                   std::vector<Tensor>{sub(mul(a, cosv), mul(b, sinv)), add(mul(b, cosv), mul(a, sinv))},
-                   int64_t{4});
-  }
-  return concat({rshape(rotated, {M, 2 * D}), part(qkv32, 1, 2 * D, D)}, 1);
-}
-
-void check_rope(const Tensor& weight, const Tensor& coords, const Tensor& freqs, int64_t H, const char* op) {
-  check_dim(weight, 2, op, "weight");
-  const int64_t N_out = weight.size(0);
-  STD_TORCH_CHECK(H > 0 && N_out % (3 * H) == 0 && (N_out / (3 * H)) % 2 == 0, op,
-                  ": weight must have 3 * num_heads * head_dim rows with head_dim even (num_heads=", H, "); got ",
-                  N_out);
-  const int64_t P = N_out / (3 * H) / 2;
-  check_dim(coords, 2, op, "coords");
-  STD_TORCH_CHECK(coords.size(0) >= 1 && coords.size(1) == 2, op, ": coords must be (Nc >= 1, 2) (y, x); got (",
-                  coords.size(0), ", ", coords.size(1), ")");
-  check_dtype(coords, ScalarType::Float, op, "coords", "float32");
-  check_dim(freqs, 3, op, "freqs");
-  STD_TORCH_CHECK((freqs.size(0) == 1 || freqs.size(0) == H) && freqs.size(1) == P && freqs.size(2) == 2, op,
-                  ": freqs must be (1 or num_heads=", H, ", head_dim/2=", P, ", 2); got (", freqs.size(0), ", ",
-                  freqs.size(1), ", ", freqs.size(2), ")");
-  check_dtype(freqs, ScalarType::Float, op, "freqs", "float32");
-}
-
 std::tuple<Tensor, Tensor, Tensor> layernorm_linear_rope_fwd(Tensor x, Tensor norm_weight, OptTensor norm_bias,
                                                              Tensor weight, OptTensor bias, double eps,
                                                              Tensor coords, Tensor freqs, int64_t num_heads,
@@ -136,12 +81,6 @@ std::tuple<Tensor, Tensor, Tensor> layernorm_linear_rope_fwd(Tensor x, Tensor no
 // ---------------------------------------------------------------------------------------------------------------
 // attention over packed sequences (cu_seqlens) and over a padded batch with a key mask (key_valid)
 // ---------------------------------------------------------------------------------------------------------------
-void check_heads(const Tensor& qkv, int64_t H, const char* op) {
-  const int64_t width = qkv.size(qkv.dim() - 1);
-  STD_TORCH_CHECK(H > 0 && width % (3 * H) == 0, op, ": qkv's last dim must be 3 * num_heads * head_dim ",
-                  "(num_heads=", H, "); got ", width);
-}
-
 Tensor logsumexp_log2(const Tensor& s) {
   return mul(call("aten::logsumexp", "", s, std::vector<int64_t>{-1}, false), kLog2e);
 }
@@ -203,17 +142,6 @@ std::tuple<Tensor, Tensor> attention_masked_fwd(Tensor qkv, Tensor key_valid, in
 // ---------------------------------------------------------------------------------------------------------------
 // patch embedding of pre-patchified tokens (reference.patch_embed_tokens_ref)
 // ---------------------------------------------------------------------------------------------------------------
-// The rows of t (3-D form: (B, N, ...) per image along dim 1; 2-D: (T, ...) along dim 0) that ids_keep selects.
-Tensor keep_rows(const Tensor& t, const Tensor& ids_keep, bool three_d) {
-  if (!three_d) return call("aten::index_select", "", t, int64_t{0}, ids_keep);
-  Tensor idx = ids_keep;
-  if (t.dim() == 3) {
-    idx = call("aten::expand", "", torch::stable::unsqueeze(ids_keep, 2),
-               std::vector<int64_t>{ids_keep.size(0), ids_keep.size(1), t.size(2)}, false);
-  }
-  return call("aten::gather", "", t, int64_t{1}, idx, false);
-}
-
 Tensor patch_embed_tokens_fwd(Tensor patches, Tensor weight, OptTensor bias, OptTensor pos, OptTensor pos_index,
                               OptTensor ids_keep, OptTensor mask, OptTensor mask_token, OptTensor prefix,
                               OptTensor cu_seqlens) {
