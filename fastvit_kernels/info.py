@@ -215,8 +215,7 @@ def csrc_status() -> dict:
         launcher = _library.launcher()
     except (ValueError, RuntimeError) as err:
         launcher = f"error: {err}"
-    names = sorted(n for n in (f"fastvit::{op}" for op in dir(torch.ops.fastvit))
-                   if _library.python_impl(n) is not None or _library.cpp_defines(n))
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(_library.NAMESPACE + "::"))
     return dict(loaded=_library.csrc_loaded(),
                 path=None if _library.LIBRARY_PATH is None else str(_library.LIBRARY_PATH),
                 launcher=launcher, ops={n: _library.serving(n) for n in names})

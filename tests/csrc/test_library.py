@@ -19,12 +19,8 @@ SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, 
 
 
 def _python_schemas() -> dict[str, str]:
-    out = {}
-    for name in dir(torch.ops.fastvit):
-        packet = getattr(torch.ops.fastvit, name)
-        if hasattr(packet, "default"):
-            out[name] = str(packet.default._schema)
-    return out
+    names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastvit::")]
+    return {n: str(getattr(torch.ops.fastvit, n).default._schema) for n in names}
 
 
 def _with_package(library, **env) -> dict:
@@ -36,10 +32,10 @@ def test_cpp_schemas_equal_python_schemas_and_each_has_a_cpu_kernel(csrc_library
     proc = run_isolated(f"""
         import json, torch
         torch.ops.load_library({str(csrc_library)!r})
-        ops = {{n: getattr(torch.ops.fastvit, n) for n in dir(torch.ops.fastvit)}}
-        print(json.dumps({{n: [str(p.default._schema),
+        names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastvit::")]
+        print(json.dumps({{n: [str(getattr(torch.ops.fastvit, n).default._schema),
                                torch._C._dispatch_has_kernel_for_dispatch_key("fastvit::" + n, "CPU")]
-                          for n, p in ops.items() if hasattr(p, "default")}}))
+                          for n in names}}))
     """)
     cpp = json.loads(proc.stdout.strip().splitlines()[-1])
     python = _python_schemas()
@@ -121,7 +117,7 @@ def test_launcher_errors_are_clear(csrc_library):
 
 def test_info_reports_the_library(csrc_library):
     proc = run_isolated("from fastvit_kernels.info import main; main(['--json'])", env=_with_package(csrc_library))
-    info = json.loads(proc.stdout)["csrc"]
+    info = json.loads(proc.stdout)["report"]["csrc"]
     assert info["loaded"] and info["path"] == str(csrc_library) and info["launcher"] == "cpp"
     assert len(info["ops"]) == 22 and all(who["CPU"] == "cpp" for who in info["ops"].values())
 
