@@ -23,6 +23,7 @@ def csrc_extensions() -> list:
     root = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "csrc", "**", "*.cpp"),
                                                                  recursive=True))
+    sources = [s for s in sources if not s.startswith(os.path.join("csrc", "tools"))]  # programs, not the library
     return [CppExtension(
         "fastvit_kernels._C", sources,
         py_limited_api=True,  # loaded with torch.ops.load_library, never imported: no Python symbols needed

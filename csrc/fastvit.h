@@ -44,7 +44,10 @@ Tensor call(const char* name, const char* overload, const Args&... args) {
 }
 
 // Tensor helpers (ATen ops by name; the stable ABI has no method syntax for most of them).
-inline Tensor to_dtype(const Tensor& x, ScalarType dtype) { return torch::stable::to(x, dtype); }
+// x itself when it has the dtype already (what aten::to returns then too), without the dispatcher round trip
+inline Tensor to_dtype(const Tensor& x, ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : torch::stable::to(x, dtype);
+}
 inline Tensor f32(const Tensor& x) { return to_dtype(x, ScalarType::Float); }
 inline Tensor mm(const Tensor& a, const Tensor& b) { return torch::stable::matmul(a, b); }
 inline Tensor t(const Tensor& a) { return call("aten::t", "", a); }

@@ -13,11 +13,6 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 
-// x itself when it already has `dtype` (what aten::to returns then too), else x converted: in the common
-// same-dtype case this spares a dispatcher round trip per operand, a visible share of a small call's host cost
-// (benchmarks/test_csrc_host_cost.py).
-Tensor cast_to(const Tensor& x, ScalarType dtype) { return x.scalar_type() == dtype ? x : to_dtype(x, dtype); }
-Tensor fp32(const Tensor& x) { return cast_to(x, ScalarType::Float); }
 
 Tensor mean_last(const Tensor& x, bool keepdim) {
   return call("aten::mean", "dim", x, std::optional<std::vector<int64_t>>(std::vector<int64_t>{-1}), keepdim,
@@ -28,9 +23,9 @@ Tensor mean_last(const Tensor& x, bool keepdim) {
 std::tuple<Tensor, Tensor, Tensor> norm_rows(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                              double eps, bool rms) {
   const int64_t M = x.size(0);
-  Tensor x32 = fp32(x);
-  OptTensor b32 = bias.has_value() ? OptTensor(fp32(*bias)) : std::nullopt;
-  Tensor w32 = fp32(weight);
+  Tensor x32 = f32(x);
+  OptTensor b32 = bias.has_value() ? OptTensor(f32(*bias)) : std::nullopt;
+  Tensor w32 = f32(weight);
   Tensor out32, mean, rstd;
   if (rms) {
     Tensor ms = mean_last(mul(x32, x32), false);
@@ -45,23 +40,23 @@ std::tuple<Tensor, Tensor, Tensor> norm_rows(const Tensor& x, const Tensor& weig
     mean = rshape(torch::stable::detail::to<Tensor>(st[1]), {M});
     rstd = rshape(torch::stable::detail::to<Tensor>(st[2]), {M});
   }
-  return {cast_to(out32, x.scalar_type()), mean, rstd};
+  return {to_dtype(out32, x.scalar_type()), mean, rstd};
 }
 
 OptTensor same_dtype(const OptTensor& t, ScalarType dtype) {
-  return t.has_value() ? OptTensor(cast_to(*t, dtype)) : std::nullopt;
+  return t.has_value() ? OptTensor(to_dtype(*t, dtype)) : std::nullopt;
 }
 
 // out (B, N, D), lse (B, H, N) fp32 in log2 units, from packed qkv (B, N, 3 * D).
 std::tuple<Tensor, Tensor> attention_core(const Tensor& qkv, int64_t H, double scale) {
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, hd = D / H;
-  Tensor q5 = call("aten::permute", "", rshape(fp32(qkv), {B, N, 3, H, hd}), std::vector<int64_t>{2, 0, 3, 1, 4});
+  Tensor q5 = call("aten::permute", "", rshape(f32(qkv), {B, N, 3, H, hd}), std::vector<int64_t>{2, 0, 3, 1, 4});
   Tensor q = torch::stable::select(q5, 0, 0), k = torch::stable::select(q5, 0, 1), v = torch::stable::select(q5, 0, 2);
   Tensor s = mul(mm(q, torch::stable::transpose(k, -2, -1)), scale);  // (B, H, N, N)
   Tensor lse = mul(call("aten::logsumexp", "", s, std::vector<int64_t>{-1}, false), kLog2e);
   Tensor p = call("aten::_softmax", "", s, int64_t{-1}, false);
   Tensor o = call("aten::permute", "", mm(p, v), std::vector<int64_t>{0, 2, 1, 3});  // (B, N, H, hd)
-  return {cast_to(rshape(contig(o), {B, N, D}), qkv.scalar_type()), lse};
+  return {to_dtype(rshape(contig(o), {B, N, D}), qkv.scalar_type()), lse};
 }
 
 void check_qkv(const Tensor& qkv, int64_t H, const char* op) {
@@ -80,14 +75,14 @@ std::tuple<Tensor, Tensor, Tensor> layernorm_linear_fwd(Tensor x, Tensor norm_we
                                                         Tensor weight, OptTensor bias, double eps, bool rms) {
   check_dim(x, 2, "fastvit::layernorm_linear_fwd", "x");
   auto [normed, mean, rstd] = norm_rows(x, norm_weight, norm_bias, eps, rms);
-  Tensor out = linear(normed, cast_to(weight, x.scalar_type()), same_dtype(bias, x.scalar_type()));
+  Tensor out = linear(normed, to_dtype(weight, x.scalar_type()), same_dtype(bias, x.scalar_type()));
   return {out, mean, rstd};
 }
 
 Tensor linear_residual_fwd(Tensor x, Tensor weight, OptTensor bias, Tensor residual) {
   check_dim(x, 2, "fastvit::linear_residual_fwd", "x");
-  Tensor y = linear(x, cast_to(weight, x.scalar_type()), same_dtype(bias, x.scalar_type()));
-  return add(y, cast_to(residual, x.scalar_type()));
+  Tensor y = linear(x, to_dtype(weight, x.scalar_type()), same_dtype(bias, x.scalar_type()));
+  return add(y, to_dtype(residual, x.scalar_type()));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd(Tensor x, Tensor norm_weight, OptTensor norm_bias,
@@ -100,9 +95,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd(Tensor x, Tensor no
                   "fastvit::layernorm_mlp_fwd: approximate must be 'none' or 'tanh'; got '", approximate, "'");
   const ScalarType dt = x.scalar_type();
   auto [normed, mean, rstd] = norm_rows(x, norm_weight, norm_bias, eps, rms);
-  Tensor pre = linear(normed, cast_to(fc1_weight, dt), same_dtype(fc1_bias, dt));
+  Tensor pre = linear(normed, to_dtype(fc1_weight, dt), same_dtype(fc1_bias, dt));
   Tensor act = call("aten::gelu", "", pre, approximate);
-  Tensor out = linear(act, cast_to(fc2_weight, dt), same_dtype(fc2_bias, dt));
+  Tensor out = linear(act, to_dtype(fc2_weight, dt), same_dtype(fc2_bias, dt));
   if (add_residual) out = add(out, x);
   Tensor preact = recompute ? torch::stable::new_empty(x, {0, fc1_weight.size(0)}) : pre;
   return {out, preact, mean, rstd};
@@ -116,10 +111,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_block_fwd(
   const ScalarType dt = x.scalar_type();
   Tensor x2d = rshape(x, {B * N, D});
   auto [normed, mean, rstd] = norm_rows(x2d, norm_weight, OptTensor(norm_bias), eps, false);
-  Tensor qkv = rshape(linear(normed, cast_to(qkv_weight, dt), same_dtype(qkv_bias, dt)), {B, N, 3 * D});
+  Tensor qkv = rshape(linear(normed, to_dtype(qkv_weight, dt), same_dtype(qkv_bias, dt)), {B, N, 3 * D});
   check_qkv(qkv, num_heads, "fastvit::attention_block_fwd");
   auto [o, lse] = attention_core(qkv, num_heads, scale);
-  Tensor out = add(linear(o, cast_to(proj_weight, dt), same_dtype(proj_bias, dt)), x);
+  Tensor out = add(linear(o, to_dtype(proj_weight, dt), same_dtype(proj_bias, dt)), x);
   return {out, qkv, o, lse, mean, rstd};
 }
 
@@ -129,15 +124,15 @@ Tensor patch_embed_fwd(Tensor images, Tensor weight, OptTensor bias, Tensor pos_
   check_dim(weight, 4, "fastvit::patch_embed_fwd", "weight");
   const int64_t B = images.size(0), C = images.size(1), D = weight.size(0), P = weight.size(3);
   const ScalarType dt = weight.scalar_type();
-  Tensor x = fp32(images);
+  Tensor x = f32(images);
   if (norm.has_value()) {  // rows (scale, shift): x * scale + shift, 1 / 255 folded into scale for uint8 pixels
-    Tensor nrm = fp32(*norm);
+    Tensor nrm = f32(*norm);
     x = add(mul(x, rshape(torch::stable::select(nrm, 0, 0), {1, C, 1, 1})),
             rshape(torch::stable::select(nrm, 0, 1), {1, C, 1, 1}));
   } else if (images.scalar_type() == ScalarType::Byte) {
     x = mul(x, 1.0 / 255.0);
   }
-  x = cast_to(x, dt);
+  x = to_dtype(x, dt);
   const int64_t Hh = images.size(2), Ww = images.size(3);
   const int64_t pad_h = (P - Hh % P) % P, pad_w = (P - Ww % P) % P;
   if (pad_h || pad_w) x = torch::stable::pad(x, {0, pad_w, 0, pad_h}, "constant", 0.0);
@@ -146,10 +141,10 @@ Tensor patch_embed_fwd(Tensor images, Tensor weight, OptTensor bias, Tensor pos_
   y = torch::stable::transpose(torch::stable::flatten(y, 2, -1), 1, 2);  // (B, N, D)
   std::vector<Tensor> prefix;
   if (cls_token.has_value())
-    prefix.push_back(call("aten::expand", "", cast_to(*cls_token, dt), std::vector<int64_t>{B, -1, -1}, false));
+    prefix.push_back(call("aten::expand", "", to_dtype(*cls_token, dt), std::vector<int64_t>{B, -1, -1}, false));
   if (reg_token.has_value())
-    prefix.push_back(call("aten::expand", "", cast_to(*reg_token, dt), std::vector<int64_t>{B, -1, -1}, false));
-  Tensor pos = cast_to(pos_embed, dt);
+    prefix.push_back(call("aten::expand", "", to_dtype(*reg_token, dt), std::vector<int64_t>{B, -1, -1}, false));
+  Tensor pos = to_dtype(pos_embed, dt);
   if (no_embed_class) y = add(y, pos);
   if (!prefix.empty()) {
     prefix.push_back(y);

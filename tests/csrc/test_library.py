@@ -7,6 +7,7 @@ imports fastvit_kernels, giving eager's logits."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -124,8 +125,9 @@ def test_info_reports_the_library(csrc_library):
 
 def test_exported_fastvit_runs_from_an_aoti_package_with_only_the_library(csrc_library, tmp_path):
     """torch.export of FastViT (inference; backend='triton' so the graph calls the fused fastvit::* ops, served
-    on the CPU by _C) -> aoti_compile_and_package -> a fresh process that loads _C, never imports
-    fastvit_kernels, and gives the eager model's logits."""
+    on the CPU by _C) -> aoti_compile_and_package -> a fresh Python process that loads _C, never imports
+    fastvit_kernels, and gives the eager model's logits; then the same package from a C++ program
+    (AOTIModelPackageLoader, no Python at all)."""
     package, data = tmp_path / "fastvit.pt2", tmp_path / "io.pt"
     proc = run_isolated(f"""
         import json, torch
@@ -138,8 +140,9 @@ def test_exported_fastvit_runs_from_an_aoti_package_with_only_the_library(csrc_l
         ep = torch.export.export(model, (x,))
         targets = sorted({{str(n.target) for n in ep.graph.nodes if str(n.target).startswith("fastvit.")}})
         torch._inductor.aoti_compile_and_package(ep, package_path={str(package)!r})
+        sin_input = torch.sin(torch.arange(3 * 3 * 32 * 32, dtype=torch.float32) * 0.001).reshape(3, 3, 32, 32)
         with torch.no_grad():
-            torch.save((x, eager(x)), {str(data)!r})
+            torch.save((x, eager(x), eager(sin_input)), {str(data)!r})
         print(json.dumps(targets))
     """, env=_with_package(csrc_library))
     targets = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -148,10 +151,28 @@ def test_exported_fastvit_runs_from_an_aoti_package_with_only_the_library(csrc_l
         import json, sys, torch
         torch.ops.load_library({str(csrc_library)!r})
         runner = torch._inductor.aoti_load_package({str(package)!r})
-        x, expected = torch.load({str(data)!r})
+        x, expected, _ = torch.load({str(data)!r})
         logits = runner(x)
         assert "fastvit_kernels" not in sys.modules
         print(json.dumps(dict(shape=list(logits.shape), err=(logits - expected).abs().max().item())))
     """)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["shape"] == [3, 5] and got["err"] < 1e-5, got
+
+    # and from C++: csrc/tools/run_pt2.cpp, built against the installed libtorch, loads _C and the package
+    runner = tmp_path / "run_pt2"
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", str(ROOT / "csrc" / "tools" / "run_pt2.cpp"), "-o",
+           str(runner), *(f"-I{p}" for p in include_paths()), *(f"-L{p}" for p in library_paths()),
+           *(f"-Wl,-rpath,{p}" for p in library_paths()), "-ltorch", "-ltorch_cpu", "-lc10", "-ldl"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    # libtorch dlopens its own libraries by name: the loader path must name torch/lib (README, "Deployment")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*library_paths(), env.get("LD_LIBRARY_PATH", "")])
+    proc = subprocess.run([str(runner), str(csrc_library), str(package), "3", "32"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logits = torch.tensor([[float(v) for v in line.split()] for line in proc.stdout.strip().splitlines()])
+    expected = torch.load(data, weights_only=False)[2]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
