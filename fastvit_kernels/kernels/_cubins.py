@@ -222,7 +222,7 @@ def _find(table: CubinTable, fn, args: tuple, kw: dict, cc: int) -> tuple[dict |
     """(the row of this launch of ``fn`` or None, the bound arguments). The row is remembered per Triton
     specialisation (what Triton's own kernel cache is keyed by), so a launch seen before skips the compile-key
     computation."""
-    backend, binder = _binder(fn, cc)
+    _, binder = _binder(fn, cc)
     bound, specialization, options = binder(*args, **kw)
     try:
         memo = (fn, cc, tuple(specialization), tuple(sorted(options.items())))
