@@ -129,3 +129,15 @@ def use_gemm_pairs(pairs: str):
         ValueError: ``pairs`` is not one of ``GEMM_PAIRS``.
     """
     return _override("FASTVIT_GEMM_PAIRS", "pairs", pairs, GEMM_PAIRS)
+
+
+CUBINS_ENV = "FASTVIT_CUBINS"
+
+
+def cubin_table() -> str | None:
+    """The AOT cubin table the CUDA launches run from: the directory named by ``FASTVIT_CUBINS`` (the ``--out`` of
+    ``python -m fastvit_kernels.aot build``, holding ``kernels.json`` and the cubins), or None when it is unset or
+    empty. With it set, ``_C`` loaded and the launcher ``cpp``, every Triton launch on CUDA tensors runs the
+    prebuilt cubin through ``_C`` (no JIT compile, no autotuning; :mod:`fastvit_kernels.kernels._cubins`). Read once
+    per process, at the first kernel launch."""
+    return os.environ.get(CUBINS_ENV, "") or None

@@ -208,17 +208,29 @@ def report() -> dict:
 def csrc_status() -> dict:
     """The C++ op library's status (:mod:`fastvit_kernels._library`): loaded (bool), path (or None), launcher
     ("cpp" | "triton", or "error: ..." for a bad FASTVIT_LAUNCHER), ops ({"fastvit::x": {"CPU": who, "CUDA": who}}
-    with who "cpp" | "triton" | "none")."""
-    from . import _library
+    with who "cpp" | "triton" | "none"), cubins (None without ``FASTVIT_CUBINS``, else {"path": kernels.json,
+    "rows": count, "route": whether CUDA launches take it (_C loaded, launcher cpp)} or {"path", "error"} when the
+    table cannot be read)."""
+    from . import _env, _library
 
     try:
         launcher = _library.launcher()
     except (ValueError, RuntimeError) as err:
         launcher = f"error: {err}"
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(_library.NAMESPACE + "::"))
+    cubins = _env.cubin_table()
+    if cubins is not None:
+        from .kernels import _cubins
+
+        try:
+            table = _cubins.load_table(cubins)
+            cubins = dict(path=table.file, rows=len(table.rows),
+                          route=_library.csrc_loaded() and launcher == "cpp")
+        except (OSError, ValueError, ImportError) as err:
+            cubins = dict(path=cubins, error=str(err))
     return dict(loaded=_library.csrc_loaded(),
                 path=None if _library.LIBRARY_PATH is None else str(_library.LIBRARY_PATH),
-                launcher=launcher, ops={n: _library.serving(n) for n in names})
+                launcher=launcher, ops={n: _library.serving(n) for n in names}, cubins=cubins)
 
 
 def format_report(info: dict) -> str:
@@ -257,6 +269,11 @@ def format_report(info: dict) -> str:
     row("C++ op library (_C)", f"loaded from {c['path']}" if c["loaded"] else
         "not built (FASTVIT_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
     row("launcher", f"{c['launcher']} (FASTVIT_LAUNCHER: cpp | triton)")
+    cub = c.get("cubins")
+    row("cubin table", "none (FASTVIT_CUBINS unset: CUDA launches JIT-compile)" if cub is None else
+        f"{cub['path']}: {cub['error']}" if "error" in cub else
+        f"{cub['path']}: {cub['rows']} cubins, " + ("CUDA launches run them" if cub["route"] else
+                                                     "unused (needs _C and launcher cpp)"))
     if c["loaded"]:
         for name, who in c["ops"].items():
             row(f"  {name.split('::')[1]}", f"CPU {who['CPU']}, CUDA {who['CUDA']}")

@@ -191,7 +191,10 @@ def test_every_public_op_is_instrumented():
 # nothing is patched
 # ---------------------------------------------------------------------------------------------------------------
 # the hooks' own slots, set by their context managers (recording / observing): registering, not patching
-_HOOK_SLOTS = {("fastvit_kernels.kernels._launch", "_recorder"), ("fastvit_kernels.ops._instrument", "_observer")}
+# the hooks' own slots: the launch recorder (and _launch's dispatch slot, which holds it while recording) and the op
+# observer
+_HOOK_SLOTS = {("fastvit_kernels.kernels._launch", "_recorder"), ("fastvit_kernels.kernels._launch", "_intercept"),
+               ("fastvit_kernels.ops._instrument", "_observer")}
 
 
 def _snapshot() -> dict:

@@ -57,6 +57,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..kernels._cubins import pack_args
+
 # --------------------------------------------------------------------------------------------------------------
 # targets and what is checked
 # --------------------------------------------------------------------------------------------------------------
@@ -298,25 +300,6 @@ def grid_problems(grid) -> list[str]:
             if extent > limit]
 
 
-def _pack_args(fn, backend, kwargs: dict, bound_args: dict, specialization: list, options) -> tuple:
-    """(signature, constexprs, attrs) of one bound launch, as ``JITFunction.run`` computes them before compiling.
-    Triton 3.6 and 3.9 have this step as ``JITFunction._pack_args``; Triton 3.4 inlines it in ``run`` (its lines
-    are repeated below), so the check runs on every supported Triton."""
-    if hasattr(fn, "_pack_args"):
-        _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-        return signature, constexprs, attrs
-    from triton.runtime.jit import find_paths_if, get_iterable_path
-
-    sigvals = [x[0] for x in specialization]
-    signature = dict(zip([p.name for p in fn.params], sigvals))
-    constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
-    constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
-    attrvals = [x[1] for x in specialization]
-    attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
-    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
-    return signature, constexprs, attrs
-
-
 def _grid3(grid, kernel: str) -> tuple[int, int, int]:
     """A launch grid as Triton accepts it (1 to 3 ints) padded to (x, y, z). Raises TypeError otherwise."""
     if isinstance(grid, int) or not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3:
@@ -449,7 +432,7 @@ class _Recorder:
                                                                                           backend)
                 backend, binder = self._binders[id(fn), arch]
                 bound, specialization, opts = binder(*args, **kw)
-                signature, constexprs, attrs = _pack_args(fn, backend, kw, bound, specialization, opts)
+                signature, constexprs, attrs = pack_args(fn, backend, kw, bound, specialization, opts)
                 options = {k: v for k, v in kw.items() if k not in param_names}
                 spec, cfg = _describe(module, fn, signature, constexprs, options)
                 job = Job(module.__name__, fn.__name__, arch, signature, constexprs, attrs, options, spec, cfg)

@@ -38,6 +38,36 @@ def csrc_library(tmp_path_factory) -> pathlib.Path:
     return build_library(tmp_path_factory.mktemp("csrc"))
 
 
+# The small AOT build of tests/test_aot_build.py (attention forward, class-token rows, Hopper TMA GEMM; ViT-B/16
+# fp16 inference at batch 1; 8 cubins): an integer, a float and tensor-descriptor parameters all occur.
+KERNELS = "_attention_fwd_kernel|_prefix_rows_kernel|_matmul_tma_kernel"
+WORKLOAD = ["--model", "vit_base_patch16_224", "--dtype", "fp16", "--mode", "infer", "--batch", "1"]
+
+
+def subprocess_env() -> dict:
+    """This process's environment for a subprocess that imports fastvit_kernels from this checkout and compiles /
+    binds for real GPUs: the checkout on PYTHONPATH, TRITON_INTERPRET unset."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="session")
+def aot_table(tmp_path_factory) -> pathlib.Path:
+    """Path of the small AOT build's kernels.json (:data:`KERNELS` at :data:`WORKLOAD`, sm_80 and sm_90), built once
+    per session."""
+    from fastvit_kernels import aot
+
+    if aot.missing_tools():
+        pytest.skip(f"the AOT build needs Triton's bundled CUDA tools; missing: {aot.missing_tools()}")
+    out = tmp_path_factory.mktemp("aot_launch")
+    proc = subprocess.run([sys.executable, "-m", "fastvit_kernels.aot", "build", "--arch", "sm_80", "--arch", "sm_90",
+                           *WORKLOAD, "--kernel", KERNELS, "--out", str(out), "--jobs", "2"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return out / "kernels.json"
+
+
 def run_isolated(script: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``script`` in a fresh Python from a directory outside the checkout (so ``fastvit_kernels`` is not
     importable by accident) with TRITON_INTERPRET unset; raises with its output when it fails."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import inspect
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -21,12 +20,8 @@ import sys
 import pytest
 import torch
 
-from tests.csrc.conftest import ROOT, run_isolated
+from tests.csrc.conftest import run_isolated, subprocess_env as _env
 
-# The small AOT build of tests/test_aot_build.py (attention forward, class-token rows, Hopper TMA GEMM; ViT-B/16
-# fp16 inference at batch 1; 8 cubins): an integer, a float and tensor-descriptor parameters all occur.
-KERNELS = "_attention_fwd_kernel|_prefix_rows_kernel|_matmul_tma_kernel"
-WORKLOAD = ["--model", "vit_base_patch16_224", "--dtype", "fp16", "--mode", "infer", "--batch", "1"]
 NO_DRIVER = ("no CUDA driver: dlopen(libcuda.so.1) failed", "the C++ CUDA launcher needs the NVIDIA driver")
 
 
@@ -36,12 +31,6 @@ def _has_driver() -> bool:
     except OSError:
         return False
     return True
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
 
 
 # ---- the reference packing: Triton's launcher convention, written from the table alone --------------------------
@@ -300,84 +289,40 @@ def test_table_and_arguments_are_validated(csrc_library, tmp_path):
 
 
 # ---- (b) the launches the ops make, packed in C++ and by the reference ------------------------------------------
+# The launches are matched to their rows and bound by the package's cubin route (kernels/_cubins.py, the code that
+# launches them on a GPU); the packing reference above is independent of it.
 _RECORD = r'''
-import json, sys, torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import create_function_from_signature
+import sys, torch
 from fastvit_kernels import aot
-from fastvit_kernels.kernels import _launch
+from fastvit_kernels.kernels import _cubins, _launch
 
-table = json.load(open(sys.argv[1]))
+table = _cubins.load_table(sys.argv[1])
 standins = {}
 
 def standin(t):
     # Addresses are local to a process, so each distinct tensor becomes a small one with an offset view (the packer
     # must write data_ptr(), storage offset included); what the launch really passed is kept: shapes, strides, ints.
+    if isinstance(t, dict):
+        return {"base": standin(t["base"])}
+    if not isinstance(t, torch.Tensor):
+        return t
     if id(t) not in standins:
         standins[id(t)] = (t, torch.empty(4, dtype=t.dtype)[1:])
     return standins[id(t)][1]
 
-def jsonable(v):
-    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-
 cases = []
 def record(kernel, grid, args, kwargs):
-    if isinstance(kernel, Autotuner):  # FASTVIT_AUTOTUNE=0: the autotuner's pruning, then its first config
-        kernel.nargs = dict(zip(kernel.arg_names, args))
-        config = kernel.prune_configs(kwargs)[0]
-        kwargs = {**kwargs, **config.all_kwargs()}
-        if config.pre_hook is not None:
-            config.pre_hook({**kernel.nargs, **kwargs})
-        kernel = kernel.fn
-    for arch in (80, 90):
-        backend = make_backend(GPUTarget("cuda", arch, 32))
-        bound, spec, _ = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
-        consts = {n: jsonable(v) for (n, v), s in zip(bound.items(), spec) if s[0] == "constexpr"}
-        rows = [r for r in table["kernels"] if r["kernel"] == kernel.__name__ and r["cc"] == arch
-                and {**r["constexprs"], **r["folded"]} == consts]
-        if not rows:
+    for arch in (80, 90):  # FASTVIT_AUTOTUNE=0: the autotuner's pruning, then its first config with a row
+        found = _cubins.match(table, kernel, grid, args, kwargs, arch)
+        if found is None:
             continue  # a kernel outside the build's filter, or sm_80 for the Hopper-only GEMM
-        assert len(rows) == 1, (kernel.__name__, arch)
-        values = {}
-        for p in rows[0]["params"]:
-            if p["arg"] is None:
-                continue
-            v = bound[p["arg"]]
-            part = p["name"][len(p["arg"]):]
-            if part == ".desc":
-                values[p["name"]] = {"base": standin(v.base)}
-            elif part.startswith(".shape["):
-                values[p["name"]] = int(v.shape[int(part[7:-1])])
-            elif part.startswith(".stride["):
-                values[p["name"]] = int(v.strides[int(part[8:-1])])
-            elif isinstance(v, torch.Tensor):
-                values[p["name"]] = standin(v)
-            else:
-                values[p["name"]] = v
-        cases.append(dict(symbol=rows[0]["symbol"], values=values))
+        cases.append(dict(symbol=found.row["symbol"], values={n: standin(v) for n, v in found.values.items()}))
 
 with _launch.recording(record):
     for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
         thunk()
 torch.save(cases, sys.argv[2])
 '''
-
-
-@pytest.fixture(scope="module")
-def aot_table(tmp_path_factory):
-    """Path of the small build's kernels.json."""
-    from fastvit_kernels import aot
-
-    if aot.missing_tools():
-        pytest.skip(f"the AOT build needs Triton's bundled CUDA tools; missing: {aot.missing_tools()}")
-    out = tmp_path_factory.mktemp("aot_launch")
-    proc = subprocess.run([sys.executable, "-m", "fastvit_kernels.aot", "build", "--arch", "sm_80", "--arch", "sm_90",
-                           *WORKLOAD, "--kernel", KERNELS, "--out", str(out), "--jobs", "2"],
-                          capture_output=True, text=True, env=_env(), timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return out / "kernels.json"
 
 
 @pytest.mark.aot
