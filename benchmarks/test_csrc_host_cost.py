@@ -38,12 +38,11 @@ import math
 import os
 import pathlib
 import platform
-import shutil
 
 import pytest
 import torch
 
-from tests.csrc.conftest import build_library, run_isolated
+from tests.csrc.conftest import run_isolated, session_library
 
 TARGET_RATIO = 0.3
 HEADLINE_OP = "linear_residual_fwd"
@@ -216,10 +215,8 @@ def _measure(library: pathlib.Path, min_run_time: float, repeats: int) -> dict:
 
 @pytest.fixture(scope="session")
 def host_cost_library(tmp_path_factory) -> pathlib.Path:
-    """``_C`` built from this checkout (skips only when no C++ compiler is installed)."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler")
-    return build_library(tmp_path_factory.mktemp("csrc_host_cost"))
+    """``_C`` built from this checkout, the tests' build when they run in the same session."""
+    return session_library(tmp_path_factory)
 
 
 def test_csrc_host_cost(benchmark, host_cost_library):

@@ -30,12 +30,23 @@ def build_library(out: pathlib.Path) -> pathlib.Path:
     return libs[0]
 
 
-@pytest.fixture(scope="session")
-def csrc_library(tmp_path_factory) -> pathlib.Path:
-    """Path of a ``_C`` built from this checkout (skips only when no C++ compiler is installed)."""
+_SESSION_BUILD: dict = {}  # basetemp -> the library built in this pytest session (tests/ and benchmarks/ share it)
+
+
+def session_library(tmp_path_factory) -> pathlib.Path:
+    """``_C`` built from this checkout once per pytest session (skips only when no C++ compiler is installed)."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
-    return build_library(tmp_path_factory.mktemp("csrc"))
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _SESSION_BUILD:
+        _SESSION_BUILD[key] = build_library(tmp_path_factory.mktemp("csrc"))
+    return _SESSION_BUILD[key]
+
+
+@pytest.fixture(scope="session")
+def csrc_library(tmp_path_factory) -> pathlib.Path:
+    """Path of a ``_C`` built from this checkout (:func:`session_library`)."""
+    return session_library(tmp_path_factory)
 
 
 # The small AOT build of tests/test_aot_build.py (attention forward, class-token rows, Hopper TMA GEMM; ViT-B/16
