@@ -151,12 +151,13 @@ void launch_op(std::string table, std::string symbol, std::vector<int64_t> grid,
   std::array<int64_t, 3> g{1, 1, 1};
   for (size_t i = 0; i < grid.size(); ++i) g[i] = grid[i];
   STD_TORCH_CHECK(!tensors.empty(), op, " (", symbol, "): no tensor argument gives the device to launch on");
+  // the lists first (counts and ranges, on any device), so a wrongly bound launch fails the same way everywhere
+  std::vector<Tensor> bases;
+  std::vector<ParamValue> values = collect(entry, tensors, ints, floats, false, bases, op);
   int device = tensors[0].get_device_index();
   for (size_t i = 0; i < tensors.size(); ++i)
     STD_TORCH_CHECK(tensors[i].is_cuda() && tensors[i].get_device_index() == device, op, " (", symbol,
                     "): every tensor must be on CUDA device ", device, "; tensor ", i, " is not");
-  std::vector<Tensor> bases;
-  std::vector<ParamValue> values = collect(entry, tensors, ints, floats, false, bases, op);
   size_t bi = 0;
   for (size_t i = 0; i < entry.params.size(); ++i) {
     if (entry.params[i].kind != ParamKind::TmaDesc) continue;

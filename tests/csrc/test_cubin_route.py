@@ -206,7 +206,8 @@ def _route(csrc_library, env: dict, cc: int = 90) -> dict:
 def test_route_reaches_csrc_launch(csrc_library, aot_table):
     """With _C loaded, FASTVIT_CUBINS set and the launcher cpp, a launch on CPU tensors stays Triton's, and the
     same launch forced onto the route (as a CUDA tensor's would be) binds to the table's cubin and reaches
-    fastvit_csrc::launch, which refuses CPU tensors: the route is wired end to end, nothing runs without a GPU."""
+    fastvit_csrc::launch, which accepts the bound lists (it checks them before the device) and refuses CPU
+    tensors: the route is wired end to end, nothing runs without a GPU."""
     got = _route(csrc_library, {"FASTVIT_CUBINS": str(aot_table.parent)})
     assert got["loaded"] and got["launcher"] == "cpp" and got["route"] == str(aot_table)
     assert got["triton_calls"] == [[1]]
