@@ -43,10 +43,6 @@ std::tuple<Tensor, Tensor, Tensor> norm_rows(const Tensor& x, const Tensor& weig
   return {to_dtype(out32, x.scalar_type()), mean, rstd};
 }
 
-OptTensor same_dtype(const OptTensor& t, ScalarType dtype) {
-  return t.has_value() ? OptTensor(to_dtype(*t, dtype)) : std::nullopt;
-}
-
 // out (B, N, D), lse (B, H, N) fp32 in log2 units, from packed qkv (B, N, 3 * D).
 std::tuple<Tensor, Tensor> attention_core(const Tensor& qkv, int64_t H, double scale) {
   const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / 3, hd = D / H;
@@ -75,13 +71,13 @@ std::tuple<Tensor, Tensor, Tensor> layernorm_linear_fwd(Tensor x, Tensor norm_we
                                                         Tensor weight, OptTensor bias, double eps, bool rms) {
   check_dim(x, 2, "fastvit::layernorm_linear_fwd", "x");
   auto [normed, mean, rstd] = norm_rows(x, norm_weight, norm_bias, eps, rms);
-  Tensor out = linear(normed, to_dtype(weight, x.scalar_type()), same_dtype(bias, x.scalar_type()));
+  Tensor out = linear(normed, to_dtype(weight, x.scalar_type()), opt_to(bias, x.scalar_type()));
   return {out, mean, rstd};
 }
 
 Tensor linear_residual_fwd(Tensor x, Tensor weight, OptTensor bias, Tensor residual) {
   check_dim(x, 2, "fastvit::linear_residual_fwd", "x");
-  Tensor y = linear(x, to_dtype(weight, x.scalar_type()), same_dtype(bias, x.scalar_type()));
+  Tensor y = linear(x, to_dtype(weight, x.scalar_type()), opt_to(bias, x.scalar_type()));
   return add(y, to_dtype(residual, x.scalar_type()));
 }
 
@@ -95,9 +91,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd(Tensor x, Tensor no
                   "fastvit::layernorm_mlp_fwd: approximate must be 'none' or 'tanh'; got '", approximate, "'");
   const ScalarType dt = x.scalar_type();
   auto [normed, mean, rstd] = norm_rows(x, norm_weight, norm_bias, eps, rms);
-  Tensor pre = linear(normed, to_dtype(fc1_weight, dt), same_dtype(fc1_bias, dt));
+  Tensor pre = linear(normed, to_dtype(fc1_weight, dt), opt_to(fc1_bias, dt));
   Tensor act = call("aten::gelu", "", pre, approximate);
-  Tensor out = linear(act, to_dtype(fc2_weight, dt), same_dtype(fc2_bias, dt));
+  Tensor out = linear(act, to_dtype(fc2_weight, dt), opt_to(fc2_bias, dt));
   if (add_residual) out = add(out, x);
   Tensor preact = recompute ? torch::stable::new_empty(x, {0, fc1_weight.size(0)}) : pre;
   return {out, preact, mean, rstd};
@@ -111,10 +107,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_block_fwd(
   const ScalarType dt = x.scalar_type();
   Tensor x2d = rshape(x, {B * N, D});
   auto [normed, mean, rstd] = norm_rows(x2d, norm_weight, OptTensor(norm_bias), eps, false);
-  Tensor qkv = rshape(linear(normed, to_dtype(qkv_weight, dt), same_dtype(qkv_bias, dt)), {B, N, 3 * D});
+  Tensor qkv = rshape(linear(normed, to_dtype(qkv_weight, dt), opt_to(qkv_bias, dt)), {B, N, 3 * D});
   check_qkv(qkv, num_heads, "fastvit::attention_block_fwd");
   auto [o, lse] = attention_core(qkv, num_heads, scale);
-  Tensor out = add(linear(o, to_dtype(proj_weight, dt), same_dtype(proj_bias, dt)), x);
+  Tensor out = add(linear(o, to_dtype(proj_weight, dt), opt_to(proj_bias, dt)), x);
   return {out, qkv, o, lse, mean, rstd};
 }
 
@@ -136,7 +132,7 @@ Tensor patch_embed_fwd(Tensor images, Tensor weight, OptTensor bias, Tensor pos_
   const int64_t Hh = images.size(2), Ww = images.size(3);
   const int64_t pad_h = (P - Hh % P) % P, pad_w = (P - Ww % P) % P;
   if (pad_h || pad_w) x = torch::stable::pad(x, {0, pad_w, 0, pad_h}, "constant", 0.0);
-  Tensor y = call("aten::conv2d", "", x, weight, same_dtype(bias, dt), std::vector<int64_t>{P, P},
+  Tensor y = call("aten::conv2d", "", x, weight, opt_to(bias, dt), std::vector<int64_t>{P, P},
                   std::vector<int64_t>{0, 0}, std::vector<int64_t>{1, 1}, int64_t{1});
   y = torch::stable::transpose(torch::stable::flatten(y, 2, -1), 1, 2);  // (B, N, D)
   std::vector<Tensor> prefix;
