@@ -13,10 +13,11 @@ Two ways the package's ops exist (docs/design.md, "The C++ op library"):
 Which kernel a device runs, with ``_C`` loaded, is the launcher (``FASTVIT_LAUNCHER``, read once when the ops are
 registered, at import):
 
-* ``cpp`` (the default when ``_C`` is loaded): ``_C``'s kernel wherever ``_C`` registers one for the op and device;
-  the Python (Triton) implementation fills the devices ``_C`` has no kernel for.
-* ``triton``: the Python implementation on CPU and CUDA for every op (today's behaviour; on the CPU that is the
-  Triton interpreter, or the AOT recorder); ``_C`` still provides the schemas.
+* ``cpp`` (the default when ``_C`` is loaded and the Triton interpreter is off): ``_C``'s kernel wherever ``_C``
+  registers one for the op and device; the Python (Triton) implementation fills the devices ``_C`` has no kernel
+  for.
+* ``triton`` (the default under ``TRITON_INTERPRET=1``, whose point is running the Triton kernels on the CPU): the
+  Python implementation on CPU and CUDA for every op; ``_C`` still provides the schemas.
 
 Without ``_C``, ``FASTVIT_LAUNCHER=cpp`` is an error (nothing could serve it) and ``triton`` is what runs.
 
@@ -34,6 +35,8 @@ import warnings
 from typing import Callable, Iterable
 
 import torch
+
+from ._env import interpreter_enabled
 
 LIBRARY_ENV = "FASTVIT_C_LIBRARY"
 LAUNCHER_ENV = "FASTVIT_LAUNCHER"
@@ -79,7 +82,8 @@ def launcher() -> str:
         ValueError: ``FASTVIT_LAUNCHER`` is not one of :data:`LAUNCHERS`.
         RuntimeError: ``FASTVIT_LAUNCHER=cpp`` but ``_C`` is not loaded (not built, or ``FASTVIT_C_LIBRARY=none``).
     """
-    value = (os.environ.get(LAUNCHER_ENV, "") or ("cpp" if csrc_loaded() else "triton")).lower()
+    default = "cpp" if csrc_loaded() and not interpreter_enabled() else "triton"
+    value = (os.environ.get(LAUNCHER_ENV, "") or default).lower()
     if value not in LAUNCHERS:
         raise ValueError(f"{LAUNCHER_ENV} must be one of {LAUNCHERS}; got {value!r}")
     if value == "cpp" and not csrc_loaded():

@@ -496,11 +496,13 @@ def _recording(archs: list[int], jobs: dict, label: list, grids: dict | None = N
         yield recorder
 
 
-class _RunOpsOnMeta(TorchDispatchMode):
-    """Inside it, a ``fastvit::*`` custom op on meta tensors runs its real implementation (the launchers, which
-    only allocate outputs and launch, here into recorders) instead of its fake; every other op runs as usual. A
-    meta tensor has shape and strides but no memory, so the grid trace can run the ops at sizes (a ViT-H qkv at
-    batch 8192 and 1024 px: 0.3 TB) that could never be allocated."""
+class _RunOpsInPython(TorchDispatchMode):
+    """Inside it, a ``fastvit::*`` op runs its Python implementation (the launchers, which only allocate outputs and
+    launch, here into recorders), whatever kernel the dispatcher holds for the device: instead of the fake on meta
+    tensors, and instead of the C++ library's CPU kernel on CPU tensors when ``_C`` is loaded (which would compute
+    the op and launch nothing). Every other op runs as usual. A meta tensor has shape and strides but no memory, so
+    the grid trace can run the ops at sizes (a ViT-H qkv at batch 8192 and 1024 px: 0.3 TB) that could never be
+    allocated."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from .._library import python_impl
@@ -533,7 +535,7 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
                   device: str = "cpu") -> list[tuple[str, object]]:
     """The op calls of one ViT step: [(label, thunk)], each thunk running one public op (and, for ``mode="train"``,
     its autograd backward) on uninitialised tensors of the model's shapes (``img_size``: input side in pixels,
-    default the config's; ``device``: "cpu", or "meta" for the grid trace, run inside :class:`_RunOpsOnMeta`).
+    default the config's; ``device``: "cpu", or "meta" for the grid trace, run inside :class:`_RunOpsInPython`).
     Add a line here when the model starts using a new op; ``check`` reports any package kernel that no workload
     launches."""
     from .. import ops
@@ -667,7 +669,7 @@ def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), mode
     candidate (see :class:`_Recorder`)."""
     jobs: dict = {}
     label: list = []
-    with _recording(archs, jobs, label, fixed=fixed) as recorder:
+    with _recording(archs, jobs, label, fixed=fixed) as recorder, _RunOpsInPython():
         for model in models:
             for dt in dtypes:
                 for batch in batches:
@@ -691,7 +693,7 @@ def trace_grids(models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, bat
     (:func:`grid_problems` of ``grid``)."""
     grids: dict = {}
     label: list = []
-    with _recording([], {}, label, grids), _RunOpsOnMeta():
+    with _recording([], {}, label, grids), _RunOpsInPython():
         for model in models:
             for img in img_sizes:
                 px = _vit_shapes(model, img or None)["img"]

@@ -62,7 +62,7 @@ def test_package_attaches_to_cpp_definitions(csrc_library):
     """launcher cpp: _C's CPU kernels serve the CPU, the Triton launchers CUDA; FastViT with backend='triton'
     runs the fused ops on the CPU through _C, forward and backward (the Python autograd formulas call _C's
     backward kernels), matching the eager model; fake tensors use the Python fakes. launcher triton: Python
-    serves both devices."""
+    serves both devices, explicitly or by default under the Triton interpreter."""
     proc = run_isolated(f"""
         import json, torch
         import fastvit_kernels
@@ -99,12 +99,17 @@ def test_package_attaches_to_cpp_definitions(csrc_library):
     assert got["out_err"] < 1e-5 and got["grad_err"] < 1e-5, got
     assert got["fake"] == [[2, 7, 16], [2, 3, 7]]
 
-    proc = run_isolated("""
+    script = """
         import json, fastvit_kernels
         from fastvit_kernels import _library
-        print(json.dumps(_library.serving("fastvit::attention_fwd")))
-    """, env=_with_package(csrc_library, FASTVIT_LAUNCHER="triton"))
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"CPU": "triton", "CUDA": "triton"}
+        print(json.dumps([_library.launcher(), _library.serving("fastvit::attention_fwd")]))
+    """
+    both_triton = ["triton", {"CPU": "triton", "CUDA": "triton"}]
+    proc = run_isolated(script, env=_with_package(csrc_library, FASTVIT_LAUNCHER="triton"))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == both_triton
+    # under the Triton interpreter the default is triton: the CPU runs the Triton kernels, not _C's
+    proc = run_isolated(script, env=_with_package(csrc_library, TRITON_INTERPRET="1"))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == both_triton
 
 
 def test_launcher_errors_are_clear(csrc_library):
@@ -176,3 +181,18 @@ def test_exported_fastvit_runs_from_an_aoti_package_with_only_the_library(csrc_l
     logits = torch.tensor([[float(v) for v in line.split()] for line in proc.stdout.strip().splitlines()])
     expected = torch.load(data, weights_only=False)[2]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_aot_trace_records_the_same_launches_with_the_library(csrc_library):
+    """The AOT trace runs the ops' Python launchers (into its recorder) on CPU tensors: with _C loaded its CPU
+    kernels must not take those calls (they would compute and launch nothing)."""
+    script = """
+        import json
+        from fastvit_kernels import _library, aot
+        jobs, _ = aot.trace([80], models=["vit_base_patch16_224"], dtypes=("fp16",), modes=("infer",), batches=(1,))
+        print(json.dumps([_library.csrc_loaded(), sorted({(j.name, str(j.constexprs)) for j in jobs})]))
+    """
+    with_c = json.loads(run_isolated(script, env=_with_package(csrc_library)).stdout.strip().splitlines()[-1])
+    without = json.loads(run_isolated(script, env=_with_package("none")).stdout.strip().splitlines()[-1])
+    assert with_c[0] and not without[0]
+    assert with_c[1] == without[1] and len(with_c[1]) >= 4, (with_c[1][:3], without[1][:3])
