@@ -625,6 +625,34 @@ class NormSpec(NamedTuple):
         return nn.LayerNorm(dim, eps=self.eps) if self.kind == "layernorm" else RmsNorm(dim, eps=self.eps)
 
 
+# timm's pools for the models with the full set (EVA, NaFlexVit); VisionTransformer keeps its own narrower list
+GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token", "map")
+
+
+def reset_pool_and_head(model: nn.Module, num_classes: int, global_pool: str | None, has_class_token: bool,
+                        like: torch.Tensor) -> None:
+    """timm's ``reset_classifier`` for models with :data:`GLOBAL_POOLS` (EVA, NaFlexVit): optionally a new
+    ``global_pool`` (dropping ``attn_pool`` unless it is "map"), then a fresh ``Linear(D, num_classes)`` head
+    (Identity for 0) on ``like``'s device and dtype, in ``model``'s train / eval mode.
+
+    Raises:
+        ValueError: a global_pool not in :data:`GLOBAL_POOLS`; "token" without a class token; "map" on a model built
+            without the attention pool.
+    """
+    if global_pool is not None:
+        if global_pool not in GLOBAL_POOLS or (global_pool == "token" and not has_class_token):
+            raise ValueError(f"global_pool={global_pool!r} is not valid for this model")
+        if global_pool == "map" and model.attn_pool is None:
+            raise ValueError("cannot add attention pooling in reset_classifier()")
+        if global_pool != "map":
+            model.attn_pool = None
+        model.global_pool = global_pool
+    model.num_classes = num_classes
+    model.head = nn.Linear(model.embed_dim, num_classes, device=like.device, dtype=like.dtype) \
+        if num_classes > 0 else nn.Identity()
+    model.head.train(model.training)
+
+
 def resolve_norm_layer(norm_layer, default_eps: float = LN_EPS) -> NormSpec:
     """The :class:`NormSpec` of a timm ``norm_layer`` argument: None (LayerNorm, ``default_eps``); "layernorm" |
     "rmsnorm" (timm's eps 1e-6); ``nn.LayerNorm``, timm's ``LayerNorm`` / ``RmsNorm`` or this package's

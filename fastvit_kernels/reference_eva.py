@@ -28,7 +28,7 @@ from .rope import AxialRope, DinoV3Rope, MixedRope, RopeTable
 # timm Eva constructor arguments not implemented, with the value that means "off"; any other value raises
 _EVA_UNSUPPORTED = {"num_kv_heads": None, "patch_drop_rate": 0.0, "use_post_norm": False,
                     "rope_mrope_section": None, "device": None, "dtype": None}
-POOLS = ("", "avg", "avgmax", "max", "token", "map")
+POOLS = reference.GLOBAL_POOLS
 
 
 class EvaAttention(nn.Module):
@@ -308,23 +308,10 @@ class Eva(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A fresh Linear(D, num_classes) head (Identity for 0), optionally another global_pool, as timm.
-
-        Raises:
-            ValueError: a bad global_pool; 'map' on a model built without the attention pool.
-        """
-        if global_pool is not None:
-            if global_pool not in POOLS or (global_pool == "token" and self.cls_token is None):
-                raise ValueError(f"global_pool={global_pool!r} is not valid for this model")
-            if global_pool == "map" and self.attn_pool is None:
-                raise ValueError("cannot add attention pooling in reset_classifier()")
-            if global_pool != "map":
-                self.attn_pool = None
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        ref = self.patch_embed.proj.weight
-        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
-            if num_classes > 0 else nn.Identity()
+        """A fresh Linear(D, num_classes) head (Identity for 0), optionally another global_pool, as timm
+        (:func:`fastvit_kernels.reference.reset_pool_and_head`, whose errors it raises)."""
+        reference.reset_pool_and_head(self, num_classes, global_pool, self.cls_token is not None,
+                                      self.patch_embed.proj.weight)
 
     # --- forward ----------------------------------------------------------------------------------------------
     def rope_tables(self, grid_size) -> list[RopeTable] | None:

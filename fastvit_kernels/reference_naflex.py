@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import reference
 from .reference import Block, NormSpec
 
-POOLS = ("", "avg", "avgmax", "max", "token", "map")
+POOLS = reference.GLOBAL_POOLS
 
 
 @dataclass
@@ -485,24 +485,10 @@ class NaFlexVit(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A fresh Linear(D, num_classes) head (Identity for 0), optionally another global_pool, as timm.
-
-        Raises:
-            ValueError: a bad global_pool; 'token' without a class token; 'map' on a model built without it.
-        """
-        if global_pool is not None:
-            if global_pool not in POOLS or (global_pool == "token" and not self.has_class_token):
-                raise ValueError(f"global_pool={global_pool!r} is not valid for this model")
-            if global_pool == "map" and self.attn_pool is None:
-                raise ValueError("cannot add attention pooling in reset_classifier()")
-            if global_pool != "map":
-                self.attn_pool = None
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        ref = self.embeds.proj.weight
-        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
-            if num_classes > 0 else nn.Identity()
-        self.head.train(self.training)
+        """A fresh Linear(D, num_classes) head (Identity for 0), optionally another global_pool, as timm
+        (:func:`fastvit_kernels.reference.reset_pool_and_head`, whose errors it raises)."""
+        reference.reset_pool_and_head(self, num_classes, global_pool, self.has_class_token,
+                                      self.embeds.proj.weight)
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward_features(self, patches: torch.Tensor, patch_coord: torch.Tensor | None = None,

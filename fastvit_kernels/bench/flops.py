@@ -275,6 +275,17 @@ class ViTShape:
 # ------------------------------------------------------------------------------------------------------------
 # per-model counts
 # ------------------------------------------------------------------------------------------------------------
+def _by_kind(fwd: dict[str, int], kind: str) -> dict[str, int]:
+    """The per-class FLOPs of ``kind`` from the forward's: backward is 2x every matmul except the patch embedding
+    (weight gradient only: images / patches need no gradient); "train" is forward + backward."""
+    bwd = {k: (v if k == "patch_embed" else 2 * v) for k, v in fwd.items()}
+    if kind == "forward":
+        return fwd
+    if kind == "backward":
+        return bwd
+    return {k: fwd[k] + bwd[k] for k in fwd}
+
+
 def flops_by_class(shape: ViTShape, batch_size: int, kind: str = "forward") -> dict[str, int]:
     """Model FLOPs of one forward / backward / training step (forward + backward) of ``batch_size`` images,
     split by op class (:data:`OP_CLASSES`; the optimizer does no matmuls: 0).
@@ -307,13 +318,7 @@ def flops_by_class(shape: ViTShape, batch_size: int, kind: str = "forward") -> d
         "head": linear_flops(B, D, shape.num_classes),
         "optimizer": 0,
     }
-    # backward: 2x every matmul, except the patch embedding (weight gradient only: images need no gradient)
-    bwd = {k: (v if k == "patch_embed" else 2 * v) for k, v in fwd.items()}
-    if kind == "forward":
-        return fwd
-    if kind == "backward":
-        return bwd
-    return {k: fwd[k] + bwd[k] for k in fwd}
+    return _by_kind(fwd, kind)
 
 
 def model_flops(shape: ViTShape, batch_size: int, kind: str = "forward") -> int:
@@ -378,12 +383,7 @@ def naflex_flops_by_class(shape: ViTShape, seq_lens, kind: str = "forward", *, p
         "head": linear_flops(S, D, shape.num_classes),
         "optimizer": 0,
     }
-    bwd = {k: (v if k == "patch_embed" else 2 * v) for k, v in fwd.items()}
-    if kind == "forward":
-        return fwd
-    if kind == "backward":
-        return bwd
-    return {k: fwd[k] + bwd[k] for k in fwd}
+    return _by_kind(fwd, kind)
 
 
 def naflex_model_flops(shape: ViTShape, seq_lens, kind: str = "forward", *, pad_to: int | None = None,
