@@ -8,9 +8,11 @@ and ``FASTVIT_AUTOTUNE=0``, and no other ``FASTVIT_*`` setting (no tuning record
 * ``triton``: no ``FASTVIT_CUBINS``: every Triton launch JIT-compiles its kernel on first use, with the first
   autotune candidate after pruning (``FASTVIT_AUTOTUNE=0``), which is the configuration the AOT build compiles
   when no tuning record is given.
-* ``cubin``: ``FASTVIT_CUBINS`` names the table of ``python -m fastvit_kernels.aot build`` for this GPU's arch,
-  ``vit_base_patch16_224``, fp16 and bf16, ``--mode infer``, batches 1 and 8: every launch runs its prebuilt cubin
-  through ``_C`` (``fastvit_csrc::launch``); no JIT, no autotuning.
+* ``cubin``: ``FASTVIT_CUBINS`` names the output of ``python -m fastvit_kernels.aot build`` for this GPU's arch,
+  ``vit_base_patch16_224``, fp16 and bf16, ``--mode infer``, batches 1 and 8: every ``fastvit::*`` call on CUDA
+  runs ``_C``'s C++ kernel, which replays the call's launch plan (``plans.json``: allocations and prebuilt-cubin
+  launches, no Python); a call without a plan would run the Python launcher on the prebuilt cubins
+  (``fastvit_csrc::launch``). No JIT, no autotuning either way.
 
 The two processes differ only in ``FASTVIT_CUBINS``, so they launch the same kernels with the same configurations.
 Each builds ``FastViT(**get_config("vit_base_patch16_224"), backend="triton")`` with ``torch.manual_seed(0)``
@@ -25,7 +27,9 @@ Each builds ``FastViT(**get_config("vit_base_patch16_224"), backend="triton")`` 
    CUDA graph recipe asks) and replays it on two inputs, saving the replayed and eager logits, and times the
    replay.
 
-Asserted (correctness, not speed): the cubin route's logits are bit-identical to the Triton path's
+Asserted (correctness, not speed): every ``fastvit::*`` call of the cubin path replayed a plan (``_C``'s count
+of calls that fell back to Python is 0, and ``_C`` serves CUDA for the model's ops); the cubin route's logits are
+bit-identical to the Triton path's
 (``torch.equal``: the same compiled kernels on the same inputs, and the kernels are deterministic); the cubin
 route compiled nothing (its fresh ``TRITON_CACHE_DIR`` holds no compile artefact, while the Triton path's holds
 some, which shows the check can fail); the graph replay's logits equal eager ones on both inputs, and differ
@@ -33,7 +37,8 @@ between the two inputs (the replay read the new input).
 
 Nothing about speed is asserted: no GPU figure exists yet. The benchmark's own timing is the two measuring
 processes (Python start-up included); the per-path figures are in ``extra_info["paths"]`` and the ratios in
-``extra_info["ratios"]``.
+``extra_info["ratios"]``; ``extra_info["target_met"]`` says whether the C++ op library's target holds (images/s of
+the cubin path at least 1.5x the Triton path's at batch 1 and 8, without CUDA graphs).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ MODEL = "vit_base_patch16_224"
 DTYPES = ("fp16", "bf16")
 BATCHES = (1, 8)
 ARCHS = {80: "sm_80", 90: "sm_90"}  # compute capability -> the AOT build's --arch
+TARGET_SPEEDUP = 1.5  # the C++ op library's target: images/s at batch 1-8 over the Python path, no CUDA graphs
 WARMUP, ITERS = 10, 50  # steady timing: forwards before timing, timed forwards (median reported)
 GRAPH_WARMUP = 3  # side-stream forwards before the CUDA graph capture
 SEED, INPUT_SEED = 0, 1  # weights (torch.manual_seed) and the fixed input's generator
@@ -137,6 +143,11 @@ for b in CONFIG["batches"]:
 from fastvit_kernels.kernels import _launch  # imported by the first launch already
 
 result["route"] = _launch.cubin_route()
+result["served_cuda"] = {op: _library.serving(op)["CUDA"]
+                         for op in ("fastvit::patch_embed_fwd", "fastvit::attention_block_fwd",
+                                    "fastvit::layernorm_mlp_fwd")}
+if _library.plan_route():
+    result["plans"] = dict(zip(("plans", "refused", "python_fallbacks"), torch.ops.fastvit_csrc.plan_counts()))
 
 if CONFIG["graph"]:
     b = max(CONFIG["batches"])
@@ -307,12 +318,20 @@ def test_csrc_cubin_route(benchmark, dtype, cubin_route_setup, tmp_path):
         compared=(f"{MODEL} inference in {dtype}, eval, backend='triton', identical weights (seed {SEED}); each "
                   "path in a fresh process with an empty Triton cache, _C loaded, FASTVIT_LAUNCHER=cpp, "
                   "FASTVIT_AUTOTUNE=0; 'triton': Triton JIT-compiles each kernel on first use; 'cubin': "
-                  "FASTVIT_CUBINS = the aot build table for this arch (no JIT, no autotuning). first_call_s: wall "
-                  "clock of the process's first forward (batch 1), compiles / table and module loads included; "
+                  "FASTVIT_CUBINS = the aot build for this arch: _C's C++ kernels replay the launch plans (no "
+                  "Python, no JIT, no autotuning). first_call_s: wall clock of the process's first forward "
+                  "(batch 1), compiles / table and module loads included; "
                   f"steady: CUDA-event latency of one forward, median of {ITERS} after {WARMUP} warm-up"),
         model=MODEL, dtype=dtype, torch=cub["torch"], triton=cub["triton"], paths=paths, ratios=ratios)
 
+    benchmark.extra_info.update(
+        plans=cub.get("plans"), target_ratio=TARGET_SPEEDUP,
+        target_met=all(ratios[f"images_per_s_cubin_over_triton_b{b}"] >= TARGET_SPEEDUP for b in BATCHES))
     assert tri["route"] is None, f"the Triton path ran on the cubin route ({tri['route']})"
+    assert set(tri["served_cuda"].values()) == {"triton"} and set(cub["served_cuda"].values()) == {"cpp"}, (
+        tri["served_cuda"], cub["served_cuda"])
+    assert cub.get("plans") and cub["plans"]["python_fallbacks"] == 0, (
+        f"calls of the cubin path ran Python for want of a plan: {cub.get('plans')}")
     assert cub["route"] is not None and pathlib.Path(cub["route"]).parent.resolve() == table.resolve(), (
         f"the cubin route was not on with the table {table}: {cub['route']}")
     assert tri["weights_sha256"] == cub["weights_sha256"], "the two processes built different weights"

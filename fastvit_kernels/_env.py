@@ -137,7 +137,9 @@ CUBINS_ENV = "FASTVIT_CUBINS"
 def cubin_table() -> str | None:
     """The AOT cubin table the CUDA launches run from: the directory named by ``FASTVIT_CUBINS`` (the ``--out`` of
     ``python -m fastvit_kernels.aot build``, holding ``kernels.json`` and the cubins), or None when it is unset or
-    empty. With it set, ``_C`` loaded and the launcher ``cpp``, every Triton launch on CUDA tensors runs the
-    prebuilt cubin through ``_C`` (no JIT compile, no autotuning; :mod:`fastvit_kernels.kernels._cubins`). Read once
-    per process, at the first kernel launch."""
+    empty. With it set, ``_C`` loaded and the launcher ``cpp``, the ops on CUDA tensors run ``_C``'s plan kernels
+    (the build's ``plans.json``, replayed in C++; :mod:`fastvit_kernels.aot.plans`), and every Triton launch the
+    Python implementation still makes (a call without a plan) runs the prebuilt cubin through ``_C`` (no JIT
+    compile, no autotuning; :mod:`fastvit_kernels.kernels._cubins`). Read when the ops are registered (import), by
+    the first kernel launch, and by ``_C`` at its first CUDA call."""
     return os.environ.get(CUBINS_ENV, "") or None

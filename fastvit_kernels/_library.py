@@ -19,6 +19,12 @@ registered, at import):
 * ``triton`` (the default under ``TRITON_INTERPRET=1``, whose point is running the Triton kernels on the CPU): the
   Python implementation on CPU and CUDA for every op; ``_C`` still provides the schemas.
 
+On CUDA, ``_C``'s kernels replay the **launch plans** of an AOT build (``csrc/cuda/plans.cpp``,
+:mod:`fastvit_kernels.aot.plans`): they serve CUDA tensors when the launcher is ``cpp`` *and* ``FASTVIT_CUBINS``
+names the build (:func:`plan_route`). A call the build has no plan for runs the Python implementation, which the
+package then also defines as ``fastvit_py::<op>`` for ``_C`` to call. Without ``FASTVIT_CUBINS`` the Python
+implementation serves CUDA directly, as without ``_C``.
+
 Without ``_C``, ``FASTVIT_LAUNCHER=cpp`` is an error (nothing could serve it) and ``triton`` is what runs.
 
 ``FASTVIT_C_LIBRARY`` overrides where ``_C`` is looked for: a path to the shared library, or ``none`` to run
@@ -36,12 +42,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from ._env import interpreter_enabled
+from ._env import cubin_table, interpreter_enabled
 
 LIBRARY_ENV = "FASTVIT_C_LIBRARY"
 LAUNCHER_ENV = "FASTVIT_LAUNCHER"
 LAUNCHERS = ("cpp", "triton")
 NAMESPACE = "fastvit"
+FALLBACK_NAMESPACE = "fastvit_py"  # the Python implementations _C's plan kernels fall back to (plan route only)
 DEVICE_KEYS = ("CPU", "CUDA")
 
 # op name ("fastvit::x") -> its Python implementation (the Triton launcher; the AOT recorder runs it on meta
@@ -99,6 +106,28 @@ launcher()  # a bad FASTVIT_LAUNCHER, or cpp without _C, fails at import, not la
 def cpp_serves_cpu() -> bool:
     """Whether CPU tensors on the fused-op path run ``_C``'s CPU kernels (``_C`` loaded, launcher ``cpp``)."""
     return csrc_loaded() and launcher() == "cpp"
+
+
+def plan_route() -> bool:
+    """Whether ``_C``'s plan kernels serve the ops on CUDA: ``_C`` loaded, launcher ``cpp`` and ``FASTVIT_CUBINS``
+    set (read at import, as the launcher; module docstring)."""
+    return csrc_loaded() and launcher() == "cpp" and cubin_table() is not None
+
+
+_FALLBACK_LIB: list = []  # the fastvit_py library, once created (kept alive: its definitions last as long as it)
+
+
+def _define_fallback(name: str, fn: Callable) -> None:
+    """Define ``fastvit_py::<op>`` with op ``name``'s schema and ``fn`` as its CPU and CUDA kernel: what ``_C``'s
+    plan kernel runs for a call without a plan."""
+    if not _FALLBACK_LIB:
+        _FALLBACK_LIB.append(torch.library.Library(FALLBACK_NAMESPACE, "DEF"))
+        torch.ops.fastvit_csrc.set_python_fallback(True)
+    lib = _FALLBACK_LIB[0]
+    op = name.split("::")[1]
+    lib.define(str(getattr(torch.ops.fastvit, op).default._schema).split("::", 1)[1])
+    for key in DEVICE_KEYS:
+        lib.impl(op, fn, key)
 
 
 def _defined_in_dispatcher(name: str) -> bool:
@@ -171,7 +200,8 @@ def fastvit_op(name: str, *, mutates_args=()) -> Callable:
     """Decorator defining op ``name`` (``"fastvit::x"``) with the decorated function as its Python implementation:
     a ``torch.library.custom_op`` when ``_C`` does not define the op, else a :class:`CppDefinedOp` on ``_C``'s
     definition, with the implementation registered for CUDA and CPU where the launcher rule (module docstring)
-    gives them to Python.
+    gives them to Python (and, on the plan route, as ``fastvit_py::<op>`` for ``_C``'s plan kernel to fall back
+    to).
 
     Raises:
         ValueError: ``name`` is not in the ``fastvit`` namespace.
@@ -186,9 +216,13 @@ def fastvit_op(name: str, *, mutates_args=()) -> Callable:
             _PYTHON_DEFINED.add(name)
             return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
         use_python = launcher() == "triton"
+        plans = plan_route()
         keys = tuple(k for k in DEVICE_KEYS
-                     if use_python or not torch._C._dispatch_has_kernel_for_dispatch_key(name, k))
+                     if use_python or (k == "CUDA" and not plans)
+                     or not torch._C._dispatch_has_kernel_for_dispatch_key(name, k))
         _PYTHON_KEYS[name] = keys
+        if plans and "CUDA" not in keys:
+            _define_fallback(name, fn)
         return CppDefinedOp(name, fn, keys)
 
     return define

@@ -209,8 +209,9 @@ def csrc_status() -> dict:
     """The C++ op library's status (:mod:`fastvit_kernels._library`): loaded (bool), path (or None), launcher
     ("cpp" | "triton", or "error: ..." for a bad FASTVIT_LAUNCHER), ops ({"fastvit::x": {"CPU": who, "CUDA": who}}
     with who "cpp" | "triton" | "none"), cubins (None without ``FASTVIT_CUBINS``, else {"path": kernels.json,
-    "rows": count, "route": whether CUDA launches take it (_C loaded, launcher cpp)} or {"path", "error"} when the
-    table cannot be read)."""
+    "rows": count, "route": whether CUDA launches take it (_C loaded, launcher cpp), "plans": the launch plans
+    beside it ({"path", "plans", "refused", "served"} or {"path", "error"})} or {"path", "error"} when the table
+    cannot be read)."""
     from . import _env, _library
 
     try:
@@ -228,9 +229,32 @@ def csrc_status() -> dict:
                           route=_library.csrc_loaded() and launcher == "cpp")
         except (OSError, ValueError, ImportError) as err:
             cubins = dict(path=cubins, error=str(err))
+        else:
+            cubins["plans"] = _plan_status(cubins["path"])
     return dict(loaded=_library.csrc_loaded(),
                 path=None if _library.LIBRARY_PATH is None else str(_library.LIBRARY_PATH),
                 launcher=launcher, ops={n: _library.serving(n) for n in names}, cubins=cubins)
+
+
+def _plan_status(kernels_json: str) -> dict:
+    """The launch plans beside a cubin table: {"path", "plans", "refused", "served": whether _C's CUDA kernels
+    replay them (the plan route), and on the plan route "python_fallbacks": calls without a plan that ran the Python
+    implementation so far}, or {"path", "error"}; as _C reads them when it is loaded, else from the file."""
+    from . import _library
+    from .aot import plans
+
+    path = os.path.join(os.path.dirname(kernels_json), plans.PLANS)
+    if _library.plan_route():
+        try:
+            n_plans, n_refused, n_fallbacks = torch.ops.fastvit_csrc.plan_counts()
+        except RuntimeError as err:
+            return dict(path=path, error=str(err))
+        return dict(path=path, plans=n_plans, refused=n_refused, served=True, python_fallbacks=n_fallbacks)
+    try:
+        doc = plans.load(path)
+    except (OSError, ValueError) as err:
+        return dict(path=path, error=str(err))
+    return dict(path=path, plans=len(doc["plans"]), refused=len(doc["refused"]), served=False)
 
 
 def format_report(info: dict) -> str:
@@ -274,6 +298,12 @@ def format_report(info: dict) -> str:
         f"{cub['path']}: {cub['error']}" if "error" in cub else
         f"{cub['path']}: {cub['rows']} cubins, " + ("CUDA launches run them" if cub["route"] else
                                                      "unused (needs _C and launcher cpp)"))
+    plan = (cub or {}).get("plans")
+    if plan is not None:
+        row("launch plans", f"{plan['path']}: {plan['error']}" if "error" in plan else
+            f"{plan['path']}: {plan['plans']} plans, {plan['refused']} calls refused; " +
+            (f"_C's CUDA kernels replay them ({plan['python_fallbacks']} calls without a plan ran Python so far)"
+             if plan["served"] else "unused (needs _C and launcher cpp)"))
     if c["loaded"]:
         for name, who in c["ops"].items():
             row(f"  {name.split('::')[1]}", f"CPU {who['CPU']}, CUDA {who['CUDA']}")

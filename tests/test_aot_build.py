@@ -105,7 +105,7 @@ def record(kernel, grid, args, kwargs):
     if not pattern.search(kernel.__name__):
         return
     module = sys.modules[kernel.fn.__module__]
-    for arch in (80, 90):
+    for arch in ARCHS:
         if arch < getattr(module, "MIN_ARCH", 0):
             continue
         backend = make_backend(GPUTarget("cuda", arch, 32))
@@ -118,7 +118,14 @@ def record(kernel, grid, args, kwargs):
                                      for n, v, t in zip(bound, bound.values(), sig) if t == "constexpr"},
                              num_warps=options.num_warps, num_stages=options.num_stages))
 
+ARCHS = (80, 90)
 with _launch.recording(record):
+    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
+        thunk()
+# the build's second sm_90 pass: the TMA GEMM kernel wherever it applies (what "auto" runs on Hopper)
+from fastvit_kernels.backend import use_gemm_kernel
+ARCHS = (90,)
+with use_gemm_kernel("tma"), _launch.recording(record):
     for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
         thunk()
 print(json.dumps(dict(meta=meta, launches=launches)))
@@ -150,11 +157,13 @@ def test_table_fields(built):
     assert table["triton"] == triton.__version__ and table["fastvit_kernels"] == fastvit_kernels.__version__
     assert table["workload"]["kernel_filter"] == KERNELS and table["tuning_record"] is None
     rows = table["kernels"]
-    # sm_80: attention fwd + prefix rows; sm_90 also the TMA GEMMs (LN+bias, +GELU, +tanh GELU, bias+residual)
+    # sm_80: attention fwd + prefix rows; sm_90 also the TMA GEMMs: the forced-TMA workloads' (LN+bias, +GELU,
+    # +tanh GELU, bias+residual) and, from the sm_90 pass with the TMA kernel wherever it applies, those of the
+    # bias-free RMSNorm MLP (LN+GELU, residual) and of the SwiGLU MLP with a hidden LayerNorm (LN+bias+residual)
     assert {(r["arch"], r["kernel"]) for r in rows} == {
         ("sm_80", "_attention_fwd_kernel"), ("sm_80", "_prefix_rows_kernel"), ("sm_90", "_attention_fwd_kernel"),
         ("sm_90", "_prefix_rows_kernel"), ("sm_90", "_matmul_tma_kernel")}
-    assert len(rows) == 8
+    assert len(rows) == 11
     for r in rows:
         assert all(k in r for k in FIELDS), sorted(set(FIELDS) - set(r))
         assert r["cubin"] == f"{r['kernel']}.{r['arch']}.{r['triton_hash'][:aot_build.HASH_DIGITS]}.cubin"
@@ -168,7 +177,7 @@ def test_table_fields(built):
         assert [p["role"] for p in r["params"][-2:]] == ["global_scratch", "profile_scratch"]
         assert r["param_buffer_bytes"] == r["params"][-1]["offset"] + 8
     tma = [r for r in rows if r["kernel"] == "_matmul_tma_kernel"]
-    assert len(tma) == 4 and all(r["needs_shared_optin"] for r in tma)  # 128 x 128 x 32 tiles, 3 stages: > 48 KiB
+    assert len(tma) == 7 and all(r["needs_shared_optin"] for r in tma)  # 128 x 128 x 32 tiles, 3 stages: > 48 KiB
     desc = [p for p in tma[0]["params"] if p["name"] == "a_desc.desc"]
     assert desc and desc[0]["type"] == "nvTmaDesc" and desc[0]["size"] == 128 and desc[0]["offset"] % 64 == 0
     assert set(desc[0]["tensordesc_meta"]) >= {"swizzle", "elem_size", "elem_type", "block_size"}
@@ -301,7 +310,7 @@ def test_rebuild_replaces_the_previous_build(built, tmp_path):
     new = json.loads((again / "kernels.json").read_text())
     assert [(r["arch"], r["kernel"]) for r in new["kernels"]] == [("sm_90", "_prefix_rows_kernel")]
     assert sorted(p.name for p in again.iterdir()) == sorted([new["kernels"][0]["cubin"], "kernels.json",
-                                                              "kernels.h", "notes.txt"])
+                                                              "kernels.h", "plans.json", "notes.txt"])
     assert new["kernels"][0]["symbol"] in {r["symbol"] for r in table["kernels"]}  # same variant, same name
 
 

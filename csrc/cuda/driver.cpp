@@ -47,6 +47,7 @@ void load(Loaded& state) {
   bool ok = resolve(lib, "cuInit", d.cuInit, e) && resolve(lib, "cuDriverGetVersion", d.cuDriverGetVersion, e) &&
             resolve(lib, "cuGetErrorString", d.cuGetErrorString, e) &&
             resolve(lib, "cuDeviceGet", d.cuDeviceGet, e) &&
+            resolve(lib, "cuDeviceGetAttribute", d.cuDeviceGetAttribute, e) &&
             resolve(lib, "cuDevicePrimaryCtxRetain", d.cuDevicePrimaryCtxRetain, e) &&
             resolve(lib, "cuCtxGetCurrent", d.cuCtxGetCurrent, e) &&
             resolve(lib, "cuCtxSetCurrent", d.cuCtxSetCurrent, e) &&

@@ -38,6 +38,9 @@ static_assert(sizeof(CUtensorMap) == 128 && alignof(CUtensorMap) == 64, "CUtenso
 
 // CUfunction_attribute values
 constexpr int CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
+// CUdevice_attribute values
+constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
+constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 constexpr int CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14;
 
 // CUlaunchAttributeID values
@@ -86,6 +89,7 @@ struct Driver {
   CUresult (*cuDriverGetVersion)(int* version);
   CUresult (*cuGetErrorString)(CUresult error, const char** text);
   CUresult (*cuDeviceGet)(CUdevice* device, int ordinal);
+  CUresult (*cuDeviceGetAttribute)(int* value, int attribute, CUdevice device);
   CUresult (*cuDevicePrimaryCtxRetain)(CUcontext* ctx, CUdevice device);
   CUresult (*cuCtxGetCurrent)(CUcontext* ctx);
   CUresult (*cuCtxSetCurrent)(CUcontext ctx);

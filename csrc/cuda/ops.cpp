@@ -8,6 +8,7 @@
 // launcher expands them), `floats` for floating-point parameters. Every list must be used up exactly.
 #include "../fastvit.h"
 #include "launch.h"
+#include "ops.h"
 #include "table.h"
 
 #include <cstring>
@@ -146,10 +147,27 @@ Tensor pack_params_op(std::string table, std::string symbol, std::vector<Tensor>
 void launch_op(std::string table, std::string symbol, std::vector<int64_t> grid, std::vector<Tensor> tensors,
                std::vector<int64_t> ints, std::vector<double> floats) {
   const std::string op = "fastvit_csrc::launch";
-  const KernelEntry& entry = find_entry(load_table(table), symbol, table);
   STD_TORCH_CHECK(grid.size() >= 1 && grid.size() <= 3, op, ": grid must have 1 to 3 extents; got ", grid.size());
   std::array<int64_t, 3> g{1, 1, 1};
   for (size_t i = 0; i < grid.size(); ++i) g[i] = grid[i];
+  launch_entry(find_entry(load_table(table), symbol, table), g, tensors, ints, floats, op);
+}
+
+}  // namespace
+
+std::vector<uint8_t> pack_entry(const KernelEntry& entry, const std::vector<Tensor>& tensors,
+                                const std::vector<int64_t>& ints, const std::vector<double>& floats,
+                                const std::string& op) {
+  std::vector<Tensor> bases;
+  std::vector<ParamValue> values = collect(entry, tensors, ints, floats, false, bases, op);
+  for (size_t i = 0; i < entry.params.size(); ++i)
+    if (entry.params[i].kind == ParamKind::TmaDesc) values[i] = ParamValue::raw(std::vector<uint8_t>(128, 0));
+  return pack_params(entry.params, values, op);
+}
+
+void launch_entry(const KernelEntry& entry, const std::array<int64_t, 3>& g, const std::vector<Tensor>& tensors,
+                  const std::vector<int64_t>& ints, const std::vector<double>& floats, const std::string& op) {
+  const std::string& symbol = entry.symbol;
   STD_TORCH_CHECK(!tensors.empty(), op, " (", symbol, "): no tensor argument gives the device to launch on");
   // the lists first (counts and ranges, on any device), so a wrongly bound launch fails the same way everywhere
   std::vector<Tensor> bases;
@@ -184,8 +202,6 @@ void launch_op(std::string table, std::string symbol, std::vector<int64_t> grid,
   }
   launch(entry, device, g, values, current_stream(device, op), op);
 }
-
-}  // namespace
 
 }  // namespace fastvit::cuda
 

@@ -613,6 +613,10 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
             rope_coords=t(N, 2, grad=False, dt=torch.float32),
             rope_freqs=t(s["H"], s["head_dim"] // 2, 2, grad=False, dt=torch.float32), rope_heads=s["H"])),
         ("attention", run(ops.attention, t(B, N, 3 * D), s["H"])),
+        # the attention half of FastViT's block as one op (norm1 + qkv, attention, proj + residual), as the model
+        # calls it: its launch plan is what an exported FastViT replays
+        ("attention_block", run(ops.attention_block, t(B, N, D), t(D), t(D), t(3 * D, D), t(3 * D), t(D, D), t(D),
+                                s["H"])),
         # one image: too few (batch, head) programs for the fused backward, so the three-launch backward
         ("attention(1 image: split backward)", run(ops.attention, t(1, N, 3 * D), s["H"])),
         # packed variable-length sequences (NaViT / NaFlex token-budget packing): 4096 tokens; 16 sequences take

@@ -13,7 +13,8 @@ What it does (no GPU, no CUDA driver; Triton's compiler and its bundled ``cuobjd
    that is its full ``early_config_prune`` (the kernel's own candidate filter, then the tuning record's pick when
    ``--tuning`` names one) and the first configuration left: with no record, the first candidate after pruning,
    which is what ``FASTVIT_AUTOTUNE=0`` launches; with a record, its entry for the launch's autotune key (a key
-   the record lacks takes the first candidate, with a warning).
+   the record lacks takes the first candidate, with a warning). For sm_90 the trace runs a second time with the
+   TMA GEMM kernel wherever the operands allow it, which is what ``gemm_kernel="auto"`` launches on Hopper.
 2. **Compile** each distinct variant (kernel, argument types, constexprs, specialisation, options) for each target
    with ``triton.compile`` and write ``DIR/<kernel>.<arch>.<hash>.cubin`` (``hash``: the first 12 hex digits of
    Triton's hash of the compile).
@@ -26,6 +27,9 @@ What it does (no GPU, no CUDA driver; Triton's compiler and its bundled ``cuobjd
    pointers), the recorded launch grids and grid rules, the launch sites, Triton's and this package's versions.
    Each cubin's parameter sizes are checked against its ``.nv.info`` (``EIATTR_KPARAM_INFO``) before the table
    is written. ``DIR/kernels.h`` is the same table as a C header (a struct array) for a C++ launcher.
+4. **Plan** each traced op call for each target: ``DIR/plans.json`` (:mod:`fastvit_kernels.aot.plans`), the host
+   work of the op's launcher (allocations, views, launches of the table's cubins) that the C++ op library's CUDA
+   kernels replay without Python.
 
 The launch convention the table encodes is Triton's own launcher's (``triton/backends/nvidia/driver.c``,
 ``_launch``): block ``(32 * num_warps, 1, 1)``; grid ``(grid_x * num_ctas, grid_y, grid_z)`` with a cluster of
@@ -303,7 +307,7 @@ def _remove_previous(out_dir: str) -> None:
         name = os.path.basename(str(k.get("cubin", "")))
         if name.endswith(".cubin") and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    for name in (TABLE, HEADER):
+    for name in (TABLE, HEADER, "plans.json"):
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
 
@@ -311,7 +315,8 @@ def _remove_previous(out_dir: str) -> None:
 def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf16", "fp16", "fp32"),
           modes=aot.MODES, batches=aot.DEFAULT_BATCHES, kernel: str | None = None, tuning: str | None = None,
           num_procs: int | None = None) -> dict:
-    """Trace, compile and write the cubins, ``kernels.json`` and ``kernels.h`` into ``out_dir`` (module docstring).
+    """Trace, compile and write the cubins, ``kernels.json``, ``kernels.h`` and ``plans.json`` into ``out_dir``
+    (module docstring).
 
     Args:
         out_dir: output directory (created; cubins of an earlier build listed in its ``kernels.json`` are removed).
@@ -326,7 +331,8 @@ def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf
     Returns:
         The table (``format``, ``triton``, ``fastvit_kernels``, ``workload``, ``tuning_record``, ``launch_abi``,
         ``kernels``: one dict per cubin), plus ``errors`` (rows that failed to compile or disagree with their
-        cubin; then no table or header is written) and ``seconds``.
+        cubin; then no table, header or plans are written), ``plans`` ({"plans": recorded, "refused": calls
+        without a plan}, or None when nothing was written) and ``seconds``.
 
     Raises:
         ValueError: an unknown arch / model / dtype / mode, a batch < 1, an invalid ``kernel`` expression, a filter
@@ -343,8 +349,19 @@ def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf
         raise ValueError(f"kernel must be a regular expression; got {kernel!r} ({e})") from None
     aot._quiet_triton()
     start = time.perf_counter()
+    ccs = [aot.ARCHS[a] for a in archs]
     with _tuning(tuning) as record:
-        jobs, _ = aot.trace([aot.ARCHS[a] for a in archs], models, dtypes, modes, batches, fixed=True)
+        jobs, _ = aot.trace(ccs, models, dtypes, modes, batches, fixed=True)
+        hopper = [cc for cc in ccs if cc >= 90]
+        if hopper:
+            # what gemm_kernel="auto" runs on these GPUs: the TMA kernel for every GEMM whose operands allow it
+            # (the trace above runs the pointer kernel, as on the CPU, except in the workloads that force TMA)
+            from ..backend import use_gemm_kernel
+
+            with use_gemm_kernel("tma"):
+                more, _ = aot.trace(hopper, models, dtypes, modes, batches, fixed=True)
+            seen = {j.key() for j in jobs}
+            jobs += [j for j in more if j.key() not in seen]
     if pattern is not None:
         jobs = [j for j in jobs if pattern.search(j.name)]
         if not jobs:
@@ -377,12 +394,21 @@ def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf
                               "(cuTensorMapEncodeTiled) from the tensor and its tensordesc_meta (swizzle, elem_size, "
                               "elem_type, block_size), followed by the tensor's shape (i32) and strides (i64)"),
         kernels=kernels)
+    plan_counts = None
     if not errors:
         with open(os.path.join(out_dir, TABLE), "w") as f:
             json.dump(table, f, indent=1)
         with open(os.path.join(out_dir, HEADER), "w") as f:
             f.write(c_header(table))
-    return dict(table, errors=errors, seconds=round(time.perf_counter() - start, 1))
+        from ..kernels import _cubins
+        from . import plans
+
+        with _tuning(tuning):  # the plans bind each launch as the trace did: the same tile picks
+            doc = plans.write(out_dir, _cubins.CubinTable(out_dir, os.path.join(out_dir, TABLE),
+                                                          json.loads(json.dumps(kernels))),
+                              [aot.ARCHS[a] for a in archs], models, dtypes, modes, batches)
+        plan_counts = dict(plans=len(doc["plans"]), refused=len(doc["refused"]))
+    return dict(table, errors=errors, plans=plan_counts, seconds=round(time.perf_counter() - start, 1))
 
 
 def _c_string(s: str) -> str:
@@ -465,7 +491,9 @@ def run(args, parser) -> int:
         for e in result["errors"]:
             print(f"FAILED {e.get('arch', '')} {e['kernel']} [{e.get('spec', '')}] [{e.get('config', '')}]: "
                   f"{e['error']}", file=sys.stderr)
-        where = "nothing written" if result["errors"] else f"{TABLE} and {HEADER} in {args.out}"
+        where = "nothing written" if result["errors"] else (
+            f"{TABLE}, {HEADER} and plans.json ({result['plans']['plans']} launch plans, "
+            f"{result['plans']['refused']} calls refused) in {args.out}")
         print(f"\n{len(result['kernels'])} cubins, {len(result['errors'])} failures; {where}; "
               f"triton {result['triton']}, {result['seconds']} s")
     return 1 if result["errors"] else 0

@@ -79,6 +79,71 @@ def aot_table(tmp_path_factory) -> pathlib.Path:
     return out / "kernels.json"
 
 
+# The plan build: every kernel of ViT-B/16 fp16 training and inference at batch 1 for sm_80 and sm_90, with its
+# plans.json
+PLAN_WORKLOAD = ["--model", "vit_base_patch16_224", "--dtype", "fp16", "--mode", "infer", "--mode", "train",
+                 "--batch", "1"]
+_PLAN_BUILDS: dict = {}
+
+
+def plan_build_dir(tmp_path_factory) -> pathlib.Path:
+    """The directory of the plan build (:data:`PLAN_WORKLOAD`, unfiltered: kernels.json, the cubins and
+    plans.json), built once per pytest session (tests/ and benchmarks/ share it)."""
+    from fastvit_kernels import aot
+
+    if aot.missing_tools():
+        pytest.skip(f"the AOT build needs Triton's bundled CUDA tools; missing: {aot.missing_tools()}")
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _PLAN_BUILDS:
+        out = tmp_path_factory.mktemp("aot_plans")
+        proc = subprocess.run([sys.executable, "-m", "fastvit_kernels.aot", "build", "--arch", "sm_80", "--arch",
+                               "sm_90", *PLAN_WORKLOAD, "--out", str(out), "--jobs", "2"],
+                              capture_output=True, text=True, env=subprocess_env(), timeout=1800)
+        assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        _PLAN_BUILDS[key] = out
+    return _PLAN_BUILDS[key]
+
+
+@pytest.fixture(scope="session")
+def plan_build(tmp_path_factory) -> pathlib.Path:
+    """Directory of the plan build (:func:`plan_build_dir`)."""
+    return plan_build_dir(tmp_path_factory)
+
+
+# Script text defining args_of(op, key): the arguments a plan key describes, rebuilt as zero tensors of its dtypes,
+# shapes, strides and alignment (and CUDA: the CUDA dispatch key set, for OpOverload.redispatch). Needs only torch.
+PLAN_ARGS = r'''
+import json, re, struct, sys, torch
+
+# the key's dtype names (fastvit_kernels.aot.plans.DTYPE_NAMES; written out: this also runs without the package)
+DT = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+      "i32": torch.int32, "i64": torch.int64, "b8": torch.bool, "u8": torch.uint8}
+CUDA = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+def tensor(part):
+    m = re.fullmatch(r"T(\w+)\[([\d,]*)\]\[([\d,]*)\]a([01])", part)
+    shape = [int(x) for x in m[2].split(",") if x]
+    strides = [int(x) for x in m[3].split(",") if x]
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+    offset = 0 if m[4] == "1" else 1  # a storage offset of one element: not 16-byte aligned
+    return torch.zeros(size + offset, dtype=DT[m[1]]).as_strided(shape, strides, offset)
+
+def args_of(op, key):
+    """The arguments a plan key describes (tensors of its dtypes, shapes, strides and alignment; zeros)."""
+    schema = getattr(torch.ops.fastvit, op.split("::")[1]).default._schema
+    out = []
+    for part in key.split(";")[1:]:
+        if part == "N": out.append(None)
+        elif part[0] == "T": out.append(tensor(part))
+        elif part[0] == "I": out.append(int(part[1:]))
+        elif part[0] == "B": out.append(part == "B1")
+        elif part[0] == "L": out.append([x == "1" for x in part[1:].split(",") if x])
+        elif part[0] == "F": out.append(struct.unpack("<d", struct.pack("<Q", int(part[1:], 16)))[0])
+        elif part[0] == "S": out.append(part[1:])
+    return schema, out
+'''
+
+
 def run_isolated(script: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``script`` in a fresh Python from a directory outside the checkout (so ``fastvit_kernels`` is not
     importable by accident) with TRITON_INTERPRET unset; raises with its output when it fails."""

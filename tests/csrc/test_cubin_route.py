@@ -26,6 +26,7 @@ from fastvit_kernels import aot
 from fastvit_kernels.kernels import _cubins, _launch
 
 table = _cubins.load_table(sys.argv[1])
+ARCHS = (80, 90)
 report = dict(bound=[], mismatches=[], unmatched=[], autotuners=0, errors={})
 
 def expected(kernel, grid, args, kwargs, row):
@@ -59,7 +60,7 @@ def record(kernel, grid, args, kwargs):
     if isinstance(kernel, Autotuner):
         report["autotuners"] += 1
     name = getattr(kernel, "fn", kernel).__name__
-    for arch in (80, 90):
+    for arch in ARCHS:
         try:
             got = _cubins.bind(kernel, grid, args, kwargs, arch, table)
         except RuntimeError as err:
@@ -83,6 +84,12 @@ def record(kernel, grid, args, kwargs):
                 report["errors"]["constexpr"] = str(err)
 
 with _launch.recording(record):
+    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
+        thunk()
+# the build's second sm_90 pass: the TMA GEMM kernel wherever it applies (what "auto" runs on Hopper)
+from fastvit_kernels.backend import use_gemm_kernel
+ARCHS = (90,)
+with use_gemm_kernel("tma"), _launch.recording(record):
     for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
         thunk()
 bad = dict(json.load(open(sys.argv[1])), format="fastvit_kernels.aot.build/0")

@@ -312,13 +312,20 @@ def standin(t):
 
 cases = []
 def record(kernel, grid, args, kwargs):
-    for arch in (80, 90):  # FASTVIT_AUTOTUNE=0: the autotuner's pruning, then its first config with a row
+    for arch in ARCHS:  # FASTVIT_AUTOTUNE=0: the autotuner's pruning, then its first config with a row
         found = _cubins.match(table, kernel, grid, args, kwargs, arch)
         if found is None:
             continue  # a kernel outside the build's filter, or sm_80 for the Hopper-only GEMM
         cases.append(dict(symbol=found.row["symbol"], values={n: standin(v) for n, v in found.values.items()}))
 
+ARCHS = (80, 90)
 with _launch.recording(record):
+    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
+        thunk()
+# the build's second sm_90 pass: the TMA GEMM kernel wherever it applies (what "auto" runs on Hopper)
+from fastvit_kernels.backend import use_gemm_kernel
+ARCHS = (90,)
+with use_gemm_kernel("tma"), _launch.recording(record):
     for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
         thunk()
 torch.save(cases, sys.argv[2])

@@ -29,20 +29,20 @@ def _with_package(library, **env) -> dict:
     return {"PYTHONPATH": str(ROOT), "FASTVIT_C_LIBRARY": str(library), **env}
 
 
-def test_cpp_schemas_equal_python_schemas_and_each_has_a_cpu_kernel(csrc_library):
+def test_cpp_schemas_equal_python_schemas_and_each_has_cpu_and_cuda_kernels(csrc_library):
     proc = run_isolated(f"""
         import json, torch
         torch.ops.load_library({str(csrc_library)!r})
         names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastvit::")]
-        print(json.dumps({{n: [str(getattr(torch.ops.fastvit, n).default._schema),
-                               torch._C._dispatch_has_kernel_for_dispatch_key("fastvit::" + n, "CPU")]
-                          for n in names}}))
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        print(json.dumps({{n: [str(getattr(torch.ops.fastvit, n).default._schema), has("fastvit::" + n, "CPU"),
+                               has("fastvit::" + n, "CUDA")] for n in names}}))
     """)
     cpp = json.loads(proc.stdout.strip().splitlines()[-1])
     python = _python_schemas()
     assert len(python) == 22
-    assert {n: s for n, (s, _) in cpp.items()} == python
-    assert [n for n, (_, has_cpu) in cpp.items() if not has_cpu] == []
+    assert {n: s for n, (s, _, _) in cpp.items()} == python
+    assert [n for n, (_, has_cpu, has_cuda) in cpp.items() if not (has_cpu and has_cuda)] == []
 
 
 def test_library_links_without_undefined_symbols_and_without_python(csrc_library):
