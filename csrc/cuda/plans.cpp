@@ -4,6 +4,8 @@
 // for each op call its trace made, per compute capability, what the op's Python launcher did on the host, as a
 // list of steps over numbered tensor slots (the op's tensor arguments first, at their schema positions):
 //   * an ATen step: an allocation or view the launcher made (aten::empty, aten::view, ...), with its arguments;
+//   * a constant step: a 0-dim tensor holding a number (what an ATen call's Scalar argument becomes, since the
+//     stable ABI boxes no Scalar: the recorder rewrites such calls to their Tensor overloads);
 //   * a launch step: one cubin of kernels.json, its grid, and its tensor / int / float argument lists (ops.cpp's
 //     convention), the tensors as slots.
 // A plan is keyed by everything the launcher's choices depended on: the op, the compute capability, and per
@@ -219,6 +221,9 @@ struct PlanArg {
 
 struct Step {
   bool is_launch = false;
+  bool is_const = false;  // a 0-dim tensor of const_dtype holding const_value, on the op's device
+  double const_value = 0.0;
+  ScalarType const_dtype = ScalarType::Long;
   std::string name, overload;  // ATen step
   std::vector<PlanArg> args;
   size_t num_outputs = 0;
@@ -307,6 +312,12 @@ Plan parse_plan(const Json& j, size_t num_inputs, const std::vector<KernelEntry>
       for (int64_t t : st.tensors)
         if (t < 0 || static_cast<size_t>(t) >= slots) fail(where + ": launch of " + st.symbol + " reads slot " +
                                                             std::to_string(t) + " before it exists");
+    } else if (js.has("const")) {
+      st.is_const = true;
+      st.const_value = js.at("const", where).as_double(where);
+      st.const_dtype = dtype_from(js.at("dtype", where).as_string(where), where);
+      st.num_outputs = 1;
+      slots += 1;
     } else {
       st.name = js.at("aten", where).as_string(where);
       st.overload = js.at("overload", where).as_string(where);
@@ -389,6 +400,8 @@ std::atomic<bool> g_python_fallback{false};
 std::atomic<int64_t> g_fallback_calls{0};  // calls without a plan that ran the Python implementation
 std::mutex g_log_mutex;
 std::vector<std::string> g_log;
+// the tensor slots of the last dry-run replay; never destroyed, so no tensor outlives libtorch at process exit
+std::vector<Tensor>& g_last_slots = *new std::vector<Tensor>();
 
 int compute_capability(const Tensor& t, const std::string& op) {
   int64_t forced = g_dry_run_cc.load();
@@ -475,6 +488,14 @@ std::vector<Tensor> replay(const Plan& plan, const PlanTable& table, const std::
       else pack_entry(*st.entry, tensors, st.ints, st.floats, op);
       continue;
     }
+    if (st.is_const) {
+      // the stable ABI passes no Scalar: a number a launcher's ATen call took as one meets it as a 0-dim tensor
+      const std::vector<int64_t> scalar_shape;
+      Tensor t = torch::stable::new_empty(device_of, scalar_shape, st.const_dtype);
+      torch::stable::fill_(t, st.const_value);
+      slots.push_back(t);
+      continue;
+    }
     std::vector<StableIValue> stack(std::max(st.args.size(), st.num_outputs));
     for (size_t i = 0; i < st.args.size(); ++i) stack[i] = box(st.args[i], slots, device_of, op + " " + st.name);
     STD_TORCH_CHECK(torch_call_dispatcher(st.name.c_str(), st.overload.c_str(), stack.data(), TORCH_ABI_VERSION) ==
@@ -484,6 +505,12 @@ std::vector<Tensor> replay(const Plan& plan, const PlanTable& table, const std::
   }
   std::vector<Tensor> out;
   for (int64_t o : plan.outputs) out.push_back(*slots[o]);
+  if (dry) {  // kept for plan_last_slots: the tests compare the replayed values with Python's
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_last_slots.clear();
+    for (const auto& t : slots)
+      if (t.has_value()) g_last_slots.push_back(*t);
+  }
   return out;
 }
 
@@ -557,6 +584,14 @@ std::vector<std::string> plan_log() {
   return out;
 }
 
+// The tensor slots of the last dry-run replay (argument slots first), handed over (and forgotten here).
+std::vector<Tensor> plan_last_slots() {
+  std::lock_guard<std::mutex> lock(g_log_mutex);
+  std::vector<Tensor> out;
+  out.swap(g_last_slots);
+  return out;
+}
+
 // [plans loaded, calls the build refused, calls that ran the Python implementation so far in this process] of
 // the table FASTVIT_CUBINS names, reading it now if not read yet; an unreadable table raises its error.
 std::vector<int64_t> plan_counts() {
@@ -574,6 +609,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastvit_csrc, m) {
   m.def("plan_dry_run(int cc, bool log=True) -> ()");
   m.def("plan_log() -> str[]");
   m.def("plan_counts() -> int[]");
+  m.def("plan_last_slots() -> Tensor[]");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastvit_csrc, CompositeExplicitAutograd, m) {
@@ -581,6 +617,7 @@ STABLE_TORCH_LIBRARY_IMPL(fastvit_csrc, CompositeExplicitAutograd, m) {
   m.impl("plan_dry_run", TORCH_BOX(&fastvit::cuda::plan_dry_run));
   m.impl("plan_log", TORCH_BOX(&fastvit::cuda::plan_log));
   m.impl("plan_counts", TORCH_BOX(&fastvit::cuda::plan_counts));
+  m.impl("plan_last_slots", TORCH_BOX(&fastvit::cuda::plan_last_slots));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {

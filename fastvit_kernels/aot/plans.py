@@ -20,11 +20,21 @@ The plan is keyed by :func:`call_key`: the op, the compute capability, and per s
 strides and 16-byte alignment of a tensor or the value of a scalar: everything a launcher's choices depend on.
 The C++ side computes the same string from the call it receives.
 
+**Scalar arguments.** PyTorch's stable ABI boxes no ``Scalar``, and the index arithmetic of ``patch_embed_tokens``
+and of the key-padding mask uses them (``torch.arange(n)``, ``ids + b * N``, ``torch.where(m, 1, 0)``). Such a call
+is recorded as the same computation through Scalar-free ATen ops, each number a *constant step* (a 0-dim tensor:
+int64 for an int, bool for a bool, as type promotion treats a Python number; the stated dtype for
+``scalar_tensor``): comparisons and ``where`` / ``clamp`` take their Tensor overloads, ``add`` / ``sub`` become a
+sum over a stack (no ``alpha``), an integer ``arange`` a cumulative sum of ones, scaled and shifted. The result is
+checked against the original call (values, dtype, shape, strides) while recording; a float Scalar other than
+``scalar_tensor``'s is refused (no exact Tensor form: type promotion would differ).
+
 A call is **refused** (no plan; the C++ kernel then runs the Python implementation when fastvit_kernels is
 imported, else raises) when its launcher does something a plan cannot replay:
 
-* an ATen call with a ``Scalar`` argument (PyTorch's stable ABI boxes no Scalar; today: the index arithmetic of
-  ``patch_embed_tokens`` and of the key-padding mask) or a non-tensor result (a host read such as ``.item()``);
+* a Scalar argument without an exact Tensor form (above), or a non-tensor result (a host read such as
+  ``.item()``), or an output shape that depends on tensor values (``nonzero``, boolean-mask indexing,
+  ``repeat_interleave`` without ``output_size``): a plan would freeze what it read;
 * a launch the cubin table has no row for (the build's ``--kernel`` filter, an arch without that kernel);
 * a tensor that is neither an argument nor made by a recorded ATen call (a cached tensor);
 * two tensor arguments that share storage (the key cannot say how they overlap, and a launcher may rely on it).
@@ -38,6 +48,7 @@ Format (:data:`FORMAT`)::
     {"format": FORMAT, "table": "kernels.json",
      "plans": [{"op", "cc", "key", "use", "outputs": [slot, ...], "steps": [
          {"aten": "aten::empty", "overload": "memory_format", "args": [ARG, ...], "outputs": n} |
+         {"const": number, "dtype": "i64" ...} |
          {"launch": symbol, "grid": [x, y, z], "tensors": [slot, ...], "ints": [...], "floats": [...]}]}],
      "refused": [{"op", "cc", "key", "use", "why"}]}
 
@@ -49,6 +60,7 @@ Format (:data:`FORMAT`)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -61,6 +73,28 @@ PLANS = "plans.json"
 # dtype names of the key and of {"dtype": ...} arguments (csrc/cuda/plans.cpp: dtype_name / dtype_from)
 DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64",
                torch.int32: "i32", torch.int64: "i64", torch.bool: "b8", torch.uint8: "u8"}
+
+
+_SCALAR_TYPES = ("Scalar", "number", "Optional[Scalar]", "Optional[number]")
+
+
+# ATen ops whose output shape depends on the values of their inputs: a plan would replay the traced shape
+_VALUE_SHAPED = frozenset({"nonzero", "nonzero_numpy", "argwhere", "masked_select", "_unique", "_unique2",
+                           "unique_dim", "unique_consecutive", "unique_dim_consecutive"})
+
+
+def _data_dependent_shape(func, args: tuple, kwargs: dict) -> bool:
+    """Whether the ATen call's output shape depends on the values of its inputs (then a plan cannot hold it)."""
+    name, overload = func._schema.name.split("::")[1], func._schema.overload_name
+    if name in _VALUE_SHAPED:
+        return True
+    values = dict(zip((a.name for a in func._schema.arguments), _schema_values(func._schema, args, kwargs)))
+    if name == "repeat_interleave" and overload in ("Tensor", "self_Tensor"):  # length = sum(repeats) unless stated
+        return values.get("output_size") is None
+    if name == "index":  # a boolean mask selects by value
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                   for i in values.get("indices") or ())
+    return False
 
 
 class _Refuse(Exception):
@@ -148,8 +182,6 @@ class _Tape(TorchDispatchMode):
 
     def _arg(self, func, a, v):
         kind = str(a.type)
-        if kind in ("Scalar", "number", "Optional[Scalar]", "Optional[number]") and v is not None:
-            raise _Refuse(f"{func} takes a Scalar argument ({a.name}), which PyTorch's stable ABI cannot box")
         if v is None:
             return None
         if isinstance(v, torch.Tensor):
@@ -191,6 +223,87 @@ class _Tape(TorchDispatchMode):
             out["opt"] = True
         return out
 
+    # ---- Scalar-free forms: the stable ABI boxes no Scalar, so a launcher's ATen call with one is recorded as the
+    # same computation through Tensor overloads, a number becoming a 0-dim constant; checked against the original.
+    def _const(self, value, what: str, func, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A 0-dim tensor holding ``value``, recorded as a constant step: int64 / bool for an int / bool Scalar
+        (what a Python number becomes in type promotion, exactly), or ``dtype`` when the op states it."""
+        exact = isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**53)  # C++ fills via a double
+        if dtype is None and exact:
+            dtype = torch.bool if isinstance(value, bool) else torch.int64
+        elif dtype is None or dtype not in DTYPE_NAMES or not (exact or isinstance(value, float) and
+                                                                math.isfinite(value)):
+            raise _Refuse(f"{func} takes the Scalar {what}={value!r}: only int and bool Scalars have an exact "
+                          "Tensor form here (PyTorch's stable ABI cannot box a Scalar)")
+        t = torch.full((), value, dtype=dtype)
+        self.steps.append({"const": value if isinstance(value, float) else int(value), "dtype": DTYPE_NAMES[dtype]})
+        self._add(t)
+        return t
+
+    def _call(self, func, *args, **kwargs):
+        """Run the ATen op ``func`` now (the tape's mode is off inside its handler) and record it as a step."""
+        out = func(*args, **kwargs)
+        self._record(func, args, kwargs, out)
+        return out
+
+    def _add2(self, a, b, dtype: torch.dtype) -> torch.Tensor:
+        """a + b in ``dtype`` (broadcast) without add's Scalar alpha: the sum over a stack of the two."""
+        aten = torch.ops.aten
+        shape = list(torch.broadcast_shapes(a.shape, b.shape))
+        parts = [self._call(aten.expand.default, x if x.dtype == dtype else self._call(aten._to_copy.default, x,
+                                                                                        dtype=dtype), shape)
+                 for x in (a, b)]
+        return self._call(aten.sum.dim_IntList, self._call(aten.stack.default, parts, 0), [0], False, dtype=dtype)
+
+    def _rewrite(self, func, args: tuple, kwargs: dict, out) -> None:
+        aten = torch.ops.aten
+        name, overload = func._schema.name.split("::")[1], func._schema.overload_name
+        v = _schema_values(func._schema, args, kwargs)
+        num = lambda x, what: x if isinstance(x, torch.Tensor) else self._const(x, what, func)  # noqa: E731
+        if name == "scalar_tensor" and overload == "":  # torch.where(c, 1, 0) and the like build these
+            result = self._const(v[0], "s", func, out.dtype)
+        elif name in ("ge", "gt", "le", "lt", "eq", "ne") and overload == "Scalar":
+            result = self._call(getattr(aten, name).Tensor, v[0], num(v[1], "other"))
+        elif name == "where" and overload in ("Scalar", "ScalarSelf", "ScalarOther"):
+            result = self._call(aten.where.self, v[0], num(v[1], "self"), num(v[2], "other"))
+        elif name == "clamp" and overload == "":
+            result = self._call(aten.clamp.Tensor, v[0], None if v[1] is None else num(v[1], "min"),
+                                None if v[2] is None else num(v[2], "max"))
+        elif name in ("add", "sub") and overload == "Tensor" and isinstance(v[0], torch.Tensor):
+            b, scale = num(v[1], "other"), v[2] if name == "add" else -v[2]
+            if scale != 1:
+                b = self._call(aten.mul.Tensor, b, num(scale, "alpha"))
+            result = self._add2(v[0], b, out.dtype)
+        elif name == "arange" and overload in ("", "start", "start_step"):
+            start, end, step = ((0, v[0], 1) if overload == "" else (v[0], v[1], 1) if overload == "start"
+                                else tuple(v[:3]))
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end, step)):
+                raise _Refuse(f"{func}({start}, {end}, {step}): only an integer range has an exact Tensor form")
+            n = len(range(start, end, step))
+            result = self._call(aten.cumsum.default, self._call(aten.ones.default, [n], dtype=torch.int64,
+                                                                device=out.device), 0)  # 1 .. n
+            if step != 1:
+                result = self._call(aten.mul.Tensor, result, num(step, "step"))
+            if start - step:
+                result = self._add2(result, num(start - step, "start"), torch.int64)
+            if out.dtype != torch.int64:
+                result = self._call(aten._to_copy.default, result, dtype=out.dtype)
+        elif not any(str(a.type) in _SCALAR_TYPES and x is not None for a, x in zip(func._schema.arguments, v)):
+            # a number where the schema has a Tensor (x * 3 reaches mul.Tensor with a Python int): a 0-dim constant
+            pos, kw = [], {}
+            for a, x in zip(func._schema.arguments, v):
+                x = num(x, a.name) if str(a.type) == "Tensor" else x
+                (kw.__setitem__(a.name, x) if a.kwarg_only else pos.append(x))
+            result = self._call(func, *pos, **kw)
+        else:
+            raise _Refuse(f"{func} takes a Scalar argument, which PyTorch's stable ABI cannot box, and has no "
+                          "Tensor form here")
+        if (result.dtype, result.shape, result.stride()) != (out.dtype, out.shape, out.stride()) or \
+                not torch.equal(result, out):
+            raise _Refuse(f"{func}: its Tensor form computed something else")
+        self.ids[id(out)] = self.ids[id(result)]
+        self.aliases.append(out)
+
     def _record(self, func, args: tuple, kwargs: dict, out) -> None:
         schema = func._schema
         if schema.name == "aten::detach" and isinstance(args[0], torch.Tensor):
@@ -201,10 +314,17 @@ class _Tape(TorchDispatchMode):
             return
         if func.namespace != "aten":
             raise _Refuse(f"the launcher calls {func}, not an ATen op")
+        if _data_dependent_shape(func, args, kwargs):
+            raise _Refuse(f"{func}: its output's shape depends on tensor values, which a plan would freeze")
         if any(str(r.type) != "Tensor" for r in schema.returns) or not schema.returns:
             raise _Refuse(f"{func} returns {[str(r.type) for r in schema.returns]}: a plan replays ATen calls that "
                           "return tensors only (a host read such as .item() depends on tensor values)")
-        encoded = [self._arg(func, a, v) for a, v in zip(schema.arguments, _schema_values(schema, args, kwargs))]
+        values = _schema_values(schema, args, kwargs)
+        if any(str(a.type) in _SCALAR_TYPES and v is not None or str(a.type) == "Tensor" and
+               not isinstance(v, torch.Tensor) for a, v in zip(schema.arguments, values)):
+            self._rewrite(func, args, kwargs, out)
+            return
+        encoded = [self._arg(func, a, v) for a, v in zip(schema.arguments, values)]
         outs = out if isinstance(out, (tuple, list)) else (out,)
         self.steps.append({"aten": schema.name, "overload": schema.overload_name, "args": encoded,
                            "outputs": len(outs)})

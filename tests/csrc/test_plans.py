@@ -12,6 +12,7 @@ without a plan runs the Python implementation, or, in a process without fastvit_
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -44,7 +45,7 @@ def parse(line):
     return (symbol, tuple(int(g) for g in grid.split(",")), [int(p) for p in ptrs.split(",") if p],
             [int(i) for i in ints.split(",") if i], [float(f) for f in floats.split(",") if f])
 
-report = dict(checked=0, launches=0, problems=[], ops=set())
+report = dict(checked=0, launches=0, int_checked=0, problems=[], ops=set())
 for plan in doc["plans"]:
     op, cc, key = plan["op"], plan["cc"], plan["key"]
     schema, args = args_of(op, key)
@@ -67,12 +68,26 @@ for plan in doc["plans"]:
     py = [(b.symbol, tuple(b.grid), [where(t.data_ptr(), args, want) for t in b.tensors], b.ints, b.floats)
           for b in bound]
     meta = lambda ts: [(tuple(t.shape), tuple(t.stride()), str(t.dtype)) for t in ts]
+    # the values of the integer tensors the launches read that the op computed (index arithmetic: deterministic
+    # from the zero arguments), C++'s replayed slots against Python's
+    slots = torch.ops.fastvit_csrc.plan_last_slots()
+    values_differ = []
+    for (_, _, ptrs, _, _), b in zip(log, bound):
+        for ptr, t in zip(ptrs, b.tensors):
+            if t.dtype.is_floating_point or where(t.data_ptr(), args, want) != "tmp":
+                continue
+            same = [s for s in slots if s.data_ptr() == ptr and s.dtype == t.dtype and s.shape == t.shape]
+            report["int_checked"] += 1
+            if not same or not torch.equal(same[0], t):
+                values_differ.append([b.symbol, t.dtype, tuple(t.shape)])
     if len(log) != steps:
         report["problems"].append([key, f"{len(log)} launches logged; the plan has {steps}"])
     elif cpp != py:
         report["problems"].append([key, "launches differ", repr(cpp)[:1500], repr(py)[:1500]])
     elif meta(got) != meta(want):
         report["problems"].append([key, "outputs differ", meta(got), meta(want)])
+    elif values_differ:
+        report["problems"].append([key, "computed index tensors differ", repr(values_differ)[:1000]])
     report["checked"] += 1
     report["launches"] += steps
     report["ops"].add(op)
@@ -102,8 +117,11 @@ def test_every_plan_replays_the_launches_the_python_launcher_binds(csrc_library,
                "patch_embed_bwd", "layernorm_linear_bwd", "attention_bwd", "linear_residual_bwd", "layernorm_mlp_bwd",
                "attention_varlen_bwd", "layernorm_linear_rope_bwd", "swiglu_mlp_bwd"):
         assert f"fastvit::{op}" in got["ops"], (op, got["ops"])
-    # what the build refuses, it refuses for a stated reason: today only ATen calls with a Scalar argument
-    assert got["refused"] and all("Scalar argument" in why for why in got["refused"]), got["refused"]
+    # every traced call has a plan, the index arithmetic of the token and masked ops included (Scalar arguments
+    # recorded in their Tensor form), and its computed index tensors replay to the values Python computes
+    assert got["refused"] == [], got["refused"]
+    assert len(got["ops"]) == 22, got["ops"]  # every schema, the token, masked and fused-block ops included
+    assert got["int_checked"] >= 10, got["int_checked"]
 
 
 def test_plan_route_serves_cuda_from_cpp_and_falls_back_to_python(csrc_library, plan_build):
@@ -143,13 +161,21 @@ print(json.dumps(out))
 
 
 def test_without_python_a_missing_plan_is_a_clear_error(csrc_library, plan_build, tmp_path):
-    """In a process that loads only _C: a planned call replays (dry run); a refused call names the build's reason;
-    an untraced call names the op, the key and the table; a directory without plans.json says so."""
+    """In a process that loads only _C: a planned call replays (dry run); a refused call names the build's reason
+    (a copy of the build with one plan turned into a refusal: the build itself refuses nothing); an untraced call
+    names the op, the key and the table; a directory without plans.json says so."""
+    build = tmp_path / "build"
+    build.mkdir()
+    shutil.copy(plan_build / "kernels.json", build / "kernels.json")
+    doc = json.loads((plan_build / "plans.json").read_text())
+    moved = next(p for p in doc["plans"] if p["op"] == "fastvit::layernorm_linear_fwd" and p["cc"] == 90)
+    doc["plans"].remove(moved)
+    doc["refused"].append(dict(op=moved["op"], cc=90, key=moved["key"], use="test", why="a reason from the build"))
+    (build / "plans.json").write_text(json.dumps(doc))
     script = _ARGS + f'''
 torch.ops.load_library({str(csrc_library)!r})
-doc = json.load(open({str(plan_build / "plans.json")!r}))
+doc = json.load(open({str(build / "plans.json")!r}))
 plan = next(p for p in doc["plans"] if p["op"] == "fastvit::attention_fwd" and p["cc"] == 90)
-refused = next(r for r in doc["refused"] if r["cc"] == 90)
 torch.ops.fastvit_csrc.plan_dry_run(90, True)
 def call(key):
     op = key.split("@")[0]
@@ -162,14 +188,15 @@ def call(key):
 planned = call(plan["key"])
 log = torch.ops.fastvit_csrc.plan_log()
 untraced = call(plan["key"].replace("[1,197,2304]", "[3,197,2304]"))
-print(json.dumps(dict(planned=planned, log=len(log), refused=call(refused["key"]), why=refused["why"],
-                      untraced=untraced, imported="fastvit_kernels" in sys.modules)))
+print(json.dumps(dict(planned=planned, log=len(log), refused=call({moved["key"]!r}), untraced=untraced,
+                      imported="fastvit_kernels" in sys.modules)))
 '''
-    got = _last_json(run_isolated(script, env={"FASTVIT_CUBINS": str(plan_build)}))
+    got = _last_json(run_isolated(script, env={"FASTVIT_CUBINS": str(build)}))
     assert got["planned"] == "ok" and got["log"] >= 1 and not got["imported"]
-    assert "no launch plan" in got["refused"] and got["why"] in got["refused"], got["refused"]
+    assert "fastvit::layernorm_linear_fwd: no launch plan" in got["refused"], got["refused"]
+    assert "the build refused a plan for it: a reason from the build" in got["refused"], got["refused"]
     assert "fastvit::attention_fwd: no launch plan" in got["untraced"] and "traced no call like it" in got["untraced"]
-    assert "Tf16[3,197,2304]" in got["untraced"] and str(plan_build / "plans.json") in got["untraced"]
+    assert "Tf16[3,197,2304]" in got["untraced"] and str(build / "plans.json") in got["untraced"]
 
     empty = tmp_path / "no_plans"
     empty.mkdir()
