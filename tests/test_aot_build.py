@@ -118,16 +118,10 @@ def record(kernel, grid, args, kwargs):
                                      for n, v, t in zip(bound, bound.values(), sig) if t == "constexpr"},
                              num_warps=options.num_warps, num_stages=options.num_stages))
 
-ARCHS = (80, 90)
-with _launch.recording(record):
-    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
-        thunk()
-# the build's second sm_90 pass: the TMA GEMM kernel wherever it applies (what "auto" runs on Hopper)
-from fastvit_kernels.backend import use_gemm_kernel
-ARCHS = (90,)
-with use_gemm_kernel("tma"), _launch.recording(record):
-    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
-        thunk()
+for ARCHS, setting in aot.build_passes((80, 90)):  # the build's passes: each binds for its archs
+    with setting(), _launch.recording(record):
+        for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
+            thunk()
 print(json.dumps(dict(meta=meta, launches=launches)))
 '''
 

@@ -54,6 +54,7 @@ enum class ArgType { Tensor, OptTensor, Int, Bool, BoolList, Float, Str };
 
 struct OpSchema {
   std::string name;  // without the namespace
+  std::string qualified;  // fastvit::name
   std::vector<ArgType> args;
   size_t num_returns = 0;
 };
@@ -63,6 +64,7 @@ OpSchema parse_schema(const std::string& text) {
   size_t open = text.find('('), close = text.find(") ->");
   if (open == std::string::npos || close == std::string::npos) fail("malformed schema " + text);
   s.name = text.substr(0, open);
+  s.qualified = "fastvit::" + s.name;
   std::stringstream args(text.substr(open + 1, close - open - 1));
   std::string arg;
   while (std::getline(args, arg, ',')) {
@@ -173,7 +175,7 @@ void join(std::string& out, const List& values) {
 }
 
 std::string plan_key(const OpSchema& s, int cc, const std::vector<Arg>& args) {
-  std::string key = "fastvit::" + s.name + "@" + std::to_string(cc);
+  std::string key = s.qualified + "@" + std::to_string(cc);
   for (const Arg& a : args) {
     key += ';';
     switch (a.type) {
@@ -370,7 +372,7 @@ void read_table(PlanTable& t) {
     if (format != kPlansFormat) fail(t.file + " has format " + format + "; this library reads " + kPlansFormat);
     const std::vector<KernelEntry>& kernels = load_table(t.kernels);
     std::unordered_map<std::string, size_t> inputs;
-    for (const OpSchema& s : schemas()) inputs["fastvit::" + s.name] = s.args.size();
+    for (const OpSchema& s : schemas()) inputs[s.qualified] = s.args.size();
     for (const Json& jp : root.at("plans", t.file).as_array(t.file)) {
       const std::string& key = jp.at("key", t.file).as_string(t.file);
       const std::string& op = jp.at("op", t.file).as_string(t.file);
@@ -441,10 +443,10 @@ void log_launch(const Step& st, const std::vector<Tensor>& tensors) {
 
 // ---- replay -----------------------------------------------------------------------------------------------------
 StableIValue box(const PlanArg& a, const std::vector<std::optional<Tensor>>& slots, const Tensor& device_of,
-                 const std::string& where) {
+                 const std::string& op, const Step& st) {
   using torch::stable::detail::from;
   auto slot = [&](int64_t i) -> const Tensor& {
-    if (!slots[i].has_value()) fail(where + ": slot " + std::to_string(i) + " holds no tensor");
+    if (!slots[i].has_value()) fail(op + " " + st.name + ": slot " + std::to_string(i) + " holds no tensor");
     return *slots[i];
   };
   auto boxed = [&](auto value) { return a.optional ? from(std::optional<decltype(value)>(value)) : from(value); };
@@ -469,7 +471,7 @@ StableIValue box(const PlanArg& a, const std::vector<std::optional<Tensor>>& slo
                                          device_of.is_cuda() ? device_of.get_device_index() : -1));
     case PlanArg::Kind::MemoryFormat: return boxed(static_cast<torch::headeronly::MemoryFormat>(a.integer));
   }
-  fail(where + ": unreachable argument kind");
+  fail(op + " " + st.name + ": unreachable argument kind");
 }
 
 std::vector<Tensor> replay(const Plan& plan, const PlanTable& table, const std::vector<Arg>& args,
@@ -497,7 +499,7 @@ std::vector<Tensor> replay(const Plan& plan, const PlanTable& table, const std::
       continue;
     }
     std::vector<StableIValue> stack(std::max(st.args.size(), st.num_outputs));
-    for (size_t i = 0; i < st.args.size(); ++i) stack[i] = box(st.args[i], slots, device_of, op + " " + st.name);
+    for (size_t i = 0; i < st.args.size(); ++i) stack[i] = box(st.args[i], slots, device_of, op, st);
     STD_TORCH_CHECK(torch_call_dispatcher(st.name.c_str(), st.overload.c_str(), stack.data(), TORCH_ABI_VERSION) ==
                         AOTI_TORCH_SUCCESS,
                     "fastvit_kernels._C: ", op, ": the plan's ATen step ", st.name, ".", st.overload, " failed");
@@ -517,7 +519,7 @@ std::vector<Tensor> replay(const Plan& plan, const PlanTable& table, const std::
 void run_op(size_t index, StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
   using torch::stable::detail::from;
   const OpSchema& s = schemas()[index];
-  const std::string op = "fastvit::" + s.name;
+  const std::string& op = s.qualified;
   std::vector<Arg> args = decode(s, stack, num_args);
   const Tensor* device_of = nullptr;
   for (const Arg& a : args)

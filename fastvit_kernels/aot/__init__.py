@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -663,6 +663,20 @@ def vit_workloads(model: str, dtype: torch.dtype, batch: int, mode: str, img_siz
                                                      **tok_kw)),
         ]
     return work
+
+
+def build_passes(archs) -> list[tuple[list[int], object]]:
+    """The trace passes of the AOT build: [(compute capabilities, a context-manager factory)]. Every target is
+    traced as the CPU runs the ops (the pointer GEMM kernel, except where a workload forces TMA); sm_90 and newer
+    again with the TMA GEMM kernel wherever the operands allow it, which is what ``gemm_kernel="auto"`` runs on
+    Hopper. ``archs``: compute capabilities as ints."""
+    from ..backend import use_gemm_kernel
+
+    passes = [(list(archs), nullcontext)]
+    hopper = [cc for cc in archs if cc >= 90]
+    if hopper:
+        passes.append((hopper, lambda: use_gemm_kernel("tma")))
+    return passes
 
 
 def trace(archs: list[int], models=MODELS, dtypes=("bf16", "fp16", "fp32"), modes=MODES, batches=DEFAULT_BATCHES,

@@ -350,16 +350,11 @@ def build(out_dir: str, archs=("sm_80", "sm_90"), models=aot.MODELS, dtypes=("bf
     aot._quiet_triton()
     start = time.perf_counter()
     ccs = [aot.ARCHS[a] for a in archs]
+    jobs: list = []
     with _tuning(tuning) as record:
-        jobs, _ = aot.trace(ccs, models, dtypes, modes, batches, fixed=True)
-        hopper = [cc for cc in ccs if cc >= 90]
-        if hopper:
-            # what gemm_kernel="auto" runs on these GPUs: the TMA kernel for every GEMM whose operands allow it
-            # (the trace above runs the pointer kernel, as on the CPU, except in the workloads that force TMA)
-            from ..backend import use_gemm_kernel
-
-            with use_gemm_kernel("tma"):
-                more, _ = aot.trace(hopper, models, dtypes, modes, batches, fixed=True)
+        for pass_ccs, setting in aot.build_passes(ccs):
+            with setting():
+                more, _ = aot.trace(pass_ccs, models, dtypes, modes, batches, fixed=True)
             seen = {j.key() for j in jobs}
             jobs += [j for j in more if j.key() not in seen]
     if pattern is not None:

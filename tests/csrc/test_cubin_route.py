@@ -26,7 +26,6 @@ from fastvit_kernels import aot
 from fastvit_kernels.kernels import _cubins, _launch
 
 table = _cubins.load_table(sys.argv[1])
-ARCHS = (80, 90)
 report = dict(bound=[], mismatches=[], unmatched=[], autotuners=0, errors={})
 
 def expected(kernel, grid, args, kwargs, row):
@@ -83,15 +82,10 @@ def record(kernel, grid, args, kwargs):
             except RuntimeError as err:
                 report["errors"]["constexpr"] = str(err)
 
-with _launch.recording(record):
-    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
-        thunk()
-# the build's second sm_90 pass: the TMA GEMM kernel wherever it applies (what "auto" runs on Hopper)
-from fastvit_kernels.backend import use_gemm_kernel
-ARCHS = (90,)
-with use_gemm_kernel("tma"), _launch.recording(record):
-    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
-        thunk()
+for ARCHS, setting in aot.build_passes((80, 90)):  # the build's passes: each binds for its archs
+    with setting(), _launch.recording(record):
+        for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
+            thunk()
 bad = dict(json.load(open(sys.argv[1])), format="fastvit_kernels.aot.build/0")
 json.dump(bad, open(sys.argv[2] + "/kernels.json", "w"))
 try:

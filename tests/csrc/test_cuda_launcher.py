@@ -318,16 +318,10 @@ def record(kernel, grid, args, kwargs):
             continue  # a kernel outside the build's filter, or sm_80 for the Hopper-only GEMM
         cases.append(dict(symbol=found.row["symbol"], values={n: standin(v) for n, v in found.values.items()}))
 
-ARCHS = (80, 90)
-with _launch.recording(record):
-    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
-        thunk()
-# the build's second sm_90 pass: the TMA GEMM kernel wherever it applies (what "auto" runs on Hopper)
-from fastvit_kernels.backend import use_gemm_kernel
-ARCHS = (90,)
-with use_gemm_kernel("tma"), _launch.recording(record):
-    for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
-        thunk()
+for ARCHS, setting in aot.build_passes((80, 90)):  # the build's passes: each binds for its archs
+    with setting(), _launch.recording(record):
+        for what, thunk in aot.vit_workloads("vit_base_patch16_224", aot.DTYPES["fp16"], 1, "infer"):
+            thunk()
 torch.save(cases, sys.argv[2])
 '''
 
